@@ -1,0 +1,176 @@
+"""Processes the tests drive: the simulator and real kernel mounts, each always stopped and unmounted.
+
+Every mount a test makes goes through `MountProcess`, whose `stop()` unmounts even when the daemon is
+hung; `cleanup_all()` runs at session end (and on a pytest-timeout) for anything a test left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_TOKEN = "xofs-test-token-0123456789abcdefghijklmnopq"  # 43 characters, like a real XO token
+
+_live: list[SimProcess | MountProcess] = []
+
+# The Debian package that provides each tool the tests run.
+TOOL_PACKAGES = {
+    "qemu-img": "qemu-utils", "xva-img": "xva-img", "rsync": "rsync", "getfattr": "attr",
+    "setfattr": "attr", "fusermount3": "fuse3", "tree": "tree", "pv": "pv", "zstd": "zstd",
+    "gio": "libglib2.0-bin", "node": "nodejs", "curl": "curl", "tar": "tar",
+}
+
+
+def require_tool(name: str) -> str:
+    """The path of a tool the test needs; a missing tool fails the test with what to install."""
+    path = shutil.which(name)
+    if path is None:
+        import pytest
+
+        pkg = TOOL_PACKAGES.get(name, name)
+        pytest.fail(f"{name} is not installed: apt-get install {pkg} (scripts/test installs it as root)")
+    return path
+
+
+@dataclass
+class SimProcess:
+    """`xofs sim` in a subprocess, on a free port of 127.0.0.1."""
+
+    args: list[str] = field(default_factory=list)
+    token: str = DEFAULT_TOKEN
+    url: str = ""
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 30.0) -> SimProcess:
+        cmd = [sys.executable, "-m", "xofs", "sim", "--port", "0", "--token", self.token, *self.args]
+        stderr = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        _live.append(self)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("xofs sim listening on ") or time.monotonic() > deadline:
+            self.stop()
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        self.url = line.strip().rsplit(" ", 1)[1]
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None, token: str | None = "default"):
+        """A plain urllib request; returns (status, headers, body bytes). Never raises on HTTP errors."""
+        hdrs = dict(headers or {})
+        if token == "default":
+            token = self.token
+        if token is not None:
+            hdrs.setdefault("Cookie", f"authenticationToken={token}")
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, err.read()
+
+    def get_json(self, path: str):
+        status, _, body = self.request("GET", path)
+        assert status == 200, (path, status, body[:500])
+        return json.loads(body)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self in _live:
+            _live.remove(self)
+
+
+def is_mounted(path: str | Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def force_unmount(path: str | Path) -> None:
+    """Unmount, lazily if need be; never raises (used in cleanup)."""
+    for cmd in (["fusermount3", "-u", str(path)], ["fusermount3", "-uz", str(path)], ["umount", "-l", str(path)]):
+        if not is_mounted(path):
+            return
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20)
+
+
+@dataclass
+class MountProcess:
+    """`xofs mount --foreground` in a subprocess; live once /proc/mounts lists the mountpoint."""
+
+    url: str
+    mountpoint: Path
+    token: str = DEFAULT_TOKEN
+    extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> MountProcess:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "XOFS_TOKEN": self.token, **self.env}
+        cmd = [sys.executable, "-m", "xofs", "mount", self.url, str(self.mountpoint), "--foreground", *self.extra]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _live.append(self)
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.mountpoint):
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"xofs mount exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mount not live after {timeout}s: {self.log_text()[-2000:]}")
+            time.sleep(0.05)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        """Unmount and wait for the daemon; returns its exit status (None if it had to be killed)."""
+        rc = None
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=20)
+        if self.proc:
+            try:
+                rc = self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        force_unmount(self.mountpoint)
+        if self in _live:
+            _live.remove(self)
+        return rc
+
+    def __truediv__(self, other: str) -> Path:
+        return self.mountpoint / other
+
+
+def cleanup_all() -> None:
+    for thing in list(reversed(_live)):
+        try:
+            thing.stop()
+        except Exception:  # noqa: BLE001 - cleanup must go on for the rest
+            pass

@@ -1,0 +1,3 @@
+from xofs.cli import main
+
+raise SystemExit(main())
