@@ -107,3 +107,69 @@ def xo_error_from_response(status: int, body: bytes, *, url: str | None = None,
         message = json.dumps(message, sort_keys=True)
     cls = XoNotFound if status == 404 else XoAuthError if status in (401, 403) else XoError
     return cls(status, message, data=data, object_id=object_id, url=url)
+
+
+# --- Added for the XO client (xofs/client/): JSON-RPC errors and connection failures. ---
+
+# JSON-RPC error codes (xo-common/api-errors.js) and the HTTP status REST answers for the same error, so that
+# both transports give the same errno.
+_RPC_CODE_STATUS = {1: 404, 2: 403, 3: 401, 5: 403, 10: 422, 16: 409, 25: 409, 26: 403, 0: 501, 28: 503}
+
+
+def xo_error_from_rpc(error: Any, *, method: str, object_id: str | None = None) -> XoError:
+    """Build the right `XoError` from a JSON-RPC error object `{"code", "message", "data"?}` (any shape)."""
+    code = error.get("code") if isinstance(error, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str):
+        message = f"malformed JSON-RPC error from {method}: {error!r:.200}"
+    code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    status = _RPC_CODE_STATUS.get(code, 500) if code is not None else 500
+    cls = XoNotFound if status == 404 else XoAuthError if status in (401, 403) else XoError
+    err = cls(0, message, data=error.get("data") if isinstance(error, dict) else None,
+              object_id=object_id, url=method, code=code)
+    err.errno = errno_for_status(status)
+    return err
+
+
+def describe_connection_error(exc: BaseException) -> str:
+    """Say in a few words why a connection to XO failed: refused, DNS, TLS, timeout, reset…
+
+    Libraries wrap the OS error (httpx in `ConnectError`, trio in an `OSError` whose cause is a group of one
+    error per address tried), so the whole cause chain and any exception groups are searched.
+    """
+    import socket
+    import ssl
+
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    for e in seen:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS certificate verification failed: {e.verify_message or e.reason}"
+    for e in seen:
+        if isinstance(e, ssl.SSLError):
+            return f"TLS error: {e.reason or e}"
+        if isinstance(e, socket.gaierror):
+            return f"cannot resolve the host name ({e.strerror})"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused (is XO listening on that port?)"
+        if isinstance(e, ConnectionResetError):
+            return "connection reset by the server"
+        if isinstance(e, TimeoutError) or type(e).__name__.endswith("Timeout"):
+            return "timed out"
+        if isinstance(e, OSError) and e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return f"{e.strerror.lower() if e.strerror else 'unreachable'}"
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+def xo_unreachable(exc: BaseException, url: str) -> XoUnreachable:
+    """An `XoUnreachable` naming the URL and the reason, for a connection that failed or broke."""
+    return XoUnreachable(f"cannot reach XO at {url}: {describe_connection_error(exc)}")

@@ -1,0 +1,321 @@
+"""XO's change feed: the JSON-RPC websocket at `/api/`, its `all` notifications, and reconnection.
+
+XO sends nothing before `session.signIn` and never an initial snapshot (xo-api.md §4), so every (re)connect
+goes: connect, sign in, let the sink re-read everything (`resync`) while notifications queue up, apply the
+queue in arrival order, then apply notifications as they come. A notification carries whole objects
+(`enter`: added or changed) or ids (`exit`: gone), so replaying those that raced with the re-read is
+harmless. XO has no heartbeat: a cheap call every `keepalive` seconds notices a silent socket.
+
+One task applies everything, so the sink's methods are never called concurrently with each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+from typing import Any, Protocol
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+
+from xofs.client.auth import sign_in_params, ssl_context
+from xofs.errors import (
+    XoAuthError,
+    XoError,
+    XofsError,
+    XoUnreachable,
+    describe_connection_error,
+    xo_error_from_rpc,
+)
+
+log = logging.getLogger(__name__)
+
+API_PATH = "/api/"  # xo-server upgrades only this exact path
+MAX_MESSAGE = 256 << 20  # connecting a pool sends all its objects in one `all` frame
+RECEIVE_BUFFER = 256 << 10
+DISCONNECT_TIMEOUT = 2.0
+
+
+class EventSink(Protocol):
+    """What the feed drives: the daemon's object cache."""
+
+    async def resync(self) -> None:
+        """Re-read everything; called after each (re)connect and sign-in, before queued events are applied."""
+
+    def apply(self, kind: str, items: dict) -> None:
+        """One `all` notification: kind "enter" (items: id -> object) or "exit" (items: id -> 0)."""
+
+    def feed_state(self, state: str, detail: str = "") -> None:
+        """"connecting" (at start), "connected" (live), "disconnected" (with the reason; once per loss)."""
+
+
+class _Drop(Exception):
+    """The session ended; the message says why."""
+
+
+class _PendingCall:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.message: dict | None = None
+        self.error: XofsError | None = None
+
+
+class EventFeed:
+    """Keeps a signed-in JSON-RPC socket to XO and feeds its notifications to an `EventSink`."""
+
+    def __init__(self, base_url: str, token: str, sink: EventSink, *, keepalive: float = 30,
+                 backoff: tuple[float, float] = (0.5, 30), verify: bool | str = True,
+                 connect_timeout: float = 10) -> None:
+        self.url = ws_url(base_url)
+        self._token = token
+        self._sink = sink
+        self._keepalive = keepalive
+        self._backoff = backoff
+        self._ssl = ssl_context(verify) if self.url.startswith("wss:") else None
+        self._connect_timeout = connect_timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _PendingCall] = {}
+        self._live: WebSocketConnection | None = None  # set while signed in
+        self._state = ""
+        self._drop_reason: str | None = None
+        self._session_scope: trio.CancelScope | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Forever: stay connected and signed in, reconnecting with exponential backoff and jitter.
+
+        `task_status.started()` comes after the first sign-in and resync. A refused first sign-in raises
+        `XoAuthError` (bad credentials do not get better by retrying); later refusals are retried.
+        """
+        self._set_state("connecting")
+        delay = self._backoff[0]
+        started = False
+        while True:
+            try:
+                await self._session(None if started else task_status)
+            except _Drop as drop:
+                reason = str(drop)
+            if self._state == "connected":
+                delay = self._backoff[0]
+                started = True
+            self._set_state("disconnected", reason)
+            sleep = random.uniform(delay / 2, delay)
+            log.warning("XO event feed %s: %s; reconnecting in %.1f s", self.url, reason, sleep)
+            await trio.sleep(sleep)
+            delay = min(delay * 2, self._backoff[1])
+
+    async def call(self, method: str, params: dict | None = None) -> Any:
+        """One JSON-RPC call on the live socket; `XoUnreachable` when there is none or it drops meanwhile."""
+        ws = self._live
+        if ws is None:
+            raise XoUnreachable(f"no live XO event connection ({self.url}) for {method}")
+        return await self._call_on(ws, method, params)
+
+    # --- one connection ---
+
+    async def _session(self, task_status: trio.TaskStatus[None] | None) -> None:
+        """Connect, sign in, resync, then apply notifications until the connection is lost (raises `_Drop`).
+
+        Before the first start (`task_status` given), a refused sign-in raises `XoAuthError` instead.
+        """
+        self._drop_reason = None
+        fatal: XoAuthError | None = None
+        queue_in, queue_out = trio.open_memory_channel[tuple[str, dict]](math.inf)
+        try:
+            async with trio_websocket.open_websocket_url(
+                    self.url, self._ssl, max_message_size=MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER,
+                    connect_timeout=self._connect_timeout, disconnect_timeout=DISCONNECT_TIMEOUT) as ws:
+                # Nothing raises out of this nursery (it would come out wrapped in an exception group):
+                # every way the session ends goes through _lose().
+                async with trio.open_nursery() as nursery:
+                    self._session_scope = nursery.cancel_scope
+                    nursery.start_soon(self._read_frames, ws, queue_in)
+                    try:
+                        await self._sign_in(ws)
+                        nursery.start_soon(self._keep_alive, ws)
+                        await self._sink.resync()
+                    except Exception as exc:  # re-raised below unless XO is what failed
+                        err = _xofs_error_in(exc)
+                        if err is None:
+                            raise
+                        if isinstance(err, XoAuthError) and task_status is not None:
+                            fatal = err
+                        self._lose(err.describe())
+                    else:
+                        await self._apply_forever(queue_out, task_status)
+        except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
+            self._lose(_handshake_reason(exc, self._connect_timeout))
+        finally:
+            self._live = None
+            self._session_scope = None
+            self._fail_pending(self._drop_reason or "connection closed")
+        if fatal is not None:
+            raise fatal
+        raise _Drop(self._drop_reason or "connection closed")
+
+    async def _apply_forever(self, queue: trio.MemoryReceiveChannel[tuple[str, dict]],
+                             task_status: trio.TaskStatus[None] | None) -> None:
+        # What queued during the resync is applied first, in order, and only then is the feed "connected".
+        while True:
+            try:
+                kind, items = queue.receive_nowait()
+            except trio.WouldBlock:
+                break
+            self._sink.apply(kind, items)
+        self._set_state("connected")
+        log.info("XO event feed %s: live", self.url)
+        if task_status is not None:
+            task_status.started()
+        async for kind, items in queue:
+            self._sink.apply(kind, items)
+
+    async def _sign_in(self, ws: WebSocketConnection) -> None:
+        with trio.move_on_after(self._connect_timeout) as scope:
+            user = await self._call_on(ws, "session.signIn", sign_in_params(self._token))
+        if scope.cancelled_caught:
+            raise XoUnreachable(f"no answer to session.signIn within {self._connect_timeout:g} s")
+        who = (user.get("email") or user.get("id")) if isinstance(user, dict) else user
+        log.info("XO event feed %s: signed in as %s", self.url, who)
+        self._live = ws
+
+    async def _keep_alive(self, ws: WebSocketConnection) -> None:
+        """Every `keepalive` s a call that needs no auth; no answer within `keepalive` s: a dead link."""
+        while True:
+            await trio.sleep(self._keepalive)
+            with trio.move_on_after(self._keepalive) as scope:
+                try:
+                    await self._call_on(ws, "system.getServerVersion")
+                except XoError:
+                    pass  # an answer, even an error, proves the link is alive
+            if scope.cancelled_caught:
+                self._lose(f"no answer to the keepalive call within {self._keepalive:g} s")
+                return
+
+    async def _read_frames(self, ws: WebSocketConnection,
+                           queue: trio.MemorySendChannel[tuple[str, dict]]) -> None:
+        try:
+            while True:
+                self._dispatch(await ws.get_message(), queue)
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            detail = f" ({reason.code} {reason.name}{': ' + reason.reason if reason.reason else ''})" \
+                if reason else ""
+            self._lose(f"websocket closed{detail}")
+
+    def _lose(self, reason: str) -> None:
+        """Record why the session ends (the first reason wins) and end it."""
+        if self._drop_reason is None:
+            self._drop_reason = reason
+        self._live = None
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+
+    # --- JSON-RPC ---
+
+    async def _call_on(self, ws: WebSocketConnection, method: str, params: dict | None = None) -> Any:
+        call_id = next(self._ids)
+        pending = self._pending[call_id] = _PendingCall()
+        message = {"jsonrpc": "2.0", "id": call_id, "method": method, "params": params or {}}
+        try:
+            await ws.send_message(json.dumps(message))
+            await pending.done.wait()
+        except ConnectionClosed as exc:
+            raise XoUnreachable(f"XO event connection closed during {method}") from exc
+        finally:
+            del self._pending[call_id]
+        if pending.error is not None:
+            raise pending.error
+        answer = pending.message or {}
+        if "error" in answer:
+            raise xo_error_from_rpc(answer["error"], method=method)
+        return answer.get("result")
+
+    def _fail_pending(self, reason: str) -> None:
+        for pending in self._pending.values():
+            pending.error = XoUnreachable(f"XO event connection lost: {reason}")
+            pending.done.set()
+
+    def _dispatch(self, frame: str | bytes, queue: trio.MemorySendChannel[tuple[str, dict]]) -> None:
+        """Route a frame: an answer to its caller, an `all` notification to the queue, the rest to the log."""
+        try:
+            message = json.loads(frame)
+        except ValueError:
+            log.warning("XO event feed: skipping a frame that is not JSON: %.200r", frame)
+            return
+        if not isinstance(message, dict):
+            log.warning("XO event feed: skipping a frame that is not an object: %.200r", frame)
+        elif "method" in message and "id" not in message:
+            if message["method"] == "all":
+                notification = _all_notification(message.get("params"))
+                if notification is not None:
+                    queue.send_nowait(notification)
+            else:
+                log.debug("XO event feed: ignoring notification %.100r", message["method"])
+        elif isinstance(message.get("id"), int) and message["id"] in self._pending \
+                and ("result" in message or "error" in message):
+            pending = self._pending[message["id"]]
+            pending.message = message
+            pending.done.set()
+        else:
+            log.warning("XO event feed: skipping an unexpected frame: %.200r", frame)
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        """Tell the sink, only on a change: retries while disconnected stay in the log."""
+        if state != self._state:
+            self._state = state
+            self._sink.feed_state(state, detail)
+
+
+def ws_url(base_url: str) -> str:
+    """The JSON-RPC socket URL of an XO: http(s)://host[:port][/prefix] -> ws(s)://host[:port][/prefix]/api/."""
+    base = base_url.rstrip("/")
+    scheme, sep, rest = base.partition("://")
+    if not sep or scheme not in ("http", "https", "ws", "wss"):
+        raise ValueError(f"not an http(s) URL: {base_url!r}")
+    scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    return f"{scheme}://{rest}{API_PATH}"
+
+
+def _all_notification(params: Any) -> tuple[str, dict] | None:
+    """`(kind, items)` of a well-formed `all` notification; None (and a log line) otherwise.
+
+    Within a usable frame, an `enter` item that is not an object is dropped on its own.
+    """
+    if not isinstance(params, dict) or params.get("type") not in ("enter", "exit") \
+            or not isinstance(params.get("items"), dict):
+        log.warning("XO event feed: skipping an `all` notification of unexpected shape: %.200r", params)
+        return None
+    kind, items = params["type"], params["items"]
+    if kind == "enter":
+        bad = [k for k, v in items.items() if not isinstance(v, dict)]
+        for key in bad:
+            log.warning("XO event feed: skipping entered item %.60r, not an object: %.100r", key, items[key])
+        items = {k: v for k, v in items.items() if k not in bad}
+    return (kind, items) if items else None
+
+
+def _xofs_error_in(exc: Exception) -> XofsError | None:
+    """The XO failure `exc` is, or the first of a group made only of them (a sink's resync may read many
+    collections at once); None if something else went wrong, which is a bug to let through."""
+    if isinstance(exc, XofsError):
+        return exc
+    if isinstance(exc, ExceptionGroup):
+        matched, rest = exc.split(XofsError)
+        if matched is not None and rest is None:
+            while isinstance(matched, ExceptionGroup):
+                matched = matched.exceptions[0]
+            return matched  # type: ignore[return-value]
+    return None
+
+
+def _handshake_reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return f"timed out connecting after {timeout:g} s"
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"websocket upgrade refused with HTTP {exc.status_code}"
+    if isinstance(exc, trio_websocket.DisconnectionTimeout):
+        return "connection closed (close handshake timed out)"
+    return describe_connection_error(exc)

@@ -1,0 +1,337 @@
+"""XO's REST v0 API as the mount daemon uses it: listings, single objects, exports, imports, edits, deletes.
+
+Every XO era is tolerated (xo-api.md §0): listings are asked for as NDJSON but parsed by what the answer says
+it is; errors may be JSON, text or Express's HTML; imports answer `{"id"}` (201) or a bare UUID (200); deletes
+answer 204 or `OK`. Idempotent GETs are retried a few times on connection errors and 5xx; uploads and edits
+never are. Exports use the purpose-built reader of `export.py`, everything else one pooled httpx client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from xofs.client.auth import cookie_header, ssl_context
+from xofs.client.export import ExportResponse, HttpTarget, open_stream
+from xofs.errors import (
+    XofsError,
+    XoNotFound,
+    XoProtocolError,
+    XoUnreachable,
+    xo_error_from_response,
+    xo_unreachable,
+)
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "xofs"
+RETRY_DELAYS = (0.25, 1.0)  # sleeps between the (up to) 3 tries of an idempotent GET
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+# XO answers an import only once XAPI has finished the task, which may be long after the last byte.
+IMPORT_ANSWER_TIMEOUT = 1800.0
+UPLOAD_BLOCK = 1 << 20
+ERROR_BODY_LIMIT = 64 * 1024
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+
+# Types of the few keys callers rely on; an item where one has another type is skipped, not trusted.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str, "uuid": str, "type": str, "name_label": str, "name_description": str,
+    "size": int, "usage": int, "tags": list,
+}
+
+
+class RestClient:
+    """One XO server's REST v0 API, authenticated with a token cookie."""
+
+    def __init__(self, base_url: str, token: str, *, max_connections: int = 16,
+                 connect_timeout: float = 10, read_timeout: float = 60, verify: bool | str = True) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_url = httpx.URL(self.base_url + "/rest/v0/")
+        if self.api_url.scheme not in ("http", "https") or not self.api_url.host:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self._cookie = cookie_header(token)
+        self._ssl = ssl_context(verify) if self.api_url.scheme == "https" else None
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.api_url,
+            headers={"Cookie": self._cookie, "User-Agent": USER_AGENT},
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            verify=self._ssl or True,
+            trust_env=False,  # exports cannot go through a proxy, so nothing does
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def check(self) -> None:
+        """Make sure XO answers and takes the token, with the cheapest authenticated request there is.
+
+        Raises `XoUnreachable` (refused, DNS, TLS, timeout), `XoAuthError`, or `XoProtocolError` when the
+        URL answers but is not an XO REST API.
+        """
+        try:
+            resp = await self._get("vms", params={"fields": "id", "limit": "1"})
+        except XoNotFound as err:
+            raise XoProtocolError(f"no XO REST API at {self.api_url}: GET vms answered 404") from err
+        parse_collection(resp.content, resp.headers.get("content-type", ""), what=str(resp.url))
+
+    async def collection(self, coll: str, *, fields: str = "*", filter: str | None = None,
+                         limit: int | None = None) -> list[dict]:
+        """The objects of a collection (`vms`, `vdis`, `vms/<id>/vdis`…), without their `href`.
+
+        `id` is always requested, since items are keyed by it. Malformed items are logged and skipped.
+        """
+        params = {"fields": _with_id(fields), "ndjson": "true"}
+        if filter is not None:
+            params["filter"] = filter
+        if limit is not None:
+            params["limit"] = str(limit)
+        resp = await self._get(coll, params=params)
+        return parse_collection(resp.content, resp.headers.get("content-type", ""), what=str(resp.url))
+
+    async def get_object(self, coll: str, obj_id: str) -> dict:
+        """One object (raises `XoNotFound` when XO does not have it under that collection)."""
+        resp = await self._get(f"{coll}/{quote(obj_id, safe='')}", object_id=obj_id)
+        try:
+            obj = json.loads(resp.content)
+        except ValueError as exc:
+            raise XoProtocolError(f"GET {resp.url} answered something that is not JSON",
+                                  object_id=obj_id) from exc
+        problem = item_problem(obj)
+        if problem:
+            raise XoProtocolError(f"GET {resp.url} answered an unusable object: {problem}", object_id=obj_id)
+        return _without_hrefs(obj)
+
+    async def open_export(self, path: str) -> ExportResponse:
+        """Start downloading `/rest/v0/<path>` (e.g. `vdis/<id>.raw`); the caller reads it and closes it.
+
+        A non-200 answer raises the matching `XoError` before any byte is handed over. Connection failures
+        and 5xx are retried, since nothing was delivered yet; never HEAD (it would start a real export).
+        """
+        url = self._http.build_request("GET", path).url
+        target = HttpTarget(
+            scheme=url.scheme, host=url.host, port=url.port or (443 if url.scheme == "https" else 80),
+            target=url.raw_path.decode("ascii"),
+            headers=[("Host", url.netloc.decode("ascii")), ("User-Agent", USER_AGENT), ("Accept", "*/*"),
+                     ("Accept-Encoding", "identity"), ("Cookie", self._cookie), ("Connection", "close")])
+        object_id = _object_id_of(path)
+        for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+            err: XofsError
+            try:
+                response = await open_stream(target, ssl_context=self._ssl,
+                                             connect_timeout=self._connect_timeout,
+                                             read_timeout=self._read_timeout)
+            except XoUnreachable as exc:
+                err = exc
+            else:
+                if response.status == 200:
+                    return response
+                async with response:
+                    body = await _error_body(response)
+                err = xo_error_from_response(response.status, body, url=str(url), object_id=object_id)
+                if response.status not in RETRY_STATUSES:
+                    raise err
+            if delay is None:
+                raise err
+            log.info("export %s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
+            await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def import_vdi(self, sr_id: str, body_path: Path, *, name_label: str, name_description: str | None,
+                         raw: bool, progress: Callable[[int], None] | None = None) -> str:
+        """Upload a disk image as a new VDI on an SR; returns the new VDI's uuid. Never retried.
+
+        The body streams from disk with an explicit Content-Length, which XO requires (a chunked upload is
+        a 500). `raw=False` means a dynamic or differencing VHD; `raw` is always sent as `true`/`false`
+        because a bare `?raw` is a 422 today and meant "raw" in legacy XO.
+        """
+        size = body_path.stat().st_size
+        params = {"name_label": name_label, "raw": "true" if raw else "false"}
+        if name_description is not None:
+            params["name_description"] = name_description
+        path = f"srs/{quote(sr_id, safe='')}/vdis"
+        resp = await self._send(
+            "POST", path, object_id=sr_id, params=params, content=_file_blocks(body_path, size, progress),
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            timeout=httpx.Timeout(self._read_timeout, connect=self._connect_timeout,
+                                  read=IMPORT_ANSWER_TIMEOUT))
+        return _new_vdi_id(resp)
+
+    async def patch(self, coll: str, obj_id: str, body: dict) -> None:
+        """Change fields of an object (204), e.g. `{"name_label": …}` on a VDI."""
+        await self._send("PATCH", f"{coll}/{quote(obj_id, safe='')}", object_id=obj_id, json=body)
+
+    async def delete(self, coll: str, obj_id: str) -> None:
+        """Destroy an object (204, or `OK` with 200 in legacy XO)."""
+        await self._send("DELETE", f"{coll}/{quote(obj_id, safe='')}", object_id=obj_id)
+
+    # --- requests ---
+
+    async def _get(self, path: str, *, params: dict[str, str] | None = None,
+                   object_id: str | None = None) -> httpx.Response:
+        """An idempotent GET: a 200 response, or the XO error; retried on connection errors and 5xx."""
+        for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+            err: XofsError
+            try:
+                resp = await self._http.get(path, params=params)
+            except httpx.TransportError as exc:
+                err = xo_unreachable(exc, str(self.api_url.join(path)))
+            except httpx.DecodingError as exc:
+                raise XoProtocolError(f"GET {path}: undecodable answer ({exc})", object_id=object_id) from exc
+            else:
+                if resp.status_code == 200:
+                    return resp
+                err = xo_error_from_response(resp.status_code, resp.content, url=str(resp.url),
+                                             object_id=object_id)
+                if resp.status_code not in RETRY_STATUSES:
+                    raise err
+            if delay is None:
+                raise err
+            log.info("GET %s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
+            await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _send(self, method: str, path: str, *, object_id: str | None, **kwargs: Any) -> httpx.Response:
+        """A request that changes something: sent once; a 2xx response, or the XO error."""
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise xo_unreachable(exc, str(self.api_url.join(path))) from exc
+        if not 200 <= resp.status_code < 300:
+            raise xo_error_from_response(resp.status_code, resp.content, url=str(resp.url),
+                                         object_id=object_id)
+        return resp
+
+
+# --- parsing ---
+
+def parse_collection(body: bytes, content_type: str, *, what: str) -> list[dict]:
+    """The usable objects of a listing answer (NDJSON or a JSON array), `href` dropped.
+
+    Bad items (not JSON, not an object, no id, a duplicate id, a key of the wrong type) are logged one line
+    each and skipped; `XoProtocolError` is raised only when nothing in the answer is usable.
+    """
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    if ctype and ctype != "application/x-ndjson" and "json" not in ctype and ctype != "text/plain":
+        raise XoProtocolError(f"GET {what} answered {ctype}, not a JSON listing")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise XoProtocolError(f"GET {what} answered a body that is not UTF-8") from exc
+    raw_items, bad = _split_items(text, ctype, what)
+    result: list[dict] = []
+    seen: set[str] = set()
+    for item in raw_items:
+        problem = item_problem(item)
+        if problem is None and item["id"] in seen:
+            problem = f"duplicate id {item['id']}"
+        if problem:
+            log.warning("GET %s: skipping an item: %s: %.200r", what, problem, item)
+            bad += 1
+            continue
+        seen.add(item["id"])
+        result.append(_without_hrefs(item))
+    if not result and bad:
+        raise XoProtocolError(f"GET {what}: none of the {bad} items in the answer is usable")
+    return result
+
+
+def _split_items(text: str, ctype: str, what: str) -> tuple[list[Any], int]:
+    """The decoded items and the number of undecodable NDJSON lines."""
+    stripped = text.lstrip()
+    if ctype != "application/x-ndjson" and stripped.startswith("["):
+        try:
+            items = json.loads(stripped)
+        except ValueError as exc:
+            raise XoProtocolError(f"GET {what} answered a JSON array that does not parse: {exc}") from exc
+        return items, 0
+    items: list[Any] = []
+    bad = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except ValueError:
+            log.warning("GET %s: skipping NDJSON line %d, not JSON: %.200r", what, number, line)
+            bad += 1
+    return items, bad
+
+
+def item_problem(item: Any) -> str | None:
+    """Why an XO object cannot be used (None when it can)."""
+    if not isinstance(item, dict):
+        return f"not an object but {type(item).__name__}"
+    if not isinstance(item.get("id"), str) or not item["id"]:
+        return "no string id"
+    for key, types in _FIELD_TYPES.items():
+        value = item.get(key)
+        if key in item and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
+            return f"{key} is a {type(value).__name__}"
+    return None
+
+
+def _without_hrefs(obj: dict) -> dict:
+    # `href` on every listed item; legacy single objects also had `vdis_href`, `messages_href`…
+    return {k: v for k, v in obj.items() if k != "href" and not k.endswith("_href")}
+
+
+def _with_id(fields: str) -> str:
+    names = [f.strip() for f in fields.split(",") if f.strip()]
+    if "*" in names or "id" in names:
+        return fields
+    return ",".join([*names, "id"])
+
+
+def _object_id_of(path: str) -> str | None:
+    """The object an export path is about: `vdis/<id>.vhd` -> `<id>`."""
+    last = path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return last.rsplit(".", 1)[0] or None
+
+
+def _new_vdi_id(resp: httpx.Response) -> str:
+    """The uuid in an import answer: `{"id"}` (201), a bare uuid (legacy 200), else the Location header."""
+    text = resp.text.strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = text
+    candidate = parsed.get("id") if isinstance(parsed, dict) else parsed
+    if isinstance(candidate, str) and _UUID.fullmatch(candidate):
+        return candidate.lower()
+    location = resp.headers.get("location", "").rstrip("/").rsplit("/", 1)[-1]
+    if _UUID.fullmatch(location):
+        return location.lower()
+    raise XoProtocolError(f"POST {resp.url} answered {resp.status_code} without a VDI uuid: {text[:200]!r}")
+
+
+async def _file_blocks(path: Path, size: int, progress: Callable[[int], None] | None) -> AsyncIterator[bytes]:
+    """The first `size` bytes of a file, a block at a time, reporting the running total."""
+    sent = 0
+    async with await trio.open_file(path, "rb") as f:
+        while sent < size:
+            block = await f.read(min(UPLOAD_BLOCK, size - sent))
+            if not block:
+                raise XofsError(f"{path} shrank during the upload ({sent} of {size} bytes sent)")
+            sent += len(block)
+            if progress is not None:
+                progress(sent)
+            yield block
+
+
+async def _error_body(response: ExportResponse) -> bytes:
+    """What an error answer says, as far as it can be read (it is only used for the message)."""
+    try:
+        return await response.read_all(ERROR_BODY_LIMIT)
+    except XofsError:
+        return b""
