@@ -1,0 +1,207 @@
+"""Two ways to drive the same behaviour suite (rclone's vfstest, s3ql's t3/t4 tiers).
+
+`DirectDriver` calls the `XoFS` operations object in the test's own trio loop, with no kernel in
+between: fast, and failures point at xofs's own logic. `MountDriver` goes through a real kernel mount of
+`xofs mount` in a subprocess with ordinary system calls: what cp, rsync and a file browser see. Both
+answer the same questions with the same types, and raise `OSError` with an errno on failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+
+
+@dataclass
+class Stat:
+    mode: int
+    size: int
+    uid: int
+    mtime_ns: int
+    blksize: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat_mod.S_ISLNK(self.mode)
+
+    @property
+    def perm(self) -> int:
+        return self.mode & 0o7777
+
+
+class DirectDriver:
+    name = "direct"
+
+    def __init__(self, fs) -> None:
+        self.fs = fs
+        self.ctx = pyfuse3.RequestContext()
+
+    async def _resolve(self, path: str) -> int:
+        ino = pyfuse3.ROOT_INODE
+        for part in [p for p in path.split("/") if p]:
+            try:
+                attrs = await self.fs.lookup(ino, part.encode(), self.ctx)
+            except pyfuse3.FUSEError as err:
+                raise OSError(err.errno, os.strerror(err.errno), path) from None
+            ino = attrs.st_ino
+        return ino
+
+    async def listdir(self, path: str) -> list[str]:
+        ino = await self._resolve(path)
+        inode = self.fs.tree.inode(ino)
+        children = self.fs.tree.children(inode.path)
+        if children is None:
+            raise OSError(errno.ENOTDIR, "not a directory", path)
+        return sorted(children)
+
+    async def stat(self, path: str) -> Stat:
+        ino = await self._resolve(path)
+        try:
+            a = await self.fs.getattr(ino, self.ctx)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+        return Stat(a.st_mode, a.st_size, a.st_uid, a.st_mtime_ns, a.st_blksize)
+
+    async def read(self, path: str) -> bytes:
+        ino = await self._resolve(path)
+        try:
+            info = await self.fs.open(ino, os.O_RDONLY, self.ctx)
+            chunks = []
+            offset = 0
+            while True:
+                chunk = await self.fs.read(info.fh, offset, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
+            await self.fs.release(info.fh)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+        return b"".join(chunks)
+
+    async def readlink(self, path: str) -> str:
+        ino = await self._resolve(path)
+        try:
+            return (await self.fs.readlink(ino, self.ctx)).decode()
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+    async def getxattr(self, path: str, name: str) -> bytes:
+        ino = await self._resolve(path)
+        try:
+            return await self.fs.getxattr(ino, name.encode(), self.ctx)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+    async def listxattr(self, path: str) -> list[str]:
+        ino = await self._resolve(path)
+        return sorted(n.decode() for n in await self.fs.listxattr(ino, self.ctx))
+
+    async def mkdir(self, path: str) -> None:
+        parent, name = path.rsplit("/", 1)
+        ino = await self._resolve(parent)
+        try:
+            await self.fs.mkdir(ino, name.encode(), 0o755, self.ctx)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+    async def unlink(self, path: str) -> None:
+        parent, name = path.rsplit("/", 1)
+        ino = await self._resolve(parent)
+        try:
+            await self.fs.unlink(ino, name.encode(), self.ctx)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+    async def rename(self, old: str, new: str) -> None:
+        pold, nold = old.rsplit("/", 1)
+        pnew, nnew = new.rsplit("/", 1)
+        ino_old, ino_new = await self._resolve(pold), await self._resolve(pnew)
+        try:
+            await self.fs.rename(ino_old, nold.encode(), ino_new, nnew.encode(), 0, self.ctx)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), old) from None
+
+    async def open_write(self, path: str) -> None:
+        ino = await self._resolve(path)
+        try:
+            info = await self.fs.open(ino, os.O_WRONLY, self.ctx)
+            await self.fs.release(info.fh)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+    async def chmod(self, path: str, mode: int) -> None:
+        ino = await self._resolve(path)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_mode = mode
+        fields = pyfuse3.SetattrFields()
+        fields.update_mode = True
+        try:
+            await self.fs.setattr(ino, attr, fields, None, self.ctx)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+    async def symlink(self, target: str, path: str) -> None:
+        parent, name = path.rsplit("/", 1)
+        ino = await self._resolve(parent)
+        try:
+            await self.fs.symlink(ino, name.encode(), target.encode(), self.ctx)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+
+class MountDriver:
+    name = "mount"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _p(self, path: str) -> str:
+        return str(self.root) + path
+
+    async def listdir(self, path: str) -> list[str]:
+        return sorted(os.listdir(self._p(path)))
+
+    async def stat(self, path: str) -> Stat:
+        s = os.lstat(self._p(path))
+        return Stat(s.st_mode, s.st_size, s.st_uid, s.st_mtime_ns, s.st_blksize)
+
+    async def read(self, path: str) -> bytes:
+        with open(self._p(path), "rb") as f:
+            return f.read()
+
+    async def readlink(self, path: str) -> str:
+        return os.readlink(self._p(path))
+
+    async def getxattr(self, path: str, name: str) -> bytes:
+        return os.getxattr(self._p(path), name, follow_symlinks=False)
+
+    async def listxattr(self, path: str) -> list[str]:
+        return sorted(os.listxattr(self._p(path), follow_symlinks=False))
+
+    async def mkdir(self, path: str) -> None:
+        os.mkdir(self._p(path))
+
+    async def unlink(self, path: str) -> None:
+        os.unlink(self._p(path))
+
+    async def rename(self, old: str, new: str) -> None:
+        os.rename(self._p(old), self._p(new))
+
+    async def open_write(self, path: str) -> None:
+        os.close(os.open(self._p(path), os.O_WRONLY))
+
+    async def chmod(self, path: str, mode: int) -> None:
+        os.chmod(self._p(path), mode)
+
+    async def symlink(self, target: str, path: str) -> None:
+        os.symlink(target, self._p(path))

@@ -1,0 +1,281 @@
+"""A real kernel mount of the simulator: life cycle, live changes, and the tools people use on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from trio_websocket import open_websocket_url
+
+from tests.support import MountProcess, SimProcess, is_mounted, require_tool
+
+
+def xofs(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xofs", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+async def rpc(sim: SimProcess, method: str, params: dict | None = None):
+    """One JSON-RPC call on a fresh signed-in websocket, the way xo-cli makes them."""
+    async with open_websocket_url(sim.url.replace("http", "ws", 1) + "/api/") as ws:
+        calls = [("session.signIn", {"token": sim.token}), (method, params or {})]
+        result = None
+        for n, (name, args) in enumerate(calls, 1):
+            await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": n, "method": name, "params": args}))
+            while True:
+                msg = json.loads(await ws.get_message())
+                if msg.get("id") == n:
+                    break
+            assert "error" not in msg, msg
+            result = msg["result"]
+        return result
+
+
+# ---- life cycle -----------------------------------------------------------------------------------
+
+def test_startup_errors_say_what_is_wrong_in_one_line(sim, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env_token = {"XOFS_TOKEN": sim.token}
+    cases = [
+        (["mount", sim.url, str(mnt), "--foreground"], {"XOFS_TOKEN": ""}, "no XO token"),
+        (["mount", sim.url, str(tmp_path / "missing"), "--foreground"], env_token, "does not exist"),
+        (["mount", sim.url, str(tmp_path / "file"), "--foreground"], env_token, "not a directory"),
+        (["mount", "http://127.0.0.1:9", str(mnt), "--foreground"], env_token, "127.0.0.1:9"),
+        (["mount", sim.url, str(mnt), "--foreground"], {"XOFS_TOKEN": "wrong-token"}, "401"),
+        (["mount", sim.url, str(mnt)], {"XOFS_TOKEN": "wrong-token"}, "401"),
+    ]
+    (tmp_path / "file").write_text("x")
+    for args, env, words in cases:
+        proc = xofs(*args, env=env)
+        assert proc.returncode != 0, (args, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and words in lines[0], (args, proc.stderr)
+        assert not is_mounted(mnt)
+
+
+def test_an_already_mounted_directory_is_refused(sim, make_mount):
+    mount = make_mount(sim)
+    proc = xofs("mount", sim.url, str(mount.mountpoint), "--foreground", env={"XOFS_TOKEN": sim.token})
+    assert proc.returncode != 0 and "already a mount point" in proc.stderr
+
+
+def test_fusermount_unmounts_and_the_daemon_exits_0(sim, make_mount):
+    mount = make_mount(sim)
+    subprocess.run(["fusermount3", "-u", str(mount.mountpoint)], check=True)
+    assert mount.proc.wait(15) == 0
+    assert not is_mounted(mount.mountpoint)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_unmount_cleanly(sim, make_mount, signum):
+    mount = make_mount(sim)
+    mount.proc.send_signal(signum)
+    assert mount.proc.wait(15) == 0
+    assert not is_mounted(mount.mountpoint)
+    assert "unmounted" in mount.log_text()
+
+
+def test_a_killed_daemon_leaves_no_dead_mount(sim, make_mount):
+    mount = make_mount(sim)
+    mount.proc.kill()
+    mount.proc.wait(5)
+    wait_for(lambda: not is_mounted(mount.mountpoint), 10, "auto_unmount to remove the mount")
+
+
+def test_without_foreground_the_command_returns_once_the_mount_is_live(sim, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")}
+    try:
+        proc = xofs("mount", sim.url, str(mnt), env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "" and proc.stderr == ""
+        assert is_mounted(mnt)
+        assert "vms" in os.listdir(mnt)
+        umount = xofs("umount", str(mnt))
+        assert umount.returncode == 0, umount.stderr
+        wait_for(lambda: not is_mounted(mnt), 10, "the unmount")
+        assert "mounted" in (tmp_path / "state" / "xofs.log").read_text()
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
+# ---- freshness ------------------------------------------------------------------------------------
+
+def first_vm(sim: SimProcess, power_state: str = "Running") -> dict:
+    vms = sim.get_json(f"/rest/v0/vms?fields=id,name_label,power_state&filter=power_state:{power_state}")
+    return vms[0]
+
+
+def meta(mount: MountProcess, path: str) -> dict:
+    return json.loads((mount.mountpoint / path / "meta.json").read_bytes())
+
+
+async def test_changes_in_xo_reach_the_mount_without_waiting_for_a_ttl(fresh_sim, make_mount):
+    # Kernel caches last 300 s here: only the event-driven invalidation can make changes visible.
+    mount = make_mount(fresh_sim, "--attr-ttl", "300")
+    vm = first_vm(fresh_sim, "Halted")
+    vm_dir = f"vms/{vm['id']}"
+    by_name = mount.mountpoint / "by-name" / "vms"
+    assert meta(mount, vm_dir)["name_label"] == vm["name_label"]
+    assert vm["name_label"] in os.listdir(by_name)
+
+    # A rename through REST.
+    status, _, body = fresh_sim.request("PATCH", f"/rest/v0/vms/{vm['id']}",
+                                        json.dumps({"nameLabel": "renamed-1"}).encode(),
+                                        {"Content-Type": "application/json"})
+    assert status == 204, body
+    wait_for(lambda: meta(mount, vm_dir)["name_label"] == "renamed-1", what="the REST rename in meta.json")
+    wait_for(lambda: "renamed-1" in os.listdir(by_name), what="the new name in /by-name")
+    assert vm["name_label"] not in os.listdir(by_name)
+    assert os.readlink(by_name / "renamed-1") == f"../../vms/{vm['id']}"
+
+    # A rename and a power change through JSON-RPC.
+    await rpc(fresh_sim, "vm.set", {"id": vm["id"], "name_label": "renamed-2"})
+    wait_for(lambda: meta(mount, vm_dir)["name_label"] == "renamed-2", what="the JSON-RPC rename")
+    await rpc(fresh_sim, "vm.start", {"id": vm["id"]})
+    wait_for(lambda: meta(mount, vm_dir)["power_state"] == "Running", what="the power change")
+
+    # A creation (a snapshot) and a deletion.
+    snap_id = await rpc(fresh_sim, "vm.snapshot", {"id": vm["id"], "name_label": "snap-x"})
+    wait_for(lambda: snap_id in os.listdir(mount.mountpoint / "vm-snapshots"), what="the new snapshot")
+    vdi = fresh_sim.get_json("/rest/v0/vdis?fields=id,$VBDs&limit=50")
+    spare = next(v for v in vdi if not v["$VBDs"]) if any(not v["$VBDs"] for v in vdi) else vdi[-1]
+    assert (mount.mountpoint / "vdis" / spare["id"] / "meta.json").exists()
+    status, _, body = fresh_sim.request("DELETE", f"/rest/v0/vdis/{spare['id']}")
+    assert status == 204, body
+    wait_for(lambda: not (mount.mountpoint / "vdis" / spare["id"]).exists(), what="the deleted VDI to vanish")
+    assert f"{spare['id']}.vhd" not in os.listdir(mount.mountpoint / "vdis")
+
+
+def test_a_dropped_websocket_is_survived(fresh_sim, make_mount):
+    mount = make_mount(fresh_sim, "--attr-ttl", "300")
+    vm = first_vm(fresh_sim, "Halted")
+    status, _, _ = fresh_sim.request("POST", "/_sim/close-websockets", b"")
+    assert status in (200, 204)
+    wait_for(lambda: "event feed lost" in mount.log_text(), what="the drop to be noticed")
+    fresh_sim.request("PATCH", f"/rest/v0/vms/{vm['id']}", json.dumps({"nameLabel": "after-drop"}).encode(),
+                      {"Content-Type": "application/json"})
+    wait_for(lambda: meta(mount, f"vms/{vm['id']}")["name_label"] == "after-drop", 10, "the rename after the drop")
+
+
+def test_a_restarted_simulator_is_survived(tmp_path, make_mount):
+    state = tmp_path / "sim-state"
+    sim1 = SimProcess(args=["--seed", "3", "--state-dir", str(state)], log_path=tmp_path / "sim1.log").start()
+    port = sim1.port
+    try:
+        mount = make_mount(sim1, "--attr-ttl", "300")
+        vm = first_vm(sim1, "Halted")
+        sim1.stop()
+        wait_for(lambda: "event feed lost" in mount.log_text(), 10, "the loss of the server")
+        # Listings keep answering from the cache while the server is away.
+        assert vm["id"] in os.listdir(mount.mountpoint / "vms")
+        sim2 = _start_on_port(SimProcess(args=["--seed", "3", "--state-dir", str(state)],
+                                         log_path=tmp_path / "sim2.log"), port)
+        try:
+            sim2.request("PATCH", f"/rest/v0/vms/{vm['id']}", json.dumps({"nameLabel": "after-restart"}).encode(),
+                         {"Content-Type": "application/json"})
+            wait_for(lambda: meta(mount, f"vms/{vm['id']}")["name_label"] == "after-restart", 30,
+                     "the rename after the restart")
+        finally:
+            sim2.stop()
+    finally:
+        sim1.stop()
+
+
+def _start_on_port(sim: SimProcess, port: int) -> SimProcess:
+    """SimProcess.start always asks for port 0; a restart must come back on the same port."""
+    cmd = [sys.executable, "-m", "xofs", "sim", "--port", str(port), "--token", sim.token, *sim.args]
+    sim.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(sim.log_path, "ab"), text=True)
+    line = sim.proc.stdout.readline()
+    assert line.startswith("xofs sim listening on "), line
+    sim.url = line.strip().rsplit(" ", 1)[1]
+    return sim
+
+
+# ---- tools ----------------------------------------------------------------------------------------
+
+def run(*cmd: str, cwd: Path | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert proc.returncode == 0, (cmd, proc.returncode, proc.stderr)
+    return proc.stdout
+
+
+def test_everyday_tools_work_on_the_mount(sim, make_mount):
+    for tool in ("getfattr", "tree", "gio"):
+        require_tool(tool)
+    mount = make_mount(sim)
+    root = mount.mountpoint
+    vm = first_vm(sim)
+    vm_dir = root / "vms" / vm["id"]
+
+    listing = run("ls", "-l", str(root / "vms"))
+    assert vm["id"] in listing and f"{vm['id']}.xva" in listing
+    assert run("stat", "-c", "%s %a %U", str(vm_dir / "meta.json")).split()[1] == "400"
+    found = run("find", str(root), "-name", "meta.json").split()
+    assert str(vm_dir / "meta.json") in found
+    assert json.loads(run("cat", str(vm_dir / "meta.json")))["id"] == vm["id"]
+    attrs = run("getfattr", "-d", str(vm_dir / "meta.json"))
+    assert f'user.xo.id="{vm["id"]}"' in attrs and 'user.xo.type="VM"' in attrs
+    name_link = root / "by-name" / "vms" / vm["name_label"]
+    assert run("readlink", "-f", str(name_link)).strip() == str(vm_dir)
+    assert "meta.json" in run("tree", str(root / "vms" / vm["id"]))
+    assert "meta.json" in run("gio", "list", str(vm_dir))
+    info = run("gio", "info", str(vm_dir / "meta.json"))
+    assert "standard::size" in info and "xattr::xo.id" in info or "standard::type: 1" in info
+
+
+def test_a_third_party_view_plugin_joins_the_tree(sim, make_mount, tmp_path):
+    """The example plugin of docs/views.md, registered through a real `xofs.views` entry point."""
+    site = tmp_path / "site"
+    dist = site / "xofs_tags_view-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    example = Path(__file__).parent.parent / "examples" / "tags-view" / "xofs_tags_view.py"
+    (site / "xofs_tags_view.py").write_text(example.read_text())
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: xofs-tags-view\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[xofs.views]\ntags = xofs_tags_view:TagsView\n")
+    mount = make_mount(sim, env={"PYTHONPATH": str(site)})
+    tagged = [vm for vm in sim.get_json("/rest/v0/vms?fields=id,name_label,tags") if vm["tags"]]
+    assert tagged, "the simulator's inventory has tagged VMs"
+    tag = tagged[0]["tags"][0]
+    assert "tags" in os.listdir(mount.mountpoint)
+    links = os.listdir(mount.mountpoint / "tags" / tag.replace("/", "／"))
+    assert tagged[0]["name_label"] in links or any(name.startswith(tagged[0]["name_label"]) for name in links)
+
+
+def test_listing_ten_thousand_vms_costs_a_constant_number_of_requests(tmp_path, make_mount):
+    big = SimProcess(args=["--seed", "5", "--vms", "10000"], log_path=tmp_path / "big.log").start(timeout=60)
+    try:
+        mount = make_mount(big)
+        before = big.get_json("/_sim/stats")["requests"]
+        entries = os.listdir(mount.mountpoint / "vms")
+        assert len(entries) == 4 * 10000
+        run("ls", "-l", str(mount.mountpoint / "vms"))
+        found = run("find", str(mount.mountpoint / "by-name" / "vms")).count("\n")
+        assert found == 10001
+        after = big.get_json("/_sim/stats")["requests"]
+        # No request per entry: only the stats calls themselves.
+        assert after - before <= 2, (before, after)
+    finally:
+        big.stop()

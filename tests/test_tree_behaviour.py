@@ -1,0 +1,139 @@
+"""The tree's behaviour, run twice: on the XoFS object directly, and through a real kernel mount.
+
+Both drivers look at the same shared simulator (seed 1), so what the REST API says is what both must show.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.drivers import DirectDriver, MountDriver
+from tests.support import MountProcess, SimProcess
+from xofs.names import unique_names
+
+VIEWS = ["by-name", "hosts", "pools", "srs", "vdi-snapshots", "vdis", "vm-snapshots", "vms"]
+
+
+@pytest.fixture(scope="module")
+def shared_mount(sim: SimProcess, tmp_path_factory) -> Iterator[MountProcess]:
+    base = tmp_path_factory.mktemp("behaviour")
+    mount = MountProcess(sim.url, base / "mnt", token=sim.token, log_path=base / "mount.log",
+                         env={"XOFS_STATE_DIR": str(base / "state")})
+    mount.start()
+    yield mount
+    mount.stop()
+
+
+@pytest.fixture(params=["direct", "mount"])
+async def drv(request, sim: SimProcess) -> AsyncIterator[DirectDriver | MountDriver]:
+    if request.param == "mount":
+        yield MountDriver(request.getfixturevalue("shared_mount").mountpoint)
+        return
+    from xofs.mount import MountOptions, assemble
+
+    parts = assemble(sim.url, sim.token, MountOptions(state_dir=request.getfixturevalue("tmp_path")))
+    async with parts.running(load_only=True):
+        yield DirectDriver(parts.fs)
+
+
+def rest(sim: SimProcess, path: str):
+    return sim.get_json(path)
+
+
+async def test_root_lists_one_directory_per_view(drv):
+    assert await drv.listdir("/") == VIEWS
+    for view in VIEWS:
+        st = await drv.stat(f"/{view}")
+        assert st.is_dir and st.perm == 0o500 and st.uid == os.getuid()
+
+
+async def test_vms_lists_every_vm_with_its_export_files(drv, sim):
+    ids = {o["id"] for o in rest(sim, "/rest/v0/vms?fields=id")}
+    expected = sorted([*ids, *(f"{i}.xva" for i in ids), *(f"{i}.xva.zst" for i in ids),
+                       *(f"{i}.xva.gz" for i in ids)])
+    assert await drv.listdir("/vms") == expected
+
+
+async def test_meta_json_is_the_rest_object_byte_for_byte(drv, sim):
+    for coll in ("vms", "vdis", "srs", "hosts", "pools", "vm-snapshots", "vdi-snapshots"):
+        for item in rest(sim, f"/rest/v0/{coll}?fields=id&limit=3"):
+            status, _, body = sim.request("GET", f"/rest/v0/{coll}/{item['id']}")
+            assert status == 200
+            data = await drv.read(f"/{coll}/{item['id']}/meta.json")
+            assert json.loads(data) == json.loads(body)
+            assert data == body
+            st = await drv.stat(f"/{coll}/{item['id']}/meta.json")
+            assert st.size == len(data) and st.perm == 0o400
+
+
+async def test_vm_disk_links_leave_out_cd_drives(drv, sim):
+    for vm in rest(sim, "/rest/v0/vms?fields=id,$VBDs"):
+        vbds = [sim.get_json(f"/rest/v0/vbds/{v}") for v in vm["$VBDs"]]
+        disks = sorted(f"{v['VDI']}.vhd" for v in vbds if not v["is_cd_drive"] and "VDI" in v)
+        assert await drv.listdir(f"/vms/{vm['id']}/vdis") == disks
+        for name in disks:
+            target = await drv.readlink(f"/vms/{vm['id']}/vdis/{name}")
+            assert target == f"../../../vdis/{name}"
+
+
+async def test_sr_directories(drv, sim):
+    for sr in rest(sim, "/rest/v0/srs?fields=id,VDIs,content_type,size"):
+        names = await drv.listdir(f"/srs/{sr['id']}")
+        writable = sr["content_type"] != "iso" and sr["size"] > 0
+        assert names == (["import", "meta.json", "vdis"] if writable else ["meta.json", "vdis"])
+        links = await drv.listdir(f"/srs/{sr['id']}/vdis")
+        assert links == sorted(f"{v}.vhd" for v in sr["VDIs"] if sim.request("GET", f"/rest/v0/vdis/{v}")[0] == 200
+                               or sim.request("GET", f"/rest/v0/vdi-snapshots/{v}")[0] == 200)
+
+
+async def test_by_name_links_point_at_the_objects(drv, sim):
+    vms = rest(sim, "/rest/v0/vms?fields=id,name_label")
+    names = unique_names((v["id"], v["name_label"]) for v in vms)
+    assert await drv.listdir("/by-name/vms") == sorted(names.values())
+    for obj_id, name in names.items():
+        assert await drv.readlink(f"/by-name/vms/{name}") == f"../../vms/{obj_id}"
+        assert (await drv.stat(f"/by-name/vms/{name}")).is_link
+
+
+async def test_xattrs_name_the_xo_object(drv, sim):
+    vm = rest(sim, "/rest/v0/vms?fields=id,name_label,type&limit=1")[0]
+    for path in (f"/vms/{vm['id']}", f"/vms/{vm['id']}/meta.json"):
+        assert await drv.getxattr(path, "user.xo.id") == vm["id"].encode()
+        assert await drv.getxattr(path, "user.xo.type") == b"VM"
+        assert await drv.getxattr(path, "user.xo.name_label") == vm["name_label"].encode()
+        assert {"user.xo.id", "user.xo.type", "user.xo.name_label"} <= set(await drv.listxattr(path))
+    with pytest.raises(OSError) as err:
+        await drv.getxattr(f"/vms/{vm['id']}/meta.json", "security.capability")
+    assert err.value.errno == errno.ENODATA
+
+
+async def test_missing_paths_are_enoent(drv):
+    for path in ("/nope", "/vms/00000000-0000-0000-0000-000000000000", "/by-name/nope", "/by-name/vms/nope"):
+        with pytest.raises(FileNotFoundError if isinstance(drv, MountDriver) else OSError) as err:
+            await drv.stat(path)
+        assert err.value.errno == errno.ENOENT
+
+
+async def test_nothing_outside_import_directories_can_be_changed(drv, sim):
+    vm = rest(sim, "/rest/v0/vms?fields=id,name_label&limit=1")[0]
+    before = sim.request("GET", f"/rest/v0/vms/{vm['id']}")[2]
+    attempts = [
+        drv.mkdir(f"/vms/{vm['id']}/newdir"),
+        drv.mkdir("/newview"),
+        drv.unlink(f"/vms/{vm['id']}/meta.json"),
+        drv.unlink(f"/vms/{vm['id']}.xva"),
+        drv.rename(f"/vms/{vm['id']}.xva", f"/vms/{vm['id']}.renamed"),
+        drv.open_write(f"/vms/{vm['id']}/meta.json"),
+        drv.chmod(f"/vms/{vm['id']}/meta.json", 0o644),
+        drv.symlink("x", f"/vms/{vm['id']}/link"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as err:
+            await attempt
+        assert err.value.errno in (errno.EPERM, errno.EACCES), err.value
+    assert sim.request("GET", f"/rest/v0/vms/{vm['id']}")[2] == before

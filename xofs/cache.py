@@ -1,0 +1,152 @@
+"""The in-memory copy of XO's objects that every listing and attribute is answered from.
+
+Filled at start with one request per collection, then kept fresh by the `all` event feed. Every change
+comes out as a `Change` (old and new object), which the tree turns into kernel invalidations. Objects of
+types no view shows (tasks, messages, metrics) are not kept, and malformed objects are skipped with one
+log line each, so a bad answer from the server can never take the mount down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# The REST collection that holds each XO type we keep (collections are single-type, xo-api.md §1.1).
+COLLECTIONS: dict[str, str] = {
+    "VM": "vms",
+    "VM-snapshot": "vm-snapshots",
+    "VDI": "vdis",
+    "VDI-snapshot": "vdi-snapshots",
+    "SR": "srs",
+    "host": "hosts",
+    "pool": "pools",
+    "VBD": "vbds",
+}
+KEPT_TYPES = frozenset(COLLECTIONS)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One object's change: `old` is None for an added object, `new` is None for a removed one."""
+
+    obj_id: str
+    type: str
+    old: dict | None
+    new: dict | None
+
+    def changed_fields(self) -> set[str]:
+        """Top-level keys whose value differs (all keys of the object when it appeared or vanished)."""
+        old, new = self.old or {}, self.new or {}
+        return {k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING)}
+
+
+_MISSING = object()
+
+
+def valid_object(obj: object, obj_id: str | None = None) -> str | None:
+    """Why `obj` cannot be kept, or None when it is a usable XO object (of any type)."""
+    if not isinstance(obj, dict):
+        return f"not an object ({type(obj).__name__})"
+    oid = obj.get("id")
+    if not isinstance(oid, str) or not oid or "/" in oid or "\0" in oid or oid in (".", ".."):
+        return f"bad id {oid!r}"
+    if obj_id is not None and oid != obj_id:
+        return f"id {oid!r} under key {obj_id!r}"
+    if not isinstance(obj.get("type"), str):
+        return f"bad type {obj.get('type')!r}"
+    return None
+
+
+class ObjectCache:
+    """XO objects by id, with a per-type index. Not thread-safe: used from the trio thread only."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, dict] = {}
+        self._by_type: dict[str, dict[str, dict]] = {t: {} for t in KEPT_TYPES}
+        self.changed_at: dict[str, float] = {}  # last time each object changed, for st_mtime
+        self.loaded = False
+        self.last_event = 0.0
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def get(self, obj_id: str) -> dict | None:
+        return self._objects.get(obj_id)
+
+    def of_type(self, type_: str) -> dict[str, dict]:
+        """The live id → object map of one type (do not mutate it)."""
+        return self._by_type.get(type_, {})
+
+    def counts(self) -> dict[str, int]:
+        return {t: len(objs) for t, objs in self._by_type.items()}
+
+    def replace_all(self, objects: Iterable[dict]) -> list[Change]:
+        """Swap in a full re-read (start, or resync after a reconnect); returns what differs from before."""
+        fresh: dict[str, dict] = {}
+        for obj in objects:
+            problem = valid_object(obj)
+            if problem:
+                log.warning("skipping a malformed object from XO: %s", problem)
+                continue
+            if obj["type"] not in KEPT_TYPES:
+                continue
+            if obj["id"] in fresh:
+                log.warning("XO listed object %s twice; keeping the last one", obj["id"])
+            fresh[obj["id"]] = obj
+        changes = [Change(i, o["type"], o, None) for i, o in self._objects.items() if i not in fresh]
+        for obj_id, obj in fresh.items():
+            old = self._objects.get(obj_id)
+            if old != obj:
+                changes.append(Change(obj_id, obj["type"], old, obj))
+        for change in changes:
+            self._store(change)
+        self.loaded = True
+        return changes
+
+    def apply(self, kind: str, items: object) -> list[Change]:
+        """Apply one `all` notification (`enter`: added or updated; `exit`: removed, value 0)."""
+        self.last_event = time.time()
+        if not isinstance(items, dict) or kind not in ("enter", "exit"):
+            log.warning("ignoring an event of kind %r with items of type %s", kind, type(items).__name__)
+            return []
+        changes: list[Change] = []
+        for obj_id, obj in items.items():
+            if kind == "exit":
+                old = self._objects.get(obj_id)
+                if old is not None:
+                    changes.append(Change(obj_id, old["type"], old, None))
+                continue
+            problem = valid_object(obj, obj_id)
+            if problem:
+                log.warning("skipping a malformed object in an XO event: %s", problem)
+                continue
+            old = self._objects.get(obj_id)
+            if obj["type"] not in KEPT_TYPES:
+                if old is not None:  # the object changed type (a VM turned into a template): it left our view
+                    changes.append(Change(obj_id, old["type"], old, None))
+                continue
+            if old is not None and old["type"] != obj["type"]:
+                changes.append(Change(obj_id, old["type"], old, None))
+                old = None
+            if old != obj:
+                changes.append(Change(obj_id, obj["type"], old, obj))
+        for change in changes:
+            self._store(change)
+        return changes
+
+    def _store(self, change: Change) -> None:
+        if change.new is None:
+            self._objects.pop(change.obj_id, None)
+            self._by_type[change.type].pop(change.obj_id, None)
+            self.changed_at.pop(change.obj_id, None)
+        else:
+            self._objects[change.obj_id] = change.new
+            self._by_type[change.type][change.obj_id] = change.new
+            self.changed_at[change.obj_id] = time.time()
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self._objects.values())

@@ -1,0 +1,472 @@
+"""The pyfuse3 adapter: FUSE requests in, answers from the tree and the file services out.
+
+It stays thin on purpose. The tree (xofs.tree) says what exists, the views say what it looks like,
+xofs.exports and xofs.imports serve file contents. This module turns their answers into
+`EntryAttributes` and their `XofsError`s into a `FUSEError` plus one log line naming the path, the XO
+object and XO's words. What each operation does on each kind of path is in docs/semantics.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from xofs.errors import XofsError
+from xofs.files import Caller, ExportService, FileAttrs, ImportEntry, ImportService, OpenFile, OpenInfo
+from xofs.invalidator import Invalidator
+from xofs.tree import Inode, InvalidateInode, Invalidation, Tree
+from xofs.views import Dir, Export, File, Link, Rendered
+
+log = logging.getLogger(__name__)
+
+EXPORT_BLKSIZE = 1 << 20  # readers of streamed exports then ask for 1 MiB at a time (fuse-lessons §7)
+XATTR_PREFIX = "user.xo."
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass
+class Freshness:
+    """Kernel cache lifetimes: long while the event feed invalidates for us, short when it is down."""
+
+    connected_ttl: float = 60.0
+    fallback_ttl: float = 1.0
+    feed_connected: bool = False
+
+    @property
+    def ttl(self) -> float:
+        return self.connected_ttl if self.feed_connected else self.fallback_ttl
+
+
+class RenderedFile:
+    """An open meta.json: the bytes as they were at open, so one open reads one consistent version."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.info = OpenInfo(direct_io=False, keep_cache=False)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self.data[offset : offset + size]
+
+    async def write(self, offset: int, data: bytes) -> int:
+        raise XofsError("metadata files are read-only", errno_=errno.EPERM)
+
+    async def flush(self, caller: Caller) -> None:
+        return None
+
+    async def fsync(self) -> None:
+        return None
+
+    async def release(self) -> None:
+        return None
+
+
+def _op(fn: F) -> F:
+    """Turn what a handler raises into a FUSEError, with one log line for every failure."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: XoFS, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError as err:
+            if err.errno not in (errno.ENOENT, errno.ENODATA):
+                log.debug("%s %s: %s", fn.__name__, self.describe(args), os.strerror(err.errno))
+            raise
+        except XofsError as err:
+            log.warning("%s %s: %s", fn.__name__, self.describe(args), err.describe())
+            raise pyfuse3.FUSEError(err.errno) from None
+        except Exception:
+            log.exception("%s %s: unexpected failure", fn.__name__, self.describe(args))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class _Handle:
+    ino: int
+    file: OpenFile
+
+
+class XoFS(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, tree: Tree, *, exports: ExportService | None, imports: ImportService | None,
+                 invalidator: Invalidator, freshness: Freshness, read_only: bool = False) -> None:
+        super().__init__()
+        self.tree = tree
+        self.exports = exports
+        self.imports = imports
+        self.invalidator = invalidator
+        self.freshness = freshness
+        self.read_only = read_only
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.started_ns = time.time_ns()
+        self._handles: dict[int, _Handle] = {}
+        self._dir_handles: dict[int, list[tuple[str, int]]] = {}
+        self._open_count: dict[int, int] = {}
+        self._next_fh = 1
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def describe(self, args: tuple) -> str:
+        """The path an operation was about, for log lines (handlers get inodes or file handles)."""
+        if args and isinstance(args[0], int):
+            handle = self._handles.get(args[0])
+            if handle is not None:
+                return self.tree.path_str(handle.ino)
+            path = self.tree.path_str(args[0])
+            if len(args) > 1 and isinstance(args[1], bytes):
+                return path.rstrip("/") + "/" + args[1].decode("utf-8", "replace")
+            return path
+        return "?"
+
+    def apply_invalidations(self, items: list[Invalidation]) -> None:
+        """Queue kernel invalidations (never run inside a handler: see xofs.invalidator)."""
+        for item in items:
+            if isinstance(item, InvalidateInode):
+                self.invalidator.inode(item.ino, attr_only=self._open_count.get(item.ino, 0) > 0)
+            else:
+                self.invalidator.entry(item.parent, item.name)
+
+    def export_size_known(self, export: Export) -> None:
+        """An export's exact length became known (or its bound changed): refresh its size in the kernel."""
+        self.apply_invalidations([InvalidateInode(ino) for ino in self.tree.files_with(export)])
+
+    def import_entries_changed(self, sr_id: str, names: list[str]) -> None:
+        """Entries of an import directory changed outside a FUSE operation (an upload ended)."""
+        self.apply_invalidations(self.tree.invalidate_import_dir(sr_id, names))
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.tree.inode(ino)
+        if inode is None or inode.stale:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return inode
+
+    def _obj_mtime_ns(self, obj_id: str | None) -> int:
+        changed = self.tree.cache.changed_at.get(obj_id) if obj_id else None
+        return int(changed * 1e9) if changed else self.started_ns
+
+    def _file_attrs(self, inode: Inode) -> FileAttrs:
+        node = inode.node
+        if isinstance(node, ImportEntry):
+            if self.imports is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            attrs = self.imports.entries(node.sr_id).get(node.name)
+            if attrs is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return attrs
+        assert isinstance(node, File)
+        if isinstance(node.content, Rendered):
+            obj = self.tree.cache.get(node.content.obj_id)
+            if obj is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return FileAttrs(len(node.content.render(obj)), self._obj_mtime_ns(node.obj_id), 0o400)
+        if self.exports is None:
+            raise XofsError("exports are not available on this mount", errno_=errno.EIO)
+        return self.exports.attrs(node.content)
+
+    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode.ino
+        entry.generation = 0
+        entry.entry_timeout = entry.attr_timeout = self.freshness.ttl
+        entry.st_uid, entry.st_gid = self.uid, self.gid
+        entry.st_blksize = 4096
+        node = inode.node
+        mtime = self.started_ns
+        if isinstance(node, Dir):
+            mode = 0o500
+            if node.kind == "import" and self.imports is not None:
+                mode = 0o500 if self.read_only else self.imports.dir_mode()
+            entry.st_mode = 0o040000 | mode
+            entry.st_nlink = 2
+            entry.st_size = 0
+            mtime = self._obj_mtime_ns(node.obj_id)
+        elif isinstance(node, Link):
+            entry.st_mode = 0o120000 | 0o777
+            entry.st_nlink = 1
+            entry.st_size = len(node.target.encode())
+        else:
+            attrs = self._file_attrs(inode)
+            entry.st_mode = 0o100000 | attrs.mode
+            entry.st_nlink = 1
+            entry.st_size = attrs.size
+            mtime = attrs.mtime_ns
+            if isinstance(node, File) and isinstance(node.content, Export):
+                entry.st_blksize = EXPORT_BLKSIZE
+        entry.st_blocks = (entry.st_size + 511) // 512
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime
+        return entry
+
+    def _add_handle(self, ino: int, file: OpenFile) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(ino, file)
+        self._open_count[ino] = self._open_count.get(ino, 0) + 1
+        info = file.info
+        return pyfuse3.FileInfo(fh=fh, direct_io=info.direct_io, keep_cache=info.keep_cache,
+                                nonseekable=info.nonseekable)
+
+    def _import_entry(self, parent: int, name: bytes) -> ImportEntry:
+        """The import-directory entry `name` in `parent`, or EPERM when `parent` is no import directory."""
+        pnode = self._inode(parent).node
+        if not (isinstance(pnode, Dir) and pnode.kind == "import" and pnode.obj_id and self.imports):
+            raise XofsError("only import directories (/srs/<uuid>/import/) can be written to", errno_=errno.EPERM)
+        if self.read_only:
+            raise XofsError("the mount is read-only (--read-only)", errno_=errno.EROFS)
+        return ImportEntry(pnode.obj_id, name.decode("utf-8", "surrogateescape"))
+
+    @staticmethod
+    def _caller(ctx: pyfuse3.RequestContext | None) -> Caller:
+        return Caller(ctx.pid, ctx.uid, ctx.gid) if ctx is not None else Caller()
+
+    # ---- lookups and attributes -------------------------------------------------------------------
+
+    @_op
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.tree.lookup(parent_inode, name.decode("utf-8", "surrogateescape"))
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        try:
+            return self.attributes(inode)
+        except BaseException:
+            self.tree.forget(inode.ino, 1)
+            raise
+
+    @_op
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.attributes(self._inode(inode))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self.tree.forget(ino, nlookup)
+
+    @_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._inode(inode).node
+        if not isinstance(node, Link):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target.encode()
+
+    @_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entry = self._inode(inode)
+        children = self.tree.children(entry.path)
+        if children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        # A snapshot taken at opendir: offsets stay valid however entries come and go meanwhile.
+        self._dir_handles[fh] = [(name, inode) for name in sorted(children)]
+        return fh
+
+    @_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dir_handles[fh]
+        for index in range(start_id, len(entries)):
+            name, parent = entries[index]
+            inode = self.tree.lookup(parent, name)
+            if inode is None:  # vanished since opendir
+                continue
+            try:
+                attrs = self.attributes(inode)
+            except pyfuse3.FUSEError:
+                self.tree.forget(inode.ino, 1)
+                continue
+            if not pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"), attrs, index + 1):
+                self.tree.forget(inode.ino, 1)  # not delivered: the kernel took no lookup
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # ---- extended attributes ----------------------------------------------------------------------
+
+    def _xattrs(self, inode: Inode) -> dict[str, bytes]:
+        node = inode.node
+        out: dict[str, bytes] = {}
+        obj_id = getattr(node, "obj_id", None)
+        if isinstance(node, ImportEntry):
+            return self.imports.xattrs(node) if self.imports else {}
+        obj = self.tree.cache.get(obj_id) if obj_id else None
+        if obj is not None:
+            out["user.xo.id"] = obj["id"].encode()
+            out["user.xo.type"] = str(obj.get("type")).encode()
+            label = obj.get("name_label")
+            if isinstance(label, str):
+                out["user.xo.name_label"] = label.encode("utf-8", "replace")
+            pool = obj.get("$pool")
+            if isinstance(pool, str):
+                out["user.xo.pool"] = pool.encode()
+        if isinstance(node, File) and isinstance(node.content, Export) and self.exports is not None:
+            out["user.xo.export"] = f"/rest/v0/{node.content.path}".encode()
+            out.update(self.exports.xattrs(node.content))
+        return out
+
+    @_op
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(XATTR_PREFIX.encode()):
+            raise pyfuse3.FUSEError(errno.ENODATA)  # security.*, system.*: cheap, asked before every write
+        value = self._xattrs(self._inode(inode)).get(name.decode("utf-8", "replace"))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @_op
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [k.encode() for k in self._xattrs(self._inode(inode))]
+
+    @_op
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        entry = self._inode(inode)
+        if not isinstance(entry.node, ImportEntry) or self.imports is None:
+            raise XofsError("extended attributes can only be set on files in import directories",
+                            errno_=errno.EPERM)
+        await self.imports.setxattr(entry.node, name.decode("utf-8", "replace"), value,
+                                    self.tree.path_str(inode))
+
+    @_op
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise XofsError("extended attributes of XO objects cannot be removed", errno_=errno.EPERM)
+
+    # ---- reading and writing ----------------------------------------------------------------------
+
+    @_op
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        entry = self._inode(inode)
+        node = entry.node
+        path = self.tree.path_str(inode)
+        if isinstance(node, ImportEntry) and self.imports is not None:
+            return self._add_handle(inode, await self.imports.open(node, flags, self._caller(ctx), path))
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise XofsError("XO objects are read-only here; write into /srs/<uuid>/import/ to import a disk",
+                            errno_=errno.EPERM)
+        if not isinstance(node, File):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if isinstance(node.content, Rendered):
+            obj = self.tree.cache.get(node.content.obj_id)
+            if obj is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._add_handle(inode, RenderedFile(node.content.render(obj)))
+        if self.exports is None:
+            raise XofsError("exports are not available on this mount", errno_=errno.EIO)
+        return self._add_handle(inode, await self.exports.open(node.content, path))
+
+    @_op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._handles[fh].file.read(off, size)
+
+    @_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._handles[fh].file.write(off, buf)
+
+    @_op
+    async def flush(self, fh: int) -> None:
+        await self._handles[fh].file.flush(Caller())
+
+    @_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._handles[fh].file.fsync()
+
+    @_op
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        left = self._open_count.get(handle.ino, 1) - 1
+        if left:
+            self._open_count[handle.ino] = left
+        else:
+            self._open_count.pop(handle.ino, None)
+        await handle.file.release()
+
+    @_op
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        entry = self._import_entry(parent_inode, name)
+        file = await self.imports.create(entry, mode, self._caller(ctx), self.describe((parent_inode, name)))
+        inode = self.tree.lookup(parent_inode, entry.name)
+        if inode is None:
+            await file.release()
+            raise XofsError("the new file vanished right after it was created", errno_=errno.EIO)
+        return self._add_handle(inode.ino, file), self.attributes(inode)
+
+    # ---- changing the tree ------------------------------------------------------------------------
+
+    @_op
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        entry = self._inode(inode)
+        if not isinstance(entry.node, ImportEntry) or self.imports is None:
+            raise XofsError("attributes of XO objects cannot be changed", errno_=errno.EPERM)
+        await self.imports.setattr(
+            entry.node,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode & 0o7777 if fields.update_mode else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            path=self.tree.path_str(inode),
+        )
+        return self.attributes(entry)
+
+    @_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        entry = self._import_entry(parent_inode, name)
+        await self.imports.unlink(entry, self.describe((parent_inode, name)))
+
+    @_op
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        entry = self._import_entry(parent_inode_old, name_old)
+        if parent_inode_new != parent_inode_old:
+            self._import_entry(parent_inode_new, name_new)  # EPERM when the target is no import directory
+            raise XofsError("a file can only be renamed within its own import directory", errno_=errno.EXDEV)
+        if flags:
+            raise XofsError("rename flags (RENAME_NOREPLACE, RENAME_EXCHANGE) are not supported",
+                            errno_=errno.EINVAL)
+        await self.imports.rename(entry, name_new.decode("utf-8", "surrogateescape"),
+                                  self.describe((parent_inode_old, name_old)))
+
+    @_op
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> None:
+        raise XofsError("directories cannot be made on xofs", errno_=errno.EPERM)
+
+    @_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise XofsError("directories of XO objects cannot be removed", errno_=errno.EPERM)
+
+    @_op
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise XofsError("symbolic links cannot be made on xofs", errno_=errno.EPERM)
+
+    @_op
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise XofsError("hard links cannot be made on xofs", errno_=errno.EPERM)
+
+    @_op
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> None:
+        raise XofsError("special files cannot be made on xofs", errno_=errno.EPERM)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stat = pyfuse3.StatvfsData()
+        total = free = 0
+        for sr in self.tree.cache.of_type("SR").values():
+            size, usage = sr.get("size"), sr.get("usage")
+            if isinstance(size, int) and isinstance(usage, int) and sr.get("content_type") != "iso":
+                total += size
+                free += max(size - usage, 0)
+        stat.f_bsize = stat.f_frsize = 1 << 20
+        stat.f_blocks = total >> 20
+        stat.f_bfree = stat.f_bavail = free >> 20
+        stat.f_files = len(self.tree.cache)
+        stat.f_ffree = stat.f_favail = 0
+        stat.f_namemax = 255
+        return stat

@@ -1,0 +1,84 @@
+"""Keeping the object cache, and through it the kernel's caches, in step with XO.
+
+`Syncer` is the event feed's sink: after every (re)connection it re-reads every collection (one request
+each, run concurrently) and reconciles; between those it applies `all` notifications. Either way, the
+changes go to the tree, whose invalidations go to the kernel. It also owns the feed's state, which sets
+the kernel cache lifetimes (long while events flow, about a second when they do not).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from xofs.cache import COLLECTIONS, Change, ObjectCache
+from xofs.client.rest import RestClient
+from xofs.fs import Freshness
+from xofs.tree import Invalidation, Tree
+
+log = logging.getLogger(__name__)
+
+
+class Syncer:
+    def __init__(self, client: RestClient, cache: ObjectCache, tree: Tree, freshness: Freshness,
+                 invalidate: Callable[[list[Invalidation]], None],
+                 on_changes: Callable[[list[Change]], None] | None = None) -> None:
+        self.client = client
+        self.cache = cache
+        self.tree = tree
+        self.freshness = freshness
+        self.invalidate = invalidate
+        self.on_changes = on_changes
+        self.state = "starting"
+        self.state_since = time.time()
+        self.reconnects = 0
+        self.events = 0
+
+    async def load(self) -> None:
+        """Read every collection the views need, one request each, all at once."""
+        results: dict[str, list[dict]] = {}
+
+        async def fetch(coll: str) -> None:
+            results[coll] = await self.client.collection(coll, fields="*")
+
+        async with trio.open_nursery() as nursery:
+            for coll in COLLECTIONS.values():
+                nursery.start_soon(fetch, coll)
+        started = time.monotonic()
+        changes = self.cache.replace_all(obj for objs in results.values() for obj in objs)
+        self._dispatch(changes)
+        log.debug("cache holds %d objects (%d changed) after %.3f s of reconciling",
+                  len(self.cache), len(changes), time.monotonic() - started)
+
+    # EventSink protocol (xofs.client.events)
+
+    async def resync(self) -> None:
+        await self.load()
+
+    def apply(self, kind: str, items: dict) -> None:
+        self.events += 1
+        self._dispatch(self.cache.apply(kind, items))
+
+    def feed_state(self, state: str, detail: str = "") -> None:
+        if state == self.state:
+            return
+        if state == "connected":
+            if self.state == "disconnected":
+                self.reconnects += 1
+            log.info("XO event feed connected: kernel caches now last %.0f s", self.freshness.connected_ttl)
+        elif state == "disconnected":
+            log.warning("XO event feed lost (%s): reconnecting; kernel caches last %.0f s meanwhile",
+                        detail or "no reason given", self.freshness.fallback_ttl)
+        self.state = state
+        self.state_since = time.time()
+        self.freshness.feed_connected = state == "connected"
+
+    def _dispatch(self, changes: list[Change]) -> None:
+        if not changes:
+            return
+        if self.on_changes is not None:
+            self.on_changes(changes)
+        self.invalidate(self.tree.on_changes(changes))

@@ -1,0 +1,275 @@
+"""The file tree the kernel sees: inode numbers, directory listings, and what a change in XO invalidates.
+
+Pure logic, no FUSE calls: the adapter (xofs.fs) asks it for nodes and listings, and hands the
+invalidations it returns to the worker that talks to the kernel (xofs.invalidator).
+
+- An inode stands for a path. Numbers are never reused, and an inode lives while the kernel holds a
+  lookup on it (`forget` ends it); a path that vanished from XO keeps its inode, marked stale, until then.
+- A directory's listing is computed by its view on first use and kept, with what it depended on (see
+  xofs.views.ViewContext), until an event touches one of those dependencies; the new listing is compared
+  with the old one, and only names that vanished or changed are invalidated in the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from xofs.cache import Change, ObjectCache
+from xofs.files import ImportEntry, ImportService
+from xofs.views import Dir, File, Node, View, ViewContext
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1  # pyfuse3.ROOT_INODE
+
+TreeNode = Node | ImportEntry
+
+
+@dataclass
+class Inode:
+    ino: int
+    path: tuple[str, ...]
+    node: TreeNode
+    lookups: int = 0
+    stale: bool = False  # the path no longer exists in XO; kept until the kernel forgets it
+
+
+@dataclass(frozen=True)
+class InvalidateEntry:
+    """The kernel must drop its dentry `name` in directory `parent`."""
+
+    parent: int
+    name: str
+
+
+@dataclass(frozen=True)
+class InvalidateInode:
+    """The kernel must drop cached attributes (and data) of `ino`."""
+
+    ino: int
+
+
+Invalidation = InvalidateEntry | InvalidateInode
+
+
+@dataclass
+class _Listing:
+    children: dict[str, TreeNode]
+    ids: set[str] = field(default_factory=set)
+    types: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+class Tree:
+    def __init__(self, cache: ObjectCache, views: Mapping[str, View], imports: ImportService | None = None) -> None:
+        self.cache = cache
+        self.views = dict(views)
+        self.imports = imports
+        self._next_ino = ROOT_INODE + 1
+        self.inodes: dict[int, Inode] = {ROOT_INODE: Inode(ROOT_INODE, (), Dir(), lookups=1)}
+        self._by_path: dict[tuple[str, ...], int] = {(): ROOT_INODE}
+        self._listings: dict[tuple[str, ...], _Listing] = {}
+        self._dep_ids: dict[str, set[tuple[str, ...]]] = {}
+        self._dep_types: dict[str, dict[tuple[str, ...], frozenset[str]]] = {}
+        self._files_of: dict[str, set[int]] = {}  # object id -> inodes of files rendered from it
+
+    # ---- reading the tree -------------------------------------------------------------------------
+
+    def inode(self, ino: int) -> Inode | None:
+        return self.inodes.get(ino)
+
+    def path_str(self, ino: int) -> str:
+        inode = self.inodes.get(ino)
+        return "/" + "/".join(inode.path) if inode else f"<inode {ino}>"
+
+    def node_at(self, path: tuple[str, ...]) -> TreeNode | None:
+        if not path:
+            return Dir()
+        parent = self.children(path[:-1])
+        return None if parent is None else parent.get(path[-1])
+
+    def children(self, path: tuple[str, ...]) -> Mapping[str, TreeNode] | None:
+        """The entries of the directory at `path`, or None when it is not a directory (any more)."""
+        listing = self._listings.get(path)
+        if listing is not None:
+            return listing.children
+        if not path:
+            listing = _Listing({name: Dir() for name in self.views})
+        else:
+            node = self.node_at(path)
+            if not isinstance(node, Dir):
+                return None
+            if node.kind == "import":
+                # Import directories change through the operations on them; they are never cached here.
+                if self.imports is None or node.obj_id is None:
+                    return {}
+                return {name: ImportEntry(node.obj_id, name) for name in self.imports.entries(node.obj_id)}
+            view = self.views.get(path[0])
+            if view is None:
+                return None
+            ctx = ViewContext(self.cache)
+            try:
+                entries = view.children(ctx, path[1:])
+            except Exception:  # a buggy (third-party) view must not take the mount down
+                log.exception("view /%s failed to list %s", path[0], "/" + "/".join(path))
+                return None
+            if entries is None:
+                return None
+            listing = _Listing(dict(entries), ctx.ids, ctx.types)
+        self._store_listing(path, listing)
+        return listing.children
+
+    def lookup(self, parent: int, name: str) -> Inode | None:
+        """The child `name` of `parent`, counting one kernel lookup on it; None if it does not exist."""
+        pinode = self.inodes.get(parent)
+        if pinode is None or pinode.stale:
+            return None
+        entries = self.children(pinode.path)
+        node = entries.get(name) if entries is not None else None
+        if node is None:
+            return None
+        inode = self._inode_for(pinode.path + (name,), node)
+        inode.lookups += 1
+        return inode
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        inode = self.inodes.get(ino)
+        if inode is None or ino == ROOT_INODE:
+            return
+        inode.lookups -= nlookup
+        if inode.lookups > 0:
+            return
+        del self.inodes[ino]
+        if self._by_path.get(inode.path) == ino:
+            del self._by_path[inode.path]
+            self._drop_listing(inode.path)
+        self._unindex_file(inode)
+
+    # ---- changes from XO --------------------------------------------------------------------------
+
+    def on_changes(self, changes: Iterable[Change]) -> list[Invalidation]:
+        """Recompute what the changes touch; return the kernel invalidations they need."""
+        out: list[Invalidation] = []
+        affected: set[tuple[str, ...]] = set()
+        for ch in changes:
+            affected |= self._dep_ids.get(ch.obj_id, set())
+            watchers = self._dep_types.get(ch.type)
+            if watchers:
+                fields = ch.changed_fields() if ch.old is not None and ch.new is not None else None
+                affected.update(p for p, watch in watchers.items() if fields is None or watch & fields)
+            out.extend(InvalidateInode(ino) for ino in self._files_of.get(ch.obj_id, ()))
+        for path in sorted(affected, key=len):  # parents first: a vanished parent takes its subtree along
+            old = self._listings.get(path)
+            if old is None:
+                continue
+            self._drop_listing(path)
+            new = self.children(path) or {}
+            dir_ino = self._by_path.get(path)
+            for name, node in old.children.items():
+                if new.get(name) == node:
+                    continue
+                child = self._by_path.get(path + (name,))
+                if name in new and child is not None and _same_kind(node, new[name]):
+                    self._rebind(self.inodes[child], new[name])  # same file, new size or target
+                    out.append(InvalidateInode(child))
+                    continue
+                if dir_ino is not None:
+                    out.append(InvalidateEntry(dir_ino, name))
+                self._detach(path + (name,))
+        return out
+
+    def files_with(self, content: object) -> list[int]:
+        """The live inodes of files showing `content` (an Export or a Rendered)."""
+        obj_id = getattr(content, "obj_id", None)
+        return [ino for ino in self._files_of.get(obj_id, ())
+                if isinstance(self.inodes[ino].node, File) and self.inodes[ino].node.content == content]
+
+    def invalidate_import_dir(self, sr_id: str, names: Iterable[str]) -> list[Invalidation]:
+        """Entries of an import directory that changed outside a FUSE operation (an upload finished)."""
+        out: list[Invalidation] = []
+        for path, ino in list(self._by_path.items()):
+            node = self.inodes[ino].node
+            if isinstance(node, Dir) and node.kind == "import" and node.obj_id == sr_id:
+                out.extend(InvalidateEntry(ino, name) for name in names)
+                for name in names:
+                    child = self._by_path.get(path + (name,))
+                    if child is not None:
+                        out.append(InvalidateInode(child))
+        return out
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+
+    def _inode_for(self, path: tuple[str, ...], node: TreeNode) -> Inode:
+        ino = self._by_path.get(path)
+        if ino is not None:
+            inode = self.inodes[ino]
+            if _same_kind(inode.node, node):
+                if inode.node != node:
+                    self._rebind(inode, node)
+                return inode
+            self._detach(path)
+        inode = Inode(self._next_ino, path, node)
+        self._next_ino += 1
+        self.inodes[inode.ino] = inode
+        self._by_path[path] = inode.ino
+        self._index_file(inode)
+        return inode
+
+    def _rebind(self, inode: Inode, node: TreeNode) -> None:
+        self._unindex_file(inode)
+        inode.node = node
+        self._index_file(inode)
+
+    def _detach(self, path: tuple[str, ...]) -> None:
+        """The path is gone: its inode (and those below it) become stale until the kernel forgets them."""
+        prefix_len = len(path)
+        for p in [p for p in self._by_path if p[:prefix_len] == path]:
+            inode = self.inodes.get(self._by_path.pop(p))
+            if inode is not None:
+                inode.stale = True
+        for p in [p for p in self._listings if p[:prefix_len] == path]:
+            self._drop_listing(p)
+
+    def _store_listing(self, path: tuple[str, ...], listing: _Listing) -> None:
+        self._listings[path] = listing
+        for obj_id in listing.ids:
+            self._dep_ids.setdefault(obj_id, set()).add(path)
+        for type_, fields in listing.types.items():
+            self._dep_types.setdefault(type_, {})[path] = fields
+
+    def _drop_listing(self, path: tuple[str, ...]) -> None:
+        listing = self._listings.pop(path, None)
+        if listing is None:
+            return
+        for obj_id in listing.ids:
+            paths = self._dep_ids.get(obj_id)
+            if paths is not None:
+                paths.discard(path)
+                if not paths:
+                    del self._dep_ids[obj_id]
+        for type_ in listing.types:
+            self._dep_types.get(type_, {}).pop(path, None)
+
+    def _index_file(self, inode: Inode) -> None:
+        if isinstance(inode.node, File) and inode.node.obj_id:
+            self._files_of.setdefault(inode.node.obj_id, set()).add(inode.ino)
+
+    def _unindex_file(self, inode: Inode) -> None:
+        if isinstance(inode.node, File) and inode.node.obj_id:
+            inos = self._files_of.get(inode.node.obj_id)
+            if inos is not None:
+                inos.discard(inode.ino)
+                if not inos:
+                    del self._files_of[inode.node.obj_id]
+
+
+def _same_kind(a: TreeNode, b: TreeNode) -> bool:
+    """Whether an inode can keep its number across the change from node a to node b."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, Dir) and isinstance(b, Dir):
+        return a.kind == b.kind
+    if isinstance(a, File) and isinstance(b, File):
+        return type(a.content) is type(b.content)
+    return True
