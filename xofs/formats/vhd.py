@@ -265,14 +265,14 @@ def dynamic_vhd_stream(disk: DiskContent, *, uuid: bytes, timestamp: int) -> Ite
     pending = bytearray(footer + _dynamic_header(layout.entries) + bat)
     bitmap = b"\xff" * SECTOR
     for block in layout.blocks:
+        if len(pending) >= _STREAM_CHUNK:  # flushed before, not after, so the footer never travels alone
+            yield bytes(pending)
+            pending.clear()
         pending += bitmap
         data = disk.read(block * BLOCK_SIZE, BLOCK_SIZE)
         pending += data
         if len(data) < BLOCK_SIZE:  # the last block, past the end of the disk
             pending += bytes(BLOCK_SIZE - len(data))
-        if len(pending) >= _STREAM_CHUNK:
-            yield bytes(pending)
-            pending.clear()
     pending += footer
     yield bytes(pending)
 

@@ -415,6 +415,10 @@ def xva_stream(vm: Mapping[str, Any], disks: Sequence[tuple[Mapping[str, Any], D
     written = 0
     for disk in plan.disks:
         for index in disk.chunks:
+            if len(pending) >= _OUT_CHUNK:  # flushed before, not after, so the end never travels alone
+                written += len(pending)
+                yield bytes(pending)
+                pending.clear()
             offset = index * CHUNK_SIZE
             data = disk.content.read(offset, min(CHUNK_SIZE, disk.content.size - offset))
             name = _chunk_name(disk.prefix, index)
@@ -425,10 +429,6 @@ def xva_stream(vm: Mapping[str, Any], disks: Sequence[tuple[Mapping[str, Any], D
             pending += tar_header(name + suffix, len(digest))
             pending += digest
             pending += _padding(len(digest))
-            if len(pending) >= _OUT_CHUNK:
-                written += len(pending)
-                yield bytes(pending)
-                pending.clear()
     pending += _end_of_archive(written + len(pending))
     yield bytes(pending)
 
