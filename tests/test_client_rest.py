@@ -1,0 +1,617 @@
+"""xofs.client.rest and xofs.client.export: against `xofs sim`, and against a tiny local fake HTTP server for
+what the simulator does not do (legacy-era answers, malformed answers, broken streams)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import pytest
+import trio
+
+from tests.support import SimProcess, require_tool
+from xofs.client.rest import RestClient
+from xofs.errors import XoAuthError, XoError, XoNotFound, XoProtocolError, XoUnreachable
+
+UUID_A = "0c7f0d5e-1111-4222-8333-944455556666"
+UUID_B = "1d8e1e6f-2222-4333-9444-a55566667777"
+
+# --- a fake HTTP/1.1 server, in the test's own trio loop ---
+
+
+@dataclass
+class Seen:
+    """One request the fake server received."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+
+
+Reply = bytes | Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@dataclass
+class FakeXo:
+    url: str
+    seen: list[Seen] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+
+def answer(status: int, body: bytes | str = b"", headers: dict[str, str] | None = None, *,
+           reason: str = "X") -> bytes:
+    """A complete HTTP/1.1 response with a Content-Length."""
+    body = body.encode() if isinstance(body, str) else body
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def start_fake(nursery: trio.Nursery, respond: Callable[[Seen], Reply]) -> FakeXo:
+    """Serve `respond(request)` on 127.0.0.1: raw response bytes (keep-alive), or a coroutine function that
+    writes whatever it likes on the connection and then closes it."""
+    fake = FakeXo(url="")
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(1 << 16)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = request_line.split(" ")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+                size = int(headers.get("content-length", "0"))
+                while len(buf) < size:
+                    buf += await stream.receive_some(1 << 16)
+                seen = Seen(method, target, headers, buf[:size])
+                buf = buf[size:]
+                fake.seen.append(seen)
+                reply = respond(seen)
+                if callable(reply):
+                    await reply(stream)
+                    return
+                await stream.send_all(reply)
+        except trio.BrokenResourceError:
+            fake.events.append("client went away")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    fake.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    return fake
+
+
+def ndjson(*items: object) -> bytes:
+    return b"".join(json.dumps(i).encode() + b"\n" for i in items)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- fake server: legacy and malformed answers ---
+
+
+async def test_request_carries_cookie_ndjson_fields_filter_and_limit(nursery):
+    fake = await start_fake(nursery, lambda r: answer(200, ndjson({"id": UUID_A, "name_label": "a"}),
+                                                      {"Content-Type": "application/x-ndjson"}))
+    client = RestClient(fake.url, "tok-1")
+    items = await client.collection("vdis", fields="name_label", filter="$SR:abc", limit=5)
+    await client.aclose()
+    assert items == [{"id": UUID_A, "name_label": "a"}]
+    req = fake.seen[0]
+    assert req.method == "GET"
+    assert req.target.startswith("/rest/v0/vdis?")
+    assert req.headers["cookie"] == "authenticationToken=tok-1"
+    assert "authorization" not in req.headers  # Bearer/Basic next to the cookie is a 400 on real XO
+    from urllib.parse import parse_qs, urlsplit
+    query = parse_qs(urlsplit(req.target).query)
+    assert query == {"fields": ["name_label,id"], "ndjson": ["true"], "filter": ["$SR:abc"], "limit": ["5"]}
+
+
+async def test_legacy_json_array_listing_is_parsed_and_hrefs_dropped(nursery):
+    body = json.dumps([{"id": UUID_A, "type": "VM", "href": f"/rest/v0/vms/{UUID_A}"},
+                       {"id": UUID_B, "type": "VM", "href": f"/rest/v0/vms/{UUID_B}"}], indent=2)
+    fake = await start_fake(nursery, lambda r: answer(200, body, {"Content-Type": "application/json"}))
+    client = RestClient(fake.url, "t")
+    assert await client.collection("vms") == [{"id": UUID_A, "type": "VM"}, {"id": UUID_B, "type": "VM"}]
+    await client.aclose()
+
+
+async def test_ndjson_sent_as_json_is_still_parsed(nursery):
+    # Some eras label NDJSON as application/json (xo-api.md §7.13); the first byte tells them apart.
+    body = ndjson({"id": UUID_A}, {"id": UUID_B})
+    fake = await start_fake(nursery, lambda r: answer(200, body, {"Content-Type": "application/json"}))
+    client = RestClient(fake.url, "t")
+    assert [o["id"] for o in await client.collection("vms")] == [UUID_A, UUID_B]
+    await client.aclose()
+
+
+async def test_garbage_ndjson_items_are_skipped_one_log_line_each(nursery, caplog):
+    body = b"".join([
+        ndjson({"id": UUID_A, "name_label": "good", "size": 5, "href": "/rest/v0/vdis/x"}),
+        b"this is not json\n",
+        ndjson([1, 2]),
+        ndjson({"name_label": "no id"}),
+        ndjson({"id": UUID_A, "name_label": "duplicate"}),
+        ndjson({"id": "c", "size": "big"}),
+        ndjson({"id": "d", "size": True}),
+        ndjson("/rest/v0/vdis/e"),
+        b"\n",
+        ndjson({"id": UUID_B, "name_label": "good too", "vdis_href": "/legacy"}),
+    ])
+    fake = await start_fake(nursery, lambda r: answer(200, body, {"Content-Type": "application/x-ndjson"}))
+    client = RestClient(fake.url, "t")
+    with caplog.at_level(logging.WARNING, logger="xofs.client.rest"):
+        items = await client.collection("vdis")
+    await client.aclose()
+    assert items == [{"id": UUID_A, "name_label": "good", "size": 5}, {"id": UUID_B, "name_label": "good too"}]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 7, warnings
+    assert any("not JSON" in w for w in warnings)
+    assert any("duplicate id" in w for w in warnings)
+    assert any("size is a str" in w for w in warnings)
+    assert any("size is a bool" in w for w in warnings)
+
+
+@pytest.mark.parametrize("ctype, body", [
+    ("application/x-ndjson", b"garbage\n{also garbage\n"),
+    ("application/x-ndjson", ndjson({"no": "id"}, 42)),
+    ("text/html", b"<html><body>Xen Orchestra</body></html>"),
+    ("application/json", b'[{"id": "a"}, {"id": '),
+])
+async def test_unusable_listing_raises_protocol_error(nursery, ctype, body):
+    fake = await start_fake(nursery, lambda r: answer(200, body, {"Content-Type": ctype}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError):
+        await client.collection("vms")
+    await client.aclose()
+
+
+async def test_empty_ndjson_listing_is_empty(nursery):
+    fake = await start_fake(nursery, lambda r: answer(200, b"", {"Content-Type": "application/x-ndjson"}))
+    client = RestClient(fake.url, "t")
+    assert await client.collection("vms") == []
+    await client.aclose()
+
+
+async def test_legacy_html_404_is_not_found(nursery):
+    html = f"<!DOCTYPE html>\n<html><body><pre>Cannot GET /rest/v0/vms/{UUID_A}</pre></body></html>"
+    fake = await start_fake(nursery, lambda r: answer(404, html, {"Content-Type": "text/html; charset=utf-8"}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoNotFound) as info:
+        await client.get_object("vms", UUID_A)
+    await client.aclose()
+    assert info.value.errno == errno.ENOENT
+    assert info.value.object_id == UUID_A
+    assert f"Cannot GET /rest/v0/vms/{UUID_A}" in info.value.describe()
+
+
+async def test_legacy_text_401_is_auth_error(nursery):
+    fake = await start_fake(nursery, lambda r: answer(401, "Unauthorized", {"Content-Type": "text/plain"}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoAuthError) as info:
+        await client.check()
+    await client.aclose()
+    assert info.value.errno == errno.EACCES
+    assert "Unauthorized" in info.value.describe()
+    assert len(fake.seen) == 1  # a 4xx is not retried
+
+
+async def test_single_object_that_is_not_an_object_is_a_protocol_error(nursery):
+    fake = await start_fake(nursery, lambda r: answer(200, '["not", "an", "object"]',
+                                                      {"Content-Type": "application/json"}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError):
+        await client.get_object("vms", UUID_A)
+    await client.aclose()
+
+
+async def test_get_is_retried_on_5xx_then_succeeds(nursery):
+    replies = [answer(503, '{"error": "busy"}'), answer(502, "bad gateway"),
+               answer(200, json.dumps({"id": UUID_A, "type": "VM"}), {"Content-Type": "application/json"})]
+    fake = await start_fake(nursery, lambda r: replies.pop(0))
+    client = RestClient(fake.url, "t")
+    assert await client.get_object("vms", UUID_A) == {"id": UUID_A, "type": "VM"}
+    await client.aclose()
+    assert len(fake.seen) == 3
+
+
+async def test_get_gives_up_after_three_tries(nursery):
+    fake = await start_fake(nursery, lambda r: answer(500, '{"error": "XAPI is sad"}'))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoError) as info:
+        await client.collection("vms")
+    await client.aclose()
+    assert info.value.status == 500 and info.value.xo_message == "XAPI is sad"
+    assert len(fake.seen) == 3
+
+
+async def test_unreachable_port_says_refused():
+    url = f"http://127.0.0.1:{closed_port()}"
+    client = RestClient(url, "t")
+    with pytest.raises(XoUnreachable) as info:
+        await client.check()
+    await client.aclose()
+    message = info.value.describe()
+    assert "connection refused" in message and url in message, message
+
+
+async def test_not_xo_at_all_is_a_protocol_error(nursery):
+    fake = await start_fake(nursery, lambda r: answer(404, "<html>nginx</html>", {"Content-Type": "text/html"}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError, match="no XO REST API"):
+        await client.check()
+    await client.aclose()
+
+
+@pytest.mark.parametrize("status, body, headers", [
+    (200, UUID_A, {}),  # legacy: bare uuid, no Content-Type
+    (201, json.dumps({"id": UUID_A}, indent=2), {"Content-Type": "application/json; charset=utf-8",
+                                                 "Location": f"/rest/v0/vdis/{UUID_A}"}),
+    (201, "", {"Location": f"/rest/v0/vdis/{UUID_A}"}),
+])
+async def test_import_streams_the_file_and_reads_the_uuid_of_any_era(nursery, tmp_path, status, body, headers):
+    fake = await start_fake(nursery, lambda r: answer(status, body, headers))
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(3 << 20 | 12345))
+    progress: list[int] = []
+    client = RestClient(fake.url, "t")
+    new = await client.import_vdi(UUID_B, image, name_label="my disk", name_description="from test",
+                                  raw=True, progress=progress.append)
+    await client.aclose()
+    assert new == UUID_A
+    req = fake.seen[0]
+    from urllib.parse import parse_qs, urlsplit
+    assert req.method == "POST" and urlsplit(req.target).path == f"/rest/v0/srs/{UUID_B}/vdis"
+    assert parse_qs(urlsplit(req.target).query) == {"name_label": ["my disk"], "name_description": ["from test"],
+                                                     "raw": ["true"]}
+    assert req.headers["content-length"] == str(image.stat().st_size)
+    assert "transfer-encoding" not in req.headers
+    assert req.body == image.read_bytes()
+    assert progress[-1] == image.stat().st_size and progress == sorted(progress) and len(progress) == 4
+
+
+async def test_import_without_uuid_in_answer_is_a_protocol_error_and_not_retried(nursery, tmp_path):
+    fake = await start_fake(nursery, lambda r: answer(201, '{"taskId": "x"}'))
+    image = tmp_path / "d.vhd"
+    image.write_bytes(b"x" * 1024)
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError):
+        await client.import_vdi(UUID_B, image, name_label="d", name_description=None, raw=False)
+    await client.aclose()
+    assert len(fake.seen) == 1 and "raw=false" in fake.seen[0].target and "name_description" not in \
+        fake.seen[0].target
+
+
+async def test_import_error_is_raised_not_retried(nursery, tmp_path):
+    fake = await start_fake(nursery, lambda r: answer(500, '{"error": "invalid footer checksum 0"}'))
+    image = tmp_path / "d.vhd"
+    image.write_bytes(b"x" * 1024)
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoError, match="invalid footer checksum"):
+        await client.import_vdi(UUID_B, image, name_label="d", name_description=None, raw=False)
+    await client.aclose()
+    assert len(fake.seen) == 1
+
+
+@pytest.mark.parametrize("reply", [answer(204), answer(200, "OK", {"Content-Type": "text/plain"})])
+async def test_delete_accepts_204_and_legacy_ok(nursery, reply):
+    fake = await start_fake(nursery, lambda r: reply)
+    client = RestClient(fake.url, "t")
+    await client.delete("vdis", UUID_A)
+    await client.aclose()
+    assert (fake.seen[0].method, fake.seen[0].target) == ("DELETE", f"/rest/v0/vdis/{UUID_A}")
+
+
+async def test_patch_sends_json_and_raises_xo_errors(nursery):
+    replies = [answer(204), answer(404, json.dumps({"error": f"no such VDI {UUID_A}"}))]
+    fake = await start_fake(nursery, lambda r: replies.pop(0))
+    client = RestClient(fake.url, "t")
+    await client.patch("vdis", UUID_A, {"name_label": "new name"})
+    with pytest.raises(XoNotFound, match="no such VDI"):
+        await client.patch("vdis", UUID_A, {"name_label": "again"})
+    await client.aclose()
+    assert fake.seen[0].method == "PATCH" and json.loads(fake.seen[0].body) == {"name_label": "new name"}
+    assert len(fake.seen) == 2
+
+
+# --- fake server: export streams ---
+
+PAYLOAD = os.urandom(5 << 20 | 777)
+
+
+def chunked(data: bytes, sizes: list[int], *, last: bytes = b"0\r\n\r\n") -> bytes:
+    """`data` framed in chunks of the given sizes (cycled), with extensions here and there."""
+    out, pos, i = [], 0, 0
+    while pos < len(data):
+        n = sizes[i % len(sizes)]
+        ext = b";ext=1" if i % 3 == 1 else b""
+        out.append(b"%X%s\r\n%s\r\n" % (n if pos + n <= len(data) else len(data) - pos, ext, data[pos:pos + n]))
+        pos += n
+        i += 1
+    return b"".join(out) + last
+
+
+def writer(*parts: bytes, delay: float = 0) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    async def write(stream: trio.SocketStream) -> None:
+        for part in parts:
+            await stream.send_all(part)
+            await trio.sleep(delay)
+    return write
+
+
+EXPORT_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+
+
+async def read_export(client: RestClient, path: str, size: int = 1 << 20) -> bytes:
+    response = await client.open_export(path)
+    parts = []
+    async with response:
+        while data := await response.receive(size):
+            parts.append(data)
+        assert await response.receive() == b""  # stays at the end
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("sizes", [[1], [7, 65536, 3], [65536], [1 << 20], [4 << 20], [300000, 17]])
+async def test_export_chunked_body_is_decoded_exactly(nursery, sizes):
+    data = PAYLOAD[:300_000] if sizes == [1] else PAYLOAD
+    body = EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(data, sizes, last=b"0\r\nX-T: 1\r\n\r\n")
+    fake = await start_fake(nursery, lambda r: writer(body[:1000], body[1000:]))
+    client = RestClient(fake.url, "t")
+    for receive_size in (1 << 20, 4096):
+        got = await read_export(client, f"vdis/{UUID_A}.raw", receive_size)
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    await client.aclose()
+    req = fake.seen[0]
+    assert req.method == "GET" and req.target == f"/rest/v0/vdis/{UUID_A}.raw"
+    assert req.headers["cookie"] == "authenticationToken=t" and req.headers["accept-encoding"] == "identity"
+
+
+async def test_export_with_length_and_close_delimited_bodies(nursery):
+    bodies = [EXPORT_HEAD + b"Content-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD,
+              EXPORT_HEAD + b"Connection: close\r\n\r\n" + PAYLOAD]
+    fake = await start_fake(nursery, lambda r: writer(bodies.pop(0)))
+    client = RestClient(fake.url, "t")
+    assert await read_export(client, "vdis/x.raw") == PAYLOAD
+    assert await read_export(client, "vdis/x.raw") == PAYLOAD
+    await client.aclose()
+
+
+@pytest.mark.parametrize("body", [
+    EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [65536], last=b""),  # no last chunk
+    EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [65536])[:3_000_000],  # mid-chunk
+    EXPORT_HEAD + b"Content-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD[:-1],  # one byte short
+])
+async def test_cut_export_raises_instead_of_ending_cleanly(nursery, body):
+    fake = await start_fake(nursery, lambda r: writer(body))
+    client = RestClient(fake.url, "t")
+    response = await client.open_export("vdis/x.raw")
+    received = 0
+    with pytest.raises(XoUnreachable, match="ended early"):
+        while data := await response.receive():
+            received += len(data)
+    await response.aclose()
+    await client.aclose()
+    assert 0 < received <= len(PAYLOAD)
+
+
+async def test_garbled_chunk_framing_is_a_protocol_error(nursery):
+    body = EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdefXX\r\n"
+    fake = await start_fake(nursery, lambda r: writer(body))
+    client = RestClient(fake.url, "t")
+    response = await client.open_export("vdis/x.raw")
+    with pytest.raises(XoProtocolError):
+        while await response.receive():
+            pass
+    await response.aclose()
+    await client.aclose()
+
+
+async def test_stalled_export_times_out(nursery):
+    body = EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD[:100], [100], last=b"")
+
+    async def stall(stream: trio.SocketStream) -> None:
+        await stream.send_all(body)
+        await trio.sleep(30)
+
+    fake = await start_fake(nursery, lambda r: stall)
+    client = RestClient(fake.url, "t", read_timeout=0.5)
+    response = await client.open_export("vdis/x.raw")
+    assert await response.receive() == PAYLOAD[:100]
+    with trio.fail_after(5), pytest.raises(XoUnreachable, match="timed out"):
+        await response.receive()
+    await response.aclose()
+    await client.aclose()
+
+
+async def test_export_errors_are_raised_before_any_byte_and_5xx_retried(nursery):
+    replies = [answer(503, '{"error": "busy"}'), answer(404, json.dumps({"error": f"no such VDI {UUID_A}"}))]
+    fake = await start_fake(nursery, lambda r: replies.pop(0))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoNotFound) as info:
+        await client.open_export(f"vdis/{UUID_A}.vhd")
+    await client.aclose()
+    assert info.value.object_id == UUID_A and f"no such VDI {UUID_A}" in info.value.describe()
+    assert [r.method for r in fake.seen] == ["GET", "GET"]  # never HEAD
+
+
+async def test_export_aclose_drops_the_connection(nursery):
+    sent = trio.Event()
+
+    async def endless(stream: trio.SocketStream) -> None:
+        await stream.send_all(EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        block = chunked(b"z" * 65536, [65536], last=b"")
+        try:
+            while True:
+                await stream.send_all(block)
+        finally:
+            sent.set()
+
+    fake = await start_fake(nursery, lambda r: endless)
+    client = RestClient(fake.url, "t")
+    response = await client.open_export("vdis/x.raw")
+    assert await response.receive(1000) == b"z" * 1000
+    await response.aclose()
+    with trio.fail_after(5):
+        await sent.wait()
+    await client.aclose()
+    assert fake.events == ["client went away"]
+
+
+async def test_export_unreachable_after_retries():
+    client = RestClient(f"http://127.0.0.1:{closed_port()}", "t")
+    with pytest.raises(XoUnreachable, match="connection refused"):
+        await client.open_export("vdis/x.raw")
+    await client.aclose()
+
+
+# --- against the simulator ---
+
+
+def sim_client(sim: SimProcess, token: str | None = None) -> RestClient:
+    return RestClient(sim.url, token or sim.token)
+
+
+async def test_sim_collections_fields_filter_limit(sim):
+    client = sim_client(sim)
+    await client.check()
+    vdis = await client.collection("vdis")
+    assert vdis and all(v["type"] == "VDI" and "href" not in v for v in vdis)
+    assert sorted(v["id"] for v in vdis) == sorted(h.rsplit("/", 1)[1] for h in sim.get_json("/rest/v0/vdis"))
+    slim = await client.collection("vdis", fields="name_label,size")
+    assert all(set(v) == {"id", "name_label", "size"} for v in slim)
+    assert {v["id"]: v["size"] for v in slim} == {v["id"]: v["size"] for v in vdis}
+    sr = vdis[0]["$SR"]
+    on_sr = await client.collection("vdis", fields="$SR", filter=f"$SR:{sr}")
+    assert on_sr and all(v["$SR"] == sr for v in on_sr)
+    assert sorted(v["id"] for v in on_sr) == sorted(v["id"] for v in vdis if v["$SR"] == sr)
+    assert len(await client.collection("vdis", limit=1)) == 1
+    vms = await client.collection("vms")
+    assert vms and all(v["type"] == "VM" for v in vms)
+    await client.aclose()
+
+
+async def test_sim_single_object_and_not_found(sim):
+    client = sim_client(sim)
+    vm = (await client.collection("vms", limit=1))[0]
+    assert await client.get_object("vms", vm["id"]) == vm
+    with pytest.raises(XoNotFound) as info:
+        await client.get_object("vms", UUID_A)
+    assert info.value.status == 404 and info.value.object_id == UUID_A
+    with pytest.raises(XoNotFound):  # a VDI uuid is not a VM
+        await client.get_object("vms", (await client.collection("vdis", limit=1))[0]["id"])
+    await client.aclose()
+
+
+async def test_sim_bad_token_is_auth_error(sim):
+    client = sim_client(sim, token="not-the-token-" + "x" * 29)
+    with pytest.raises(XoAuthError):
+        await client.check()
+    with pytest.raises(XoAuthError):
+        await client.open_export("vdis/x.raw")
+    await client.aclose()
+
+
+async def curl_sha256(sim: SimProcess, path: str) -> str:
+    curl = require_tool("curl")
+    result = await trio.run_process(
+        f"{curl} -sS --fail -b authenticationToken={sim.token} {sim.url}/rest/v0/{path} | sha256sum",
+        shell=True, capture_stdout=True)
+    return result.stdout.split()[0].decode()
+
+
+async def export_sha256(client: RestClient, path: str, size: int = 1 << 20) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    n = 0
+    async with await client.open_export(path) as response:
+        while data := await response.receive(size):
+            digest.update(data)
+            n += len(data)
+    return digest.hexdigest(), n
+
+
+@pytest.mark.timeout(300)
+async def test_sim_export_bytes_equal_curls(sim):
+    client = sim_client(sim)
+    vdis = sorted(await client.collection("vdis", fields="size"), key=lambda v: v["size"])
+    small = vdis[0]
+    for fmt in ("raw", "vhd"):
+        path = f"vdis/{small['id']}.{fmt}"
+        sha, n = await export_sha256(client, path, 128 << 10)
+        assert sha == await curl_sha256(sim, path)
+        if fmt == "raw":
+            assert n == small["size"]
+    await client.aclose()
+
+
+async def test_sim_cut_export_raises(fresh_sim):
+    client = sim_client(fresh_sim)
+    vdi = min(await client.collection("vdis", fields="size"), key=lambda v: v["size"])
+    fault = json.dumps({"cut_export_after_bytes": 1 << 20}).encode()
+    status, _, body = fresh_sim.request("POST", "/_sim/faults", fault, {"Content-Type": "application/json"})
+    assert status in (200, 204), body
+    response = await client.open_export(f"vdis/{vdi['id']}.raw")
+    received = 0
+    with pytest.raises(XoUnreachable):
+        while data := await response.receive():
+            received += len(data)
+    await response.aclose()
+    await client.aclose()
+    assert received <= 1 << 20
+
+
+@pytest.mark.timeout(180)
+async def test_sim_import_raw_and_vhd(fresh_sim, tmp_path):
+    qemu_img = require_tool("qemu-img")
+    client = sim_client(fresh_sim)
+    sr = next(s for s in await client.collection("srs") if s["content_type"] == "user" and s["size"] > 0)
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(4 << 20))
+    vhd = tmp_path / "disk.vhd"
+    subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "vpc", str(raw), str(vhd)], check=True)
+    progress: list[int] = []
+    for image, is_raw in ((raw, True), (vhd, False)):
+        uuid = await client.import_vdi(sr["id"], image, name_label=f"imported {image.suffix}",
+                                       name_description="by test_client_rest", raw=is_raw,
+                                       progress=progress.append)
+        vdi = await client.get_object("vdis", uuid)
+        assert vdi["name_label"] == f"imported {image.suffix}" and vdi["$SR"] == sr["id"]
+        assert vdi["size"] >= raw.stat().st_size
+        sha, n = await export_sha256(client, f"vdis/{uuid}.raw")
+        assert n == vdi["size"]
+        expected = hashlib.sha256(raw.read_bytes() + bytes(n - raw.stat().st_size)).hexdigest()
+        assert sha == expected
+    assert progress[-1] == vhd.stat().st_size
+    await client.aclose()
+
+
+async def test_sim_patch_and_delete(fresh_sim):
+    client = sim_client(fresh_sim)
+    vdi = (await client.collection("vdis", limit=1))[0]
+    await client.patch("vdis", vdi["id"], {"name_label": "patched by test"})
+    assert (await client.get_object("vdis", vdi["id"]))["name_label"] == "patched by test"
+    await client.delete("vdis", vdi["id"])
+    with pytest.raises(XoNotFound):
+        await client.get_object("vdis", vdi["id"])
+    with pytest.raises(XoNotFound):
+        await client.delete("vdis", vdi["id"])
+    await client.aclose()
+
