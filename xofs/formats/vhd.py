@@ -344,9 +344,10 @@ def vhd_to_raw(src: BinaryIO | str | os.PathLike[str], dst_path: str | os.PathLi
                expected_size: int | None = None) -> int:
     """Write the content of a dynamic or differencing VHD into a sparse raw file; return its virtual size.
 
-    `src` is read forward only (an upload body will do). Sectors a differencing VHD leaves to its parent
-    read as zeros: there is no parent here. With `expected_size` (the size of the VDI being written), a
-    larger VHD is refused and the raw file gets that size; otherwise it gets the VHD's.
+    `src` is read forward only from its start, footer copy included (an upload body will do). Sectors a
+    differencing VHD leaves to its parent read as zeros: there is no parent here. With `expected_size`
+    (the size of the VDI being written), a larger VHD is refused and the raw file gets that size; otherwise
+    it gets the VHD's. On a `VhdError` the raw file is left half written, for the caller to discard.
     """
     stream, owned = _open_source(src)
     try:

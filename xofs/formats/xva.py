@@ -408,7 +408,8 @@ def xva_stream(vm: Mapping[str, Any], disks: Sequence[tuple[Mapping[str, Any], D
 
     `disks` pairs XO VDI objects with their content; `vbds` are XO VBD objects (those of other VMs are
     ignored, and a VBD whose VDI is not exported is written as empty); `srs` are the XO SRs of the disks.
-    Nothing is held beyond one chunk; the same arguments give the same bytes.
+    `hostname` and `date` fill ova.xml's version record. Nothing is held beyond a chunk or two; the same
+    arguments give the same bytes.
     """
     plan = _plan(vm, disks, vbds, srs, hostname, date)
     pending = bytearray(tar_header("ova.xml", len(plan.ova_xml)) + plan.ova_xml + _padding(len(plan.ova_xml)))
