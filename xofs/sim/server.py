@@ -1,0 +1,145 @@
+"""`xofs sim`: the simulator's process: command line, one ASGI app on hypercorn's trio worker, clean exit.
+
+The app sends a websocket upgrade to exactly `/api/` to the JSON-RPC handler, and every HTTP request to the
+REST app (`xofs.sim.rest.make_rest_app`). A websocket on any other path is never accepted: like a real XO, the
+server leaves the client waiting until it gives up (no upgrade handler matches there).
+
+When it is ready the process prints one line on stdout, `xofs sim listening on http://HOST:PORT`; logs go to
+stderr. SIGTERM or SIGINT stops it cleanly (exit status 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from xofs.sim.jsonrpc import load_methods_info
+from xofs.sim.jsonrpc import serve as serve_jsonrpc
+from xofs.sim.model import SimModel, new_token
+from xofs.sim.state import StateMismatch
+
+log = logging.getLogger("xofs.sim")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                        help="accept this authentication token (repeatable); one is generated if none is given")
+    parser.add_argument("--vms", type=int, default=12, help="number of VMs in the inventory (default 12)")
+    parser.add_argument("--seed", type=int, default=1, help="inventory seed: same seed, same objects and ids")
+    parser.add_argument("--state-dir", type=Path, help="keep changes (imports, renames, deletions, tokens) here")
+    parser.add_argument("--churn", type=float, default=0.0, metavar="RATE",
+                        help="metric-style updates of running VMs, about RATE events per second")
+    parser.add_argument("--legacy", action="store_true", help="answer REST like XO before 5.111 (legacy router)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tokens = list(ns.token)
+    if not tokens:
+        tokens.append(new_token())
+        print(f"xofs sim: demo token {tokens[0]}", file=sys.stderr, flush=True)
+    try:
+        model = SimModel(seed=ns.seed, vms=ns.vms, state_dir=ns.state_dir, tokens=tokens, legacy=ns.legacy)
+    except StateMismatch as error:
+        print(f"xofs sim: {error}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve, model, ns.host, ns.port, ns.churn)
+    finally:
+        model.close()
+    return 0
+
+
+def make_app(model: SimModel, rest_app: ASGIApp) -> ASGIApp:
+    """The one ASGI app: `/api/` websockets to JSON-RPC, HTTP to REST, anything else left waiting."""
+    methods_info = load_methods_info()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            if scope.get("raw_path", scope["path"].encode()) == b"/api/" and not scope.get("query_string"):
+                await serve_jsonrpc(model, methods_info, receive, send)
+            else:
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
+        elif scope["type"] == "http":
+            await rest_app(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    return app
+
+
+def load_rest_app(model: SimModel) -> ASGIApp:
+    """The REST engineer's app; while it is not in the tree, every HTTP request answers 503."""
+    try:
+        from xofs.sim.faults import Faults
+        from xofs.sim.rest import make_rest_app
+    except ModuleNotFoundError as error:
+        if error.name not in ("xofs.sim.faults", "xofs.sim.rest"):
+            raise
+        log.warning("REST app not available (%s): HTTP requests answer 503", error)
+        return _unavailable
+    return make_rest_app(model, Faults())
+
+
+async def _unavailable(scope: Scope, receive: Receive, send: Send) -> None:
+    body = b'{"error": "the simulator was built without its REST app"}'
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def serve(model: SimModel, host: str, port: int, churn: float) -> None:
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 1.0
+    config.websocket_ping_interval = None
+    stop = trio.Event()
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: model.run(churn=churn, task_status=task_status))
+            app = make_app(model, load_rest_app(model))
+            binds = await nursery.start(lambda task_status: hypercorn_serve(
+                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status))
+            print(f"xofs sim listening on {binds[0]}", flush=True)
+            log.info("%d objects, %d VMs; user admin@admin.net / admin", len(model.all_objects()),
+                     len(model.by_type("VM")))
+            async for signum in signals:
+                log.info("got %s, stopping", signal.Signals(signum).name)
+                stop.set()
+                model.close_all_sockets()
+                break
+            with trio.move_on_after(3):
+                while len(nursery.child_tasks) > 1:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
