@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,12 +57,13 @@ def answer(status: int, body: bytes | str = b"", headers: dict[str, str] | None 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def start_fake(nursery: trio.Nursery, respond: Callable[[Seen], Reply]) -> FakeXo:
+async def start_fake(nursery: trio.Nursery, respond: Callable[[Seen], Reply],
+                     tls: ssl.SSLContext | None = None) -> FakeXo:
     """Serve `respond(request)` on 127.0.0.1: raw response bytes (keep-alive), or a coroutine function that
-    writes whatever it likes on the connection and then closes it."""
+    writes whatever it likes on the connection and then closes it. HTTPS when given a server TLS context."""
     fake = FakeXo(url="")
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.abc.Stream) -> None:
         buf = b""
         try:
             while True:
@@ -87,11 +89,18 @@ async def start_fake(nursery: trio.Nursery, respond: Callable[[Seen], Reply]) ->
                 await stream.send_all(reply)
         except trio.BrokenResourceError:
             fake.events.append("client went away")
+        except ssl.SSLError as exc:
+            fake.events.append(f"TLS failed: {exc}")
         finally:
             await trio.aclose_forcefully(stream)
 
-    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-    fake.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    if tls is None:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    else:
+        listeners = await nursery.start(partial(trio.serve_ssl_over_tcp, handle, 0, tls, host="127.0.0.1",
+                                                https_compatible=True))
+    port = (listeners[0].transport_listener if tls else listeners[0]).socket.getsockname()[1]
+    fake.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     return fake
 
 
@@ -615,3 +624,47 @@ async def test_sim_patch_and_delete(fresh_sim):
         await client.delete("vdis", vdi["id"])
     await client.aclose()
 
+
+
+# --- TLS ---
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory) -> tuple[str, ssl.SSLContext]:
+    """(CA file, server context) for a throwaway certificate of 127.0.0.1."""
+    openssl = require_tool("openssl")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=xo-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"),
+                    "-out", str(d / "cert.pem")], check=True, capture_output=True)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(d / "cert.pem", d / "key.pem")
+    return str(d / "cert.pem"), server
+
+
+async def test_tls_listing_and_export_with_a_ca_file_or_no_verification(nursery, self_signed):
+    cafile, server = self_signed
+    body = EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [65536, 1000])
+
+    def respond(r: Seen) -> Reply:
+        if r.target.endswith(".raw"):
+            return writer(body)
+        return answer(200, ndjson({"id": UUID_A}), {"Content-Type": "application/x-ndjson"})
+
+    fake = await start_fake(nursery, respond, tls=server)
+    for verify in (cafile, False):
+        client = RestClient(fake.url, "t", verify=verify)
+        await client.check()
+        assert await client.collection("vms") == [{"id": UUID_A}]
+        assert await read_export(client, "vdis/x.raw") == PAYLOAD
+        await client.aclose()
+
+
+async def test_tls_untrusted_certificate_is_unreachable_with_the_reason(nursery, self_signed):
+    fake = await start_fake(nursery, lambda r: answer(200, b""), tls=self_signed[1])
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoUnreachable, match="TLS certificate verification failed"):
+        await client.check()
+    with pytest.raises(XoUnreachable, match="TLS certificate verification failed"):
+        await client.open_export("vdis/x.raw")
+    await client.aclose()
