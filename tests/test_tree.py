@@ -1,0 +1,157 @@
+"""The tree's bookkeeping on real XO objects (recorded from xo-server 5.207.2): listings, inodes, and
+exactly which kernel invalidations each kind of change produces."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from xofs.cache import KEPT_TYPES, ObjectCache
+from xofs.tree import ROOT_INODE, InvalidateEntry, InvalidateInode, Tree
+from xofs.views import Dir, File, Link, load_views
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "real-xo" / "rest"
+if not REAL.exists():
+    REAL = Path("/work/shared/reference/real-xo/rest")
+COLLECTIONS = ["vms", "vm-snapshots", "vdis", "vdi-snapshots", "srs", "hosts", "pools", "vbds"]
+
+
+def real_objects() -> list[dict]:
+    objs = []
+    for coll in COLLECTIONS:
+        for obj in json.loads((REAL / f"{coll}.fields-star.body").read_text()):
+            obj.pop("href", None)
+            objs.append(obj)
+    return objs
+
+
+@pytest.fixture
+def tree() -> Tree:
+    cache = ObjectCache()
+    cache.replace_all(real_objects())
+    return Tree(cache, load_views())
+
+
+def walk(tree: Tree, *names: str):
+    ino = ROOT_INODE
+    for name in names:
+        inode = tree.lookup(ino, name)
+        assert inode is not None, names
+        ino = inode.ino
+    return tree.inode(ino)
+
+
+def vm_named(tree: Tree, label: str) -> dict:
+    return next(v for v in tree.cache.of_type("VM").values() if v["name_label"] == label)
+
+
+def test_the_cache_keeps_only_the_types_views_show():
+    cache = ObjectCache()
+    cache.replace_all(real_objects() + [{"id": "t1", "type": "task"}, {"id": "m1", "type": "message"}])
+    assert cache.get("t1") is None and cache.get("m1") is None
+    assert set(cache.counts()) == KEPT_TYPES
+    assert cache.counts()["VM"] == 4
+
+
+def test_malformed_objects_are_skipped_not_fatal(caplog):
+    cache = ObjectCache()
+    bad = [42, {"type": "VM"}, {"id": "../x", "type": "VM"}, {"id": "ok", "type": 7}]
+    cache.replace_all(bad + real_objects())
+    assert cache.counts()["VM"] == 4
+    assert len([r for r in caplog.records if "malformed" in r.message]) == 4
+    assert cache.apply("enter", {"a": "not an object", "b": {"id": "c", "type": "VM"}}) == []
+    assert cache.apply("bogus", {}) == []
+
+
+def test_listings_match_the_objects(tree):
+    assert sorted(tree.children(())) == sorted(load_views())
+    web = vm_named(tree, "web-01")
+    vms = tree.children(("vms",))
+    assert isinstance(vms[web["id"]], Dir)
+    assert isinstance(vms[f"{web['id']}.xva"], File)
+    assert isinstance(tree.children(("vms", web["id"]))["meta.json"], File)
+    db = vm_named(tree, "db-01")  # has an ISO in its CD drive: not listed
+    assert list(tree.children(("vms", db["id"], "vdis"))) == [f"{db_disk}.vhd" for db_disk in _disks(tree, db)]
+    assert tree.children(("by-name", "vms"))["web-01"] == Link(f"../../vms/{web['id']}", web["id"])
+    iso = next(s for s in tree.cache.of_type("SR").values() if s["content_type"] == "iso")
+    assert "import" not in tree.children(("srs", iso["id"]))
+
+
+def _disks(tree: Tree, vm: dict) -> list[str]:
+    out = []
+    for vbd_id in vm["$VBDs"]:
+        vbd = tree.cache.get(vbd_id)
+        if not vbd["is_cd_drive"] and "VDI" in vbd:
+            out.append(vbd["VDI"])
+    return sorted(out)
+
+
+def test_a_rename_invalidates_the_old_name_and_the_meta_json(tree):
+    web = vm_named(tree, "web-01")
+    by_name = walk(tree, "by-name", "vms")
+    walk(tree, "by-name", "vms", "web-01")
+    meta = walk(tree, "vms", web["id"], "meta.json")
+    renamed = {**web, "name_label": "web-02"}
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: renamed}))
+    assert InvalidateEntry(by_name.ino, "web-01") in out
+    assert InvalidateInode(meta.ino) in out
+    assert "web-02" in tree.children(("by-name", "vms"))
+    assert "web-01" not in tree.children(("by-name", "vms"))
+
+
+def test_metric_churn_recomputes_no_listing(tree):
+    web = vm_named(tree, "web-01")
+    walk(tree, "vms", web["id"], "meta.json")
+    walk(tree, "by-name", "vms", "web-01")
+    listing_before = tree.children(("vms",))
+    churned = copy.deepcopy(web)
+    churned["memory"]["usage"] = 123456789
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: churned}))
+    # Only the meta.json of that VM: no entry invalidation, the /vms listing object is the very same.
+    assert all(isinstance(i, InvalidateInode) for i in out) and len(out) == 1
+    assert tree.children(("vms",)) is listing_before
+
+
+def test_a_deleted_object_vanishes_and_its_inodes_go_stale(tree):
+    vdi = next(iter(tree.cache.of_type("VDI").values()))
+    vdis = walk(tree, "vdis")
+    vdi_dir = walk(tree, "vdis", vdi["id"])
+    out = tree.on_changes(tree.cache.apply("exit", {vdi["id"]: 0}))
+    assert InvalidateEntry(vdis.ino, vdi["id"]) in out
+    assert vdi["id"] not in tree.children(("vdis",))
+    assert tree.inode(vdi_dir.ino).stale
+    assert tree.lookup(vdis.ino, vdi["id"]) is None
+
+
+def test_a_new_object_appears(tree):
+    sr = next(s for s in tree.cache.of_type("SR").values() if s["content_type"] != "iso")
+    walk(tree, "srs", sr["id"], "vdis")
+    new = {**next(iter(tree.cache.of_type("VDI").values())), "id": "new-vdi", "uuid": "new-vdi", "$SR": sr["id"]}
+    sr2 = {**sr, "VDIs": [*sr["VDIs"], "new-vdi"]}
+    tree.on_changes(tree.cache.apply("enter", {"new-vdi": new, sr["id"]: sr2}))
+    assert "new-vdi" in tree.children(("vdis",))
+    assert "new-vdi.vhd" in tree.children(("srs", sr["id"], "vdis"))
+
+
+def test_forget_drops_inodes_and_listings(tree):
+    web = vm_named(tree, "web-01")
+    vm_dir = walk(tree, "vms", web["id"])
+    meta = tree.lookup(vm_dir.ino, "meta.json")
+    tree.forget(meta.ino, 1)
+    assert tree.inode(meta.ino) is None
+    tree.forget(vm_dir.ino, 1)
+    assert tree.inode(vm_dir.ino) is None
+    again = walk(tree, "vms", web["id"])
+    assert again.ino != vm_dir.ino  # inode numbers are never reused
+
+
+def test_a_resync_after_a_reconnect_invalidates_what_changed_meanwhile(tree):
+    web = vm_named(tree, "web-01")
+    by_name = walk(tree, "by-name", "vms")
+    walk(tree, "by-name", "vms", "web-01")
+    objs = [o for o in real_objects() if o["id"] != web["id"]] + [{**web, "name_label": "web-x"}]
+    out = tree.on_changes(tree.cache.replace_all(objs))
+    assert InvalidateEntry(by_name.ino, "web-01") in out
