@@ -433,7 +433,8 @@ class _Builder:
             self.set_running(vm, host, state, rng)
         elif local:
             vm["$container"] = host
-        if state == "Suspended":
+        if state == "Suspended":  # XAPI cleared resident_on: the container is the pool
+            vm["power_state"] = "Suspended"
             vm["suspendSr"] = self.nfs_id
             image = self.add_vdi(f"{key}:suspend", "Suspend image", "Suspend image", memory + 4 * MiB,
                                  self.nfs_id, fill=1.0, vdi_type="suspend")

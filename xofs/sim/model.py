@@ -51,6 +51,16 @@ SUBSCRIBER_BUFFER = 1000  # event batches a slow subscriber may lag behind befor
 COMMON_KEYS = ("id", "uuid", "$pool", "$poolId", "_xapiRef")
 
 
+class _Null:
+    """The type of `NULL`."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()  # in `SimModel.update` changes: set the key to JSON null (None removes the key)
+
+
 class SimError(Exception):
     """An XO API error (`xo-common/api-errors.js`): JSON-RPC sends `to_json()`, REST maps `http_status`."""
 
@@ -336,22 +346,26 @@ class SimModel:
             self._journal({"op": "add", "obj": obj})
 
     def update(self, obj_id: str, changes: dict[str, Any], *, persist: bool = True) -> None:
-        """Merge `changes` into the object's top level (a None value removes the key); queues an `enter`."""
+        """Merge `changes` into the object's top level; queues an `enter`.
+
+        A value of None removes the key (XO omits undefined values); `NULL` sets it to JSON null."""
         old = self._objects.get(obj_id)
         if old is None:
             raise SimError.no_such_object(obj_id)
-        new = {**old}
-        for key, value in changes.items():
-            if value is None:
-                new.pop(key, None)
-            else:
-                new[key] = value
+        values = {k: None if v is NULL else v for k, v in changes.items() if v is not None}
+        unset = [k for k, v in changes.items() if v is None]
+        self._apply_update(obj_id, values, unset)
+        if persist:
+            self._journal({"op": "update", "id": obj_id, "set": values, "unset": unset})
+
+    def _apply_update(self, obj_id: str, values: dict[str, Any], unset: list[str]) -> None:
+        new = {**self._objects[obj_id], **values}
+        for key in unset:
+            new.pop(key, None)
         if new["type"] in VM_TYPES:
             new = order_vm_keys(new)
         self._objects[obj_id] = new
         self._queue(obj_id, "update")
-        if persist:
-            self._journal({"op": "update", "id": obj_id, "changes": changes})
 
     def touch(self, obj_id: str) -> None:
         """Re-emit an unchanged object, as XO does when a VM's metrics object changes."""
@@ -530,7 +544,7 @@ class SimModel:
         if op == "add":
             self.add(entry["obj"], persist=False)
         elif op == "update":
-            self.update(entry["id"], entry["changes"], persist=False)
+            self._apply_update(entry["id"], entry["set"], entry["unset"])
         elif op == "remove":
             self.remove(entry["id"], persist=False)
         elif op == "token":
@@ -776,7 +790,7 @@ class SimModel:
             self._drop_suspend_image(vm["id"])
         host = vm["$container"]
         changes: dict[str, Any] = {key: None for key in RUNNING_ONLY_KEYS}
-        changes.update({"power_state": "Halted", "addresses": {}, "os_version": None, "startTime": None,
+        changes.update({"power_state": "Halted", "addresses": {}, "os_version": NULL, "startTime": NULL,
                         "memory": {"dynamic": vm["memory"]["dynamic"], "static": vm["memory"]["static"],
                                    "size": vm["memory"]["dynamic"][1]},
                         "$container": self._halted_container(vm)})
