@@ -68,6 +68,7 @@ class ObjectCache:
         self._objects: dict[str, dict] = {}
         self._by_type: dict[str, dict[str, dict]] = {t: {} for t in KEPT_TYPES}
         self.changed_at: dict[str, float] = {}  # last time each object changed, for st_mtime
+        self.type_version: dict[str, int] = dict.fromkeys(KEPT_TYPES, 0)  # bumped on every change of a type
         self.loaded = False
         self.last_event = 0.0
 
@@ -139,6 +140,7 @@ class ObjectCache:
         return changes
 
     def _store(self, change: Change) -> None:
+        self.type_version[change.type] += 1
         if change.new is None:
             self._objects.pop(change.obj_id, None)
             self._by_type[change.type].pop(change.obj_id, None)

@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import cachetools
 import pyfuse3
 
 from xofs.errors import XofsError
 from xofs.files import Caller, ExportService, FileAttrs, ImportEntry, ImportService, OpenFile, OpenInfo
 from xofs.invalidator import Invalidator
 from xofs.tree import Inode, InvalidateInode, Invalidation, Tree
-from xofs.views import Dir, Export, File, Link, Rendered
+from xofs.views import Content, Dir, Export, File, Link, Rendered, TypeSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ class XoFS(pyfuse3.Operations):
         self._dir_handles: dict[int, list[tuple[str, int]]] = {}
         self._open_count: dict[int, int] = {}
         self._next_fh = 1
+        # Rendered files by content: (the object or type version they were made from, the bytes). getattr
+        # (for the size) and open (for the bytes) share one rendering until the object changes.
+        self._renderings: cachetools.LRUCache = cachetools.LRUCache(maxsize=4096)
 
     # ---- helpers ----------------------------------------------------------------------------------
 
@@ -136,6 +140,25 @@ class XoFS(pyfuse3.Operations):
                 self.invalidator.inode(item.ino, attr_only=self._open_count.get(item.ino, 0) > 0)
             else:
                 self.invalidator.entry(item.parent, item.name)
+
+    def render(self, content: Content) -> bytes:
+        """The bytes of a Rendered or TypeSnapshot file as of now (ENOENT if its object is gone)."""
+        cache = self.tree.cache
+        hit = self._renderings.get(content)
+        if isinstance(content, Rendered):
+            obj = cache.get(content.obj_id)
+            if obj is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if hit is not None and hit[0] is obj:  # the cache replaces an object's dict on every change
+                return hit[1]
+            data, source = content.render(obj), obj
+        else:
+            version = cache.type_version.get(content.type_, 0)  # type: ignore[union-attr]
+            if hit is not None and hit[0] == version:
+                return hit[1]
+            data, source = content.render(cache.of_type(content.type_)), version  # type: ignore[union-attr]
+        self._renderings[content] = (source, data)
+        return data
 
     def export_size_known(self, export: Export) -> None:
         """An export's exact length became known (or its bound changed): refresh its size in the kernel."""
@@ -165,11 +188,8 @@ class XoFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return attrs
         assert isinstance(node, File)
-        if isinstance(node.content, Rendered):
-            obj = self.tree.cache.get(node.content.obj_id)
-            if obj is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return FileAttrs(len(node.content.render(obj)), self._obj_mtime_ns(node.obj_id), 0o400)
+        if isinstance(node.content, Rendered | TypeSnapshot):
+            return FileAttrs(len(self.render(node.content)), self._obj_mtime_ns(node.obj_id), 0o400)
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self.exports.attrs(node.content)
@@ -352,11 +372,8 @@ class XoFS(pyfuse3.Operations):
                             errno_=errno.EPERM)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if isinstance(node.content, Rendered):
-            obj = self.tree.cache.get(node.content.obj_id)
-            if obj is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._add_handle(inode, RenderedFile(node.content.render(obj)))
+        if isinstance(node.content, Rendered | TypeSnapshot):
+            return self._add_handle(inode, RenderedFile(self.render(node.content)))
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self._add_handle(inode, await self.exports.open(node.content, path))

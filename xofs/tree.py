@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from xofs.cache import Change, ObjectCache
 from xofs.files import ImportEntry, ImportService
-from xofs.views import Dir, File, Node, View, ViewContext
+from xofs.views import Dir, File, Node, TypeSnapshot, View, ViewContext
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Tree:
         self._dep_ids: dict[str, set[tuple[str, ...]]] = {}
         self._dep_types: dict[str, dict[tuple[str, ...], frozenset[str]]] = {}
         self._files_of: dict[str, set[int]] = {}  # object id -> inodes of files rendered from it
+        self._files_of_type: dict[str, set[int]] = {}  # XO type -> inodes of files rendered from all of it
 
     # ---- reading the tree -------------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class Tree:
         if listing is not None:
             return listing.children
         if not path:
-            listing = _Listing({name: Dir() for name in self.views})
+            listing = _Listing({name: getattr(view, "node", None) or Dir() for name, view in self.views.items()})
         else:
             node = self.node_at(path)
             if not isinstance(node, Dir):
@@ -159,6 +160,7 @@ class Tree:
                 fields = ch.changed_fields() if ch.old is not None and ch.new is not None else None
                 affected.update(p for p, watch in watchers.items() if fields is None or watch & fields)
             out.extend(InvalidateInode(ino) for ino in self._files_of.get(ch.obj_id, ()))
+            out.extend(InvalidateInode(ino) for ino in self._files_of_type.get(ch.type, ()))
         for path in sorted(affected, key=len):  # parents first: a vanished parent takes its subtree along
             old = self._listings.get(path)
             if old is None:
@@ -177,7 +179,7 @@ class Tree:
                 if dir_ino is not None:
                     out.append(InvalidateEntry(dir_ino, name))
                 self._detach(path + (name,))
-        return out
+        return list(dict.fromkeys(out))  # a batch may touch one file many times
 
     def files_with(self, content: object) -> list[int]:
         """The live inodes of files showing `content` (an Export or a Rendered)."""
@@ -251,17 +253,27 @@ class Tree:
         for type_ in listing.types:
             self._dep_types.get(type_, {}).pop(path, None)
 
+    def _file_index(self, inode: Inode) -> tuple[dict[str, set[int]], str] | None:
+        node = inode.node
+        if not isinstance(node, File):
+            return None
+        if isinstance(node.content, TypeSnapshot):
+            return self._files_of_type, node.content.type_
+        return (self._files_of, node.obj_id) if node.obj_id else None
+
     def _index_file(self, inode: Inode) -> None:
-        if isinstance(inode.node, File) and inode.node.obj_id:
-            self._files_of.setdefault(inode.node.obj_id, set()).add(inode.ino)
+        where = self._file_index(inode)
+        if where:
+            where[0].setdefault(where[1], set()).add(inode.ino)
 
     def _unindex_file(self, inode: Inode) -> None:
-        if isinstance(inode.node, File) and inode.node.obj_id:
-            inos = self._files_of.get(inode.node.obj_id)
+        where = self._file_index(inode)
+        if where:
+            inos = where[0].get(where[1])
             if inos is not None:
                 inos.discard(inode.ino)
                 if not inos:
-                    del self._files_of[inode.node.obj_id]
+                    del where[0][where[1]]
 
 
 def _same_kind(a: TreeNode, b: TreeNode) -> bool:

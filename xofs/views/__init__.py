@@ -12,7 +12,8 @@ one. The nodes a view returns:
 - `Dir(kind=…)`: a directory whose children the same view lists (path one level deeper), or, for
   `kind="import"`, the import machinery of xofs (`/srs/<uuid>/import/`).
 - `File(content)`: a file whose bytes come from a `Content` description (`Rendered` for text made from an
-  object; `Export` for an XO export stream, read by xofs.exports).
+  object; `TypeSnapshot` for text made from every object of a type; `Export` for an XO export stream, read
+  by xofs.exports).
 - `Link(target)`: a symbolic link, relative to the directory it is in.
 """
 
@@ -56,7 +57,18 @@ class Export:
         return f"{self.collection}/{self.obj_id}.{self.fmt}" + (f"?{self.query}" if self.query else "")
 
 
-Content = Rendered | Export
+@dataclass(frozen=True)
+class TypeSnapshot:
+    """A file rendered from every object of one XO type at once (e.g. `/vms.ndjson`).
+
+    One open reads one consistent snapshot; the file is invalidated whenever an object of the type changes.
+    """
+
+    type_: str
+    render: Callable[[Mapping[str, dict]], bytes]
+
+
+Content = Rendered | Export | TypeSnapshot
 
 
 @dataclass(frozen=True)
@@ -101,7 +113,8 @@ class ViewContext:
 
 
 class View(Protocol):
-    """What a view plugin provides. `name` is its top-level directory."""
+    """What a view plugin provides. `name` is its top-level entry: a directory, unless the view sets
+    `node` to something else (a `File(TypeSnapshot(...))` for a root-level file, say)."""
 
     name: str
 

@@ -1,0 +1,163 @@
+"""Benchmarks of the simulator and the mount's metadata side, each against a baseline in the same run.
+
+Run through `scripts/bench` (which sets up first). Prints one line per figure, with the goal it is held to;
+docs/performance.md records a run. Nothing here is a timed test: goals live here, not in the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP))
+
+from tests.support import MountProcess, SimProcess  # noqa: E402
+
+
+def report(name: str, value: str, goal: str, ok: bool | None) -> None:
+    verdict = "" if ok is None else ("  ok" if ok else "  MISSED")
+    print(f"{name:<58} {value:>22}   goal: {goal}{verdict}", flush=True)
+
+
+def timed(cmd: list[str] | str, shell: bool = False) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, shell=shell, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def curl(sim: SimProcess, path: str, out: str = "/dev/null") -> list[str]:
+    return ["curl", "-sf", "-o", out, "-b", f"authenticationToken={sim.token}", sim.url + path]
+
+
+def bench_simulator(work: Path) -> None:
+    print("== simulator (xofs sim) ==")
+    start = time.perf_counter()
+    big = SimProcess(args=["--seed", "5", "--vms", "10000"], log_path=work / "sim-big.log").start(timeout=120)
+    report("start with --vms 10000", f"{time.perf_counter() - start:.2f} s", "< 10 s",
+           time.perf_counter() - start < 10)
+    try:
+        times = [timed(curl(big, "/rest/v0/vms?fields=name_label,power_state")) for _ in range(5)]
+        report("GET vms?fields=name_label,power_state (10,000 VMs), median", f"{statistics.median(times):.3f} s",
+               "< 0.5 s", statistics.median(times) < 0.5)
+    finally:
+        big.stop()
+
+    sim = SimProcess(args=["--seed", "1"], log_path=work / "sim.log").start()
+    try:
+        vdis = sim.get_json("/rest/v0/vdis?fields=id,size")
+        vdi = max(vdis, key=lambda v: v["size"])
+        size = vdi["size"]
+        rss_before = rss_mb(sim.proc.pid)
+        proc = subprocess.Popen(curl(sim, f"/rest/v0/vdis/{vdi['id']}.raw"))
+        peak = rss_before
+        start = time.perf_counter()
+        while proc.poll() is None and time.perf_counter() - start < 120:
+            peak = max(peak, rss_mb(sim.proc.pid))
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - start
+        if proc.poll() is None:
+            proc.kill()
+        rate = size / elapsed / 1e9
+        report(f"curl of a {size / 2**30:.0f} GiB raw export", f"{rate:.2f} GB/s", ">= 1 GB/s", rate >= 1)
+        report("simulator memory growth while it streams", f"{peak - rss_before:.1f} MB", "flat", None)
+    finally:
+        sim.stop()
+
+
+def bench_mount(work: Path) -> None:
+    print("== mount: metadata ==")
+    big = SimProcess(args=["--seed", "5", "--vms", "10000"], log_path=work / "sim-big.log").start(timeout=120)
+    mount = MountProcess(big.url, work / "mnt", token=big.token, log_path=work / "mount.log",
+                         env={"XOFS_STATE_DIR": str(work / "state"), "XOFS_LOG_LEVEL": "WARNING"})
+    try:
+        t_curl = min(timed(curl(big, "/rest/v0/vms?fields=*&ndjson=true")) for _ in range(3))
+        start = time.perf_counter()
+        mount.start(timeout=120)
+        report("mount start with 10,000 VMs (cache filled)", f"{time.perf_counter() - start:.2f} s", "", None)
+        t_cold = timed(["ls", "-l", str(mount.mountpoint / "vms")])
+        report("cold ls -l /vms (10,000 VMs) / curl of the collection", f"{t_cold / t_curl:.2f}x "
+               f"({t_cold:.2f}/{t_curl:.2f} s)", "<= 2x", t_cold / t_curl <= 2)
+        t_warm = min(timed(["ls", "-l", str(mount.mountpoint / "vms")]) for _ in range(3))
+        tmp = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        for name in os.listdir(mount.mountpoint / "vms"):
+            (tmp / name).touch()
+        t_tmpfs = min(timed(["ls", "-l", str(tmp)]) for _ in range(3))
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        report("warm ls -l /vms / ls -l of a tmpfs dir, same entries", f"{t_warm / t_tmpfs:.2f}x "
+               f"({t_warm:.3f}/{t_tmpfs:.3f} s)", "<= 3x", t_warm / t_tmpfs <= 3)
+        t_find = timed(f"find {mount.mountpoint} | wc -l", shell=True)
+        report("find /mnt | wc -l (10,000 VMs)", f"{t_find:.2f} s", "< 5 s", t_find < 5)
+        mem = rss_mb(mount.proc.pid)
+        report("daemon memory (RSS) after all that", f"{mem:.0f} MB", "< 300 MB", mem < 300)
+    finally:
+        mount.stop()
+        big.stop()
+
+    print("== mount: freshness ==")
+    sim = SimProcess(args=["--seed", "2"], log_path=work / "sim-fresh.log").start()
+    mount = MountProcess(sim.url, work / "mnt2", token=sim.token, log_path=work / "mount2.log",
+                         extra=["--attr-ttl", "300"], env={"XOFS_STATE_DIR": str(work / "state2"),
+                                                            "XOFS_LOG_LEVEL": "WARNING"})
+    try:
+        mount.start()
+        vm = sim.get_json("/rest/v0/vms?fields=id&limit=1")[0]["id"]
+        meta = mount.mountpoint / "vms" / vm / "meta.json"
+        by_name = mount.mountpoint / "by-name" / "vms"
+        lat_meta, lat_name = [], []
+        for n in range(200):
+            label = f"bench-{n:03d}-" + "x" * (n % 7)
+            body = json.dumps({"nameLabel": label}).encode()
+            req = urllib.request.Request(f"{sim.url}/rest/v0/vms/{vm}", data=body, method="PATCH",
+                                         headers={"Cookie": f"authenticationToken={sim.token}",
+                                                  "Content-Type": "application/json"})
+            start = time.perf_counter()
+            urllib.request.urlopen(req).read()
+            seen_meta = seen_name = None
+            while seen_meta is None or seen_name is None:
+                now = time.perf_counter()
+                if now - start > 5:
+                    raise RuntimeError(f"change {n} not visible after 5 s")
+                if seen_meta is None and json.loads(meta.read_bytes()).get("name_label") == label:
+                    seen_meta = now - start
+                if seen_name is None and (by_name / label).is_symlink():
+                    seen_name = now - start
+            lat_meta.append(seen_meta)
+            lat_name.append(seen_name)
+        for what, lat in (("meta.json", lat_meta), ("/by-name", lat_name)):
+            p50 = statistics.median(lat) * 1000
+            p99 = statistics.quantiles(lat, n=100)[98] * 1000
+            report(f"REST rename visible in {what}, p50/p99 over 200", f"{p50:.1f}/{p99:.1f} ms",
+                   "p99 <= 100 ms", p99 <= 100)
+    finally:
+        mount.stop()
+        sim.stop()
+
+
+def main() -> int:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    with tempfile.TemporaryDirectory(prefix="xofs-bench-") as tmp:
+        work = Path(tmp)
+        bench_simulator(work)
+        bench_mount(work)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
