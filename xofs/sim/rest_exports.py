@@ -1,0 +1,187 @@
+"""Exports: `GET /rest/v0/vms/<id>.xva` (and vm-snapshots, vm-templates) and `GET /rest/v0/vdis/<id>.{raw,vhd}`
+(and vdi-snapshots), streamed as xo-server pipes XAPI's stream through.
+
+What a client sees, as recorded: 200 with lowercase `content-disposition: attachment; filename=<id>.<fmt>`
+and `content-type: application/octet-stream`, no length (chunked), Range ignored. The headers leave only
+once "XAPI answered", here once the first chunk of the body is ready. The unknown id is checked first (404
+even with a bad format), then tsoa's checks (422). A Running or Paused VM is snapshotted first as
+`[XO Export] <name_label>`; that snapshot is what is exported, and it is destroyed when the stream ends or
+the client goes away, so event watchers see it come and go. XAPI `task` objects come and go around every
+export, as in the recorded event frames.
+
+`application/octet-stream` counts as compressible for Express's `compression()` (mime-db says so), hence
+the recorded `Vary: Accept-Encoding`: a client that sends `Accept-Encoding: gzip` gets the export
+gzip-encoded on the fly, as from a real XO. HEAD runs the whole export (snapshot included) and sends only
+the headers, as a real XO does.
+
+Fault knobs (`faults.py`) cut or stall an export after a number of body bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import trio
+
+from xofs.formats.vhd import dynamic_vhd_stream
+from xofs.formats.xva import compress_stream, xva_stream
+from xofs.sim.faults import Faults
+from xofs.sim.model import SimError, SimModel
+from xofs.sim.rest_http import Request, Send, StreamSender
+from xofs.sim.rest_params import ParamErrors
+
+log = logging.getLogger(__name__)
+
+RAW_CHUNK = 4 << 20  # bytes per chunk of a raw export: big chunks keep loopback above 1 GB/s
+VHD_TIMESTAMP = 1_795_000_000  # a fixed VHD footer time, so that exporting twice gives the same bytes
+VM_FORMATS = ("ova", "xva")
+VDI_FORMATS = ("raw", "vhd")
+COMPRESS_VALUES = ("zstd", "gzip")
+
+
+def download_headers(obj_id: str, fmt: str) -> list[tuple[str, str]]:
+    """The two headers XO's export services set, in lower case as they reach the wire."""
+    return [("content-disposition", f"attachment; filename={obj_id}.{fmt}"),
+            ("content-type", "application/octet-stream")]
+
+
+def vm_compression(req: Request, errors: ParamErrors) -> str | None:
+    """The XAPI `use_compression` of `?compress=`: `zstd`, `gzip` (also `true`, deprecated) or None.
+
+    xo-server's deprecation middleware first turns `true`/`false` into `gzip`/absent; tsoa then accepts
+    `boolean | 'zstd' | 'gzip'`, so `TRUE` still passes (as a boolean, meaning gzip) and anything else
+    fails with the union message.
+    """
+    value = req.query.get("compress")
+    if value == "true":
+        value = "gzip"
+    elif value == "false":
+        value = None
+    if value is None or value in COMPRESS_VALUES:
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return "gzip" if value.lower() == "true" else None
+    errors.choice("compress", value, COMPRESS_VALUES)
+    return None
+
+
+class Exporter:
+    """Streams exports from the model's disks, with the faults' cut and stall knobs applied."""
+
+    def __init__(self, model: SimModel, faults: Faults) -> None:
+        self.model = model
+        self.faults = faults
+
+    async def export_vm(self, req: Request, send: Send, vm_type: str, obj_id: str, fmt: str) -> None:
+        vm = self.model.get_typed(obj_id, vm_type)
+        errors = ParamErrors()
+        errors.choice("format", fmt, VM_FORMATS)
+        compression = vm_compression(req, errors)
+        errors.raise_if_any()
+        if fmt == "ova":
+            raise SimError.not_implemented()
+        task = self.model.start_task("[XO] VM export", vm["name_label"])
+        exported = vm
+        snapshot_id = None
+        if vm["power_state"] in ("Running", "Paused"):
+            snapshot_id = self.model.vm_snapshot(vm["id"], f"[XO Export] {vm['name_label']}")
+            exported = self.model.get_typed(snapshot_id, "VM-snapshot")
+
+        def cleanup(ok: bool) -> None:
+            self.model.finish_task(task, status="success" if ok else "failure")
+            if snapshot_id is not None:
+                try:
+                    self.model.vm_delete(snapshot_id)
+                except SimError as error:  # XO only logs a failed clean-up (a destroy-blocked VM, say)
+                    log.warning("could not destroy export snapshot %s: %s", snapshot_id, error.message)
+
+        try:
+            chunks = self._xva_chunks(exported)
+            if compression is not None:
+                chunks = compress_stream(chunks, compression)
+        except BaseException:
+            cleanup(False)
+            raise
+        await self.stream(req, send, download_headers(vm["id"], fmt), chunks, cleanup,
+                          in_thread=compression is not None)
+
+    def _xva_chunks(self, vm: dict[str, Any]) -> Iterator[bytes]:
+        disks = [(vdi, content) for _vbd, vdi, content in self.model.vm_disks(vm["id"])]
+        vbds = [v for v in (self.model.get(i) for i in vm["$VBDs"]) if v is not None]
+        srs = {vdi["$SR"]: self.model.get(vdi["$SR"]) for vdi, _ in disks}
+        return xva_stream(vm, disks, vbds=vbds, srs=[sr for sr in srs.values() if sr is not None],
+                          hostname=self._hostname(vm))
+
+    def _hostname(self, vm: dict[str, Any]) -> str:
+        """The host XAPI would export from: the VM's own host, else the pool master."""
+        container = self.model.get(vm["$container"])
+        if container is None or container["type"] != "host":
+            pool = self.model.get(vm["$pool"])
+            container = self.model.get(pool["master"]) if pool is not None else None
+        return container["hostname"] if container is not None else "xcp-01"
+
+    async def export_vdi(self, req: Request, send: Send, vdi_type: str, obj_id: str, fmt: str) -> None:
+        vdi = self.model.get_typed(obj_id, vdi_type)
+        errors = ParamErrors()
+        errors.choice("format", fmt, VDI_FORMATS)
+        errors.raise_if_any()
+        disk = self.model.disk(vdi["id"])
+        if fmt == "raw":
+            task = self.model.start_task("[XO] Exporting content of VDI as raw stream")
+            chunks: Iterator[bytes] = disk.iter_raw(RAW_CHUNK)
+        else:
+            task = self.model.start_task(f"[XO] Exporting content of VDI  {vdi['name_label']} as vhd stream")
+            chunks = dynamic_vhd_stream(disk, uuid=bytes.fromhex(vdi["uuid"].replace("-", "")),
+                                        timestamp=VHD_TIMESTAMP)
+
+        def cleanup(ok: bool) -> None:
+            self.model.finish_task(task, status="success" if ok else "failure")
+
+        await self.stream(req, send, download_headers(vdi["id"], fmt), chunks, cleanup)
+
+    async def stream(self, req: Request, send: Send, headers: list[tuple[str, str]], chunks: Iterator[bytes],
+                     cleanup: Callable[[bool], None], *, in_thread: bool = False) -> None:
+        """Send `chunks` as the body; `cleanup(completed)` runs however the stream ends."""
+        out = StreamSender(req, send, headers)
+        completed = False
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_disconnect, req, scope)
+                    completed = await self._pump(req, out, chunks, in_thread)
+                    nursery.cancel_scope.cancel()
+        finally:
+            cleanup(completed)
+
+    async def _pump(self, req: Request, out: StreamSender, chunks: Iterator[bytes], in_thread: bool) -> bool:
+        """Move the chunks to the client; False if a fault cut or stalled the stream."""
+        end = object()
+        cut = self.faults.cut_export_after_bytes
+        stall = self.faults.stall_export_after_bytes
+        stop = min((n for n in (cut, stall) if n is not None), default=None)
+        first = True
+        while True:
+            chunk = await trio.to_thread.run_sync(next, chunks, end) if in_thread else next(chunks, end)
+            if first:
+                await out.start()  # "XAPI answered": the headers go once the stream has started
+                first = False
+            if chunk is end:
+                break
+            assert isinstance(chunk, bytes)
+            if stop is not None and out.sent + len(chunk) >= stop:
+                await out.write(chunk[: stop - out.sent])
+                self.faults.note_export_fault(cut is not None and stop == cut)
+                if stop == stall and stop != cut:
+                    await trio.sleep_forever()  # until the client gives up (the disconnect watcher)
+                return False  # returning without ending the body makes the server drop the connection
+            await out.write(chunk)
+        await out.end()
+        return True
+
+
+async def _cancel_on_disconnect(req: Request, scope: trio.CancelScope) -> None:
+    await req.wait_disconnect()
+    scope.cancel()
+

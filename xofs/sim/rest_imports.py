@@ -1,0 +1,215 @@
+"""Imports: `POST /rest/v0/srs/<id>/vdis` (a new VDI) and `PUT /rest/v0/vdis/<id>.{raw,vhd}` (into one).
+
+The order of events is xo-server's (`sr.controller` → `SR_importVdi` → `VDI_importContent`), so clients
+and event watchers see what they would see with a real XO:
+
+1. the SR (or VDI) is looked up first: an unknown id is a 404 even with a bad query; then tsoa's checks
+   (422, e.g. a bare `?raw`);
+2. the virtual size: a raw upload's Content-Length (none: the `assert.notEqual` 500, nothing created); a
+   VHD's footer copy in its first 512 bytes, checked as XO does (a fixed VHD fails there, nothing created);
+3. `VDI.create` (an `enter` event; an SR without room fails here as XAPI's `SR_FULL`);
+4. without a Content-Length, "Trying to import a VDI without a length field…" (500), and the new VDI is
+   destroyed;
+5. an import task, and `other_config` `xo:import:task` / `xo:import:length` (the body length) while the
+   body is written: raw bodies sparsely into a fresh disk file, VHD bodies spooled then converted;
+6. the VDI takes the new content, the `other_config` keys go, and the answer is 201 with
+   `Location: /rest/v0/vdis/<id>` and `{"id": …}` (204 for a PUT). Any failure after step 3 destroys the
+   VDI created in step 3 and answers the XAPI-side error `{"error": "500 Internal Server Error"}`.
+
+The new VDI's `usage` is the body length, as with the recorded imports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from xofs.formats.vhd import FOOTER_SIZE, VhdError, check_import_footer, vhd_to_raw
+from xofs.sim.disks import BLOCK_SIZE
+from xofs.sim.faults import Faults
+from xofs.sim.model import SimModel
+from xofs.sim.rest_http import Request, RestError, Send, send_bytes, send_empty, send_json
+from xofs.sim.rest_params import ParamErrors
+
+log = logging.getLogger(__name__)
+
+NO_LENGTH = "Trying to import a VDI without a length field. Please report this error to the Xen Orchestra team."
+RAW_NO_LENGTH = 'Expected "actual" to be strictly unequal to:\n\nundefined'
+UPLOAD_FAILED = "500 Internal Server Error"  # the HTTP error of XAPI's /import_raw_vdi/, as XO reports it
+XAPI_ERROR_INFO = "This is a XenServer/XCP-ng error, not an XO error"
+VDI_FORMATS = ("raw", "vhd")
+
+
+class UploadFailed(Exception):
+    """The upload to "XAPI" failed (short body, bad VHD past its footer, injected fault)."""
+
+
+def default_name() -> str:
+    """`'[XO] Imported disk - ' + new Date().toISOString()`."""
+    now = datetime.datetime.now(datetime.UTC)
+    return "[XO] Imported disk - " + now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sr_full(size: int, free: int) -> RestError:
+    """XAPI's `SR_FULL(requested, maximum)` as XO's REST reports an XapiError: 500 with `info`."""
+    return RestError(500, f"SR_FULL({size}, {max(free, 0)})", info=XAPI_ERROR_INFO)
+
+
+class Importer:
+    """Writes uploads into the model's disks."""
+
+    def __init__(self, model: SimModel, faults: Faults, *, legacy: bool = False) -> None:
+        self.model = model
+        self.faults = faults
+        self.legacy = legacy
+
+    async def import_new(self, req: Request, send: Send, sr_id: str) -> None:
+        """`POST /rest/v0/srs/<id>/vdis?name_label=&name_description=&raw=`."""
+        sr = self.model.get_typed(sr_id, "SR")
+        errors = ParamErrors()
+        name_label = errors.string("name_label", req.query.get("name_label"))
+        name_description = errors.string("name_description", req.query.get("name_description"))
+        raw = errors.boolean("raw", req.query.get("raw"))
+        if self.legacy:  # the legacy router: the mere presence of `raw` meant raw
+            errors.fields.pop("raw", None)
+            raw = "raw" in req.query
+        errors.raise_if_any()
+        length = req.content_length
+        head = b""
+        if raw:
+            if length is None:
+                raise RestError(500, RAW_NO_LENGTH)
+            size = length
+        else:
+            head = await _read_head(req, FOOTER_SIZE)
+            try:
+                size = check_import_footer(head).current_size
+            except VhdError as error:
+                raise RestError(500, str(error)) from error
+        if sr["size"] - sr["usage"] < size:
+            raise sr_full(size, sr["size"] - sr["usage"])
+        vdi = self.model.create_vdi(sr["id"], name_label=name_label or default_name(),
+                                    name_description=name_description, size=size)
+        try:
+            if length is None:
+                raise RestError(500, NO_LENGTH)
+            await self._upload(req, vdi, sr, "raw" if raw else "vhd", head, length, base=None)
+        except BaseException:
+            if self.model.get(vdi["id"]) is not None:
+                self.model.vdi_delete(vdi["id"])
+            raise
+        if self.legacy:
+            await send_bytes(req, send, 200, vdi["id"].encode(), None, etag=False)
+        else:
+            await send_json(req, send, 201, {"id": vdi["id"]}, [("Location", f"/rest/v0/vdis/{vdi['id']}")])
+
+    async def import_into(self, req: Request, send: Send, vdi_id: str, fmt: str) -> None:
+        """`PUT /rest/v0/vdis/<id>.{raw,vhd}`: replace a VDI's content; 204."""
+        vdi = self.model.get_typed(vdi_id, "VDI")
+        errors = ParamErrors()
+        errors.choice("format", fmt, VDI_FORMATS)
+        errors.raise_if_any()
+        length = req.content_length
+        if length is None:
+            raise RestError(500, NO_LENGTH)
+        sr = self.model.get_typed(vdi["$SR"], "SR")
+        await self._upload(req, vdi, sr, fmt, b"", length, base=vdi)
+        await send_empty(req, send, 204)
+
+    async def _upload(self, req: Request, vdi: dict[str, Any], sr: dict[str, Any], fmt: str, head: bytes,
+                      length: int, *, base: dict[str, Any] | None) -> None:
+        """Steps 5 and 6: the task, the `other_config` marks, the body into a new disk file."""
+        task = self.model.start_task(f"[XO] Importing content into VDI {vdi['name_label']} on SR {sr['name_label']}")
+        marks = {"xo:import:task": task, "xo:import:length": str(length)}
+        self.model.update(vdi["id"], {"other_config": {**vdi["other_config"], **marks}})
+        path = self.model.new_disk_path(vdi["id"])
+        ok = False
+        try:
+            if self.faults.take_import_failure():
+                await req.drain()
+                raise UploadFailed("fail_next_import fault")
+            if fmt == "raw":
+                await _write_raw(req, path, head, length, vdi["size"], base=self._base_disk(base))
+            else:
+                await _write_vhd(req, path, head, length, vdi["size"])
+            ok = True
+        except (UploadFailed, VhdError) as error:
+            log.info("import into VDI %s failed: %s", vdi["id"], error)
+            raise RestError(500, UPLOAD_FAILED) from error
+        finally:
+            self.model.finish_task(task, status="success" if ok else "failure")
+            current = self.model.get(vdi["id"])
+            if current is not None:
+                kept = {k: v for k, v in current["other_config"].items() if k not in marks}
+                self.model.update(vdi["id"], {"other_config": kept})
+            if not ok:
+                path.unlink(missing_ok=True)
+        self.model.attach_disk_file(vdi["id"], path, usage=length)
+
+    def _base_disk(self, vdi: dict[str, Any] | None) -> Any:
+        return self.model.disk(vdi["id"]) if vdi is not None else None
+
+
+async def _read_head(req: Request, n: int) -> bytes:
+    """The first `n` bytes of the body (fewer if it is shorter), as `peekFooterFromVhdStream` reads them."""
+    head = bytearray()
+    if n:
+        async for chunk in req.body_chunks():
+            head += chunk
+            if len(head) >= n:
+                break
+    return bytes(head)
+
+
+async def _body_after(req: Request, head: bytes) -> Any:
+    """The whole body again: the bytes already read, then the rest as it arrives."""
+    if head:
+        yield head
+    async for chunk in req.body_chunks():
+        yield chunk
+
+
+async def _write_raw(req: Request, path: Path, head: bytes, length: int, size: int, *, base: Any) -> None:
+    """A raw body into a sparse file of `size` bytes (all-zero pieces left as holes).
+
+    Written over a copy of `base` (a PUT into an existing VDI keeps what the upload does not cover, as
+    XAPI's raw import writes in place). More bytes than the VDI holds is a failed upload.
+    """
+    with open(path, "wb") as out:
+        fd = out.fileno()
+        os.ftruncate(fd, size)
+        if base is not None:
+            for block in base.allocated_blocks():
+                offset = block * BLOCK_SIZE
+                os.pwrite(fd, base.read(offset, BLOCK_SIZE), offset)
+        offset = 0
+        async for chunk in _body_after(req, head):
+            if offset + len(chunk) > size:
+                raise UploadFailed(f"the body is larger than the VDI ({size} bytes)")
+            if chunk.count(0) != len(chunk) or base is not None:
+                os.pwrite(fd, chunk, offset)
+            offset += len(chunk)
+    if offset != length:
+        raise UploadFailed(f"the body ended after {offset} of {length} bytes")
+
+
+async def _write_vhd(req: Request, path: Path, head: bytes, length: int, size: int) -> None:
+    """A VHD body spooled to a file next to `path`, then converted to the raw content of `path`."""
+    spool = path.with_suffix(".upload.vhd")
+    try:
+        received = 0
+        with open(spool, "wb") as out:
+            async for chunk in _body_after(req, head):
+                out.write(chunk)
+                received += len(chunk)
+        if received != length:
+            raise UploadFailed(f"the body ended after {received} of {length} bytes")
+        await trio.to_thread.run_sync(lambda: vhd_to_raw(spool, path, expected_size=size))
+    finally:
+        spool.unlink(missing_ok=True)
+
