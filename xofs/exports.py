@@ -1,10 +1,29 @@
-"""Reading XO export streams (`.xva`, `.vhd`, `.raw`) through the mount: sizes, read-ahead, spool, limits.
+"""Reading XO exports (`.xva`, `.vhd`, `.raw`) through the mount: sizes, streaming, spooling, limits.
 
-Skeleton: the public API the mount wires in; the implementation follows.
+`ExportManager` is the mount's `ExportService` (xofs.files). It does no I/O for `stat` or `open`: an export
+starts on the first read of an open file (never a HEAD: on XO that starts a real export) and is cancelled
+when the file is released. What a read is served from:
+
+- a sequential reader (cp, cat, dd, rsync, tar, sha256sum) from the memory window of its own export
+  (xofs.export_stream), forward skips and small backward seeks included;
+- a reader that jumps (qemu-img) from the spool (xofs.spool): the export goes on into a local file, filled
+  in stream order, and every read waits for its bytes there. If the window had already dropped bytes, the
+  export is restarted into the spool and checked against the hash of what the first one delivered;
+- an export already spooled in full (and unchanged since, as far as XO's events say) from that spool alone.
+
+Sizes: `.raw` is exact (the VDI's `size`). The others are exact once a full read measured them (until an
+event says the object or one of its disks changed), and until then a safe upper bound (xofs.export_sizes).
+A read that reaches the size shown waits to see where the stream ends: the size is corrected when it was a
+bound, and a stream longer than the size shown fails the read (EIO) rather than let a reader that trusts
+`st_size` (rsync, tar) stop short without noticing.
+
+Failures are `XofsError`s naming the file, the export, the offset and XO's words: a vanished object is
+ENOENT, a refused token EACCES, a broken stream EIO. A broken stream is never silently resumed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -12,41 +31,353 @@ from pathlib import Path
 import trio
 
 from xofs.cache import Change, ObjectCache
+from xofs.client.export import ExportResponse
 from xofs.client.rest import RestClient
-from xofs.files import FileAttrs, OpenFile
+from xofs.errors import XofsError
+from xofs.export_sizes import (
+    UNKNOWN_DISK,
+    compressed_bound,
+    compression_of,
+    vhd_bound,
+    vm_disks,
+    xva_bound,
+)
+from xofs.export_stream import ExportFeed
+from xofs.files import Caller, FileAttrs, OpenInfo
+from xofs.spool import Spool, SpoolEntry
 from xofs.views import Export
 
 log = logging.getLogger(__name__)
 
+BACK_WINDOW = 1 << 20  # bytes kept behind a reader for small backward seeks (mountpoint-s3 keeps 1 MiB too)
+SKIP_LIMIT = 16 << 20  # a later forward jump up to this far is received and dropped; further ones spool
+MIN_READAHEAD = 2 << 20  # at least two of the kernel's 1 MiB requests
+
+VM_TYPES = frozenset({"VM", "VM-snapshot"})
+VDI_TYPES = frozenset({"VDI", "VDI-snapshot"})
+
+
+class ExportReadError(XofsError):
+    """A read of an export file failed; the message names the file, the export, the offset and why."""
+
 
 class ExportManager:
-    """The `ExportService` of a mount: one per XO server."""
+    """The `ExportService` of one mount: sizes, the export slots and the spool of one XO server."""
 
     def __init__(self, client: RestClient, cache: ObjectCache, *, spool_dir: Path, spool_limit: int = 8 << 30,
                  max_exports: int = 4, readahead: int = 8 << 20,
                  on_size_known: Callable[[Export], None] | None = None) -> None:
         self.client = client
         self.cache = cache
-        self.spool_dir = spool_dir
-        self.spool_limit = spool_limit
+        self.spool = Spool(spool_dir, spool_limit)
         self.max_exports = max_exports
-        self.readahead = readahead
+        self.readahead = max(readahead, MIN_READAHEAD)
+        # Called when a file's size changed without an XO event: measured, or found wrong. The mount
+        # invalidates the kernel's attributes of that file.
         self.on_size_known = on_size_known
+        self.slots = trio.Semaphore(max_exports)
+        self._measured: dict[str, int] = {}  # export path -> length of a complete export
+        self._paths_of: dict[str, set[str]] = {}  # object id -> export paths in _measured
+        self._generation: dict[str, int] = {}  # object id -> count of changes seen, to spot races
+        self._nursery: trio.Nursery | None = None
+        self.exports_started = 0  # for status lines and tests
+
+    # --- life ---
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        raise NotImplementedError
+        """Own the export tasks; sweep the spool at start and when the mount ends."""
+        self.spool.sweep()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self.spool.close()
 
     def on_changes(self, changes: list[Change]) -> None:
-        raise NotImplementedError
-
-    def attrs(self, export: Export) -> FileAttrs:
-        raise NotImplementedError
-
-    def xattrs(self, export: Export) -> dict[str, bytes]:
-        raise NotImplementedError
-
-    async def open(self, export: Export, path: str) -> OpenFile:
-        raise NotImplementedError
+        """Forget what XO's events say may be out of date: for a VM its disks too, for a disk its VMs."""
+        ids: set[str] = set()
+        for change in changes:
+            ids.add(change.obj_id)
+            for obj in (change.old, change.new):
+                if obj is not None:
+                    ids.update(self._related(change.type, obj))
+        for obj_id in ids:
+            self.forget_object(obj_id)
 
     def forget_object(self, obj_id: str) -> None:
-        raise NotImplementedError
+        self._generation[obj_id] = self._generation.get(obj_id, 0) + 1
+        for path in self._paths_of.pop(obj_id, ()):
+            self._measured.pop(path, None)
+        self.spool.forget_objects({obj_id})
+
+    def _related(self, type_: str, obj: dict) -> set[str]:
+        """Objects whose exports contain (or are contained in) `obj`'s: via VBDs, both ways."""
+        related: set[str] = set()
+        if type_ in VM_TYPES or type_ in VDI_TYPES:
+            vbds = obj.get("$VBDs")
+            for vbd_id in vbds if isinstance(vbds, list) else []:
+                vbd = self.cache.get(vbd_id) if isinstance(vbd_id, str) else None
+                if vbd is not None:
+                    related.update(v for v in (vbd.get("VDI"), vbd.get("VM")) if isinstance(v, str))
+        elif type_ == "VBD":
+            related.update(v for v in (obj.get("VDI"), obj.get("VM")) if isinstance(v, str))
+        if isinstance(obj.get("suspendVdi"), str):
+            related.add(obj["suspendVdi"])
+        return related
+
+    # --- sizes ---
+
+    def size_of(self, export: Export) -> tuple[int, str]:
+        """The size to show and where it comes from: `xo` (exact by format), `measured`, or `bound`."""
+        if export.exact_size is not None:
+            return export.exact_size, "xo"
+        measured = self._measured.get(export.path)
+        if measured is not None:
+            return measured, "measured"
+        return self._bound(export), "bound"
+
+    def _bound(self, export: Export) -> int:
+        obj = self.cache.get(export.obj_id) or {}
+        if export.fmt in ("vhd", "raw"):
+            size = obj.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                size = UNKNOWN_DISK
+            return vhd_bound(size) if export.fmt == "vhd" else size
+        if export.fmt == "xva":
+            sizes, vbds = vm_disks(obj, self.cache.get)
+            bound = xva_bound(sizes, vbds)
+            method = compression_of(export.query)
+            return compressed_bound(bound, method) if method else bound
+        log.warning("no size bound is known for the export format %r; showing %d", export.fmt, UNKNOWN_DISK)
+        return UNKNOWN_DISK
+
+    def measured(self, export: Export, length: int, generation: tuple[int, ...]) -> None:
+        """A complete export of `export` was `length` bytes: show that from now on (unless XO changed it)."""
+        if export.exact_size is not None or generation != self._generations(export):
+            return
+        if self._measured.get(export.path) == length:
+            return
+        self._measured[export.path] = length
+        self._paths_of.setdefault(export.obj_id, set()).add(export.path)
+        log.debug("export %s measured: %d bytes", export.path, length)
+        self._size_changed(export)
+
+    def unmeasure(self, export: Export) -> None:
+        """The measured length turned out wrong: go back to the bound."""
+        if self._measured.pop(export.path, None) is not None:
+            self._paths_of.get(export.obj_id, set()).discard(export.path)
+            self._size_changed(export)
+
+    def _size_changed(self, export: Export) -> None:
+        if self.on_size_known is not None:
+            try:
+                self.on_size_known(export)
+            except Exception:  # the kernel keeps an old size a little longer; reads stay correct
+                log.exception("invalidating the size of %s failed", export.path)
+
+    def _generations(self, export: Export) -> tuple[int, ...]:
+        obj = self.cache.get(export.obj_id) or {}
+        type_ = obj.get("type", "")
+        ids = sorted({export.obj_id} | self._related(type_, obj))
+        return tuple(self._generation.get(i, 0) for i in ids)
+
+    def _objects_of(self, export: Export) -> frozenset[str]:
+        obj = self.cache.get(export.obj_id) or {}
+        return frozenset({export.obj_id} | self._related(obj.get("type", ""), obj))
+
+    # --- ExportService ---
+
+    def attrs(self, export: Export) -> FileAttrs:
+        obj = self.cache.get(export.obj_id)
+        if obj is None:
+            raise XofsError(f"{export.path}: XO has no object {export.obj_id} any more", object_id=export.obj_id,
+                            errno_=errno.ENOENT)
+        size, source = self.size_of(export)
+        changed = self.cache.changed_at.get(export.obj_id)
+        return FileAttrs(size=size, mtime_ns=int(changed * 1e9) if changed else 0, mode=0o400,
+                         exact=source != "bound")
+
+    def xattrs(self, export: Export) -> dict[str, bytes]:
+        _, source = self.size_of(export)
+        return {"user.xo.size_exact": b"false" if source == "bound" else b"true"}
+
+    async def open(self, export: Export, path: str) -> ExportFile:
+        if self.cache.get(export.obj_id) is None:
+            raise XofsError(f"{path}: XO has no object {export.obj_id} any more", object_id=export.obj_id,
+                            errno_=errno.ENOENT)
+        return ExportFile(self, export, path)
+
+    # --- starting exports ---
+
+    def _feed(self, export: Export, *, verify: tuple[int, bytes] | None = None,
+              spool: SpoolEntry | None = None) -> ExportFeed:
+        async def open_response() -> ExportResponse:
+            if self.slots.value == 0:
+                log.info("export %s waits: all %d export slots are in use", export.path, self.max_exports)
+            self.exports_started += 1
+            log.debug("export %s: starting", export.path)
+            return await self.client.open_export(export.path)
+
+        return ExportFeed(export.path, open_response, self.slots, readahead=self.readahead,
+                          back_window=BACK_WINDOW, verify=verify, spool=spool)
+
+    async def _start(self, feed: ExportFeed) -> None:
+        if self._nursery is None:
+            raise XofsError("the export service is not running", errno_=errno.EIO)
+        await self._nursery.start(feed.run)
+
+    async def stream(self, export: Export) -> ExportFeed:
+        """Start an export read from memory; returns once XO answered 200 (raises its refusal)."""
+        feed = self._feed(export)
+        await self._start(feed)
+        return feed
+
+    async def spooled(self, export: Export, verify: tuple[int, bytes] | None = None) -> SpoolEntry:
+        """A spool entry for `export` (acquired by the caller): the one there is, or a new export into one."""
+        entry = self.spool.lookup(export.path)
+        if entry is not None and verify is None:
+            self.spool.acquire(entry)
+            return entry
+        entry = self.spool.create(export.path, self._objects_of(export))
+        self.spool.acquire(entry)
+        feed = self._feed(export, verify=verify, spool=entry)
+        entry.on_idle = feed.cancel
+        try:
+            await self._start(feed)
+        except BaseException:
+            self.spool.release(entry)
+            raise
+        return entry
+
+    def divert(self, export: Export, feed: ExportFeed) -> SpoolEntry:
+        """Move a running memory export into a new spool entry (acquired by the caller)."""
+        entry = self.spool.create(export.path, self._objects_of(export))
+        self.spool.acquire(entry)
+        entry.on_idle = feed.cancel
+        feed.divert(entry)
+        return entry
+
+
+class ExportFile:
+    """One open export file (an `OpenFile`). Reads come one at a time from the kernel for one reader."""
+
+    def __init__(self, manager: ExportManager, export: Export, path: str) -> None:
+        self.manager = manager
+        self.export = export
+        self.path = path
+        self.info = OpenInfo(direct_io=True, keep_cache=False)
+        self.feed: ExportFeed | None = None  # reading from memory
+        self.entry: SpoolEntry | None = None  # reading from the spool
+        self.generation = manager._generations(export)
+        self.position = 0  # end of the last read, for log lines
+        # Once an export of this file was dropped, any next one must match what it delivered.
+        self._verify: tuple[int, bytes] | None = None
+        self.released = False
+        self._lock = trio.Lock()  # the kernel may send reads of one file concurrently: take them in turn
+
+    async def read(self, offset: int, size: int) -> bytes:
+        async with self._lock:
+            try:
+                source = await self._source(offset)
+                data = await source.read(offset, size)
+                await self._check_end(source, offset, size, data)
+            except ExportReadError:
+                raise
+            except XofsError as err:
+                raise self._error(err, offset) from None
+            self.position = offset + len(data)
+            return data
+
+    async def _source(self, offset: int) -> ExportFeed | SpoolEntry:
+        if self.released:
+            raise XofsError("the file was closed")
+        if self.entry is not None:
+            return self.entry
+        feed = self.feed
+        if feed is not None:
+            if feed.error is not None:
+                raise feed.error  # a broken export is not resumed: its bytes could not all be checked
+            if feed.length is not None and feed.window_start <= offset:
+                return feed  # the whole rest of the export is in memory
+            # A jump forward before anything was dropped is how random readers start (qemu-img, file):
+            # spool now, while that costs no second export. Later, short skips are received and dropped.
+            jump = feed.window_start == 0 and offset > feed.reader_pos
+            if not jump and feed.can_serve(offset, SKIP_LIMIT):
+                return feed
+            if feed.window_start == 0:
+                log.debug("%s: read at %d out of order; spooling the export from here on", self.path, offset)
+                self.entry = self.manager.divert(self.export, feed)
+            else:
+                log.info("%s: read at %d is behind what the export still holds (from %d); restarting the "
+                         "export into the spool, checked against the %d bytes received", self.path, offset,
+                         feed.window_start, feed.received)
+                self._verify = feed.digest()
+                feed.cancel()
+                self.feed = None
+                self.entry = await self.manager.spooled(self.export, self._verify)
+            self.feed = None
+            return self.entry
+        entry = self.manager.spool.lookup(self.export.path)
+        if entry is not None or offset > 0 or self._verify is not None:  # a first read at 0 is sequential
+            self.entry = await self.manager.spooled(self.export, self._verify)
+            return self.entry
+        self.feed = await self.manager.stream(self.export)
+        return self.feed
+
+    async def _check_end(self, source: ExportFeed | SpoolEntry, offset: int, size: int, data: bytes) -> None:
+        """Where the read meets the end of the stream or the size shown, make sure they agree."""
+        shown, basis = self.manager.size_of(self.export)
+        length = source.length
+        if offset + size >= shown:
+            length = await source.length_beyond(shown)
+            if length is None:
+                self._too_long(shown, basis)
+        if length is None:
+            return
+        exact = self.export.exact_size
+        if exact is not None and length != exact:
+            raise XofsError(f"XO's export ended after {length} bytes, but the VDI's size is {exact}")
+        self.manager.measured(self.export, length, self.generation)
+
+    def _too_long(self, shown: int, basis: str) -> None:
+        if basis == "measured":
+            self.manager.unmeasure(self.export)
+            raise XofsError(f"the export is now longer than the {shown} bytes measured by an earlier read (it "
+                            "changed in between); the file shows an upper bound again: read it anew")
+        if basis == "bound":
+            raise XofsError(f"the export is longer than the upper bound of {shown} bytes computed for it; "
+                            "this is a bug in xofs.export_sizes, please report it")
+        raise XofsError(f"XO's export is longer than the {shown} bytes the VDI's size says")
+
+    def _error(self, err: XofsError, offset: int) -> ExportReadError:
+        errno_ = err.errno
+        words = err.message
+        if self.manager.cache.get(self.export.obj_id) is None and errno_ == errno.EIO:
+            errno_ = errno.ENOENT
+            words += " (the object is no longer in XO)"
+        return ExportReadError(f"{self.path}: export /rest/v0/{self.export.path} at offset {offset}: {words}",
+                               object_id=self.export.obj_id, errno_=errno_)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        raise XofsError("exports are read-only", errno_=errno.EPERM)
+
+    async def flush(self, caller: Caller) -> None:
+        return None
+
+    async def fsync(self) -> None:
+        return None
+
+    async def release(self) -> None:
+        self.released = True
+        if self.feed is not None:
+            feed, self.feed = self.feed, None
+            if not feed.done:
+                log.debug("%s: closed at offset %d; export %s cancelled after %d bytes", self.path,
+                          self.position, feed.label, feed.received)
+            feed.cancel()
+        if self.entry is not None:
+            entry, self.entry = self.entry, None
+            self.manager.spool.release(entry)

@@ -1,0 +1,272 @@
+"""One running export: a task that receives XO's stream into a bounded memory window or into a spool entry.
+
+XO exports are one forward-only GET each (no Range, xo-api.md §1.9). An `ExportFeed` owns that GET: a task
+of the manager's nursery receives the body while FUSE reads are answered, so HTTP receiving overlaps with
+the replies to the kernel.
+
+- In memory, it keeps the bytes from `back_window` before the reader's position to at most `readahead`
+  after it: memory per open file is bounded and does not depend on the export's size. Reads inside that
+  window, and forward skips (received and dropped), are answered from it.
+- Diverted into a `SpoolEntry` (the reader jumped where the window cannot serve), it writes every byte to
+  disk as fast as XO sends, and readers read the spool.
+
+Every byte is hashed as it arrives (XXH3-128, ~50 GB/s), so that a second export of the same object can be
+checked against what the first one already handed out: a feed made with `verify=(n, digest)` publishes
+nothing until its first `n` bytes hash to `digest`, and fails otherwise. That is what lets a reader's jump
+backwards restart an export without ever mixing bytes of two different versions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import trio
+import xxhash
+
+from xofs.client.export import ExportResponse
+from xofs.errors import XofsError
+from xofs.spool import SpoolEntry
+
+log = logging.getLogger(__name__)
+
+RECEIVE = 1 << 20  # what one receive asks the connection for
+
+
+class StreamChanged(XofsError):
+    """A restarted export does not start with the bytes the earlier one handed out."""
+
+
+class ExportFeed:
+    """One GET of an export, received by `run` (started in the manager's nursery)."""
+
+    def __init__(self, label: str, open_response: Callable[[], Awaitable[ExportResponse]], slot: trio.Semaphore,
+                 *, readahead: int, back_window: int, verify: tuple[int, bytes] | None = None,
+                 spool: SpoolEntry | None = None) -> None:
+        self.label = label  # the export's path, for log lines
+        self._open_response = open_response
+        self._slot = slot
+        self.readahead = readahead
+        self.back_window = back_window
+        self.received = 0  # bytes of the stream received so far
+        self.length: int | None = None  # set at the clean end of the stream
+        self.error: XofsError | None = None
+        self._hash = xxhash.xxh3_128()
+        self._verify = verify
+        self.verified = verify is None or verify[0] == 0
+        # The memory window: `_window` holds the stream's bytes from `window_start` to `received`.
+        self._window: deque[bytes] = deque()
+        self.window_start = 0
+        self.reader_pos = 0  # where the reader is: bytes before reader_pos - back_window are dropped
+        self._wanted = 0  # the end of the bytes a waiting reader needs
+        # Diverted into a spool entry: bytes received but not yet written there.
+        self.spool = spool
+        self._pending: list[bytes] = []
+        self._pending_from = 0
+        self._arrived = trio.Event()  # new bytes, the end, or an error
+        self._room = trio.Event()  # the reader moved on, or the feed was diverted
+        self._scope = trio.CancelScope()
+        self.running = False
+
+    @property
+    def done(self) -> bool:
+        return self.length is not None or self.error is not None
+
+    def digest(self) -> tuple[int, bytes]:
+        """How many bytes were received and their hash, for checking a restarted export."""
+        return self.received, self._hash.digest()
+
+    # --- the task ---
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Wait for an export slot, open the GET, then receive until the end.
+
+        Until the GET answered 200 (task_status.started), failures are raised to whoever started the feed:
+        XO's refusal (404, 401…) belongs to the read that started the export. After that, they are kept in
+        `error` for the readers, never raised into the nursery.
+        """
+        started = False
+        with self._scope:
+            async with self._slot:
+                try:
+                    response = await self._open_response()
+                except XofsError as err:
+                    self._fail(err)
+                    raise
+                self.running = True
+                task_status.started()
+                started = True
+                try:
+                    await self._receive_all(response)
+                except XofsError as err:
+                    self._fail(err)
+                except Exception as err:  # a bug must fail the reads, never the mount
+                    log.exception("export %s: unexpected failure while receiving", self.label)
+                    self._fail(XofsError(f"export {self.label}: internal error: {err!r}"))
+                finally:
+                    self.running = False
+                    with trio.CancelScope(shield=True):
+                        await response.aclose()
+        if not self.done:
+            self._fail(XofsError(f"export {self.label} was cancelled"))
+        if not started:
+            assert self.error is not None
+            raise self.error
+
+    def cancel(self) -> None:
+        """Stop receiving and drop the connection (which cancels the export on XO's side)."""
+        self._scope.cancel()
+        if not self.running and not self.done:
+            self._fail(XofsError(f"export {self.label} was cancelled"))
+
+    async def _receive_all(self, response: ExportResponse) -> None:
+        while True:
+            if self.spool is not None:
+                await self._flush_pending()
+            elif self.received >= max(self.reader_pos + self.readahead, self._wanted):
+                room = self._room
+                await room.wait()
+                continue
+            data = await response.receive(RECEIVE)
+            if not data:
+                break
+            self._take(data)
+        if self._verify is not None and not self.verified:
+            raise StreamChanged(f"export {self.label} is now {self.received} bytes long, shorter than the "
+                                f"{self._verify[0]} bytes an earlier export of it already handed out")
+        self.length = self.received
+        if self.spool is not None:
+            await self._flush_pending()
+            self.spool.finish(self.length)
+        self._wake_readers()
+
+    def _take(self, data: bytes) -> None:
+        if not self.verified:
+            self._check(data)
+        self._hash.update(data)
+        self.received += len(data)
+        if self.spool is not None:
+            self._pending.append(data)
+        else:
+            self._window.append(data)
+            self._trim()
+        self._wake_readers()
+
+    def _check(self, data: bytes) -> None:
+        assert self._verify is not None
+        n, digest = self._verify
+        if self.received + len(data) < n:
+            return
+        probe = self._hash.copy()
+        probe.update(memoryview(data)[: n - self.received])
+        if probe.digest() != digest:
+            raise StreamChanged(f"export {self.label} restarted with bytes that differ from those of the earlier "
+                                f"export within its first {n} bytes: the object changed in between")
+        self.verified = True
+        if self.spool is not None:
+            self.spool.publish(self._pending_from)
+
+    async def _flush_pending(self) -> None:
+        """Write what was received since the last write (one write per receive, or the whole window)."""
+        assert self.spool is not None
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        await self.spool.append(data)
+        self._pending_from += len(data)
+        if self.verified:
+            self.spool.publish(self._pending_from)
+
+    def _fail(self, err: XofsError) -> None:
+        if self.error is None and self.length is None:
+            self.error = err
+        if self.spool is not None:
+            self.spool.fail(err)
+        self._wake_readers()
+
+    def _wake_readers(self) -> None:
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    def _make_room(self) -> None:
+        self._room.set()
+        self._room = trio.Event()
+
+    def _trim(self) -> None:
+        keep_from = self.reader_pos - self.back_window
+        while self._window and self.window_start + len(self._window[0]) <= keep_from:
+            self.window_start += len(self._window.popleft())
+
+    # --- memory reads ---
+
+    def can_serve(self, offset: int, skip_limit: int) -> bool:
+        """Whether a read at `offset` can be answered from the memory window (now or after a short wait)."""
+        return self.spool is None and self.window_start <= offset <= self.received + skip_limit
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream."""
+        end = offset + size
+        self.reader_pos = max(self.reader_pos, offset)
+        self._trim()
+        self._make_room()
+        while (self.received < end or not self.verified) and self.length is None:
+            if self.error is not None:
+                raise self.error
+            self._wanted = end
+            await self._wait()
+        self._wanted = 0
+        if offset < self.window_start:  # another reader of the same file moved the window on meanwhile
+            raise XofsError(f"export {self.label}: bytes at {offset} already dropped")
+        data = self._slice(offset, min(end, self.received))
+        self.reader_pos = max(self.reader_pos, offset + len(data))
+        self._trim()
+        self._make_room()
+        return data
+
+    async def length_beyond(self, n: int) -> int | None:
+        """The stream's length if it is `n` bytes or fewer; None once it is known to be longer."""
+        while self.length is None and self.received <= n:
+            if self.error is not None:
+                raise self.error
+            self._wanted = n + 1
+            self._make_room()
+            await self._wait()
+        self._wanted = 0
+        return self.length if self.length is not None and self.length <= n else None
+
+    async def _wait(self) -> None:
+        event = self._arrived
+        await event.wait()
+
+    def _slice(self, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        parts: list[bytes | memoryview] = []
+        pos = self.window_start
+        for chunk in self._window:
+            chunk_end = pos + len(chunk)
+            if chunk_end > start:
+                if pos >= end:
+                    break
+                a, b = max(start - pos, 0), min(end - pos, len(chunk))
+                parts.append(chunk if a == 0 and b == len(chunk) else memoryview(chunk)[a:b])
+            pos = chunk_end
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    # --- switching to the spool ---
+
+    def divert(self, entry: SpoolEntry) -> None:
+        """From now on, write the stream into `entry`, starting with the window (which must start at 0)."""
+        assert self.window_start == 0 and self.spool is None
+        self.spool = entry
+        self._pending = list(self._window)
+        self._window.clear()
+        if self.length is not None:
+            raise AssertionError("a finished feed is served from memory, never diverted")
+        if self.error is not None:
+            entry.fail(self.error)
+        self._make_room()
