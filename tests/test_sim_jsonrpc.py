@@ -1,0 +1,431 @@
+"""The simulator's JSON-RPC API over a real websocket, compared with what a real xo-server 5.207.2 sends.
+
+Most tests talk to `xofs sim` subprocesses (the shared `sim` for reads, `fresh_sim` for changes); the fault
+knobs (closing sockets, expiring a token) are driven on an in-process server whose model the test holds.
+Expected frames come from `xo-api.md` §4 and the recordings in `reference/real-xo/events/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from tests.support import DEFAULT_TOKEN
+from tests.test_sim_shapes import SHARED, shape_problems
+from xofs.sim.inventory import build_inventory
+from xofs.sim.model import SimModel
+from xofs.sim.server import load_rest_app, make_app
+
+EVENTS = SHARED / "reference/real-xo/events"
+
+
+class Rpc:
+    """A JSON-RPC peer on one websocket: concurrent calls matched by id, notifications collected apart."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.next_id = -1  # xo-lib numbers its requests with negative integers
+        self.waiting: dict[Any, trio.MemorySendChannel] = {}
+        self.raw: dict[Any, str] = {}
+        self.arrivals: list[Any] = []
+        send, self.notifications = trio.open_memory_channel[str](math.inf)
+        self._notify = send
+        self.closed = trio.Event()
+
+    async def read_forever(self) -> None:
+        try:
+            while True:
+                text = await self.ws.get_message()
+                message = json.loads(text)
+                if "id" in message:
+                    self.arrivals.append(message["id"])
+                    self.raw[message["id"]] = text
+                    waiter = self.waiting.pop(message["id"], None)
+                    if waiter is not None:
+                        waiter.send_nowait(message)
+                else:
+                    self._notify.send_nowait(text)
+        except ConnectionClosed:
+            self._notify.close()
+            self.closed.set()
+
+    async def request(self, method: str, params: Any = None, *, request_id: Any = None) -> dict[str, Any]:
+        """The whole answer frame (parsed) of one call."""
+        if request_id is None:
+            request_id, self.next_id = self.next_id, self.next_id - 1
+        send, receive = trio.open_memory_channel(1)
+        self.waiting[request_id] = send
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        await self.ws.send_message(json.dumps(message))
+        with trio.fail_after(10):
+            return await receive.receive()
+
+    async def call(self, method: str, params: Any = None) -> Any:
+        answer = await self.request(method, params)
+        assert "result" in answer, answer
+        return answer["result"]
+
+    async def next_event(self, timeout: float = 3) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            return json.loads(await self.notifications.receive())
+
+    async def events_for(self, seconds: float) -> list[dict[str, Any]]:
+        out = []
+        with trio.move_on_after(seconds):
+            async for text in self.notifications:
+                out.append(json.loads(text))
+        return out
+
+
+@asynccontextmanager
+async def rpc(url: str, *, token: str | None = None) -> AsyncIterator[Rpc]:
+    async with open_websocket_url(url.replace("http://", "ws://") + "/api/") as ws:
+        async with trio.open_nursery() as nursery:
+            peer = Rpc(ws)
+            nursery.start_soon(peer.read_forever)
+            if token is not None:
+                await peer.call("session.signIn", {"token": token})
+            yield peer
+            nursery.cancel_scope.cancel()
+
+
+def error_of(answer: dict[str, Any]) -> dict[str, Any]:
+    assert set(answer) == {"error", "id", "jsonrpc"}, answer
+    return answer["error"]
+
+
+async def find_vm(peer: Rpc, name: str) -> dict[str, Any]:
+    vms = await peer.call("xo.getAllObjects", {"filter": {"type": "VM", "name_label": name}})
+    (vm,) = vms.values()
+    return vm
+
+
+# -- transport and framing --------------------------------------------------------------------------------
+
+async def test_frames_echo_ids_and_use_xo_key_order(sim):
+    async with rpc(sim.url) as peer:
+        await peer.request("system.getServerVersion", request_id=-7)
+        assert peer.raw[-7] == '{"id":-7,"jsonrpc":"2.0","result":"5.207.2"}'
+        await peer.request("system.getServerVersion", request_id="abc")
+        assert peer.raw["abc"] == '{"id":"abc","jsonrpc":"2.0","result":"5.207.2"}'
+        await peer.request("nope.nope", request_id=3)
+        assert peer.raw[3] == ('{"error":{"code":-32601,"data":"nope.nope","message":"method not found: nope.nope"},'
+                               '"id":3,"jsonrpc":"2.0"}')
+
+
+async def test_malformed_messages(sim):
+    async with open_websocket_url(sim.url.replace("http", "ws") + "/api/") as ws:
+        await ws.send_message("{not json")
+        assert json.loads(await ws.get_message()) == {
+            "error": {"code": -32700, "message": "invalid JSON"}, "id": None, "jsonrpc": "2.0"}
+        await ws.send_message(json.dumps({"id": 1, "method": "system.getServerVersion"}))  # no "jsonrpc"
+        assert json.loads(await ws.get_message())["error"]["code"] == -32600
+        # a notification (no id) gets no answer; the next request still does
+        await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": "system.getServerVersion"}))
+        await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "system.getServerVersion"}))
+        assert json.loads(await ws.get_message())["id"] == 2
+
+
+async def test_only_the_exact_api_path_is_upgraded(sim):
+    for path in ("/api", "/api/?x=1", "/foo"):
+        with trio.move_on_after(1) as waited:
+            with pytest.raises(HandshakeError):
+                async with open_websocket_url(sim.url.replace("http", "ws") + path):
+                    pass
+        assert waited.cancelled_caught, f"{path}: the server answered instead of leaving the client waiting"
+
+
+async def test_requests_run_concurrently(fresh_sim):
+    async with rpc(fresh_sim.url, token=fresh_sim.token) as peer:
+        web = await find_vm(peer, "web-01")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: peer.request("vm.snapshot", {"id": web["id"]}, request_id=100))
+            await trio.sleep(0.01)
+            nursery.start_soon(lambda: peer.request("system.getServerVersion", request_id=101))
+        # the snapshot was sent first but makes XAPI calls: the quick answer overtakes it
+        assert peer.arrivals.index(101) < peer.arrivals.index(100)
+        assert "result" in json.loads(peer.raw[100])
+
+
+# -- session, tokens, system -------------------------------------------------------------------------------
+
+async def test_before_sign_in(sim):
+    async with rpc(sim.url) as peer:
+        assert await peer.call("system.getServerVersion") == "5.207.2"
+        assert error_of(await peer.request("session.getUser")) == {"code": -32000,
+                                                                   "message": "unknown error from the peer"}
+        assert error_of(await peer.request("xo.getAllObjects")) == {
+            "message": "not enough permissions", "code": 2, "data": {"object": {}}}
+        assert error_of(await peer.request("acl.get")) == {
+            "message": "not enough permissions", "code": 2, "data": {"permission": "admin", "object": {}}}
+        assert error_of(await peer.request("session.signOut"))["code"] == 2
+
+
+async def test_sign_in_with_token_and_password(sim):
+    async with rpc(sim.url) as peer:
+        user = await peer.call("session.signIn", {"token": sim.token})
+        assert list(user) == ["id", "email", "groups", "permission", "preferences"]
+        assert (user["email"], user["permission"], user["groups"]) == ("admin@admin.net", "admin", [])
+        assert await peer.call("session.getUser") == user
+        assert await peer.call("session.signOut") is True
+        assert error_of(await peer.request("xo.getAllObjects"))["code"] == 2
+        assert await peer.call("session.signIn", {"email": "admin@admin.net", "password": "admin"}) == user
+        assert await peer.call("session.signInWithToken", {"token": sim.token}) == user
+
+
+async def test_failed_sign_ins_and_throttling(sim):
+    async with rpc(sim.url) as peer:
+        assert error_of(await peer.request("session.signIn", {"token": "x" * 43})) == {
+            "message": "invalid credentials", "code": 3}
+        assert error_of(await peer.request("session.signIn", {"username": "admin@admin.net", "password": "no"})) == {
+            "message": "invalid credentials", "code": 3}
+        # a retry within 2 s is refused with XO's plain "too fast" error, hidden from a signed-out socket
+        assert error_of(await peer.request("session.signIn", {"email": "admin@admin.net", "password": "admin"})) == {
+            "code": -32000, "message": "unknown error from the peer"}
+        await trio.sleep(2.1)
+        assert (await peer.call("session.signIn", {"email": "admin@admin.net", "password": "admin"}))["id"]
+        invalid = error_of(await peer.request("session.signInWithToken", {"token": 1}))
+        assert invalid["code"] == 10 and invalid["data"]["errors"][0]["message"] == "must be string"
+
+
+async def test_token_create(sim):
+    async with rpc(sim.url, token=sim.token) as peer:
+        token = await peer.call("token.create", {"description": "test", "expiresIn": "1 hour"})
+        assert isinstance(token, str) and len(token) == 43
+        again = await peer.call("token.create", {"client": {"id": "xofs-test"}})
+        assert await peer.call("token.create", {"client": {"id": "xofs-test"}}) == again != token
+        too_short = error_of(await peer.request("token.create", {"expiresIn": 1000}))
+        assert too_short["code"] == -32000 and too_short["message"] == "invalid expiresIn duration: 1000"
+        assert too_short["data"]["name"] == "Error"  # an admin sees the real error
+        bad = error_of(await peer.request("token.create", {"client": {}}))
+        assert bad["code"] == 10 and bad["data"]["errors"] == [{
+            "instancePath": "/client", "schemaPath": "#/properties/client/required", "keyword": "required",
+            "params": {"missingProperty": "id"}, "message": "must have required property 'id'"}]
+    async with rpc(sim.url, token=token) as other:
+        assert (await other.call("session.getUser"))["email"] == "admin@admin.net"
+
+
+async def test_system_methods(sim):
+    reference = json.loads((SHARED / "reference/xo-jsonrpc-methods.json").read_text())
+    async with rpc(sim.url) as peer:
+        assert await peer.call("system.listMethods") == list(reference)
+        assert await peer.call("system.getMethodsInfo") == reference
+
+
+# -- objects -----------------------------------------------------------------------------------------------
+
+async def test_get_all_objects(sim):
+    inventory = build_inventory(1, 12)
+    async with rpc(sim.url, token=sim.token) as peer:
+        objects = await peer.call("xo.getAllObjects")
+        objects = {k: v for k, v in objects.items() if v["type"] != "task"}
+        assert objects == inventory
+        assert shape_problems(objects) == []
+        vdis = await peer.call("xo.getAllObjects", {"filter": {"type": "VDI"}})
+        assert set(vdis) == {k for k, v in inventory.items() if v["type"] == "VDI"}
+        tagged = await peer.call("xo.getAllObjects", {"filter": {"type": "VM", "tags": ["web"]}})
+        assert [v["name_label"] for v in tagged.values()] == ["web-01"]
+        assert len(await peer.call("xo.getAllObjects", {"filter": {"type": "VM"}, "limit": 3})) == 3
+        # complex-matcher strings match substrings: `type:VM` also takes the VM-controllers (dom0s)
+        running = await peer.call("xo.getAllObjects", {"filter": "type:VM power_state:Running"})
+        assert {v["type"] for v in running.values()} == {"VM", "VM-controller"}
+        running = await peer.call("xo.getAllObjects", {"filter": "type:/^VM$/ power_state:running"})
+        assert running == {k: v for k, v in inventory.items() if v["type"] == "VM" and v["power_state"] == "Running"}
+        bad = error_of(await peer.request("xo.getAllObjects", {"limit": "3"}))
+        assert bad == {"message": "invalid parameters", "code": 10, "data": {"errors": [{
+            "instancePath": "/limit", "schemaPath": "#/properties/limit/type", "keyword": "type",
+            "params": {"type": "number"}, "message": "must be number"}]}}
+
+
+async def test_get_all_objects_ndjson(sim):
+    async with rpc(sim.url, token=sim.token) as peer:
+        result = await peer.call("xo.getAllObjects", {"ndjson": True, "filter": {"type": "SR"}})
+    assert list(result) == ["$getFrom"] and result["$getFrom"].startswith("/api/")
+    with urllib.request.urlopen(sim.url + result["$getFrom"]) as answer:  # one-shot, no auth
+        lines = answer.read().decode().splitlines()
+        assert answer.headers["Content-Type"].startswith("application/json")
+    assert [json.loads(line)["type"] for line in lines] == ["SR"] * 4
+    status, _, _ = sim.request("GET", result["$getFrom"], token=None)
+    assert status == 404
+
+
+async def test_parameter_and_lookup_errors(sim):
+    async with rpc(sim.url, token=sim.token) as peer:
+        missing = error_of(await peer.request("vm.start", {}))
+        assert missing == {"message": "invalid parameters", "code": 10, "data": {"errors": [{
+            "instancePath": "", "schemaPath": "#/required", "keyword": "required",
+            "params": {"missingProperty": "id"}, "message": "must have required property 'id'"}]}}
+        extra = error_of(await peer.request("vm.start", {"id": "x", "bogus": 1}))["data"]["errors"]
+        assert extra == [{"instancePath": "", "schemaPath": "#/additionalProperties",
+                          "keyword": "additionalProperties", "params": {"additionalProperty": "bogus"},
+                          "message": "must NOT have additional properties"}]
+        empty = error_of(await peer.request("vm.set", {"id": "x", "name_label": ""}))["data"]["errors"]
+        assert empty[0]["keyword"] == "minLength" and empty[0]["message"] == "must NOT have fewer than 1 characters"
+        assert error_of(await peer.request("vm.start", {"id": "nope"})) == {
+            "message": "no such VM nope", "code": 1, "data": {"id": "nope", "type": "VM"}}
+        assert error_of(await peer.request("vm.delete", {"id": "nope"})) == {
+            "message": "no such VM,VM-snapshot,VM-template nope", "code": 1,
+            "data": {"id": "nope", "type": ["VM", "VM-snapshot", "VM-template"]}}
+        web = await find_vm(peer, "web-01")
+        assert error_of(await peer.request("vm.start", {"vm": web["id"]}))["code"] == 13  # `vm` as the id
+        assert error_of(await peer.request("vm.pause", {"id": web["id"]})) == {"message": "not implemented", "code": 0}
+
+
+# -- operations and their events ---------------------------------------------------------------------------
+
+def recorded_frames(name: str) -> list[dict[str, Any]]:
+    return [json.loads(json.loads(line)["raw"]) for line in (EVENTS / f"{name}.frames.jsonl").read_text().splitlines()]
+
+
+async def test_rename_sends_one_enter_like_the_recording(fresh_sim):
+    (recorded,) = recorded_frames("vm-rename-mod")
+    (recorded_vm,) = recorded["params"]["items"].values()
+    async with rpc(fresh_sim.url, token=fresh_sim.token) as peer, rpc(fresh_sim.url) as anonymous:
+        web = await find_vm(peer, "web-01")
+        assert await peer.call("vm.set", {"id": web["id"], "name_label": "web-01-renamed"}) is True
+        frame = await peer.next_event()
+        assert list(frame) == list(recorded) and frame["method"] == "all"
+        assert list(frame["params"]) == ["type", "items"] and frame["params"]["type"] == "enter"
+        assert list(frame["params"]["items"]) == [web["id"]]
+        renamed = frame["params"]["items"][web["id"]]
+        assert renamed["name_label"] == "web-01-renamed"
+        assert list(renamed) == list(recorded_vm)  # same keys in the same order as a real XO's
+        assert {k: v for k, v in renamed.items() if k != "name_label"} == {
+            k: v for k, v in web.items() if k != "name_label"}
+        assert await peer.events_for(0.3) == []
+        assert await anonymous.events_for(0.3) == []  # never signed in: nothing
+
+
+async def test_vdi_delete_enters_the_sr_then_exits_the_vdi(fresh_sim):
+    recorded = recorded_frames("vdi-delete-del")
+    assert [f["params"]["type"] for f in recorded] == ["enter", "exit"]
+    async with rpc(fresh_sim.url, token=fresh_sim.token) as peer:
+        spare = next(iter((await peer.call("xo.getAllObjects", {"filter": {"name_label": "spare disk"}})).values()))
+        assert await peer.call("vdi.delete", {"id": spare["id"]}) is True
+        enter, exit_ = await peer.next_event(), await peer.next_event()
+        assert (enter["params"]["type"], exit_["params"]["type"]) == ("enter", "exit")
+        entered = enter["params"]["items"]
+        assert {o["type"] for o in entered.values()} <= {"SR", "task"}
+        sr = entered[spare["$SR"]]
+        assert spare["id"] not in sr["VDIs"]
+        assert exit_["params"]["items"] == {spare["id"]: 0}
+        assert error_of(await peer.request("vdi.delete", {"id": spare["id"]}))["code"] == 1
+
+
+async def test_snapshot_and_delete_events(fresh_sim):
+    async with rpc(fresh_sim.url, token=fresh_sim.token) as peer:
+        web = await find_vm(peer, "web-01")
+        snap_id = await peer.call("vm.snapshot", {"id": web["id"], "name": "s1"})
+        entered = (await peer.next_event())["params"]["items"]
+        types = sorted(o["type"] for o in entered.values())
+        assert types == sorted(["task", "VDI", "VDI", "SR", "VDI-snapshot", "VDI-snapshot", "VBD", "VBD", "VBD",
+                                "VIF", "network", "VM-snapshot", "VM"])
+        assert entered[snap_id]["name_label"] == "s1" and snap_id in entered[web["id"]]["snapshots"]
+        task = next(o for o in entered.values() if o["type"] == "task")
+        assert (task["name_label"], task["status"]) == ("Async.VM.snapshot", "success")
+        assert (await peer.next_event())["params"] == {"type": "exit", "items": {task["id"]: 0}}
+        assert await peer.call("vm.delete", {"id": snap_id}) is True
+        frames = [await peer.next_event(), await peer.next_event()]
+        assert [f["params"]["type"] for f in frames] == ["enter", "exit"]
+        gone = frames[1]["params"]["items"]
+        assert snap_id in gone and len(gone) == 7  # the snapshot, 3 VBDs, 1 VIF, 2 VDI-snapshots
+        assert snap_id not in frames[0]["params"]["items"][web["id"]]["snapshots"]
+
+
+async def test_power_operations(fresh_sim):
+    async with rpc(fresh_sim.url, token=fresh_sim.token) as peer:
+        web = await find_vm(peer, "web-01")
+        assert error_of(await peer.request("vm.start", {"id": web["id"]})) == {
+            "message": "VM state is running but should be halted", "code": 13,
+            "data": {"objectId": web["id"], "expected": "halted", "actual": "running"}}
+        assert await peer.call("vm.stop", {"id": web["id"]}) is True
+        halted = await find_vm(peer, "web-01")
+        assert halted["power_state"] == "Halted" and "mainIpAddress" not in halted
+        assert await peer.call("vm.start", {"id": web["id"]}) is True
+        assert (await find_vm(peer, "web-01"))["power_state"] == "Running"
+        assert await peer.call("vm.stop", {"id": web["id"], "force": True}) is True
+        assert await peer.call("vm.set", {"id": web["id"], "blockedOperations": {"destroy": True}}) is True
+        blocked = error_of(await peer.request("vm.delete", {"id": web["id"]}))
+        assert blocked["code"] == 5 and blocked["message"].startswith("forbidden operation: destroy is blocked")
+        assert await peer.call("vm.delete", {"id": web["id"], "forceBlockedOperation": True}) is True
+        assert error_of(await peer.request("vm.start", {"id": web["id"]}))["code"] == 1
+        db = await find_vm(peer, "db-01")
+        (vdi_id,) = await peer.call("xo.getAllObjects", {"filter": {"type": "VDI", "name_label": "db-01 root"}})
+        assert await peer.call("vdi.set", {"id": vdi_id, "name_label": "db root", "size": "16G"}) is True
+        changed = (await peer.call("xo.getAllObjects", {"filter": {"id": vdi_id}}))[vdi_id]
+        assert (changed["name_label"], changed["size"]) == ("db root", 16 << 30)
+        assert db["power_state"] == "Halted"
+
+
+async def test_state_dir_keeps_changes_across_restarts(fresh_sim):
+    async with rpc(fresh_sim.url, token=fresh_sim.token) as peer:
+        web = await find_vm(peer, "web-01")
+        await peer.call("vm.set", {"id": web["id"], "name_label": "kept"})
+        token = await peer.call("token.create", {"description": "kept too"})
+        before = await peer.call("xo.getAllObjects", {"filter": {"type": "VM"}})
+    fresh_sim.stop()
+    assert fresh_sim.proc.returncode == 0  # SIGTERM stops it cleanly
+    fresh_sim.start()
+    async with rpc(fresh_sim.url, token=token) as peer:
+        assert await peer.call("xo.getAllObjects", {"filter": {"type": "VM"}}) == before
+
+
+def test_a_state_dir_of_another_seed_is_refused(tmp_path):
+    state = str(tmp_path / "state")
+    SimModel(seed=7, vms=12, state_dir=tmp_path / "state").close()
+    run = subprocess.run([sys.executable, "-m", "xofs", "sim", "--port", "0", "--seed", "8", "--state-dir", state],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--seed 7 --vms 12" in run.stderr and run.stdout == ""
+
+
+# -- fault knobs, on an in-process server ------------------------------------------------------------------
+
+@asynccontextmanager
+async def in_process_sim(model: SimModel) -> AsyncIterator[str]:
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(model.run)
+        app = make_app(model, load_rest_app(model))
+        binds = await nursery.start(lambda task_status: hypercorn_serve(app, config, task_status=task_status))
+        yield binds[0]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_expired_token_closes_the_socket_on_its_next_message():
+    model = SimModel(seed=1, vms=4, tokens=[DEFAULT_TOKEN])
+    async with in_process_sim(model) as url:
+        token = model.create_token(model.user)
+        async with rpc(url, token=token) as peer, rpc(url, token=DEFAULT_TOKEN) as other:
+            assert await peer.call("system.getServerVersion") == "5.207.2"
+            model.expire_token(token)
+            await peer.ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "system.getServerVersion"}))
+            with trio.fail_after(3):
+                await peer.closed.wait()
+            assert 1 not in peer.raw  # closed without an answer
+            assert await other.call("system.getServerVersion") == "5.207.2"
+
+
+async def test_close_all_sockets():
+    model = SimModel(seed=1, vms=4, tokens=[DEFAULT_TOKEN])
+    async with in_process_sim(model) as url:
+        async with rpc(url, token=DEFAULT_TOKEN) as a, rpc(url) as b:
+            model.close_all_sockets()
+            for peer in (a, b):
+                with trio.fail_after(3):
+                    await peer.closed.wait()
