@@ -13,6 +13,7 @@ import os
 import stat as stat_mod
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyfuse3
 
@@ -143,8 +144,9 @@ class DirectDriver:
         ino = await self._resolve(path)
         attr = pyfuse3.EntryAttributes()
         attr.st_mode = mode
-        fields = pyfuse3.SetattrFields()
-        fields.update_mode = True
+        # pyfuse3.SetattrFields is read-only from Python; the adapter only reads these flags.
+        fields = SimpleNamespace(update_mode=True, update_size=False, update_mtime=False, update_atime=False,
+                                 update_uid=False, update_gid=False, update_ctime=False)
         try:
             await self.fs.setattr(ino, attr, fields, None, self.ctx)
         except pyfuse3.FUSEError as err:

@@ -123,17 +123,17 @@ async def test_nothing_outside_import_directories_can_be_changed(drv, sim):
     vm = rest(sim, "/rest/v0/vms?fields=id,name_label&limit=1")[0]
     before = sim.request("GET", f"/rest/v0/vms/{vm['id']}")[2]
     attempts = [
-        drv.mkdir(f"/vms/{vm['id']}/newdir"),
-        drv.mkdir("/newview"),
-        drv.unlink(f"/vms/{vm['id']}/meta.json"),
-        drv.unlink(f"/vms/{vm['id']}.xva"),
-        drv.rename(f"/vms/{vm['id']}.xva", f"/vms/{vm['id']}.renamed"),
-        drv.open_write(f"/vms/{vm['id']}/meta.json"),
-        drv.chmod(f"/vms/{vm['id']}/meta.json", 0o644),
-        drv.symlink("x", f"/vms/{vm['id']}/link"),
+        lambda: drv.mkdir(f"/vms/{vm['id']}/newdir"),
+        lambda: drv.mkdir("/newview"),
+        lambda: drv.unlink(f"/vms/{vm['id']}/meta.json"),
+        lambda: drv.unlink(f"/vms/{vm['id']}.xva"),
+        lambda: drv.rename(f"/vms/{vm['id']}.xva", f"/vms/{vm['id']}.renamed"),
+        lambda: drv.open_write(f"/vms/{vm['id']}/meta.json"),
+        lambda: drv.chmod(f"/vms/{vm['id']}/meta.json", 0o644),
+        lambda: drv.symlink("x", f"/vms/{vm['id']}/link"),
     ]
     for attempt in attempts:
         with pytest.raises(OSError) as err:
-            await attempt
+            await attempt()
         assert err.value.errno in (errno.EPERM, errno.EACCES), err.value
     assert sim.request("GET", f"/rest/v0/vms/{vm['id']}")[2] == before
