@@ -158,7 +158,7 @@ async def test_changes_in_xo_reach_the_mount_without_waiting_for_a_ttl(fresh_sim
     wait_for(lambda: meta(mount, vm_dir)["power_state"] == "Running", what="the power change")
 
     # A creation (a snapshot) and a deletion.
-    snap_id = await rpc(fresh_sim, "vm.snapshot", {"id": vm["id"], "name_label": "snap-x"})
+    snap_id = await rpc(fresh_sim, "vm.snapshot", {"id": vm["id"], "name": "snap-x"})
     wait_for(lambda: snap_id in os.listdir(mount.mountpoint / "vm-snapshots"), what="the new snapshot")
     vdi = fresh_sim.get_json("/rest/v0/vdis?fields=id,$VBDs&limit=50")
     spare = next(v for v in vdi if not v["$VBDs"]) if any(not v["$VBDs"] for v in vdi) else vdi[-1]

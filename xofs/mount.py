@@ -127,6 +127,9 @@ def fuse_options(args: argparse.Namespace) -> set[str]:
     return options
 
 
+_configured_level = "INFO"
+
+
 def setup_logging(level: str, log_file: Path | None) -> None:
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -134,7 +137,10 @@ def setup_logging(level: str, log_file: Path | None) -> None:
     for old in root.handlers[:]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    # Until the mount is live only warnings are shown, so a failed start says one line, not a retry log.
+    root.setLevel(max(logging.getLevelName(level.upper()), logging.WARNING))
+    global _configured_level
+    _configured_level = level.upper()
     for noisy in ("httpx", "httpcore", "trio-websocket", "hpack"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -313,6 +319,7 @@ async def _serve(args: argparse.Namespace, token: str, ready_fd: int | None) -> 
         try:
             parts.invalidator.start()
             nursery.start_soon(_terminate_on_signals)
+            logging.getLogger().setLevel(_configured_level)
             log.info("mounted %s on %s (%d objects)", parts.url, args.mountpoint, len(parts.cache))
             _report(ready_fd, "ok")
             await pyfuse3.main()
