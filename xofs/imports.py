@@ -1,12 +1,35 @@
 """Imports: a disk image written into `/srs/<uuid>/import/` becomes a new VDI on that SR.
 
-(Being written: the `ImportManager` below has the interface `xofs.mount` wires in; its behaviour follows.)
+Each name in an import directory is an `_Import`, a small state machine:
+
+- WRITING: the writer's bytes go to an on-disk spool (`xofs.import_spool`), at any offset. A VHD's
+  leading footer copy is checked as soon as its first 512 bytes are in (EINVAL), and its virtual size
+  against the SR's free space (ENOSPC); a raw image's size is checked as it grows.
+- UPLOADING: started by the close (`flush`) or `fsync` that follows new writes, never by `release`, whose
+  errors nobody sees (fuse-lessons §7): the close waits for XO's answer and returns it. A flush with no
+  new writes does nothing, so the flushes of dup'd and forked descriptors (shell redirections) before the
+  writes are harmless. A writer killed mid-copy also closes its files: its flush uploads nothing.
+- IMPORTED: XO made the VDI. The entry keeps the writer's size, mtime and mode, remembered across remounts
+  (`xofs.import_state`), so `rsync -a` and `cp -u` see it as up to date. For a short while after the last
+  close the spool is kept: a writer that reopens the file and changes it (qemu-img creates an empty image,
+  closes it, then reopens it to fill it) gets the new content uploaded at its close, and the VDI of the
+  earlier close is then deleted, so one VDI remains.
+
+Failures (a refused name or content, XO refusing or breaking the upload, a killed writer, an unlink
+during the upload) remove the entry and its spool, and leave no VDI: XO destroys the half-made VDI
+itself, and if it did not, the leftover is found and deleted here. What each operation does is in
+docs/semantics.md (imports section).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import trio
@@ -14,7 +37,113 @@ import trio
 from xofs.cache import Change, ObjectCache
 from xofs.client.rest import RestClient
 from xofs.errors import XofsError
-from xofs.files import Caller, FileAttrs, ImportEntry, OpenFile
+from xofs.files import Caller, FileAttrs, ImportEntry, OpenFile, OpenInfo
+from xofs.formats.vhd import FOOTER_SIZE, VhdError, check_import_footer
+from xofs.import_format import ImageFormat, ImportName, check_complete_vhd, parse_name
+from xofs.import_spool import Spool, clean_stale_spools
+from xofs.import_state import ImportRecord, ImportStore, server_dir_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DESCRIPTION = "imported by xofs"
+DESCRIPTION_XATTR = "user.xo.name_description"
+REWRITE_GRACE = 10.0  # seconds a finished import's spool is kept for a writer that reopens it
+SHUTDOWN_WAIT = 30.0  # seconds running uploads get to finish when the mount goes away
+UNLINK_WAIT = 30.0  # seconds an unlink waits for the upload it cancels to be cleaned up
+CLEANUP_TIMEOUT = 30.0  # seconds for the XO requests that remove what a failed import left
+LEFTOVER_CHECKS = (0.0, 0.2, 0.5, 1.0, 2.0)  # when to look for a VDI XO should have destroyed itself
+PF_EXITING = 0x4  # task flag: the process is exiting (include/linux/sched.h)
+
+
+class Phase(Enum):
+    WRITING = "writing"
+    UPLOADING = "uploading"
+    IMPORTED = "imported"
+
+
+@dataclass(eq=False)
+class _Upload:
+    """One upload of a spool; `done` is set once it succeeded or everything it made was removed."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope | None = None
+    cancel_reason: str | None = None
+    error: XofsError | None = None
+
+
+@dataclass(eq=False)
+class _Import:
+    """One name in one import directory, whatever its phase."""
+
+    sr_id: str
+    name: str
+    kind: ImportName
+    mode: int
+    mtime_ns: int
+    size: int = 0
+    phase: Phase = Phase.WRITING
+    spool: Spool | None = None
+    dirty: bool = False  # written since the last upload started
+    prefix: int = 0  # bytes 0..prefix are written: the footer copy is checked once it covers 512
+    virtual_size: int | None = None  # a VHD's, from its footer
+    vdi: str | None = None
+    sent_label: str | None = None  # the name_label the VDI has in XO
+    sent_description: str | None = None
+    name_description: str | None = None  # set through the xattr
+    superseded: str | None = None  # the VDI of an earlier close of the same content, deleted on success
+    upload: _Upload | None = None
+    handles: int = 0
+    failure: XofsError | None = None  # set when the import is dead: its open handles answer this
+    gone: bool = False  # no longer in its directory
+    from_disk: bool = False  # a record from an earlier mount, not yet checked against XO's VDIs
+    kept_since: float = 0.0  # when the last handle closed on an imported spool
+
+    @property
+    def description(self) -> str:
+        return self.name_description if self.name_description is not None else DEFAULT_DESCRIPTION
+
+    def attrs(self) -> FileAttrs:
+        return FileAttrs(size=self.size, mtime_ns=self.mtime_ns, mode=self.mode)
+
+    def record(self) -> ImportRecord:
+        assert self.vdi is not None
+        return ImportRecord(self.vdi, self.size, self.mtime_ns, self.mode, self.name_description)
+
+
+class ImportFile:
+    """An open file in an import directory (the `xofs.files.OpenFile` contract)."""
+
+    def __init__(self, manager: ImportManager, imp: _Import, *, writable: bool, caller: Caller,
+                 path: str) -> None:
+        self.info = OpenInfo(direct_io=False, keep_cache=False)
+        self._manager = manager
+        self.imp = imp
+        self.writable = writable
+        self.caller = caller
+        self.path = path
+        imp.handles += 1
+
+    async def read(self, offset: int, size: int) -> bytes:
+        spool = self.imp.spool
+        if spool is None or spool.removed:
+            if self.imp.failure is not None:
+                raise self.imp.failure
+            return b""
+        return spool.read(offset, size)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if not self.writable:
+            raise XofsError("the file is not open for writing", errno_=errno.EBADF)
+        return await self._manager.write(self, offset, data)
+
+    async def flush(self, caller: Caller) -> None:
+        await self._manager.flush(self)
+
+    async def fsync(self) -> None:
+        await self._manager.finish_now(self)
+
+    async def release(self) -> None:
+        self._manager.release(self)
 
 
 class ImportManager:
@@ -22,47 +151,637 @@ class ImportManager:
 
     def __init__(self, client: RestClient, cache: ObjectCache, *, state_dir: Path, spool_dir: Path,
                  server_key: str, max_uploads: int = 2, read_only: bool = False,
-                 notify: Callable[[str, list[str]], None] = lambda sr, names: None) -> None:
+                 notify: Callable[[str, list[str]], None] = lambda sr, names: None,
+                 rewrite_grace: float = REWRITE_GRACE, shutdown_wait: float = SHUTDOWN_WAIT) -> None:
         self.client = client
         self.cache = cache
-        self.state_dir = state_dir
-        self.spool_dir = spool_dir
-        self.server_key = server_key
-        self.max_uploads = max_uploads
+        self.store = ImportStore(state_dir, server_key)
+        self.spool_dir = spool_dir / "imports" / server_dir_name(server_key)
         self.read_only = read_only
         self.notify = notify
+        self.rewrite_grace = rewrite_grace
+        self.shutdown_wait = shutdown_wait
+        self._limiter = trio.CapacityLimiter(max_uploads)
+        self._dirs: dict[str, dict[str, _Import]] = {}
+        self._unchecked: set[str] = set()  # SRs whose remembered imports were not yet checked against XO
+        self._uploads: set[_Upload] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # ---- life cycle -------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await trio.sleep_forever()
+        """Serve uploads until cancelled; then give running uploads `shutdown_wait` seconds to finish."""
+        removed = clean_stale_spools(self.spool_dir)
+        if removed:
+            log.info("removed %d import spool(s) left by an earlier xofs in %s", removed, self.spool_dir)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    await self._stop_uploads()
+        finally:
+            self._nursery = None
+            for imports in self._dirs.values():
+                for imp in imports.values():
+                    self._drop_spool(imp)
+
+    async def _stop_uploads(self) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.shutdown_wait
+            if self._uploads:
+                log.info("waiting up to %.0f s for %d import upload(s) to finish", self.shutdown_wait,
+                         len(self._uploads))
+            while self._uploads:
+                await trio.sleep(0.05)
+        for upload in list(self._uploads):
+            log.warning("the mount is going away: cancelling an unfinished import upload")
+            self._cancel(upload, "the mount was stopped before the upload finished")
 
     def on_changes(self, changes: list[Change]) -> None:
-        return None
+        """Forget imports whose VDI was deleted in XO: the file vanishes, and a new copy imports again."""
+        deleted = {ch.obj_id for ch in changes if ch.type == "VDI" and ch.new is None}
+        if not deleted:
+            return
+        for sr_id, imports in self._dirs.items():
+            gone = [imp for imp in imports.values() if imp.phase is Phase.IMPORTED and imp.vdi in deleted]
+            for imp in gone:
+                log.info("the VDI %s of %s was deleted in XO: forgetting the import", imp.vdi, imp.name)
+                self._forget(imp, "its VDI was deleted in XO")
+            if gone:
+                self._save(sr_id)
+                self.notify(sr_id, [imp.name for imp in gone])
+
+    # ---- listing ----------------------------------------------------------------------------------
 
     def entries(self, sr_id: str) -> dict[str, FileAttrs]:
-        return {}
+        imports = self._dir(sr_id)
+        return {name: imp.attrs() for name, imp in imports.items()}
 
     def xattrs(self, entry: ImportEntry) -> dict[str, bytes]:
-        return {}
+        imp = self._dir(entry.sr_id).get(entry.name)
+        if imp is None:
+            return {}
+        state = imp.phase.value if imp.phase is not Phase.WRITING or imp.size else "empty"
+        out = {
+            "user.xo.sr": imp.sr_id.encode(),
+            "user.xo.format": imp.kind.format.value.encode(),
+            "user.xo.state": state.encode(),
+            "user.xo.name_label": imp.kind.label.encode("utf-8", "surrogateescape"),
+            DESCRIPTION_XATTR: imp.description.encode(),
+        }
+        if imp.vdi is not None:
+            out["user.xo.vdi"] = imp.vdi.encode()
+        return out
 
     def dir_mode(self) -> int:
         return 0o500 if self.read_only else 0o700
 
+    def _dir(self, sr_id: str) -> dict[str, _Import]:
+        """The SR's imports, loaded from the state directory on first use; records whose VDI is gone from
+        XO are dropped once the object cache is loaded."""
+        imports = self._dirs.get(sr_id)
+        if imports is None:
+            imports = self._dirs[sr_id] = {}
+            self._unchecked.add(sr_id)
+            for name, rec in self.store.load(sr_id).items():
+                try:
+                    kind = parse_name(name)
+                except XofsError:
+                    continue
+                imports[name] = _Import(sr_id, name, kind, rec.mode, rec.mtime_ns, rec.size, Phase.IMPORTED,
+                                        vdi=rec.vdi, sent_label=kind.label, name_description=rec.name_description,
+                                        sent_description=rec.name_description or DEFAULT_DESCRIPTION,
+                                        from_disk=True)
+        if sr_id in self._unchecked and self.cache.loaded:
+            self._unchecked.discard(sr_id)
+            stale = [imp for imp in imports.values() if imp.from_disk and self.cache.get(imp.vdi or "") is None]
+            for imp in imports.values():
+                imp.from_disk = False
+            for imp in stale:
+                log.info("forgetting the import %s: its VDI %s is no longer in XO", imp.name, imp.vdi)
+                self._forget(imp, "its VDI is no longer in XO")
+            if stale:
+                self._save(sr_id)
+        return imports
+
+    def _save(self, sr_id: str) -> None:
+        imports = self._dirs.get(sr_id, {})
+        self.store.save(sr_id, {n: i.record() for n, i in imports.items() if i.phase is Phase.IMPORTED})
+
+    # ---- opening ----------------------------------------------------------------------------------
+
     async def create(self, entry: ImportEntry, mode: int, caller: Caller, path: str) -> OpenFile:
-        raise XofsError(f"{path}: imports are not implemented yet", errno_=errno.ENOSYS)
+        self._check_writable(path)
+        kind = _parse(entry.name, path)
+        imports = self._dir(entry.sr_id)
+        if entry.name in imports:  # the kernel had a stale negative entry: same as opening with O_TRUNC
+            return await self.open(entry, os.O_WRONLY | os.O_TRUNC, caller, path)
+        imp = _Import(entry.sr_id, entry.name, kind, mode & 0o777, time.time_ns())
+        imports[entry.name] = imp
+        return ImportFile(self, imp, writable=True, caller=caller, path=path)
 
     async def open(self, entry: ImportEntry, flags: int, caller: Caller, path: str) -> OpenFile:
-        raise XofsError(f"{path}: imports are not implemented yet", errno_=errno.ENOSYS)
+        imp = self._get(entry, path)
+        writable = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        if not writable:
+            if imp.phase is Phase.IMPORTED and imp.spool is None:
+                raise XofsError(f"{path} is imported as VDI {imp.vdi}; read its content from /vdis/{imp.vdi}.raw",
+                                errno_=errno.EACCES)
+            return ImportFile(self, imp, writable=False, caller=caller, path=path)
+        self._check_writable(path)
+        if flags & os.O_TRUNC:
+            self._truncate(imp, 0, path)
+        return ImportFile(self, imp, writable=True, caller=caller, path=path)
+
+    def _check_writable(self, path: str) -> None:
+        if self.read_only:
+            raise XofsError(f"{path}: the mount is read-only (--read-only)", errno_=errno.EROFS)
+
+    def _get(self, entry: ImportEntry, path: str) -> _Import:
+        imp = self._dir(entry.sr_id).get(entry.name)
+        if imp is None:
+            raise XofsError(f"{path}: no such file", errno_=errno.ENOENT)
+        return imp
+
+    # ---- writing ----------------------------------------------------------------------------------
+
+    async def write(self, handle: ImportFile, offset: int, data: bytes) -> int:
+        imp = await self._writable(handle.imp, handle.path)
+        end = offset + len(data)
+        try:
+            if imp.kind.format is ImageFormat.RAW and end > imp.size:
+                self._check_room(imp, end, handle.path)
+            if imp.spool is None:
+                imp.spool = Spool(self.spool_dir)
+            written = imp.spool.write(offset, data)
+        except OSError as err:
+            await self._fail(imp, XofsError(f"cannot write the import spool {self.spool_dir}: {err.strerror}",
+                                            errno_=err.errno or errno.EIO))
+            raise imp.failure from None  # type: ignore[misc]
+        except XofsError as err:
+            await self._fail(imp, err)
+            raise
+        imp.size = imp.spool.size
+        imp.dirty = True
+        imp.mtime_ns = time.time_ns()
+        if offset <= imp.prefix:
+            imp.prefix = max(imp.prefix, offset + written)
+        if imp.kind.format is ImageFormat.VHD and imp.prefix >= FOOTER_SIZE and (
+                imp.virtual_size is None or offset < FOOTER_SIZE):
+            try:
+                self._check_footer(imp, handle.path)
+            except XofsError as err:
+                await self._fail(imp, err)
+                raise
+        return written
+
+    async def _writable(self, imp: _Import, path: str) -> _Import:
+        """The import, ready to take writes: waits for a running upload, reopens a finished one."""
+        if imp.failure is not None:
+            raise imp.failure
+        if imp.phase is Phase.UPLOADING:
+            assert imp.upload is not None
+            await imp.upload.done.wait()
+            if imp.failure is not None:
+                raise imp.failure
+        if imp.phase is Phase.IMPORTED:
+            if imp.spool is None:
+                raise XofsError(f"{path} is already imported as VDI {imp.vdi}: its content cannot change; "
+                                "remove it or write a new file", errno_=errno.EPERM)
+            self._start_rewrite(imp)
+        return imp
+
+    def _start_rewrite(self, imp: _Import) -> None:
+        """A writer changes a just-imported file: its next upload replaces the VDI of this one."""
+        log.info("%s changes after its import as VDI %s: it will be imported again and that VDI replaced",
+                 imp.name, imp.vdi)
+        imp.superseded, imp.vdi = imp.vdi, None
+        imp.phase = Phase.WRITING
+        self._save(imp.sr_id)
+
+    def _check_footer(self, imp: _Import, path: str) -> None:
+        """XO's checks of the leading footer copy (EINVAL), then the virtual size against the SR (ENOSPC)."""
+        assert imp.spool is not None
+        try:
+            footer = check_import_footer(imp.spool.read(0, FOOTER_SIZE))
+        except VhdError as err:
+            raise XofsError(f"not a VHD XO can import (only dynamic and differencing VHDs are): {err}",
+                            errno_=errno.EINVAL) from None
+        imp.virtual_size = footer.current_size
+        self._check_room(imp, footer.current_size, path)
+
+    def _check_room(self, imp: _Import, need: int, path: str) -> None:
+        """ENOSPC when a disk of `need` bytes does not fit in the SR's free space, less running uploads."""
+        sr = self.cache.get(imp.sr_id)
+        size, usage = (sr.get("size"), sr.get("usage")) if sr else (None, None)
+        if not isinstance(size, int) or not isinstance(usage, int):
+            return
+        reserved = sum(other.virtual_size or other.size for other in self._dir(imp.sr_id).values()
+                       if other.phase is Phase.UPLOADING and other is not imp)
+        free = size - usage - reserved
+        if need > free:
+            raise XofsError(f"a disk of {need} bytes does not fit in SR {sr.get('name_label')!r} ({imp.sr_id}): "
+                            f"{max(free, 0)} bytes free", errno_=errno.ENOSPC)
+
+    def _truncate(self, imp: _Import, size: int, path: str) -> None:
+        if imp.failure is not None:
+            raise imp.failure
+        if imp.phase is Phase.UPLOADING:
+            raise XofsError(f"{path} is being uploaded to XO", errno_=errno.EBUSY)
+        if imp.phase is Phase.IMPORTED:
+            if size == imp.size:
+                return
+            if size == 0:
+                log.info("%s is overwritten: a new import begins; VDI %s stays in XO", path, imp.vdi)
+                imp.vdi = imp.sent_label = imp.sent_description = None
+                imp.phase = Phase.WRITING
+                imp.virtual_size = None
+                self._save(imp.sr_id)
+            elif imp.spool is None:
+                raise XofsError(f"{path} is already imported as VDI {imp.vdi}: its content cannot change",
+                                errno_=errno.EPERM)
+            else:
+                self._start_rewrite(imp)
+        if size == imp.size:
+            return
+        if imp.spool is None:
+            imp.spool = Spool(self.spool_dir)
+        if imp.kind.format is ImageFormat.RAW and size > imp.size:
+            self._check_room(imp, size, path)
+        imp.spool.truncate(size)
+        imp.size = size
+        imp.prefix = min(imp.prefix, size)
+        if size < FOOTER_SIZE:
+            imp.virtual_size = None
+        imp.dirty = True
+        imp.mtime_ns = time.time_ns()
+
+    # ---- closing ----------------------------------------------------------------------------------
+
+    async def flush(self, handle: ImportFile) -> None:
+        """A close: uploads what was written since the last upload, and answers XO's verdict."""
+        imp = handle.imp
+        if imp.failure is not None:
+            raise imp.failure
+        if not handle.writable:
+            return
+        if imp.phase is Phase.UPLOADING:
+            await self._wait(imp)
+        elif imp.phase is Phase.WRITING and imp.dirty:
+            if writer_was_killed(handle.caller.pid):
+                await self._fail(imp, XofsError(f"the writer (pid {handle.caller.pid}) was killed before it "
+                                                "finished: nothing is imported"))
+                raise imp.failure  # type: ignore[misc]
+            await self._finish(imp, handle.path)
+
+    async def finish_now(self, handle: ImportFile) -> None:
+        """fsync: upload now what was written, whoever wrote it."""
+        imp = handle.imp
+        if imp.failure is not None:
+            raise imp.failure
+        if imp.phase is Phase.UPLOADING:
+            await self._wait(imp)
+        elif imp.phase is Phase.WRITING and imp.dirty:
+            await self._finish(imp, handle.path)
+
+    def release(self, handle: ImportFile) -> None:
+        imp = handle.imp
+        imp.handles -= 1
+        if imp.handles or imp.gone:
+            if imp.gone and not imp.handles:
+                self._drop_spool(imp)
+            return
+        if imp.phase is Phase.IMPORTED:
+            imp.kept_since = trio.current_time()
+            if self._nursery is not None and self.rewrite_grace > 0:
+                self._nursery.start_soon(self._expire_spool, imp, imp.kept_since)
+            else:
+                self._drop_spool(imp)
+        elif imp.phase is Phase.WRITING:
+            if imp.dirty:  # written but never finished: only a flush that was refused gets here
+                log.warning("%s was closed without being imported; dropping what was written", handle.path)
+                self._forget(imp, "it was closed without being imported")
+                self._save(imp.sr_id)
+                self.notify(imp.sr_id, [imp.name])
+            else:
+                self._drop_spool(imp)  # nothing written: an empty entry, nothing in XO
+
+    async def _expire_spool(self, imp: _Import, since: float) -> None:
+        await trio.sleep(self.rewrite_grace)
+        if imp.kept_since == since and not imp.handles and imp.phase is Phase.IMPORTED:
+            self._drop_spool(imp)
+
+    def _drop_spool(self, imp: _Import) -> None:
+        if imp.spool is not None:
+            imp.spool.remove()
+            imp.spool = None
+
+    async def _wait(self, imp: _Import) -> None:
+        assert imp.upload is not None
+        upload = imp.upload
+        await upload.done.wait()
+        if upload.error is not None:
+            raise upload.error
+
+    async def _finish(self, imp: _Import, path: str) -> None:
+        """Check the content, upload it, and wait for XO's answer."""
+        if imp.size == 0:  # written, then truncated to nothing: an empty file imports nothing
+            imp.dirty = False
+            self._drop_spool(imp)
+            return
+        assert imp.spool is not None
+        try:
+            if imp.kind.format is ImageFormat.VHD:
+                if imp.prefix < FOOTER_SIZE:
+                    self._check_footer(imp, path)
+                await trio.to_thread.run_sync(check_complete_vhd, imp.spool.path, imp.size, FOOTER_SIZE)
+            else:
+                self._check_room(imp, imp.size, path)
+        except XofsError as err:
+            await self._fail(imp, err)
+            raise
+        if self._nursery is None:
+            raise XofsError("imports are not running (the mount is stopping)", errno_=errno.EIO)
+        upload = imp.upload = _Upload()
+        imp.phase = Phase.UPLOADING
+        imp.dirty = False
+        self._uploads.add(upload)
+        self._nursery.start_soon(self._upload, imp, upload, path)
+        await self._wait(imp)
+
+    # ---- uploading --------------------------------------------------------------------------------
+
+    async def _upload(self, imp: _Import, upload: _Upload, path: str) -> None:
+        """Send the spool to XO (at most `max_uploads` at a time), then record or clean up.
+
+        Shielded: only an unlink or the end of the shutdown wait (through `upload.scope`) stops it, and
+        the clean-up after a failure always runs.
+        """
+        assert imp.spool is not None
+        label, description = imp.kind.label, imp.description
+        before = self._vdis_named(imp.sr_id, label)
+        vdi: str | None = None
+        error: XofsError | None = None
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.CancelScope() as scope:
+                    upload.scope = scope
+                    if upload.cancel_reason is not None:
+                        scope.cancel()
+                    async with self._limiter:
+                        log.info("importing %s into SR %s (%d bytes, %s)", path, imp.sr_id, imp.size,
+                                 imp.kind.format.value)
+                        vdi = await self.client.import_vdi(
+                            imp.sr_id, imp.spool.path, name_label=label, name_description=description,
+                            raw=imp.kind.format is ImageFormat.RAW)
+                if vdi is None:
+                    error = XofsError(f"import into SR {imp.sr_id} cancelled: {upload.cancel_reason}")
+            except XofsError as err:
+                error = _upload_error(imp.sr_id, err)
+            except OSError as err:
+                error = XofsError(f"import into SR {imp.sr_id} failed: cannot read the spool: {err.strerror}")
+            try:
+                with trio.move_on_after(CLEANUP_TIMEOUT):
+                    if error is None and vdi is not None:
+                        error = await self._imported(imp, vdi, label, description, path)
+                    else:
+                        await self._remove_leftovers(imp.sr_id, label, imp.size, before)
+                if error is not None:
+                    await self._fail(imp, error)
+            finally:
+                upload.error = error
+                self._uploads.discard(upload)
+                upload.done.set()
+
+    async def _imported(self, imp: _Import, vdi: str, label: str, description: str, path: str) -> XofsError | None:
+        """XO made the VDI: record it, give it the name the file has now, delete the one it replaces."""
+        if imp.gone:  # removed while uploading, and the cancel came too late
+            await self._delete_vdi(vdi, f"{path} was removed while it was being imported")
+            return XofsError(f"{path} was removed while it was being imported")
+        imp.phase, imp.vdi, imp.sent_label, imp.sent_description = Phase.IMPORTED, vdi, label, description
+        log.info("imported %s as VDI %s on SR %s", path, vdi, imp.sr_id)
+        changes = {}
+        if imp.kind.label != label:  # renamed during the upload
+            changes["name_label"] = imp.kind.label
+        if imp.description != description:
+            changes["name_description"] = imp.description
+        if changes:
+            try:
+                await self.client.patch("vdis", vdi, changes)
+                imp.sent_label, imp.sent_description = imp.kind.label, imp.description
+            except XofsError as err:
+                log.warning("VDI %s of %s keeps %r: renaming it failed: %s", vdi, path, label, err.describe())
+        if imp.superseded is not None:
+            await self._delete_vdi(imp.superseded, f"{path} was imported again")
+            imp.superseded = None
+        if imp.handles == 0:  # closed by another descriptor meanwhile: `release` already ran
+            imp.kept_since = trio.current_time()
+            self._drop_spool(imp)
+        self._save(imp.sr_id)
+        return None
+
+    def _vdis_named(self, sr_id: str, label: str) -> set[str]:
+        return {vdi_id for vdi_id, vdi in self.cache.of_type("VDI").items()
+                if vdi.get("$SR") == sr_id and vdi.get("name_label") == label}
+
+    async def _remove_leftovers(self, sr_id: str, label: str, length: int, before: set[str]) -> None:
+        """Delete the VDI a failed import left, if XO did not destroy it (xo-api.md §1.5: it should).
+
+        It is the VDI on the SR with the import's name that did not exist before the upload and is
+        none of ours, still marked with the body length (`xo:import:length`) or not marked at all.
+        """
+        ours = {i.vdi for d in self._dirs.values() for i in d.values()} | {
+            i.superseded for d in self._dirs.values() for i in d.values()}
+        for attempt, delay in enumerate(LEFTOVER_CHECKS):
+            await trio.sleep(delay)
+            try:
+                vdis = await self.client.collection("vdis", fields="name_label,$SR,other_config")
+            except XofsError as err:
+                log.warning("cannot check SR %s for a VDI the failed import left: %s", sr_id, err.describe())
+                return
+            leftovers = [v["id"] for v in vdis if v.get("$SR") == sr_id and v.get("name_label") == label
+                         and v["id"] not in before and v["id"] not in ours
+                         and (v.get("other_config") or {}).get("xo:import:length", str(length)) == str(length)]
+            if not leftovers:
+                return
+            if attempt == len(LEFTOVER_CHECKS) - 1:
+                for vdi_id in leftovers:
+                    await self._delete_vdi(vdi_id, f"XO did not destroy it after the failed import of {label!r}")
+
+    async def _delete_vdi(self, vdi: str, why: str) -> None:
+        try:
+            await self.client.delete("vdis", vdi)
+            log.info("deleted VDI %s: %s", vdi, why)
+        except XofsError as err:
+            if err.errno != errno.ENOENT:
+                log.warning("could not delete VDI %s (%s): %s", vdi, why, err.describe())
+
+    def _cancel(self, upload: _Upload, reason: str) -> None:
+        upload.cancel_reason = reason
+        if upload.scope is not None:
+            upload.scope.cancel()
+
+    # ---- failing and forgetting -------------------------------------------------------------------
+
+    async def _fail(self, imp: _Import, error: XofsError) -> None:
+        """The import is dead: its handles answer `error`, the entry, spool and any VDI it made go."""
+        if imp.failure is not None:
+            return
+        imp.failure = error
+        self._drop_spool(imp)
+        if not imp.gone:
+            self._forget(imp, None)
+            self._save(imp.sr_id)
+            self.notify(imp.sr_id, [imp.name])
+        if imp.superseded is not None:
+            superseded, imp.superseded = imp.superseded, None
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                await self._delete_vdi(superseded, f"the import of {imp.name} that was to replace it failed")
+
+    def _forget(self, imp: _Import, reason: str | None) -> None:
+        """Take the entry out of its directory (the caller saves); XO is not touched."""
+        imports = self._dirs.get(imp.sr_id, {})
+        if imports.get(imp.name) is imp:
+            del imports[imp.name]
+        imp.gone = True
+        if reason is not None and imp.failure is None:
+            imp.failure = XofsError(f"{imp.name} is no longer in the import directory: {reason}")
+        if not imp.handles and imp.phase is not Phase.UPLOADING:  # an upload drops its spool itself
+            self._drop_spool(imp)
+
+    # ---- changing entries -------------------------------------------------------------------------
 
     async def unlink(self, entry: ImportEntry, path: str) -> None:
-        raise XofsError(f"{path}: no such import", errno_=errno.ENOENT)
+        """Forget a finished import (its VDI stays); cancel an unfinished one and remove all it made."""
+        imp = self._get(entry, path)
+        self._check_writable(path)
+        if imp.phase is Phase.IMPORTED:
+            log.info("%s removed: forgetting the import; VDI %s stays in XO", path, imp.vdi)
+            self._forget(imp, "it was removed")
+            self._save(imp.sr_id)
+            return
+        self._forget(imp, None)
+        if imp.phase is Phase.UPLOADING and imp.upload is not None:
+            upload = imp.upload
+            self._cancel(upload, f"{path} was removed during the upload")
+            with trio.move_on_after(UNLINK_WAIT):
+                await upload.done.wait()
+        else:
+            await self._fail(imp, XofsError(f"{path} was removed before it was imported"))
+        self._save(imp.sr_id)
 
     async def rename(self, entry: ImportEntry, new_name: str, path: str) -> None:
-        raise XofsError(f"{path}: no such import", errno_=errno.ENOENT)
+        """Rename within the directory; an imported file's VDI gets the new name (PATCH name_label)."""
+        imp = self._get(entry, path)
+        self._check_writable(path)
+        if new_name == entry.name:
+            return
+        kind = _parse(new_name, path)
+        if kind.format is not imp.kind.format:
+            raise XofsError(f"{path} cannot become {new_name!r}: that is a {kind.format.value} name and the file "
+                            f"is imported as {imp.kind.format.value}", errno_=errno.EINVAL)
+        imports = self._dir(entry.sr_id)
+        target = imports.get(new_name)
+        if target is not None and (target.phase is not Phase.IMPORTED and target.size or target.handles):
+            raise XofsError(f"{path} cannot replace {new_name!r}: that file is being written or uploaded",
+                            errno_=errno.EBUSY)
+        if imp.phase is Phase.IMPORTED and imp.vdi is not None and imp.sent_label != kind.label:
+            try:
+                await self.client.patch("vdis", imp.vdi, {"name_label": kind.label})
+            except XofsError as err:
+                raise XofsError(f"{path}: cannot rename VDI {imp.vdi} to {kind.label!r}: {err.describe()}",
+                                errno_=errno.EIO) from None
+            imp.sent_label = kind.label
+        target = imports.get(new_name)
+        if target is not None and target is not imp:
+            log.info("%s replaces %s; VDI %s stays in XO", entry.name, new_name, target.vdi)
+            self._forget(target, "another file was renamed over it")
+        if imports.get(entry.name) is imp:
+            del imports[entry.name]
+        imp.name, imp.kind = new_name, kind
+        imports[new_name] = imp
+        self._save(entry.sr_id)
 
     async def setattr(self, entry: ImportEntry, *, size: int | None, mode: int | None, mtime_ns: int | None,
                       path: str) -> FileAttrs:
-        raise XofsError(f"{path}: no such import", errno_=errno.ENOENT)
+        imp = self._get(entry, path)
+        self._check_writable(path)
+        if size is not None:
+            try:
+                self._truncate(imp, size, path)
+            except OSError as err:
+                raise XofsError(f"{path}: cannot resize the import spool: {err.strerror}",
+                                errno_=err.errno or errno.EIO) from None
+        if mode is not None:
+            imp.mode = mode & 0o777
+        if mtime_ns is not None:
+            imp.mtime_ns = mtime_ns
+        if imp.phase is Phase.IMPORTED:
+            self._save(imp.sr_id)
+        return imp.attrs()
 
     async def setxattr(self, entry: ImportEntry, key: str, value: bytes, path: str) -> None:
-        raise XofsError(f"{path}: no such import", errno_=errno.ENOENT)
+        """`user.xo.name_description` sets the VDI's description (before or after the upload)."""
+        imp = self._get(entry, path)
+        self._check_writable(path)
+        if key != DESCRIPTION_XATTR:
+            if key.startswith("user.xo."):
+                raise XofsError(f"{path}: {key} is read-only; only {DESCRIPTION_XATTR} can be set",
+                                errno_=errno.EPERM)
+            raise XofsError(f"{path}: extended attribute {key} is not supported", errno_=errno.ENOTSUP)
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise XofsError(f"{path}: {key} must be UTF-8 text", errno_=errno.EINVAL) from None
+        imp.name_description = text
+        if imp.phase is Phase.IMPORTED and imp.vdi is not None and imp.sent_description != text:
+            try:
+                await self.client.patch("vdis", imp.vdi, {"name_description": text})
+            except XofsError as err:
+                raise XofsError(f"{path}: cannot set the description of VDI {imp.vdi}: {err.describe()}",
+                                errno_=errno.EIO) from None
+            imp.sent_description = text
+            self._save(imp.sr_id)
+
+
+def _parse(name: str, path: str) -> ImportName:
+    try:
+        return parse_name(name)
+    except XofsError as err:
+        raise XofsError(f"{path}: {err.message}", errno_=err.errno) from None
+
+
+def _upload_error(sr_id: str, err: XofsError) -> XofsError:
+    """XO's refusal as the close() error: ENOSPC or EACCES where they fit, otherwise EIO."""
+    words = err.describe()
+    if err.errno == errno.ENOSPC or "SR_FULL" in words or "space" in words.lower():
+        code = errno.ENOSPC
+    elif err.errno == errno.EACCES:
+        code = errno.EACCES
+    else:
+        code = errno.EIO
+    return XofsError(f"import into SR {sr_id} failed: {words}", errno_=code)
+
+
+def writer_was_killed(pid: int) -> bool:
+    """Whether process `pid` is exiting because of a signal (its files are being closed by the kernel).
+
+    A killed `cp` still closes its files, and FUSE sends the flush; without this check that flush would
+    upload a half-copied image. Reads /proc/<pid>/stat: the PF_EXITING flag (field 9) and the exit code
+    (field 52, whose low 7 bits are the signal). False when it cannot tell.
+    """
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    try:
+        flags, exit_code = int(fields[6]), int(fields[49])
+    except (IndexError, ValueError):
+        return False
+    return bool(flags & PF_EXITING) and exit_code & 0x7F != 0

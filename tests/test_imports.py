@@ -1,0 +1,540 @@
+"""The import manager driven by direct calls (no kernel), against a fresh simulator.
+
+Each test goes through the same calls the FUSE adapter makes (create, write, flush, release, setattr,
+rename, unlink) and then asks the simulator what XO has: the VDIs, their names and their raw content.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import signal
+import subprocess
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.support import SimProcess, require_tool
+from xofs.cache import Change, ObjectCache
+from xofs.client.rest import RestClient
+from xofs.errors import XofsError
+from xofs.files import Caller, ImportEntry
+from xofs.formats.vhd import build_footer
+from xofs.import_format import parse_name
+from xofs.import_spool import clean_stale_spools
+from xofs.imports import ImportFile, ImportManager, writer_was_killed
+
+ME = Caller(pid=os.getpid())
+CHUNK = 128 * 1024
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    sim: SimProcess
+    manager: ImportManager
+    cache: ObjectCache
+    client: RestClient
+    tmp: Path
+    notified: list[tuple[str, list[str]]]
+
+    @property
+    def sr(self) -> str:
+        return sr_ids(self.sim)[0]
+
+    def entry(self, name: str, sr: str | None = None) -> ImportEntry:
+        return ImportEntry(sr or self.sr, name)
+
+    def vdis(self, **match: str) -> list[dict]:
+        return vdis(self.sim, **match)
+
+
+def sr_ids(sim: SimProcess) -> list[str]:
+    """The simulator's non-ISO SRs, largest free space first."""
+    srs = sim.get_json("/rest/v0/srs?fields=id,size,usage,content_type")
+    srs = [s for s in srs if s["content_type"] != "iso"]
+    return [s["id"] for s in sorted(srs, key=lambda s: s["usage"] - s["size"])]
+
+
+def vdis(sim: SimProcess, **match: str) -> list[dict]:
+    fields = "id,name_label,name_description,$SR,size,other_config"
+    found = sim.get_json(f"/rest/v0/vdis?fields={urllib.parse.quote(fields)}")
+    return [v for v in found if all(v.get(k) == val for k, val in match.items())]
+
+
+def raw_export(sim: SimProcess, vdi_id: str) -> bytes:
+    status, _, body = sim.request("GET", f"/rest/v0/vdis/{vdi_id}.raw")
+    assert status == 200, (status, body[:300])
+    return body
+
+
+def make_raw(path: Path, size: int = 4 << 20, seed: int = 1) -> bytes:
+    """A raw disk with a few random blocks and zeros elsewhere."""
+    import random
+
+    rng = random.Random(seed)
+    data = bytearray(size)
+    for start in range(0, size, 1 << 20):
+        data[start + 4096 : start + 4096 + 200_000] = rng.randbytes(200_000)
+    path.write_bytes(data)
+    return bytes(data)
+
+
+def make_vhd(tmp: Path, name: str = "disk.vhd", size: int = 4 << 20) -> tuple[bytes, bytes]:
+    """(the dynamic VHD's bytes, the raw content qemu-img reads from it)."""
+    require_tool("qemu-img")
+    src = tmp / f"{name}.src.raw"
+    make_raw(src, size)
+    vhd = tmp / name
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic", str(src), str(vhd)],
+                   check=True)
+    expected = tmp / f"{name}.expected.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(expected)], check=True)
+    return vhd.read_bytes(), expected.read_bytes()
+
+
+async def write_all(f: ImportFile, data: bytes, start: int = 0) -> None:
+    for off in range(0, len(data), CHUNK):
+        assert await f.write(start + off, data[off : off + CHUNK]) == len(data[off : off + CHUNK])
+
+
+async def copy_in(env: Env, name: str, data: bytes, *, sr: str | None = None, mode: int = 0o644) -> ImportFile:
+    """What `cp` does: create, write, close (flush + release)."""
+    path = f"/srs/{sr or env.sr}/import/{name}"
+    f = await env.manager.create(env.entry(name, sr), mode, ME, path)
+    assert isinstance(f, ImportFile)
+    try:
+        await write_all(f, data)
+        await f.flush(Caller())
+    finally:
+        await f.release()
+    return f
+
+
+async def refresh_cache(env: Env) -> None:
+    objs = []
+    for coll in ("srs", "vdis"):
+        objs += await env.client.collection(coll)
+    env.cache.replace_all(objs)
+
+
+@asynccontextmanager
+async def running(sim: SimProcess, tmp: Path, **kwargs) -> AsyncIterator[Env]:
+    client = RestClient(sim.url, sim.token)
+    cache = ObjectCache()
+    notified: list[tuple[str, list[str]]] = []
+    manager = ImportManager(client, cache, state_dir=tmp / "state", spool_dir=tmp / "spool", server_key=sim.url,
+                            notify=lambda sr, names: notified.append((sr, names)), **kwargs)
+    env = Env(sim, manager, cache, client, tmp, notified)
+    await refresh_cache(env)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            yield env
+            nursery.cancel_scope.cancel()
+    finally:
+        await client.aclose()
+
+
+def spools(tmp: Path) -> list[Path]:
+    return list((tmp / "spool").rglob("*.spool"))
+
+
+async def expect_error(code: int, coro) -> XofsError:
+    with pytest.raises(XofsError) as info:
+        await coro
+    assert info.value.errno == code, (os.strerror(info.value.errno), info.value.describe())
+    return info.value
+
+
+# ---- names --------------------------------------------------------------------------------------------
+
+
+def test_names_give_format_and_label() -> None:
+    assert parse_name("disk.vhd").format.value == "vhd"
+    assert parse_name("Disk.VHD").label == "Disk"
+    assert parse_name("a.b.raw").label == "a.b"
+    assert parse_name("boot.iso").format.value == "raw"
+    assert parse_name("x.img").format.value == "raw"
+    temp = parse_name(".disk.vhd.Ab12Cd")
+    assert (temp.format.value, temp.label, temp.temporary) == ("vhd", "disk", True)
+    for bad in ("notes.txt", "disk", ".vhd", ".DS_Store", "._disk.vhd", "Thumbs.db", ".disk.txt.Ab12Cd"):
+        with pytest.raises(XofsError) as info:
+            parse_name(bad)
+        assert info.value.errno == errno.EINVAL, bad
+
+
+# ---- successful imports -------------------------------------------------------------------------------
+
+
+async def test_raw_import_makes_one_vdi_with_the_content(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw")
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, "web disk.raw", data)
+        [vdi] = env.vdis(name_label="web disk")
+        assert vdi["$SR"] == env.sr and vdi["name_description"] == "imported by xofs"
+        assert vdi["size"] == len(data)
+        assert raw_export(fresh_sim, vdi["id"]) == data
+        attrs = env.manager.entries(env.sr)["web disk.raw"]
+        assert (attrs.size, attrs.mode) == (len(data), 0o644)
+        xattrs = env.manager.xattrs(env.entry("web disk.raw"))
+        assert xattrs["user.xo.vdi"] == vdi["id"].encode()
+        assert xattrs["user.xo.state"] == b"imported"
+    assert spools(tmp_path) == []
+
+
+async def test_vhd_import_has_the_source_content(fresh_sim, tmp_path) -> None:
+    image, expected = make_vhd(tmp_path)
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, "disk.vhd", image)
+        [vdi] = env.vdis(name_label="disk")
+        assert raw_export(fresh_sim, vdi["id"]) == expected
+    assert spools(tmp_path) == []
+
+
+async def test_rsync_sequence_names_the_vdi_after_the_final_name(fresh_sim, tmp_path) -> None:
+    image, expected = make_vhd(tmp_path)
+    mtime = 1_600_000_000_123_456_789
+    async with running(fresh_sim, tmp_path) as env:
+        temp = env.entry(".disk.vhd.aB3xYz")
+        f = await env.manager.create(temp, 0o600, ME, "/temp")
+        await env.manager.setattr(temp, size=None, mode=0o644, mtime_ns=None, path="/temp")
+        await write_all(f, image)
+        await f.flush(Caller())
+        await f.release()
+        await env.manager.setattr(temp, size=None, mode=None, mtime_ns=mtime, path="/temp")
+        await env.manager.rename(temp, "disk.vhd", "/temp")
+        assert env.vdis(name_label=".disk.vhd.aB3xYz") == []
+        [vdi] = env.vdis(name_label="disk")
+        assert raw_export(fresh_sim, vdi["id"]) == expected
+        entries = env.manager.entries(env.sr)
+        assert list(entries) == ["disk.vhd"]
+        assert (entries["disk.vhd"].size, entries["disk.vhd"].mtime_ns, entries["disk.vhd"].mode) == (
+            len(image), mtime, 0o644)
+    # A new mount (a new manager, same state directory) still lists it, with the writer's attributes.
+    async with running(fresh_sim, tmp_path) as env:
+        entries = env.manager.entries(env.sr)
+        assert (entries["disk.vhd"].size, entries["disk.vhd"].mtime_ns) == (len(image), mtime)
+        assert env.manager.xattrs(env.entry("disk.vhd"))["user.xo.vdi"] == vdi["id"].encode()
+
+
+async def test_rename_of_an_imported_file_renames_the_vdi(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, "old.raw", data)
+        [vdi] = env.vdis(name_label="old")
+        await env.manager.rename(env.entry("old.raw"), "new.img", "/old.raw")
+        assert [v["id"] for v in env.vdis(name_label="new")] == [vdi["id"]]
+        assert list(env.manager.entries(env.sr)) == ["new.img"]
+        await expect_error(errno.EINVAL, env.manager.rename(env.entry("new.img"), "new.vhd", "/new.img"))
+
+
+async def test_description_from_the_xattr_before_and_after_the_upload(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        entry = env.entry("d.raw")
+        f = await env.manager.create(entry, 0o644, ME, "/d.raw")
+        await env.manager.setxattr(entry, "user.xo.name_description", b"web server, 2024", "/d.raw")
+        await write_all(f, data)
+        await f.flush(Caller())
+        await f.release()
+        [vdi] = env.vdis(name_label="d")
+        assert vdi["name_description"] == "web server, 2024"
+        await env.manager.setxattr(entry, "user.xo.name_description", b"retired", "/d.raw")
+        assert env.vdis(name_label="d")[0]["name_description"] == "retired"
+        await expect_error(errno.EPERM, env.manager.setxattr(entry, "user.xo.vdi", b"x", "/d.raw"))
+
+
+async def test_flush_before_writes_is_a_no_op(fresh_sim, tmp_path) -> None:
+    """A shell redirection: the shell's copy of the descriptor is closed before the command writes."""
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        f = await env.manager.create(env.entry("s.raw"), 0o644, ME, "/s.raw")
+        await f.flush(Caller())
+        assert env.vdis(name_label="s") == []
+        await write_all(f, data)
+        await f.flush(Caller())
+        await f.flush(Caller())  # the last descriptor's close: nothing new
+        await f.release()
+        [vdi] = env.vdis(name_label="s")
+        assert raw_export(fresh_sim, vdi["id"]) == data
+
+
+async def test_reopen_and_change_replaces_the_vdi(fresh_sim, tmp_path) -> None:
+    """qemu-img's pattern: write an empty image, close, reopen read-write, fill it, close."""
+    image, expected = make_vhd(tmp_path)
+    empty = tmp_path / "empty.vhd"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", str(empty), "4M"], check=True)
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, "q.vhd", empty.read_bytes())
+        [first] = env.vdis(name_label="q")
+        f = await env.manager.open(env.entry("q.vhd"), os.O_RDWR, ME, "/q.vhd")
+        assert (await f.read(0, 8)) == b"conectix"
+        await write_all(f, image)
+        await f.flush(Caller())
+        await f.release()
+        [second] = env.vdis(name_label="q")
+        assert second["id"] != first["id"]
+        assert raw_export(fresh_sim, second["id"]) == expected
+
+
+async def test_settled_import_cannot_change_in_place_but_can_be_overwritten(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path, rewrite_grace=0) as env:
+        await copy_in(env, "o.raw", data)
+        [first] = env.vdis(name_label="o")
+        f = await env.manager.open(env.entry("o.raw"), os.O_WRONLY, ME, "/o.raw")
+        await expect_error(errno.EPERM, f.write(0, b"x" * 512))
+        await f.release()
+        await expect_error(errno.EACCES, env.manager.open(env.entry("o.raw"), os.O_RDONLY, ME, "/o.raw"))
+        # `cp` over it (O_TRUNC): a new import; the first VDI is left alone.
+        f = await env.manager.open(env.entry("o.raw"), os.O_WRONLY | os.O_TRUNC, ME, "/o.raw")
+        await write_all(f, data[: 512 * 1024])
+        await f.flush(Caller())
+        await f.release()
+        found = {v["id"]: v for v in env.vdis(name_label="o")}
+        assert first["id"] in found and len(found) == 2
+
+
+async def test_unlink_of_an_imported_file_keeps_the_vdi(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, "k.raw", data)
+        await env.manager.unlink(env.entry("k.raw"), "/k.raw")
+        assert env.manager.entries(env.sr) == {}
+        assert len(env.vdis(name_label="k")) == 1
+    async with running(fresh_sim, tmp_path) as env:
+        assert env.manager.entries(env.sr) == {}
+
+
+async def test_vdi_deleted_in_xo_drops_the_entry(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, "gone.raw", data)
+        [vdi] = env.vdis(name_label="gone")
+        status, _, _ = fresh_sim.request("DELETE", f"/rest/v0/vdis/{vdi['id']}")
+        assert status in (200, 204)
+        env.manager.on_changes([Change(vdi["id"], "VDI", vdi, None)])
+        assert env.manager.entries(env.sr) == {}
+        assert (env.sr, ["gone.raw"]) in env.notified
+        await copy_in(env, "gone2.raw", data)
+    # After a remount, a record whose VDI XO no longer has is dropped too.
+    [vdi2] = vdis(fresh_sim, name_label="gone2")
+    fresh_sim.request("DELETE", f"/rest/v0/vdis/{vdi2['id']}")
+    async with running(fresh_sim, tmp_path) as env:
+        assert env.manager.entries(env.sr) == {}
+
+
+async def test_empty_file_imports_nothing_and_stays_listed(fresh_sim, tmp_path) -> None:
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        f = await env.manager.create(env.entry("e.raw"), 0o644, ME, "/e.raw")
+        await f.flush(Caller())
+        await f.release()
+        assert env.manager.entries(env.sr)["e.raw"].size == 0
+        assert env.manager.xattrs(env.entry("e.raw"))["user.xo.state"] == b"empty"
+        assert len(env.vdis()) == before
+
+
+async def test_concurrent_imports_into_two_srs_with_an_upload_limit(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    fresh_sim.request("POST", "/_sim/faults", json.dumps({"latency_ms": 300}).encode(),
+                      {"Content-Type": "application/json"})
+    async with running(fresh_sim, tmp_path, max_uploads=1) as env:
+        sr_a, sr_b = sr_ids(fresh_sim)[:2]
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, env.manager._limiter.borrowed_tokens)
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as copies:
+                copies.start_soon(functools.partial(copy_in, env, "a.raw", data, sr=sr_a))
+                copies.start_soon(functools.partial(copy_in, env, "b.raw", data, sr=sr_b))
+                await trio.sleep(0.2)
+                assert env.manager._limiter.statistics().tasks_waiting == 1
+            nursery.cancel_scope.cancel()
+        assert peak == 1
+        assert [v["$SR"] for v in env.vdis(name_label="a")] == [sr_a]
+        assert [v["$SR"] for v in env.vdis(name_label="b")] == [sr_b]
+
+
+# ---- refused content and failures: no VDI, no spool, no entry ---------------------------------------------
+
+
+async def assert_nothing_left(env: Env, label: str, before: int) -> None:
+    assert env.vdis(name_label=label) == []
+    assert len(env.vdis()) == before
+    assert spools(env.tmp) == []
+    assert env.manager.entries(env.sr) == {}
+
+
+async def test_unsupported_names_are_refused_at_create(fresh_sim, tmp_path) -> None:
+    async with running(fresh_sim, tmp_path) as env:
+        for name in ("notes.txt", ".DS_Store", "._disk.vhd"):
+            err = await expect_error(errno.EINVAL, env.manager.create(env.entry(name), 0o644, ME, f"/{name}"))
+            assert name in err.describe()
+
+
+async def test_fixed_vhd_fails_its_first_write(fresh_sim, tmp_path) -> None:
+    require_tool("qemu-img")
+    fixed = tmp_path / "fixed.vhd"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(fixed), "2M"], check=True)
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        f = await env.manager.create(env.entry("fixed.vhd"), 0o644, ME, "/fixed.vhd")
+        err = await expect_error(errno.EINVAL, f.write(0, fixed.read_bytes()[:CHUNK]))
+        assert "invalid footer checksum" in err.describe()
+        await expect_error(errno.EINVAL, f.flush(Caller()))
+        await f.release()
+        await assert_nothing_left(env, "fixed", before)
+
+
+async def test_bad_checksum_fails_the_first_write(fresh_sim, tmp_path) -> None:
+    image, _ = make_vhd(tmp_path)
+    broken = bytearray(image)
+    broken[64] ^= 0xFF
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        f = await env.manager.create(env.entry("disk.vhd"), 0o644, ME, "/disk.vhd")
+        await expect_error(errno.EINVAL, f.write(0, bytes(broken[:CHUNK])))
+        await f.release()
+        await assert_nothing_left(env, "disk", before)
+
+
+async def test_truncated_vhd_fails_at_close(fresh_sim, tmp_path) -> None:
+    image, _ = make_vhd(tmp_path)
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        f = await env.manager.create(env.entry("disk.vhd"), 0o644, ME, "/disk.vhd")
+        await write_all(f, image[: len(image) // 2])
+        err = await expect_error(errno.EINVAL, f.flush(Caller()))
+        assert "truncated" in err.describe()
+        await f.release()
+        await assert_nothing_left(env, "disk", before)
+
+
+async def test_non_image_content_is_refused(fresh_sim, tmp_path) -> None:
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        f = await env.manager.create(env.entry("text.vhd"), 0o644, ME, "/text.vhd")
+        await expect_error(errno.EINVAL, f.write(0, b"hello, this is not a disk\n" * 100))
+        await f.release()
+        await assert_nothing_left(env, "text", before)
+
+
+async def test_vhd_larger_than_the_sr_free_space_fails_early(fresh_sim, tmp_path) -> None:
+    async with running(fresh_sim, tmp_path) as env:
+        sr = env.cache.get(env.sr)
+        free = sr["size"] - sr["usage"]
+        before = len(env.vdis())
+        f = await env.manager.create(env.entry("huge.vhd"), 0o644, ME, "/huge.vhd")
+        head = build_footer(free + (1 << 30)) + bytes(CHUNK - 512)
+        err = await expect_error(errno.ENOSPC, f.write(0, head))
+        assert env.sr in err.describe()
+        await f.release()
+        await assert_nothing_left(env, "huge", before)
+
+
+async def test_raw_larger_than_the_sr_free_space_fails_early(fresh_sim, tmp_path) -> None:
+    async with running(fresh_sim, tmp_path) as env:
+        sr = env.cache.get(env.sr)
+        free = sr["size"] - sr["usage"]
+        entry = env.entry("huge.raw")
+        f = await env.manager.create(entry, 0o644, ME, "/huge.raw")
+        await f.write(0, b"x" * 4096)
+        await expect_error(errno.ENOSPC, env.manager.setattr(entry, size=free + 1, mode=None, mtime_ns=None,
+                                                             path="/huge.raw"))
+        await f.release()
+
+
+async def test_injected_xo_failure_is_eio_at_close(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"fail_next_import": True}).encode(),
+                                     {"Content-Type": "application/json"})
+    assert status == 200
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        err = await expect_error(errno.EIO, copy_in(env, "f.raw", data))
+        assert env.sr in err.describe() and "500 Internal Server Error" in err.describe()
+        await assert_nothing_left(env, "f", before)
+
+
+async def test_unlink_during_the_upload_cancels_it(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    fresh_sim.request("POST", "/_sim/faults", json.dumps({"latency_ms": 1500}).encode(),
+                      {"Content-Type": "application/json"})
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        entry = env.entry("u.raw")
+        f = await env.manager.create(entry, 0o644, ME, "/u.raw")
+        await write_all(f, data)
+        async with trio.open_nursery() as nursery:
+            async def close() -> None:
+                await expect_error(errno.EIO, f.flush(Caller()))
+                await f.release()
+
+            nursery.start_soon(close)
+            await trio.sleep(0.3)
+            assert env.manager.xattrs(entry)["user.xo.state"] == b"uploading"
+            await env.manager.unlink(entry, "/u.raw")
+        fresh_sim.request("DELETE", "/_sim/faults")
+        await trio.sleep(2)  # the simulator would have finished the import by now, had it gone on
+        await assert_nothing_left(env, "u", before)
+
+
+async def test_killed_writer_imports_nothing(fresh_sim, tmp_path) -> None:
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    victim = subprocess.Popen(["sleep", "60"])
+    victim.send_signal(signal.SIGKILL)
+    while not writer_was_killed(victim.pid):  # a zombie until reaped: exiting, with the signal as status
+        await trio.sleep(0.01)
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        f = await env.manager.create(env.entry("k.raw"), 0o644, Caller(pid=victim.pid), "/k.raw")
+        await write_all(f, data)
+        await expect_error(errno.EIO, f.flush(Caller()))
+        await f.release()
+        await assert_nothing_left(env, "k", before)
+    victim.wait()
+
+
+def test_writer_was_killed_tells_a_signal_from_an_exit() -> None:
+    normal = subprocess.Popen(["true"])
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{normal.pid}/stat").read_text().split(")")[1].split()[0] == "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not writer_was_killed(normal.pid)
+        assert not writer_was_killed(alive.pid)
+        assert not writer_was_killed(0)
+    finally:
+        alive.kill()
+        alive.wait()
+        normal.wait()
+
+
+def test_stale_spools_of_dead_daemons_are_cleaned(tmp_path) -> None:
+    d = tmp_path / "spools"
+    d.mkdir()
+    (d / "999999999-abc.spool").write_bytes(b"x")
+    (d / "notes.txt").write_bytes(b"x")
+    assert clean_stale_spools(d) == 1
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]

@@ -1,0 +1,108 @@
+"""What a file written into an import directory is: its format and VDI name from its file name, and
+whether its content is a disk image XO will take.
+
+Both checks run before anything is sent to XO, so that a wrong file fails on the write or the close that
+caused it, with EINVAL and the reason, instead of after a long upload (xo-api.md §1.5 lists XO's own
+checks; `xofs.formats.vhd.check_import_footer` repeats them with XO's words).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+from dataclasses import dataclass
+from enum import Enum
+
+from xofs.errors import XofsError
+from xofs.formats.vhd import BAT_UNUSED, FOOTER_COOKIE, FOOTER_SIZE, HEADER_COOKIE, HEADER_SIZE, vhd_checksum
+
+
+class ImageFormat(Enum):
+    VHD = "vhd"  # a dynamic or differencing VHD (XO refuses fixed ones)
+    RAW = "raw"  # the disk's bytes, sent with raw=true; the VDI's size is the file's size
+
+
+EXTENSIONS = {".vhd": ImageFormat.VHD, ".raw": ImageFormat.RAW, ".img": ImageFormat.RAW, ".iso": ImageFormat.RAW}
+
+# rsync writes `.NAME.XXXXXX` (six random letters or digits), then renames it to NAME (fuse-lessons §7).
+_RSYNC_TEMP = re.compile(r"\.(?P<final>.+)\.[A-Za-z0-9]{6}")
+# Files desktops and file managers drop into every directory they touch: never disk images.
+_JUNK = re.compile(r"\.DS_Store|\._.*|Thumbs\.db|desktop\.ini|\.goutputstream-.*|\.directory", re.I)
+
+
+@dataclass(frozen=True)
+class ImportName:
+    """What a file name says: the image format and the VDI's name_label."""
+
+    format: ImageFormat
+    label: str  # the final file name without its extension
+    temporary: bool  # rsync's temporary name for a file it will rename to the final one
+
+
+def parse_name(name: str) -> ImportName:
+    """The format and label for a name in an import directory; EINVAL (with the reason) for other names.
+
+    A name rsync uses while it copies takes the format and label of the name it will be renamed to, so
+    the VDI is named right from the start and the rename changes nothing in XO.
+    """
+    if _JUNK.fullmatch(name):
+        raise XofsError(f"{name!r} is desktop metadata, not a disk image: it is not imported", errno_=errno.EINVAL)
+    parsed = _parse_final(name)
+    if parsed is not None:
+        return parsed
+    temp = _RSYNC_TEMP.fullmatch(name)
+    if temp is not None:
+        final = _parse_final(temp["final"])
+        if final is not None:
+            return ImportName(final.format, final.label, temporary=True)
+    raise XofsError(f"{name!r} is not a disk image name: import directories take "
+                    f"{', '.join(sorted(EXTENSIONS))} files", errno_=errno.EINVAL)
+
+
+def _parse_final(name: str) -> ImportName | None:
+    stem, ext = os.path.splitext(name)
+    fmt = EXTENSIONS.get(ext.lower())
+    if fmt is None or not stem or _JUNK.fullmatch(name):
+        return None
+    return ImportName(fmt, stem, temporary=False)
+
+
+# -- content checks -----------------------------------------------------------------------------------------
+
+_DYNAMIC_HEADER = struct.Struct(">8sQQIII")  # cookie, data offset, table offset, version, entries, block size
+
+
+def check_complete_vhd(path: str | os.PathLike[str], size: int, data_offset: int) -> None:
+    """Make sure the VHD in `path` is whole: a footer at its end, and every block it maps inside the file.
+
+    A copy that stopped early (a killed `cp`, a truncated source) passes XO's check of the leading footer
+    copy but would fail late in XAPI; caught here, nothing is uploaded. Raises XofsError(EINVAL).
+    """
+    def bad(why: str) -> XofsError:
+        return XofsError(f"incomplete or damaged VHD ({size} bytes): {why}", errno_=errno.EINVAL)
+
+    if size < FOOTER_SIZE + HEADER_SIZE + FOOTER_SIZE:
+        raise bad("too short for a dynamic VHD (footer copy, header, footer)")
+    with open(path, "rb") as f:
+        f.seek(size - FOOTER_SIZE)
+        footer = f.read(FOOTER_SIZE)
+        if footer[:8] != FOOTER_COOKIE or int.from_bytes(footer[64:68], "big") != vhd_checksum(footer, 64):
+            raise bad("no valid footer in its last 512 bytes (truncated?)")
+        f.seek(data_offset)
+        header = f.read(HEADER_SIZE)
+        if len(header) < HEADER_SIZE or header[:8] != HEADER_COOKIE:
+            raise bad(f"no dynamic disk header at offset {data_offset}")
+        _, _, table_offset, _, entries, block_size = _DYNAMIC_HEADER.unpack_from(header)
+        if block_size == 0 or block_size % 512:
+            raise bad(f"block size {block_size} is not a multiple of 512")
+        end = size - FOOTER_SIZE
+        if table_offset + 4 * entries > end:
+            raise bad(f"its block table ({entries} entries at offset {table_offset}) runs past the end")
+        f.seek(table_offset)
+        table = f.read(4 * entries)
+    bitmap = -(-block_size // (512 * 8) // 512) * 512  # one bit per sector, in whole sectors
+    used = [sector for (sector,) in struct.iter_unpack(">I", table) if sector != BAT_UNUSED]
+    if used and max(used) * 512 + bitmap + block_size > end:
+        raise bad("a block of its table lies past the end of the file (truncated?)")

@@ -1,0 +1,83 @@
+"""What xofs remembers of finished imports, so they stay listed across remounts.
+
+After an import the entry keeps the size, mtime and mode its writer gave it; that is what lets a second
+`rsync -a` or `cp -u` see an up-to-date file and transfer nothing. One JSON file per server and SR under
+the state directory (`<state>/imports/<server>/<sr-uuid>.json`), rewritten atomically on every change.
+Nothing here is needed for correctness in XO: losing it only makes the next rsync import again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+
+@dataclass
+class ImportRecord:
+    """A finished import: the VDI it made and the attributes the writer gave the file."""
+
+    vdi: str
+    size: int
+    mtime_ns: int
+    mode: int
+    name_description: str | None = None
+
+
+def server_dir_name(server_key: str) -> str:
+    """A directory name for a server: readable, and unique through a hash of the whole key."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", server_key).strip("_")[:60]
+    return f"{readable}-{hashlib.sha256(server_key.encode()).hexdigest()[:12]}"
+
+
+class ImportStore:
+    def __init__(self, state_dir: Path, server_key: str) -> None:
+        self.directory = state_dir / "imports" / server_dir_name(server_key)
+
+    def _path(self, sr_id: str) -> Path:
+        return self.directory / f"{sr_id}.json"
+
+    def load(self, sr_id: str) -> dict[str, ImportRecord]:
+        """The records of one SR (none if the file is missing or unreadable, which is logged)."""
+        path = self._path(sr_id)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            log.warning("ignoring the import records in %s: %s", path, err)
+            return {}
+        records: dict[str, ImportRecord] = {}
+        entries = data.get("entries") if isinstance(data, dict) and data.get("version") == VERSION else None
+        if not isinstance(entries, dict):
+            log.warning("ignoring the import records in %s: not a version %d file", path, VERSION)
+            return {}
+        for name, fields in entries.items():
+            try:
+                records[name] = ImportRecord(**fields)
+            except TypeError as err:
+                log.warning("ignoring the import record of %r in %s: %s", name, path, err)
+        return records
+
+    def save(self, sr_id: str, records: dict[str, ImportRecord]) -> None:
+        """Replace the SR's file (atomically); a failure is logged, not raised: see the module docstring."""
+        path = self._path(sr_id)
+        try:
+            if not records:
+                path.unlink(missing_ok=True)
+                return
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            body = {"version": VERSION, "entries": {n: asdict(r) for n, r in sorted(records.items())}}
+            tmp.write_text(json.dumps(body, indent=1))
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("cannot save the import records in %s: %s", path, err)
