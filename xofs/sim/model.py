@@ -507,12 +507,16 @@ class SimModel:
 
     async def _churn(self, rate: float) -> None:
         rng = random.Random(self.seed)
+        running: list[str] = []
+        listed_at = -math.inf
         while True:
             await trio.sleep(rng.expovariate(rate))
-            running = [vm for vm in self.by_type("VM") if vm["power_state"] == "Running"]
-            if not running:
+            if time.monotonic() - listed_at > 1:  # list running VMs once a second, not once an event
+                running = [vm["id"] for vm in self.by_type("VM") if vm["power_state"] == "Running"]
+                listed_at = time.monotonic()
+            vm = self._objects.get(rng.choice(running)) if running else None
+            if vm is None or vm["power_state"] != "Running":
                 continue
-            vm = rng.choice(running)
             memory = vm["memory"]
             if "usage" in memory:  # this guest reports memory in use: it moves
                 usage = int(min(memory["size"], max(memory["size"] * 0.05, memory["usage"] * rng.uniform(0.95, 1.05))))
@@ -732,8 +736,8 @@ class SimModel:
                 changes["blockedOperations"] = blocked
             elif key == "CPUs":
                 changes["CPUs"] = {**vm["CPUs"], "number": int(value)}
-            elif key == "coresPerSocket":
-                changes["coresPerSocket"] = int(value)
+            elif key == "coresPerSocket":  # unset: XO writes the CPU count back (xen-orchestra#9111)
+                changes["coresPerSocket"] = vm["CPUs"]["number"] if value is None else int(value)
             elif key == "xenStoreData":
                 data = {**vm["xenStoreData"]}
                 for k, v in value.items():

@@ -22,9 +22,11 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from xofs.sim.faults import Faults
 from xofs.sim.jsonrpc import load_methods_info
 from xofs.sim.jsonrpc import serve as serve_jsonrpc
 from xofs.sim.model import SimModel, new_token
+from xofs.sim.rest import make_rest_app
 from xofs.sim.state import StateMismatch
 
 log = logging.getLogger("xofs.sim")
@@ -93,24 +95,8 @@ def make_app(model: SimModel, rest_app: ASGIApp) -> ASGIApp:
 
 
 def load_rest_app(model: SimModel) -> ASGIApp:
-    """The REST engineer's app; while it is not in the tree, every HTTP request answers 503."""
-    try:
-        from xofs.sim.faults import Faults
-        from xofs.sim.rest import make_rest_app
-    except ModuleNotFoundError as error:
-        if error.name not in ("xofs.sim.faults", "xofs.sim.rest"):
-            raise
-        log.warning("REST app not available (%s): HTTP requests answer 503", error)
-        return _unavailable
+    """The REST v0 app (with its `/_sim/` fault knobs) for this model."""
     return make_rest_app(model, Faults())
-
-
-async def _unavailable(scope: Scope, receive: Receive, send: Send) -> None:
-    body = b'{"error": "the simulator was built without its REST app"}'
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def serve(model: SimModel, host: str, port: int, churn: float) -> None:
