@@ -151,7 +151,8 @@ class _Builder:
                 "_xapiRef": self.ids.ref(key)}
 
     def put(self, obj: dict[str, Any]) -> dict[str, Any]:
-        self.by_type.setdefault(obj["type"], []).append(obj)
+        kind = "VDI*" if obj["type"].startswith("VDI") else obj["type"]
+        self.by_type.setdefault(kind, []).append(obj)
         return obj
 
     def rng(self, key: str) -> random.Random:
@@ -191,8 +192,13 @@ class _Builder:
         self.add_sms()
         self.add_network()
 
-        order = ["host", "SR", "PBD", "VDI", "VDI-snapshot", "VBD", "pool", "SM", "VIF", "PIF", "network",
-                 "VM-controller", "VM", "VM-snapshot", "VM-template"]
+        # The order of a real XO's listing (XAPI's record order): VDIs and their snapshots interleaved as
+        # created, ISO images last.
+        isos = {v["id"] for v in self.iso_vdis}
+        disks = self.by_type.pop("VDI*", [])
+        self.by_type["VDI*"] = [v for v in disks if v["id"] not in isos] + [v for v in disks if v["id"] in isos]
+        order = ["host", "SR", "PBD", "VDI*", "VBD", "pool", "SM", "VIF", "PIF", "network", "VM-controller",
+                 "VM", "VM-snapshot", "VM-template"]
         for type_ in order:
             for obj in self.by_type.get(type_, []):
                 self.inv.objects[obj["id"]] = obj
