@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -22,7 +23,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from tests.support import DEFAULT_TOKEN
+from tests.support import DEFAULT_TOKEN, SimProcess
 from tests.test_sim_shapes import SHARED, shape_problems
 from xofs.sim.inventory import build_inventory
 from xofs.sim.model import SimModel
@@ -429,3 +430,24 @@ async def test_close_all_sockets():
             for peer in (a, b):
                 with trio.fail_after(3):
                     await peer.closed.wait()
+
+
+async def test_churn_sends_vm_updates_to_signed_in_sockets(tmp_path):
+    churning = SimProcess(args=["--seed", "2", "--churn", "40"], log_path=tmp_path / "sim.log").start()
+    try:
+        async with rpc(churning.url, token=churning.token) as peer, rpc(churning.url) as anonymous:
+            frames = await peer.events_for(1.0)
+            assert len(frames) >= 10
+            items = [o for f in frames for o in f["params"]["items"].values()]
+            assert {f["params"]["type"] for f in frames} == {"enter"}
+            assert {(o["type"], o["power_state"]) for o in items} == {("VM", "Running")}
+            assert await anonymous.events_for(0.2) == []
+    finally:
+        churning.stop()
+
+
+def test_sigint_stops_cleanly(tmp_path):
+    proc = SimProcess(args=["--seed", "2"], log_path=tmp_path / "sim.log").start()
+    proc.proc.send_signal(signal.SIGINT)
+    assert proc.proc.wait(10) == 0
+    proc.stop()

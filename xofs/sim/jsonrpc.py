@@ -382,8 +382,12 @@ async def serve(model: SimModel, methods_info: dict[str, dict[str, Any]], receiv
     closed = False
 
     async def write() -> None:
-        async for text in to_send:
-            await send({"type": "websocket.send", "text": text})
+        try:
+            async for text in to_send:
+                await send({"type": "websocket.send", "text": text})
+        except Exception:  # noqa: BLE001 - the peer went away while we wrote: the socket is over
+            log.debug("websocket send failed", exc_info=True)
+            nursery.cancel_scope.cancel()
 
     async def forward_events() -> None:
         async with events:
