@@ -8,27 +8,27 @@ credentials fail at once, on every path under `/rest/v0`, public or unknown.
 
 Password checks follow `authenticateUser`: an empty password is refused before anything else (a plain
 Error, so a 500), and a user whose last failure is less than 2 s old gets `too fast authentication tries`
-(500) without the password being looked at.
+(500) without the password being looked at. A Basic login is the user's email (`admin@admin.net`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import time
+import string
 from typing import Any, Protocol
 
+from xofs.sim.model import SimError, TooFastError
 from xofs.sim.rest_http import Request, RestError
 
-THROTTLING_DELAY = 2.0  # seconds, xo-server's `authentication.throttlingDelay`
-
 WWW_AUTHENTICATE = ("WWW-Authenticate", 'Basic realm="xo"')
+_BASE64_CHARS = frozenset(string.ascii_letters + string.digits + "+/")
 
 
 class UserSource(Protocol):
     def user_for_token(self, token: str) -> dict[str, Any] | None: ...
 
-    def user_for_password(self, login: str, password: str) -> dict[str, Any] | None: ...
+    def authenticate(self, credentials: dict[str, Any]) -> tuple[dict[str, Any], str | None]: ...
 
 
 def invalid_credentials() -> RestError:
@@ -38,8 +38,9 @@ def invalid_credentials() -> RestError:
 
 def decode_basic(encoded: str) -> tuple[str, str | None]:
     """`Buffer.from(encoded, 'base64').toString().split(':')`: lenient base64 (url-safe too), first two parts."""
-    cleaned = "".join(c for c in encoded.replace("-", "+").replace("_", "/") if c.isalnum() or c in "+/")
-    cleaned = cleaned[: len(cleaned) - len(cleaned) % 4 if len(cleaned) % 4 == 1 else len(cleaned)]
+    cleaned = "".join(c for c in encoded.replace("-", "+").replace("_", "/") if c in _BASE64_CHARS)
+    if len(cleaned) % 4 == 1:  # a lone trailing character carries no whole byte
+        cleaned = cleaned[:-1]
     try:
         raw = base64.b64decode(cleaned + "=" * (-len(cleaned) % 4))
     except (binascii.Error, ValueError):
@@ -49,11 +50,14 @@ def decode_basic(encoded: str) -> tuple[str, str | None]:
 
 
 class Authenticator:
-    """Resolves each request to a user (or None for anonymous), keeping the failed-login throttle."""
+    """Resolves each request to a user (or None for anonymous).
+
+    Password checks go through the model's `authenticate`, so the 2-second throttle after a failure is
+    shared with JSON-RPC sign-ins, as XO's single `authenticateUser` shares it.
+    """
 
     def __init__(self, users: UserSource) -> None:
         self._users = users
-        self._failures: dict[str, float] = {}
 
     def token_of(self, req: Request) -> str | None:
         return req.cookies.get("authenticationToken") or req.cookies.get("token") or None
@@ -75,18 +79,9 @@ class Authenticator:
         if len(words) < 2:
             raise RestError(400, "Malformed Authorization header")
         username, password = decode_basic(words[1])
-        return self.check_password(username, password)
-
-    def check_password(self, username: str, password: str | None) -> dict[str, Any]:
-        if password == "":
-            raise RestError(500, "empty password")
-        now = time.monotonic()
-        last_failure = self._failures.get(username)
-        if username and last_failure is not None and last_failure + THROTTLING_DELAY > now:
-            raise RestError(500, "too fast authentication tries")
-        user = self._users.user_for_password(username, password) if password is not None else None
-        if user is None:
-            self._failures[username] = now
-            raise invalid_credentials()
-        self._failures.pop(username, None)
-        return user
+        try:
+            return self._users.authenticate({"username": username, "password": password})[0]
+        except SimError as error:
+            raise invalid_credentials() from error
+        except (ValueError, TooFastError) as error:  # plain Errors in XO: 500 with their message
+            raise RestError(500, str(error)) from error

@@ -1,0 +1,444 @@
+"""The simulator's REST v0 against the recordings of a real xo-server 5.207.2: framing, headers in wire order,
+authentication, collections and their query parameters, single objects, edits, deletes, legacy answers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import time
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+
+from tests.sim_rest_support import (
+    ADMIN,
+    Answer,
+    basic,
+    call,
+    recorded,
+    recorded_header,
+    recorded_names,
+    same_shape,
+)
+from tests.support import SimProcess
+
+COLLECTIONS = {
+    "vms": "VM", "vm-snapshots": "VM-snapshot", "vm-templates": "VM-template", "vm-controllers": "VM-controller",
+    "vdis": "VDI", "vdi-snapshots": "VDI-snapshot", "srs": "SR", "hosts": "host", "pools": "pool",
+    "vbds": "VBD", "vifs": "VIF", "networks": "network", "pifs": "PIF", "pbds": "PBD",
+}
+NOT_DATES = ("Content-Security-Policy", "X-Content-Security-Policy", "X-WebKit-CSP", "X-DNS-Prefetch-Control",
+             "X-Frame-Options", "Strict-Transport-Security", "X-Download-Options", "X-Content-Type-Options",
+             "X-XSS-Protection", "Content-Type", "Vary", "Content-Encoding", "Connection", "Keep-Alive",
+             "Transfer-Encoding", "WWW-Authenticate")
+
+
+def assert_like_recording(ans: Answer, name: str) -> None:
+    """Same status, same header names in the same order, same values for the headers that do not depend
+    on the content or the moment."""
+    meta, _ = recorded(name)
+    assert ans.status == meta["status"], ans.body[:300]
+    assert ans.names() == recorded_names(meta)
+    for header in NOT_DATES:
+        assert ans.header(header) == recorded_header(meta, header), header
+    assert ans.chunked == meta["chunked"]
+
+
+def pretty(value: object) -> bytes:
+    return json.dumps(value, indent=2, ensure_ascii=False).encode()
+
+
+def by_name(sim: SimProcess, coll: str, name: str) -> dict:
+    expression = quote(f"name_label:{json.dumps(name)}")
+    items = call(sim, "GET", f"/rest/v0/{coll}?fields=*&filter={expression}").json()
+    matches = [i for i in items if i["name_label"] == name]
+    assert len(matches) == 1, (coll, name, items)
+    return matches[0]
+
+
+# -- framing and headers ---------------------------------------------------------------------------------
+
+
+def test_collection_of_hrefs_is_pretty_json_framed_as_recorded(sim):
+    ans = call(sim, "GET", "/rest/v0/vms")
+    assert_like_recording(ans, "rest/vms.hrefs")
+    hrefs = ans.json()
+    assert ans.body == pretty(hrefs)
+    assert int(ans.header("Content-Length")) == len(ans.body)
+    assert re.fullmatch(f'W/"{len(ans.body):x}-[A-Za-z0-9+/]{{27}}"', ans.header("ETag"))
+    vms = call(sim, "GET", "/rest/v0/vms?fields=id,type").json()
+    assert hrefs == [f"/rest/v0/vms/{vm['id']}" for vm in vms]
+    assert {vm["type"] for vm in vms} == {"VM"}
+
+
+def test_etag_and_if_none_match_give_an_empty_304(sim):
+    first = call(sim, "GET", "/rest/v0/vms?fields=*")
+    assert_like_recording(first, "rest/vms.fields-star.etag-first")
+    again = call(sim, "GET", "/rest/v0/vms?fields=*", headers={"If-None-Match": first.header("ETag")})
+    assert_like_recording(again, "rest/vms.fields-star.if-none-match")
+    assert again.body == b""
+    assert again.header("ETag") == first.header("ETag")
+    stale = call(sim, "GET", "/rest/v0/vms?fields=*", headers={"If-None-Match": 'W/"1-nope"'})
+    assert stale.status == 200 and stale.body == first.body
+
+
+def test_head_on_a_collection_gives_the_length_and_no_body(sim):
+    get = call(sim, "GET", "/rest/v0/vms?fields=*")
+    head = call(sim, "HEAD", "/rest/v0/vms?fields=*")
+    assert_like_recording(head, "rest/vms.HEAD")
+    assert head.body == b""
+    assert head.header("Content-Length") == str(len(get.body))
+    assert head.header("ETag") == get.header("ETag")
+
+
+def test_gzip_when_accepted_over_one_kib(sim):
+    plain = call(sim, "GET", "/rest/v0/vms?fields=*")
+    zipped = call(sim, "GET", "/rest/v0/vms?fields=*", headers={"Accept-Encoding": "gzip"})
+    assert_like_recording(zipped, "rest/vms.fields-star.gzip")
+    assert zipped.header("Content-Length") is None
+    assert zipped.header("ETag") == plain.header("ETag")
+    assert gzip.decompress(zipped.body) == plain.body
+    small = call(sim, "GET", "/rest/v0/vms?limit=1", headers={"Accept-Encoding": "gzip"})
+    assert len(small.body) < 1024 and small.header("Content-Encoding") is None
+    assert small.header("Vary") == "Accept-Encoding"
+    refused = call(sim, "GET", "/rest/v0/vms?fields=*", headers={"Accept-Encoding": "gzip;q=0, identity"})
+    assert refused.header("Content-Encoding") is None and refused.body == plain.body
+
+
+def test_rest_root_redirects_to_the_docs(sim):
+    for path in ("/rest/v0", "/rest/v0/"):
+        ans = call(sim, "GET", path, token=None)
+        assert ans.status == 302
+        assert ans.header("Location") == "/rest/v0/docs"
+        assert ans.body == b"Found. Redirecting to /rest/v0/docs"
+
+
+def test_ping_needs_no_auth_but_a_bad_token_still_fails(sim):
+    ans = call(sim, "GET", "/rest/v0/ping", token=None)
+    assert ans.status == 200
+    body = ans.json()
+    assert body["result"] == "pong" and isinstance(body["timestamp"], int)
+    assert abs(body["timestamp"] / 1000 - time.time()) < 60
+    assert call(sim, "GET", "/rest/v0/ping", token="not-a-token").status == 401
+
+
+def test_unknown_paths_fall_through_to_expresss_html_404(sim):
+    ans = call(sim, "GET", "/rest/v0/nothing-here")
+    assert ans.status == 404
+    assert ans.header("Content-Type") == "text/html; charset=utf-8"
+    assert ans.header("Content-Security-Policy") == "default-src 'none'"
+    assert b"<pre>Cannot GET /rest/v0/nothing-here</pre>" in ans.body
+    assert call(sim, "POST", "/rest/v0/vms", body=b"{}").body.count(b"Cannot POST /rest/v0/vms") == 1
+    assert call(sim, "GET", "/rest/v0/nothing-here", token="bad-token").status == 401
+
+
+# -- authentication ----------------------------------------------------------------------------------------
+
+
+def test_no_credentials_is_401_with_a_basic_challenge(sim):
+    ans = call(sim, "GET", "/rest/v0/vms", token=None)
+    assert ans.status == 401
+    assert ans.header("WWW-Authenticate") == 'Basic realm="xo"'
+    assert ans.body == b'{\n  "error": "invalid credentials"\n}'
+    assert ans.names()[9:11] == ["WWW-Authenticate", "Content-Type"]
+
+
+def test_token_cookie_names_and_basic_auth(sim):
+    assert call(sim, "GET", "/rest/v0/pools", token=None,
+                headers={"Cookie": f"token={sim.token}"}).status == 200
+    assert call(sim, "GET", "/rest/v0/pools", token=None,
+                headers={"Cookie": f"other=1; authenticationToken={sim.token}"}).status == 200
+    assert call(sim, "GET", "/rest/v0/pools", token=None, headers={"Authorization": basic(*ADMIN)}).status == 200
+    expired = call(sim, "GET", "/rest/v0/pools", token="x" * 43)
+    assert expired.status == 401 and expired.json() == {"error": "invalid credentials"}
+
+
+def test_cookie_and_authorization_together_is_400(sim):
+    ans = call(sim, "GET", "/rest/v0/vms", headers={"Authorization": basic(*ADMIN)})
+    assert ans.status == 400
+    assert ans.body == pretty({"error": "Having multiple authentication methods is not supported, please choose one"})
+
+
+def test_authorization_without_a_space_is_malformed(sim):
+    ans = call(sim, "GET", "/rest/v0/vms", token=None, headers={"Authorization": "Basic"})
+    assert ans.status == 400
+    assert ans.json() == {"error": "Malformed Authorization header"}
+
+
+def test_bearer_is_garbled_basic_then_throttled(sim):
+    headers = {"Authorization": "Bearer this-is-not-basic-credentials-at-all"}
+    first = call(sim, "GET", "/rest/v0/vms", token=None, headers=headers)
+    assert first.status == 401 and first.json() == {"error": "invalid credentials"}
+    second = call(sim, "GET", "/rest/v0/vms", token=None, headers=headers)
+    assert second.status == 500 and second.json() == {"error": "too fast authentication tries"}
+
+
+def test_wrong_password_then_too_fast_then_allowed_again(sim):
+    user = f"nobody-{time.monotonic_ns()}@example.net"
+    assert call(sim, "GET", "/rest/v0/vms", token=None, headers={"Authorization": basic(user, "x")}).status == 401
+    fast = call(sim, "GET", "/rest/v0/vms", token=None, headers={"Authorization": basic(user, "x")})
+    assert (fast.status, fast.json()) == (500, {"error": "too fast authentication tries"})
+    time.sleep(2.1)
+    assert call(sim, "GET", "/rest/v0/vms", token=None, headers={"Authorization": basic(user, "x")}).status == 401
+
+
+def test_empty_password_is_a_500(sim):
+    ans = call(sim, "GET", "/rest/v0/vms", token=None, headers={"Authorization": basic(ADMIN[0], "")})
+    assert (ans.status, ans.json()) == (500, {"error": "empty password"})
+
+
+# -- collections -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coll", sorted(COLLECTIONS))
+def test_each_collection_holds_one_type_with_hrefs(sim, coll):
+    ans = call(sim, "GET", f"/rest/v0/{coll}?fields=*")
+    assert ans.status == 200
+    items = ans.json()
+    assert items, coll
+    for item in items:
+        assert item["type"] == COLLECTIONS[coll]
+        assert item["href"] == f"/rest/v0/{coll}/{item['id']}"
+        assert list(item)[-1] == "href"
+    assert ans.body == pretty(items)
+    hrefs = call(sim, "GET", f"/rest/v0/{coll}/").json()  # a trailing slash is dropped from hrefs
+    assert hrefs == [item["href"] for item in items]
+
+
+@pytest.mark.parametrize("name, coll, label", [
+    ("vms.single.web-01", "vms", "web-01"), ("vms.single.db-01", "vms", "db-01"),
+    ("vms.single.app-01", "vms", "app-01"), ("vms.single.test-01", "vms", "test-01"),
+    ("srs.single", "srs", "nfs-vms"), ("hosts.single", "hosts", "xcp-01"),
+])
+def test_objects_have_the_recorded_key_sets_and_types(sim, name, coll, label):
+    _, body = recorded(f"rest/{name}")
+    real = json.loads(body)
+    ours = by_name(sim, coll, label)
+    del ours["href"]
+    assert same_shape(ours, real), sorted(set(ours) ^ set(real))
+    assert list(ours) == list(real)  # xo-server's key order
+
+
+def test_fields_pick_dotted_paths_and_skip_unknown_names(sim):
+    items = call(sim, "GET", "/rest/v0/vms?fields=name_label,memory.size,no_such_field,CPUs.number").json()
+    for item in items:
+        assert list(item) == ["name_label", "memory", "CPUs", "href"]
+        assert list(item["memory"]) == ["size"] and list(item["CPUs"]) == ["number"]
+    empty = call(sim, "GET", "/rest/v0/pools?fields=").json()
+    assert [list(i) for i in empty] == [["href"]]
+
+
+def test_filter_on_sr_and_its_syntax_errors(sim):
+    sr = by_name(sim, "srs", "nfs-vms")
+    ans = call(sim, "GET", f"/rest/v0/vdis?fields=name_label,size,$SR&filter=%24SR%3A{sr['id']}")
+    assert ans.status == 200
+    items = ans.json()
+    assert items and all(i["$SR"] == sr["id"] for i in items)
+    every = call(sim, "GET", "/rest/v0/vdis?fields=$SR").json()
+    assert len(items) == sum(1 for i in every if i["$SR"] == sr["id"])
+    bad = call(sim, "GET", "/rest/v0/vms?filter=name_label:(")
+    assert bad.status == 400
+    body = bad.json()
+    assert list(body) == ["error", "data"] and body["data"] == {"stringToParse": "name_label:("}
+    assert isinstance(body["error"], str) and body["error"]
+
+
+def test_limit_counts_after_the_filter(sim):
+    running = call(sim, "GET", "/rest/v0/vms?filter=power_state:Running").json()
+    assert call(sim, "GET", "/rest/v0/vms?filter=power_state:Running&limit=2").json() == running[:2]
+    assert call(sim, "GET", "/rest/v0/vms?limit=0").body == b"[]"
+    assert len(call(sim, "GET", "/rest/v0/vms?limit=1.5").json()) == len(call(sim, "GET", "/rest/v0/vms").json())
+
+
+def test_limit_that_is_not_a_number_is_422(sim):
+    ans = call(sim, "GET", "/rest/v0/vms?limit=abc")
+    assert ans.status == 422
+    assert ans.body == pretty({"error": {"limit": {"message": "invalid float number", "value": "abc"}}, "data": {}})
+
+
+def test_ndjson_hrefs_are_json_string_literals(sim):
+    ans = call(sim, "GET", "/rest/v0/vms?ndjson=true")
+    assert_like_recording(ans, "rest/vms.hrefs.ndjson")
+    lines = ans.body.decode().splitlines()
+    assert ans.body.endswith(b"\n")
+    assert [json.loads(line) for line in lines] == call(sim, "GET", "/rest/v0/vms").json()
+    assert all(line.startswith('"/rest/v0/vms/') for line in lines)
+
+
+def test_ndjson_objects_are_compact_lines(sim):
+    ans = call(sim, "GET", "/rest/v0/vms?fields=*&ndjson=true")
+    assert_like_recording(ans, "rest/vms.fields-star.ndjson")
+    objects = [json.loads(line) for line in ans.body.decode().splitlines()]
+    assert objects == call(sim, "GET", "/rest/v0/vms?fields=*").json()
+    for line, obj in zip(ans.body.decode().splitlines(), objects, strict=True):
+        assert line == json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_ndjson_must_be_a_boolean_and_not_with_markdown(sim):
+    bare = call(sim, "GET", "/rest/v0/vms?ndjson")
+    assert bare.status == 422
+    assert bare.body == pretty({"error": {"ndjson": {"message": "invalid boolean value", "value": ""}}, "data": {}})
+    both = call(sim, "GET", "/rest/v0/vms?ndjson=true&markdown=true")
+    assert both.status == 422
+    assert both.json() == {"error": "Cannot use both ndjson and markdown output formats simultaneously", "data": {}}
+    upper = call(sim, "GET", "/rest/v0/vms?ndjson=TRUE")  # valid for tsoa, but XO compares the raw string
+    assert upper.status == 200 and upper.header("Content-Type") == "application/json; charset=utf-8"
+
+
+def test_markdown_table(sim):
+    ans = call(sim, "GET", "/rest/v0/vms?fields=name_label,power_state&markdown=true&limit=2")
+    assert ans.status == 200
+    assert ans.header("Content-Type") == "text/markdown; charset=utf-8"
+    vms = call(sim, "GET", "/rest/v0/vms?fields=name_label,power_state&limit=2").json()
+    rows = [f"| {vm['name_label']} | {vm['power_state']} |" for vm in vms]
+    assert ans.body.decode() == "\n".join(["| name_label | power_state |", "| --- | --- |", *rows])
+    none = call(sim, "GET", "/rest/v0/vms?markdown=true&limit=0")
+    assert none.body == b"No results."
+
+
+# -- single objects and a VM's disks ------------------------------------------------------------------------
+
+
+def test_single_object_and_404s(sim):
+    web = by_name(sim, "vms", "web-01")
+    ans = call(sim, "GET", f"/rest/v0/vms/{web['id']}")
+    assert_like_recording(ans, "rest/vms.single.web-01")
+    obj = ans.json()
+    assert ans.body == pretty(obj)
+    assert obj == {k: v for k, v in web.items() if k != "href"}
+    snapshot = call(sim, "GET", "/rest/v0/vm-snapshots?fields=id").json()[0]["id"]
+    wrong = call(sim, "GET", f"/rest/v0/vms/{snapshot}")
+    assert_like_recording(wrong, "rest/vms.single.wrong-type-snapshot")
+    assert wrong.body == pretty({"error": f"no such VM {snapshot}", "data": {"id": snapshot, "type": "VM"}})
+    missing = "00000000-0000-0000-0000-000000000000"
+    assert call(sim, "GET", f"/rest/v0/vdis/{missing}").json() == {
+        "error": f"no such VDI {missing}", "data": {"id": missing, "type": "VDI"}}
+
+
+def test_a_vms_disks_include_its_iso_and_point_at_vdis(sim):
+    db = by_name(sim, "vms", "db-01")
+    disks = call(sim, "GET", f"/rest/v0/vms/{db['id']}/vdis?fields=*").json()
+    assert {d["type"] for d in disks} == {"VDI"}
+    assert all(d["href"] == f"/rest/v0/vdis/{d['id']}" for d in disks)
+    srs = {sr["id"]: sr for sr in call(sim, "GET", "/rest/v0/srs?fields=*").json()}
+    assert any(srs[d["$SR"]]["content_type"] == "iso" for d in disks), "the ISO in the CD drive is listed"
+    vbds = [call(sim, "GET", f"/rest/v0/vbds/{v}").json() for v in db["$VBDs"]]
+    assert sorted(d["id"] for d in disks) == sorted(v["VDI"] for v in vbds if "VDI" in v)
+    limited = call(sim, "GET", f"/rest/v0/vms/{db['id']}/vdis?limit=1").json()
+    assert limited == [disks[0]["href"]]
+
+
+def test_a_snapshots_disks_are_vdi_snapshots(sim):
+    snap = call(sim, "GET", "/rest/v0/vm-snapshots?fields=id").json()[0]["id"]
+    disks = call(sim, "GET", f"/rest/v0/vm-snapshots/{snap}/vdis?fields=type").json()
+    assert disks and {d["type"] for d in disks} == {"VDI-snapshot"}
+    assert all(d["href"].startswith("/rest/v0/vdi-snapshots/") for d in disks)
+    unknown = call(sim, "GET", "/rest/v0/vms/00000000-0000-0000-0000-000000000000/vdis")
+    assert unknown.status == 404
+
+
+# -- edits and deletes ---------------------------------------------------------------------------------------
+
+
+def test_patch_vm_camel_case_and_vdi(fresh_sim):
+    vm = by_name(fresh_sim, "vms", "db-01")
+    body = json.dumps({"nameLabel": "db-renamed", "nameDescription": "renamed by a test"}).encode()
+    ans = call(fresh_sim, "PATCH", f"/rest/v0/vms/{vm['id']}", body, {"Content-Type": "application/json"})
+    assert (ans.status, ans.body, ans.header("Content-Type")) == (204, b"", None)
+    after = call(fresh_sim, "GET", f"/rest/v0/vms/{vm['id']}").json()
+    assert (after["name_label"], after["name_description"]) == ("db-renamed", "renamed by a test")
+    excess = call(fresh_sim, "PATCH", f"/rest/v0/vms/{vm['id']}", b'{"name_label": "x"}',
+                  {"Content-Type": "application/json"})
+    assert excess.status == 422 and "name_label" in json.dumps(excess.json()["error"])
+
+    vdi = by_name(fresh_sim, "vdis", "spare disk")
+    grow = json.dumps({"name_label": "bigger", "size": vdi["size"] + (1 << 30)}).encode()
+    assert call(fresh_sim, "PATCH", f"/rest/v0/vdis/{vdi['id']}", grow,
+                {"Content-Type": "application/json"}).status == 204
+    after = call(fresh_sim, "GET", f"/rest/v0/vdis/{vdi['id']}").json()
+    assert (after["name_label"], after["size"]) == ("bigger", vdi["size"] + (1 << 30))
+    shrink = call(fresh_sim, "PATCH", f"/rest/v0/vdis/{vdi['id']}", b'{"size": 1}',
+                  {"Content-Type": "application/json"})
+    assert shrink.status == 422
+    assert shrink.json() == {"error": f"cannot set new size (1) below the current size ({after['size']})", "data": {}}
+
+
+def test_delete_vdi_and_running_vm(fresh_sim):
+    vdi = by_name(fresh_sim, "vdis", "spare disk")
+    ans = call(fresh_sim, "DELETE", f"/rest/v0/vdis/{vdi['id']}")
+    assert (ans.status, ans.body) == (204, b"")
+    assert_like_recording(ans, "deletes/delete-vdi")
+    gone = call(fresh_sim, "GET", f"/rest/v0/vdis/{vdi['id']}")
+    assert gone.status == 404
+
+    vm = by_name(fresh_sim, "vms", "test-01")  # Paused: hard shutdown first, then its disks go too
+    assert call(fresh_sim, "DELETE", f"/rest/v0/vms/{vm['id']}").status == 204
+    deleted = call(fresh_sim, "GET", f"/rest/v0/vms/{vm['id']}")
+    assert_like_recording(deleted, "deletes/get-deleted-vm-404")
+    assert deleted.body == pretty({"error": f"no such VM {vm['id']}", "data": {"id": vm["id"], "type": "VM"}})
+    for vbd_id in vm["$VBDs"]:
+        assert call(fresh_sim, "GET", f"/rest/v0/vbds/{vbd_id}").status == 404
+
+
+# -- era L ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def legacy_sim(tmp_path) -> Iterator[SimProcess]:
+    proc = SimProcess(args=["--seed", "7", "--legacy", "--state-dir", str(tmp_path / "state")],
+                      log_path=tmp_path / "sim.log").start()
+    yield proc
+    proc.stop()
+
+
+def test_legacy_answers(legacy_sim):
+    unauthorized = call(legacy_sim, "GET", "/rest/v0/vms", token=None)
+    assert (unauthorized.status, unauthorized.body) == (401, b"Unauthorized")
+    assert unauthorized.header("Content-Type") == "text/plain; charset=utf-8"
+    assert unauthorized.header("WWW-Authenticate") is None
+    missing = call(legacy_sim, "GET", "/rest/v0/vms/00000000-0000-0000-0000-000000000000")
+    assert missing.status == 404 and b"Cannot GET /rest/v0/vms/00000000" in missing.body
+    sr = by_name(legacy_sim, "srs", "nfs-vms")
+    created = call(legacy_sim, "POST", f"/rest/v0/srs/{sr['id']}/vdis?raw&name_label=legacy", body=bytes(1 << 20))
+    assert created.status == 200 and re.fullmatch(rb"[0-9a-f-]{36}", created.body)
+    assert created.header("Content-Type") is None
+    deleted = call(legacy_sim, "DELETE", f"/rest/v0/vdis/{created.body.decode()}")
+    assert (deleted.status, deleted.body) == (200, b"OK")
+
+
+# -- scale -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_sim(tmp_path_factory) -> Iterator[SimProcess]:
+    log = tmp_path_factory.mktemp("big-sim") / "sim.log"
+    proc = SimProcess(args=["--seed", "3", "--vms", "10000"], log_path=log).start(timeout=60)
+    yield proc
+    proc.stop()
+
+
+def timed(sim: SimProcess, path: str, headers: dict[str, str] | None = None) -> tuple[float, Answer]:
+    start = time.perf_counter()
+    ans = call(sim, "GET", path, headers=headers)
+    return time.perf_counter() - start, ans
+
+
+@pytest.mark.timeout(60)
+def test_ten_thousand_vms_two_fields_well_under_half_a_second(big_sim):
+    best = min(timed(big_sim, "/rest/v0/vms?fields=name_label,power_state")[0] for _ in range(3))
+    elapsed, ans = timed(big_sim, "/rest/v0/vms?fields=name_label,power_state")
+    assert ans.status == 200 and len(ans.json()) == 10_000
+    assert best < 0.3, best
+
+
+@pytest.mark.timeout(60)
+def test_ten_thousand_vms_all_fields_is_fast(big_sim):
+    timed(big_sim, "/rest/v0/vms?fields=*")  # formats each VM once
+    elapsed, ans = timed(big_sim, "/rest/v0/vms?fields=*")
+    assert ans.status == 200 and len(ans.json()) == 10_000
+    assert elapsed < 1.0, elapsed
+    zipped_time, zipped = timed(big_sim, "/rest/v0/vms?fields=*", {"Accept-Encoding": "gzip"})
+    assert gzip.decompress(zipped.body) == ans.body
+    assert zipped_time < 2.0, zipped_time
