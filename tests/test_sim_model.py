@@ -325,3 +325,16 @@ def test_downloads_are_one_shot(model):
     assert path.startswith("/api/")
     assert b"".join(model.take_download(path)) == b"a\n b\n".replace(b" ", b"")
     assert model.take_download(path) is None
+
+
+def test_vm_disks_and_generated_contents(model):
+    db = vm(model, "db-01")
+    disks = model.vm_disks(db["id"])
+    assert [(vbd["device"], vdi["name_label"]) for vbd, vdi, _ in disks] == [("xvda", "db-01 root")]  # no CD
+    content = disks[0][2]
+    assert content.size == disks[0][1]["size"] and content.read(0, 512)[510:] == b"\x55\xaa"  # an MBR
+    again = SimModel(seed=1, vms=12).disk(disks[0][1]["id"])
+    assert again.read(0, 1 << 20) == content.read(0, 1 << 20)  # same seed, same bytes
+    other = SimModel(seed=2, vms=12)
+    ((_, _, other_content),) = other.vm_disks(vm(other, "db-01")["id"])
+    assert other_content.read(1 << 20, 4096) != content.read(1 << 20, 4096)  # another seed, other bytes

@@ -358,7 +358,7 @@ def select(objects: dict[str, dict[str, Any]], predicate: Callable[[dict[str, An
 
 def serialize_error(error: BaseException) -> dict[str, Any]:
     """XO's `serializeError` of a plain JS error, as an admin receives it in `data`."""
-    name = {"TypeError": "TypeError"}.get(type(error).__name__, "Error")
+    name = "TypeError" if isinstance(error, TypeError) else "Error"
     stack = f"{name}: {error}\n" + "".join(f"    at {line.strip()}\n" for line in
                                            traceback.format_tb(error.__traceback__)[-3:]).rstrip("\n")
     return {"message": str(error), "name": name, "stack": stack}

@@ -188,7 +188,7 @@ class SimModel:
         self._guests: dict[str, Guest] = inv.guests
         self._suspend_vdis: dict[str, str] = inv.suspend_vdis
         self._disk_specs: dict[str, dict[str, Any]] = {k: {"gen": asdict(v)} for k, v in inv.disks.items()}
-        self._disk_cache: dict[str, Any] = {}
+        self._disk_cache: dict[str, DiskContent] = {}
         self.user: dict[str, Any] = inv.user
         self.pool_id: str = next(iter(self._by_type["pool"]))
         self._tokens: dict[str, dict[str, Any]] = {}
@@ -202,11 +202,10 @@ class SimModel:
         self._temp_dir: Path | None = None
         self._store: StateStore | None = None
         if state_dir is not None:
-            store = StateStore(Path(state_dir), seed=seed, vms=vms)
-            for entry in store.entries():
-                self._replay(entry)
+            self._store = StateStore(Path(state_dir), seed=seed, vms=vms)
+            for entry in self._store.entries():
+                self._replay(entry)  # applies without journaling again
             self._pending.clear()
-            self._store = store
         for token in tokens:
             if self._tokens.get(token, {}).get("expiration", 0) <= time.time() * 1000:
                 self._put_token({"id": token, "user_id": self.user["id"], "created_at": int(time.time() * 1000),
@@ -228,7 +227,7 @@ class SimModel:
         return record
 
     def user_for_password(self, login: str, password: str) -> dict[str, Any] | None:
-        """The user with this email (XO's user name) and password; no throttling (see `sign_in_password`)."""
+        """The user with this email (XO's user name) and password; no throttling (see `authenticate`)."""
         if login == ADMIN_EMAIL and password == ADMIN_PASSWORD:
             return self.user
         return None
