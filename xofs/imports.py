@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DESCRIPTION = "imported by xofs"
 DESCRIPTION_XATTR = "user.xo.name_description"
-REWRITE_GRACE = 10.0  # seconds a finished import's spool is kept for a writer that reopens it
+REWRITE_GRACE = 5.0  # seconds a finished import's spool is kept for a writer that reopens it
 SHUTDOWN_WAIT = 30.0  # seconds running uploads get to finish when the mount goes away
 UNLINK_WAIT = 30.0  # seconds an unlink waits for the upload it cancels to be cleaned up
 CLEANUP_TIMEOUT = 30.0  # seconds for the XO requests that remove what a failed import left
@@ -156,7 +156,7 @@ class ImportManager:
         self.client = client
         self.cache = cache
         self.store = ImportStore(state_dir, server_key)
-        self.spool_dir = spool_dir / "imports" / server_dir_name(server_key)
+        self.spool_dir = spool_dir / server_dir_name(server_key)
         self.read_only = read_only
         self.notify = notify
         self.rewrite_grace = rewrite_grace

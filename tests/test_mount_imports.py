@@ -1,0 +1,249 @@
+"""Imports through a real kernel mount, with the tools people use: cp, rsync, dd, shell redirection,
+qemu-img. Each case checks the tool's exit status, what XO ends up with (the VDIs, their names, their raw
+content), and that nothing is left behind when it fails (no VDI, no spool, no entry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import MountProcess, SimProcess, require_tool
+from tests.test_imports import make_raw, make_vhd, raw_export, sr_ids, vdis
+
+pytestmark = pytest.mark.mount
+
+
+def sh(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60, **kwargs)
+    if check:
+        assert proc.returncode == 0, (cmd, proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def import_dir(mount: MountProcess, sr: str) -> Path:
+    return mount / f"srs/{sr}/import"
+
+
+def spools(mount: MountProcess) -> list[Path]:
+    """The daemon's import spools (under its state directory, where make_mount puts everything)."""
+    return list(Path(mount.env["XOFS_STATE_DIR"]).rglob("*.spool"))
+
+
+def one_vdi(sim: SimProcess, label: str, sr: str) -> dict:
+    found = vdis(sim, name_label=label)
+    assert [v["$SR"] for v in found] == [sr], found
+    return found[0]
+
+
+def set_faults(sim: SimProcess, **knobs) -> None:
+    status, _, body = sim.request("POST", "/_sim/faults", json.dumps(knobs).encode(),
+                                  {"Content-Type": "application/json"})
+    assert status == 200, body
+
+
+def transferred(rsync: subprocess.CompletedProcess) -> list[str]:
+    """The files an `rsync --itemize-changes` run sent (the import directory's own times and mode, which
+    it tries to set every time, are not files)."""
+    return [line for line in rsync.stdout.splitlines() if not line.startswith(".d")]
+
+
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+# ---- the tools --------------------------------------------------------------------------------------------
+
+
+def test_every_tool_imports_one_vdi_with_the_source_content(fresh_sim, make_mount, tmp_path):
+    require_tool("rsync")
+    require_tool("qemu-img")
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    raw = tmp_path / "src.raw"
+    raw_data = make_raw(raw, 4 << 20)
+    vhd_bytes, vhd_content = make_vhd(tmp_path, "src.vhd")
+    vhd = tmp_path / "src.vhd"
+
+    sh("cp", str(raw), str(target / "by-cp.raw"))
+    sh("cp", str(vhd), str(target / "by-cp-vhd.vhd"))
+    sh("rsync", "-a", str(vhd), str(target / "by-rsync.vhd"))
+    sh("dd", f"if={raw}", f"of={target / 'by-dd.img'}", "bs=1M", "conv=fsync")
+    sh("sh", "-c", f"cat '{raw}' > '{target / 'by-shell.raw'}'")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic", str(raw),
+       str(target / "by-qemu.vhd"))
+
+    for label, content in [("by-cp", raw_data), ("by-dd", raw_data), ("by-shell", raw_data)]:
+        vdi = one_vdi(fresh_sim, label, sr)
+        assert raw_export(fresh_sim, vdi["id"]) == content, label
+    for label in ("by-cp-vhd", "by-rsync", "by-qemu"):
+        vdi = one_vdi(fresh_sim, label, sr)
+        expected = raw_data.ljust(len(vhd_content), b"\0") if label == "by-qemu" else vhd_content
+        assert raw_export(fresh_sim, vdi["id"]) == expected, label
+    assert vdis(fresh_sim, name_label="src") == []  # rsync's temporary name never reached XO
+
+    names = sorted(os.listdir(target))
+    assert names == ["by-cp-vhd.vhd", "by-cp.raw", "by-dd.img", "by-qemu.vhd", "by-rsync.vhd", "by-shell.raw"]
+    assert os.stat(target / "by-rsync.vhd").st_size == len(vhd_bytes)
+    assert int(os.stat(target / "by-rsync.vhd").st_mtime) == int(os.stat(vhd).st_mtime)
+    new_id = sh("getfattr", "--only-values", "-n", "user.xo.vdi", str(target / "by-rsync.vhd")).stdout
+    assert new_id == one_vdi(fresh_sim, "by-rsync", sr)["id"]
+    # The new VDI shows up in the rest of the tree from XO's events.
+    wait_for(lambda: any(new_id in name for name in os.listdir(mount / f"srs/{sr}/vdis")), what="/srs/…/vdis")
+    wait_for(lambda: any(new_id in name for name in os.listdir(mount / "vdis")), what="/vdis")
+    # Spools outlive a finished import only for the few seconds a writer may take to reopen the file.
+    wait_for(lambda: spools(mount) == [], timeout=10, what="the spools to go")
+
+
+def test_rerunning_rsync_or_cp_u_transfers_nothing_even_after_a_remount(fresh_sim, make_mount, tmp_path):
+    require_tool("rsync")
+    src = tmp_path / "images"
+    src.mkdir()
+    make_vhd(src, "a.vhd")
+    make_raw(src / "b.raw", 2 << 20)
+    for leftover in src.glob("*.src.raw"):
+        leftover.unlink()
+    for leftover in src.glob("*.expected.raw"):
+        leftover.unlink()
+    state = {"XOFS_STATE_DIR": str(tmp_path / "state-shared")}
+    mount = make_mount(fresh_sim, env=state)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    sh("rsync", "-a", f"{src}/", f"{target}/")
+    count = len(vdis(fresh_sim))
+    first = {label: one_vdi(fresh_sim, label, sr)["id"] for label in ("a", "b")}
+
+    again = sh("rsync", "-a", "--itemize-changes", f"{src}/", f"{target}/")
+    assert transferred(again) == []
+    sh("cp", "-u", str(src / "a.vhd"), str(src / "b.raw"), str(target))
+    assert len(vdis(fresh_sim)) == count
+
+    mount.stop()
+    mount = make_mount(fresh_sim, env=state)
+    target = import_dir(mount, sr)
+    again = sh("rsync", "-a", "--itemize-changes", f"{src}/", f"{target}/")
+    assert transferred(again) == []
+    sh("cp", "-u", str(src / "a.vhd"), str(target))
+    assert len(vdis(fresh_sim)) == count
+    assert {label: one_vdi(fresh_sim, label, sr)["id"] for label in ("a", "b")} == first
+
+
+def test_rename_and_unlink_in_the_import_directory(fresh_sim, make_mount, tmp_path):
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    make_raw(tmp_path / "x.raw", 1 << 20)
+    sh("cp", str(tmp_path / "x.raw"), str(target / "x.raw"))
+    vdi = one_vdi(fresh_sim, "x", sr)
+    os.rename(target / "x.raw", target / "renamed.raw")
+    assert one_vdi(fresh_sim, "renamed", sr)["id"] == vdi["id"]
+    assert os.stat(target / "renamed.raw").st_size == 1 << 20
+    os.unlink(target / "renamed.raw")
+    assert os.listdir(target) == []
+    assert one_vdi(fresh_sim, "renamed", sr)["id"] == vdi["id"]  # forgetting an import never deletes a disk
+    proc = sh("mkdir", str(target / "dir"), check=False)
+    assert proc.returncode != 0 and "Operation not permitted" in proc.stderr
+
+
+# ---- refusals and failures ----------------------------------------------------------------------------------
+
+
+def assert_refused(proc: subprocess.CompletedProcess, message: str, sim: SimProcess, before: int,
+                   target: Path, mount: MountProcess) -> None:
+    assert proc.returncode != 0, (proc.args, proc.stdout, proc.stderr)
+    assert message in proc.stderr, (proc.args, proc.stderr)
+    assert len(vdis(sim)) == before
+    assert os.listdir(target) == []
+    assert spools(mount) == []
+
+
+def test_refused_content_fails_the_copy_and_leaves_nothing(fresh_sim, make_mount, tmp_path):
+    require_tool("qemu-img")
+    mount = make_mount(fresh_sim)
+    srs = sr_ids(fresh_sim)
+    sr, smallest = srs[0], srs[-1]
+    target = import_dir(mount, sr)
+    before = len(vdis(fresh_sim))
+
+    (tmp_path / "notes.txt").write_text("hello\n")
+    proc = sh("cp", str(tmp_path / "notes.txt"), str(target / "notes.txt"), check=False)
+    assert_refused(proc, "Invalid argument", fresh_sim, before, target, mount)
+
+    fixed = tmp_path / "fixed.vhd"
+    sh("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(fixed), "2M")
+    proc = sh("cp", str(fixed), str(target / "fixed.vhd"), check=False)
+    assert_refused(proc, "Invalid argument", fresh_sim, before, target, mount)
+
+    image, _ = make_vhd(tmp_path, "good.vhd")
+    truncated = tmp_path / "truncated.vhd"
+    truncated.write_bytes(image[: len(image) // 2])
+    proc = sh("cp", str(truncated), str(target / "truncated.vhd"), check=False)
+    assert_refused(proc, "Invalid argument", fresh_sim, before, target, mount)
+
+    broken = bytearray(image)
+    broken[70] ^= 0xFF
+    (tmp_path / "broken.vhd").write_bytes(broken)
+    proc = sh("rsync", "-a", str(tmp_path / "broken.vhd"), f"{target}/", check=False)
+    assert_refused(proc, "Invalid argument", fresh_sim, before, target, mount)
+
+    (tmp_path / "text.vhd").write_text("not a disk\n" * 1000)
+    proc = sh("cp", str(tmp_path / "text.vhd"), str(target / "text.vhd"), check=False)
+    assert_refused(proc, "Invalid argument", fresh_sim, before, target, mount)
+
+    free = next(s["size"] - s["usage"] for s in fresh_sim.get_json("/rest/v0/srs?fields=id,size,usage")
+                if s["id"] == smallest)
+    huge = tmp_path / "huge.vhd"
+    sh("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", str(huge), str(free + (1 << 30)))
+    proc = sh("cp", str(huge), str(import_dir(mount, smallest) / "huge.vhd"), check=False)
+    assert_refused(proc, "No space left on device", fresh_sim, before, import_dir(mount, smallest), mount)
+    assert "does not fit in SR" in mount.log_text()
+
+
+def test_xo_failure_fails_close_with_eio_and_leaves_nothing(fresh_sim, make_mount, tmp_path):
+    require_tool("rsync")
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    make_raw(tmp_path / "f.raw", 1 << 20)
+    before = len(vdis(fresh_sim))
+    set_faults(fresh_sim, fail_next_import=True)
+    proc = sh("cp", str(tmp_path / "f.raw"), str(target / "f.raw"), check=False)
+    assert_refused(proc, "Input/output error", fresh_sim, before, target, mount)
+    log = mount.log_text()
+    assert f"/srs/{sr}/import/f.raw" in log and f"import into SR {sr} failed" in log
+    assert "500 Internal Server Error" in log
+
+    set_faults(fresh_sim, fail_next_import=True)
+    proc = sh("rsync", "-a", str(tmp_path / "f.raw"), f"{target}/", check=False)
+    assert_refused(proc, "Input/output error", fresh_sim, before, target, mount)
+
+
+def test_a_killed_cp_leaves_no_vdi_and_no_spool(fresh_sim, make_mount, tmp_path):
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    before = len(vdis(fresh_sim))
+    fifo = tmp_path / "slow-source"
+    os.mkfifo(fifo)
+    cp = subprocess.Popen(["cp", str(fifo), str(target / "k.raw")], stderr=subprocess.PIPE)
+    with open(fifo, "wb") as feed:
+        feed.write(os.urandom(1 << 20))
+        feed.flush()
+        wait_for(lambda: (target / "k.raw").exists() and os.stat(target / "k.raw").st_size >= 1 << 20,
+                 what="the first MiB in the import")
+        cp.send_signal(signal.SIGKILL)
+        assert cp.wait(10) == -signal.SIGKILL
+    wait_for(lambda: os.listdir(target) == [], what="the entry to go")
+    assert len(vdis(fresh_sim)) == before
+    assert spools(mount) == []
+    assert "was killed before it finished" in mount.log_text()
