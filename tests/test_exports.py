@@ -1,0 +1,497 @@
+"""ExportManager driven directly (no kernel) against the simulator: bytes, sizes, spool, limits, failures.
+
+Every read result is compared with the simulator's own answer to a plain GET of the same export, and what
+reached XO is checked in the simulator's request counts (`/_sim/stats`), not only in xofs' own counters.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+
+from tests.support import SimProcess
+from xofs.cache import COLLECTIONS, ObjectCache
+from xofs.client.rest import RestClient
+from xofs.errors import XofsError
+from xofs.export_sizes import compressed_bound, vhd_bound
+from xofs.exports import BACK_WINDOW, ExportManager
+from xofs.views import Export
+
+MiB = 1 << 20
+SMALL = 3_000_000  # not a multiple of anything: the last VHD block and XVA chunk are partial
+MEDIUM = 40 * MiB + 12345
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------------------
+
+
+def import_raw(sim: SimProcess, data: bytes, name: str) -> str:
+    """A new VDI with this content on the first non-ISO SR; its id."""
+    srs = sim.get_json("/rest/v0/srs?fields=id,content_type")
+    sr = next(s["id"] for s in srs if s.get("content_type") != "iso")
+    status, _, body = sim.request("POST", f"/rest/v0/srs/{sr}/vdis?raw=true&name_label={name}", data,
+                                  {"Content-Type": "application/octet-stream"})
+    assert status in (200, 201), body
+    return json.loads(body)["id"]
+
+
+def disk_bytes(size: int, seed: int) -> bytes:
+    """Random blocks with long zero runs, so that VHD and XVA exports skip some of them."""
+    out = bytearray(size)
+    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
+    for at in range(0, size, 3 * MiB):
+        piece = block[: min(MiB, size - at)]
+        out[at : at + len(piece)] = piece
+    out[-100:] = b"\xab" * 100
+    return bytes(out)
+
+
+def get_export(sim: SimProcess, path: str) -> bytes:
+    status, _, body = sim.request("GET", f"/rest/v0/{path}")
+    assert status == 200, (path, status, body[:300])
+    return body
+
+
+def export_gets(sim: SimProcess, path: str) -> int:
+    """How many GETs of this export the simulator answered."""
+    return sim.get_json("/_sim/stats")["paths"].get(f"GET /rest/v0/{path.split('?')[0]}", 0)
+
+
+@pytest.fixture(scope="module")
+def xo(tmp_path_factory) -> SimProcess:
+    """A simulator of this module's own, with small imported disks (`xo.small`, `xo.medium`)."""
+    state = tmp_path_factory.mktemp("exports-sim")
+    proc = SimProcess(args=["--seed", "1", "--state-dir", str(state / "state")], log_path=state / "sim.log")
+    proc.start()
+    proc.small = import_raw(proc, disk_bytes(SMALL, 1), "small")
+    proc.medium = import_raw(proc, disk_bytes(MEDIUM, 2), "medium")
+    vms = proc.get_json("/rest/v0/vms?fields=id,name_label")
+    proc.halted_vm = next(v["id"] for v in vms if v["name_label"] == "db-01")
+    yield proc
+    proc.stop()
+
+
+async def load_cache(client: RestClient) -> ObjectCache:
+    cache = ObjectCache()
+    objects: list[dict] = []
+    for coll in sorted(set(COLLECTIONS.values())):
+        objects += await client.collection(coll)
+    cache.replace_all(objects)
+    return cache
+
+
+@asynccontextmanager
+async def running(sim: SimProcess, spool_dir: Path, token: str | None = None,
+                  **kwargs) -> AsyncIterator[ExportManager]:
+    client = RestClient(sim.url, sim.token)
+    cache = await load_cache(client)
+    if token is not None:
+        await client.aclose()
+        client = RestClient(sim.url, token)
+    manager = ExportManager(client, cache, spool_dir=spool_dir, **kwargs)
+    manager.size_events = []
+    manager.on_size_known = manager.size_events.append
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            yield manager
+            nursery.cancel_scope.cancel()
+    finally:
+        await client.aclose()
+
+
+def vdi_export(manager: ExportManager, vdi_id: str, fmt: str) -> Export:
+    size = manager.cache.get(vdi_id)["size"]
+    return Export("vdis", vdi_id, fmt, exact_size=size if fmt == "raw" else None)
+
+
+async def read_all(file, start: int = 0, block: int = MiB) -> bytes:
+    out = bytearray()
+    offset = start
+    while True:
+        data = await file.read(offset, block)
+        if not data:
+            return bytes(out)
+        out += data
+        offset += len(data)
+
+
+async def read_file(manager: ExportManager, export: Export, block: int = MiB) -> bytes:
+    f = await manager.open(export, f"/{export.path}")
+    try:
+        return await read_all(f, block=block)
+    finally:
+        await f.release()
+
+
+# --- sequential reads and sizes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vhd"])
+async def test_sequential_read_gives_xos_bytes(xo, tmp_path, fmt):
+    async with running(xo, tmp_path / "spool") as m:
+        export = vdi_export(m, xo.medium, fmt)
+        before = export_gets(xo, export.path)
+        data = await read_file(m, export)
+        assert hashlib.sha256(data).digest() == hashlib.sha256(get_export(xo, export.path)).digest()
+        assert export_gets(xo, export.path) == before + 2  # ours and the reference
+        assert len(m.spool) == 0  # a sequential reader never touches the disk
+
+
+async def test_odd_read_sizes_and_small_backward_seeks(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        export = vdi_export(m, xo.medium, "vhd")
+        want = get_export(xo, export.path)
+        f = await m.open(export, "/x.vhd")
+        offset, got = 0, bytearray()
+        sizes = [4096, 131072, 1, 999_999, MiB]
+        i = 0
+        while offset < len(want):
+            size = sizes[i % len(sizes)]
+            i += 1
+            data = await f.read(offset, size)
+            assert data == want[offset : offset + size]
+            if i % 7 == 0 and offset > 300_000:  # re-read a little behind the furthest point read
+                back = offset + len(data) - 300_000
+                assert await f.read(back, 4096) == want[back : back + 4096]
+            got += data
+            offset += len(data)
+        assert bytes(got) == want
+        assert await f.read(len(want), MiB) == b""
+        await f.release()
+        assert len(m.spool) == 0
+
+
+async def test_raw_size_is_exact_and_vhd_size_a_bound_until_measured(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        raw = vdi_export(m, xo.small, "raw")
+        assert m.attrs(raw).size == SMALL and m.attrs(raw).exact
+        assert m.xattrs(raw)["user.xo.size_exact"] == b"true"
+
+        vhd = vdi_export(m, xo.small, "vhd")
+        real = len(get_export(xo, vhd.path))
+        bound = m.attrs(vhd)
+        assert not bound.exact and m.xattrs(vhd)["user.xo.size_exact"] == b"false"
+        assert bound.size == vhd_bound(SMALL) >= real
+        # stat and open cost no export
+        gets = export_gets(xo, vhd.path)
+        f = await m.open(vhd, "/x.vhd")
+        await f.release()
+        assert export_gets(xo, vhd.path) == gets
+
+        assert len(await read_file(m, vhd)) == real
+        assert m.attrs(vhd).size == real and m.attrs(vhd).exact
+        assert m.xattrs(vhd)["user.xo.size_exact"] == b"true"
+        assert m.size_events == [vhd]
+
+        # an event about the disk makes the size a bound again
+        m.on_changes([_change(m, xo.small)])
+        assert m.attrs(vhd).size == bound.size and not m.attrs(vhd).exact
+
+
+def _change(m: ExportManager, obj_id: str):
+    from xofs.cache import Change
+
+    obj = m.cache.get(obj_id)
+    return Change(obj_id, obj["type"], obj, {**obj, "name_label": "renamed"})
+
+
+async def test_an_event_about_a_vm_forgets_its_disks_sizes(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        vm = m.cache.get(xo.halted_vm)
+        disk = next(m.cache.get(m.cache.get(v)["VDI"])["id"] for v in vm["$VBDs"]
+                    if m.cache.get(v).get("VDI") and m.cache.get(v)["type"] == "VBD")
+        export = vdi_export(m, disk, "vhd")
+        m.measured(export, 12345, m._generations(export))
+        assert m.attrs(export).size == 12345
+        m.on_changes([_change(m, xo.halted_vm)])
+        assert not m.attrs(export).exact
+
+
+async def test_xva_and_compressed_xva(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        xva = Export("vms", xo.halted_vm, "xva")
+        zst = Export("vms", xo.halted_vm, "xva", "compress=zstd")
+        gz = Export("vms", xo.halted_vm, "xva", "compress=gzip")
+        bounds = {e: m.attrs(e).size for e in (xva, zst, gz)}
+        plain = await read_file(m, xva)
+        assert plain == get_export(xo, xva.path)
+        assert plain[:7] == b"ova.xml"
+        packed = await read_file(m, zst)
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(packed) == plain
+        gzipped = await read_file(m, gz)
+        import gzip
+
+        assert gzip.decompress(gzipped) == plain
+        for export, data in ((xva, plain), (zst, packed), (gz, gzipped)):
+            assert bounds[export] >= len(data)
+            assert m.attrs(export).size == len(data) and m.attrs(export).exact
+        assert bounds[zst] == compressed_bound(bounds[xva], "zstd")
+
+
+# --- random access and the spool --------------------------------------------------------------------------
+
+
+async def test_footer_first_is_served_from_one_spooled_export(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        export = vdi_export(m, xo.medium, "vhd")
+        want = get_export(xo, export.path)
+        gets = export_gets(xo, export.path)
+        f = await m.open(export, "/x.vhd")
+        assert await f.read(len(want) - 512, 512) == want[-512:]  # qemu-img's footer check
+        assert await f.read(0, 512) == want[:512]
+        assert await f.read(1536, 4096) == want[1536 : 1536 + 4096]
+        assert await read_all(f, block=65536) == want
+        await f.release()
+        assert export_gets(xo, export.path) == gets + 1
+        assert len(m.spool) == 1 and m.spool.used == len(want)
+        # a second open is served from the complete spool entry: no new export
+        assert await read_file(m, export) == want
+        assert export_gets(xo, export.path) == gets + 1
+        # until XO says the disk changed
+        m.on_changes([_change(m, xo.medium)])
+        assert await read_file(m, export) == want
+        assert export_gets(xo, export.path) == gets + 2
+
+
+async def test_jump_after_the_start_diverts_the_running_export(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        export = vdi_export(m, xo.medium, "raw")
+        want = get_export(xo, export.path)
+        gets = export_gets(xo, export.path)
+        f = await m.open(export, "/x.raw")
+        assert await f.read(0, 4096) == want[:4096]
+        assert await f.read(30 * MiB, MiB) == want[30 * MiB : 31 * MiB]  # jump: spool from here on
+        assert await f.read(100, 1000) == want[100:1100]
+        await f.release()
+        assert export_gets(xo, export.path) == gets + 1
+
+
+async def test_far_backward_seek_restarts_into_the_spool_checked(xo, tmp_path):
+    async with running(xo, tmp_path / "spool", readahead=2 * MiB) as m:
+        export = vdi_export(m, xo.medium, "vhd")
+        want = get_export(xo, export.path)
+        gets = export_gets(xo, export.path)
+        f = await m.open(export, "/x.vhd")
+        for offset in range(0, 10 * MiB, MiB):
+            assert await f.read(offset, MiB) == want[offset : offset + MiB]
+        assert f.feed.window_start > 0  # the start was dropped from memory
+        assert await f.read(0, 4096) == want[:4096]
+        assert await read_all(f, 5 * MiB) == want[5 * MiB :]
+        await f.release()
+        assert export_gets(xo, export.path) == gets + 2
+
+
+async def test_forward_skip_is_received_and_dropped_in_bounded_memory(xo, tmp_path):
+    async with running(xo, tmp_path / "spool", readahead=2 * MiB) as m:
+        export = vdi_export(m, xo.medium, "raw")
+        want = get_export(xo, export.path)
+        f = await m.open(export, "/x.raw")
+        peak = reads = offset = 0
+        while offset < len(want):
+            data = await f.read(offset, 65536)
+            assert data == want[offset : offset + 65536]
+            peak = max(peak, sum(map(len, f.feed._window)))
+            reads += 1
+            offset += 65536 if reads % 50 else 10 * MiB  # every 50 reads, skip 10 MiB
+            await trio.sleep(0)
+        await f.release()
+        assert len(m.spool) == 0
+        # read-ahead + back window + one receive at each end (the window holds whole receives)
+        assert peak <= 2 * MiB + BACK_WINDOW + 2 * MiB
+
+
+async def test_spool_limit_evicts_least_recently_used(xo, tmp_path):
+    async with running(xo, tmp_path / "spool", spool_limit=12 * MiB) as m:
+        small_raw, small_vhd = vdi_export(m, xo.small, "raw"), vdi_export(m, xo.small, "vhd")
+        for export in (small_raw, small_vhd):
+            f = await m.open(export, "/x")
+            await f.read(1000, 10)  # not at 0: spooled
+            await read_all(f)
+            await f.release()
+        assert len(m.spool) == 2
+        big = vdi_export(m, xo.medium, "raw")
+        f = await m.open(big, "/big")
+        await f.read(1000, 10)
+        with pytest.raises(XofsError) as err:
+            await read_all(f)  # 40 MiB cannot fit in 12 MiB; the two idle entries are dropped first
+        assert err.value.errno == errno.EIO and "spool" in err.value.message
+        await f.release()
+        assert len(m.spool) == 0 and m.spool.used == 0
+
+
+async def test_spool_directory_is_swept_at_start_and_exit(xo, tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "xofs-export-leftover").write_bytes(b"x" * 1000)
+    (spool / "someone-elses-file").write_bytes(b"keep")
+    async with running(xo, spool) as m:
+        assert not (spool / "xofs-export-leftover").exists()
+        f = await m.open(vdi_export(m, xo.small, "vhd"), "/x")
+        await f.read(4096, 10)
+        assert os.listdir(spool) == ["someone-elses-file"]  # spool files are unlinked from the start
+    assert os.listdir(spool) == ["someone-elses-file"]
+
+
+# --- lifetime of an export ---------------------------------------------------------------------------------
+
+
+async def test_sniffer_costs_one_cancelled_export(xo, tmp_path, caplog):
+    caplog.set_level("DEBUG", logger="xofs.exports")
+    async with running(xo, tmp_path / "spool") as m:
+        export = Export("vms", xo.halted_vm, "xva")
+        gets = export_gets(xo, export.path)
+        f = await m.open(export, "/vms/x.xva")
+        assert (await f.read(0, 1024))[:7] == b"ova.xml"
+        feed = f.feed
+        await f.release()
+        await trio.sleep(0.1)
+        assert feed.done and not feed.running
+        assert feed.received < 70 * MiB  # stopped long before the end
+        assert export_gets(xo, export.path) == gets + 1
+        assert m.slots.value == m.max_exports
+        assert any("cancelled after" in r.getMessage() and r.levelname == "DEBUG" for r in caplog.records)
+
+
+async def test_concurrent_exports_are_limited(xo, tmp_path):
+    async with running(xo, tmp_path / "spool", max_exports=1) as m:
+        a = await m.open(vdi_export(m, xo.medium, "raw"), "/a")  # too big to end in the read-ahead
+        b = await m.open(vdi_export(m, xo.medium, "vhd"), "/b")
+        await a.read(0, 4096)
+        with trio.move_on_after(0.5) as waited:
+            await b.read(0, 4096)
+        assert waited.cancelled_caught  # b waits for a's slot
+        async with trio.open_nursery() as nursery:
+            got = []
+
+            async def read_b():
+                got.append(await b.read(0, 4096))
+
+            nursery.start_soon(read_b)
+            await trio.sleep(0.2)
+            assert not got
+            await a.release()
+        assert len(got[0]) == 4096
+        await b.release()
+
+
+async def test_broken_stream_fails_with_eio_naming_path_offset_and_cause(fresh_sim, tmp_path):
+    vdi = import_raw(fresh_sim, disk_bytes(MEDIUM, 3), "cut")
+    status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"cut_export_after_bytes": 5 * MiB}).encode(),
+                                     {"Content-Type": "application/json"})
+    assert status == 200
+    async with running(fresh_sim, tmp_path / "spool") as m:
+        export = vdi_export(m, vdi, "raw")
+        f = await m.open(export, "/vdis/cut.raw")
+        offset = 0
+        with pytest.raises(XofsError) as err:
+            while True:
+                data = await f.read(offset, MiB)
+                assert data, "a cut stream must not look like an end"
+                offset += len(data)
+        assert err.value.errno == errno.EIO
+        assert offset <= 5 * MiB
+        text = err.value.describe()
+        assert "/vdis/cut.raw" in text and f"offset {offset}" in text and vdi in text
+        assert "ended early" in text or "closed" in text
+        # and it stays failed: no silent resumption
+        with pytest.raises(XofsError):
+            await f.read(offset, MiB)
+        await f.release()
+
+
+async def test_vanished_vdi_is_enoent_and_bad_token_eacces(fresh_sim, tmp_path):
+    vdi = import_raw(fresh_sim, disk_bytes(SMALL, 4), "gone")
+    async with running(fresh_sim, tmp_path / "spool") as m:
+        export = vdi_export(m, vdi, "vhd")
+        f = await m.open(export, "/vdis/gone.vhd")
+        status, _, _ = fresh_sim.request("DELETE", f"/rest/v0/vdis/{vdi}")
+        assert status in (200, 204)
+        with pytest.raises(XofsError) as err:
+            await f.read(0, MiB)
+        assert err.value.errno == errno.ENOENT and "/vdis/gone.vhd" in err.value.describe()
+        await f.release()
+    async with running(fresh_sim, tmp_path / "spool2", token="not-a-valid-token-" + "x" * 24) as m:
+        vm = next(iter(m.cache.of_type("VM")))
+        f = await m.open(Export("vms", vm, "xva"), "/vms/x.xva")
+        with pytest.raises(XofsError) as err:
+            await f.read(0, MiB)
+        assert err.value.errno == errno.EACCES
+        await f.release()
+
+
+async def test_vdi_deleted_mid_read_is_an_error_not_a_short_success(fresh_sim, tmp_path):
+    vdi = import_raw(fresh_sim, disk_bytes(MEDIUM, 5), "deleted")
+    async with running(fresh_sim, tmp_path / "spool", readahead=2 * MiB) as m:
+        export = vdi_export(m, vdi, "raw")
+        f = await m.open(export, "/vdis/deleted.raw")
+        await f.read(0, MiB)
+        status, _, _ = fresh_sim.request("DELETE", f"/rest/v0/vdis/{vdi}")
+        assert status in (200, 204)
+        got = MiB
+        with pytest.raises(XofsError):
+            while True:
+                data = await f.read(got, MiB)
+                got += len(data)
+                if not data:
+                    break
+        assert got < MEDIUM
+        await f.release()
+
+
+async def test_stream_longer_than_the_measured_size_fails_loudly(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        export = vdi_export(m, xo.small, "vhd")
+        want = get_export(xo, export.path)
+        m.measured(export, len(want) - 4096, m._generations(export))  # as if an older version was shorter
+        f = await m.open(export, "/x.vhd")
+        with pytest.raises(XofsError) as err:
+            await read_all(f)
+        assert err.value.errno == errno.EIO and "longer" in err.value.message
+        await f.release()
+        assert not m.attrs(export).exact  # back to the bound, and the kernel was told
+        assert export in m.size_events
+
+
+async def test_reading_past_the_end_gives_eof(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        export = vdi_export(m, xo.small, "vhd")
+        bound = m.attrs(export).size
+        f = await m.open(export, "/x.vhd")
+        assert len(await f.read(0, MiB)) == MiB
+        real = len(get_export(xo, export.path))
+        assert await f.read(real, MiB) == b""
+        assert await f.read(bound - 10, 10) == b""
+        await f.release()
+        assert m.attrs(export).size == real
+
+
+async def test_writes_are_refused(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        f = await m.open(vdi_export(m, xo.small, "raw"), "/x.raw")
+        assert f.info.direct_io and not f.info.keep_cache
+        with pytest.raises(XofsError) as err:
+            await f.write(0, b"x")
+        assert err.value.errno == errno.EPERM
+        await f.release()
+
+
+def test_xva_bound_covers_a_real_export(xo):
+    from xofs.export_sizes import vm_disks, xva_bound
+
+    vm = xo.get_json(f"/rest/v0/vms/{xo.halted_vm}")
+    objects = {}
+    for coll in ("vbds", "vdis"):
+        for obj in xo.get_json(f"/rest/v0/{coll}?fields=*"):
+            objects[obj["id"]] = obj
+    sizes, vbds = vm_disks(vm, objects.get)
+    assert xva_bound(sizes, vbds) >= len(get_export(xo, f"vms/{xo.halted_vm}.xva"))
