@@ -45,8 +45,12 @@ class Answer:
 
 def call(sim: SimProcess, method: str, path: str, body: bytes | None = None,
          headers: dict[str, str] | None = None, *, token: str | None = "default",
-         timeout: float = 30.0) -> Answer:
-    """One request on a fresh connection; never raises on an HTTP status or a cut body."""
+         timeout: float = 30.0, read_body: bool = True, limit: int | None = None) -> Answer:
+    """One request on a fresh connection; never raises on an HTTP status or a cut body.
+
+    With `read_body=False` the connection is closed once the headers are in (the body is left unread);
+    with `limit`, once that many body bytes are in (`complete` is then False).
+    """
     hdrs = dict(headers or {})
     if token == "default":
         token = sim.token
@@ -58,6 +62,10 @@ def call(sim: SimProcess, method: str, path: str, body: bytes | None = None,
         resp = conn.getresponse()
         headers_list = [(k, v) for k, v in resp.getheaders()]
         complete = True
+        if not read_body:
+            return Answer(resp.status, headers_list, b"", False)
+        if limit is not None:
+            return Answer(resp.status, headers_list, resp.read(limit), False)
         try:
             data = resp.read()
         except http.client.IncompleteRead as error:

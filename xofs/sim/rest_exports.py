@@ -168,7 +168,10 @@ class Exporter:
                 await out.start()  # "XAPI answered": the headers go once the stream has started
                 first = False
             if chunk is end:
-                break
+                # Every byte is handed over: the export is complete even if the client hangs up now.
+                with trio.CancelScope(shield=True):
+                    await out.end()
+                return True
             assert isinstance(chunk, bytes)
             if stop is not None and out.sent + len(chunk) >= stop:
                 await out.write(chunk[: stop - out.sent])
@@ -177,8 +180,6 @@ class Exporter:
                     await trio.sleep_forever()  # until the client gives up (the disconnect watcher)
                 return False  # returning without ending the body makes the server drop the connection
             await out.write(chunk)
-        await out.end()
-        return True
 
 
 async def _cancel_on_disconnect(req: Request, scope: trio.CancelScope) -> None:

@@ -1,0 +1,278 @@
+"""The simulator's exports, checked with real tools: curl, qemu-img, xva-img, zstd; and the snapshot an export
+of a running VM makes, seen over REST and in the event stream."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import json
+import socket
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import trio
+import xxhash
+
+from tests.sim_rest_support import call, recorded, recorded_header, recorded_names, watch_events
+from tests.support import SimProcess, require_tool
+from xofs.sim.model import SimModel
+
+MiB = 1 << 20
+
+
+def find(sim: SimProcess, coll: str, name: str) -> dict:
+    expression = quote(f"name_label:{json.dumps(name)}")
+    (obj,) = [o for o in call(sim, "GET", f"/rest/v0/{coll}?fields=*&filter={expression}").json()
+              if o["name_label"] == name]
+    return obj
+
+
+def curl(sim: SimProcess, path: str, out: Path, *extra: str) -> dict[str, str]:
+    """Download with curl; returns its `-w` figures (http_code, size_download, speed_download)."""
+    result = subprocess.run(
+        [require_tool("curl"), "-sS", "-b", f"authenticationToken={sim.token}", "-o", str(out), *extra,
+         "-w", "%{http_code} %{size_download} %{speed_download}", sim.url + path],
+        capture_output=True, text=True, timeout=120, check=True)
+    code, size, speed = result.stdout.split()
+    return {"http_code": code, "size_download": size, "speed_download": speed}
+
+
+def digest_file(path: Path) -> str:
+    """A fast content hash (XXH3-128): these files are gigabytes, and this machine has two cores."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.cache
+def model_disk_digest(seed: int, vdi_id: str) -> str:
+    """The content the simulator's model gives a VDI, computed in this process from the same seed."""
+    digest = xxhash.xxh3_128()
+    for chunk in SimModel(seed=seed).disk(vdi_id).iter_raw():
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def snapshots_named(sim: SimProcess, name: str) -> list[dict]:
+    return [s for s in call(sim, "GET", "/rest/v0/vm-snapshots?fields=id,name_label").json()
+            if s["name_label"] == name]
+
+
+def wait_until(predicate, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def assert_download_headers(ans, obj_id: str, fmt: str, recording: str) -> None:
+    meta, _ = recorded(recording)
+    assert ans.status == 200
+    assert ans.names() == recorded_names(meta)
+    assert ans.header("content-disposition") == f"attachment; filename={obj_id}.{fmt}"
+    for name in ("content-type", "Vary", "Transfer-Encoding", "Connection", "Keep-Alive"):
+        assert ans.header(name) == recorded_header(meta, name), name
+    assert ans.header("Content-Length") is None and ans.header("Accept-Ranges") is None
+
+
+# -- VDI exports -------------------------------------------------------------------------------------------
+
+
+def test_raw_export_is_the_models_disk_content(sim, tmp_path):
+    vdi = find(sim, "vdis", "test-01 root")
+    ans = call(sim, "GET", f"/rest/v0/vdis/{vdi['id']}.raw", read_body=False)
+    assert_download_headers(ans, vdi["id"], "raw", "exports/vdi-raw.test-01-root")
+    figures = curl(sim, f"/rest/v0/vdis/{vdi['id']}.raw", tmp_path / "disk.raw", "-H", "Range: bytes=0-511")
+    assert figures["http_code"] == "200" and int(figures["size_download"]) == vdi["size"]  # Range is ignored
+    assert digest_file(tmp_path / "disk.raw") == model_disk_digest(1, vdi["id"])
+
+
+def test_vhd_export_converts_back_to_the_raw_content(sim, tmp_path):
+    qemu_img = require_tool("qemu-img")
+    vdi = find(sim, "vdis", "test-01 root")
+    ans = call(sim, "GET", f"/rest/v0/vdis/{vdi['id']}.vhd")
+    assert_download_headers(ans, vdi["id"], "vhd", "exports/vdi-vhd.test-01-root")
+    assert ans.body[:8] == b"conectix" and ans.body[-512:-504] == b"conectix"
+    (tmp_path / "disk.vhd").write_bytes(ans.body)
+    subprocess.run([qemu_img, "convert", "-f", "vpc", "-O", "raw", str(tmp_path / "disk.vhd"),
+                    str(tmp_path / "from-vhd.raw")], check=True, timeout=60)
+    assert (tmp_path / "from-vhd.raw").stat().st_size == vdi["size"]
+    assert digest_file(tmp_path / "from-vhd.raw") == model_disk_digest(1, vdi["id"])  # = the .raw export
+    assert call(sim, "GET", f"/rest/v0/vdis/{vdi['id']}.vhd").body == ans.body  # the same bytes every time
+
+
+def test_vdi_snapshot_exports_and_types_are_kept_apart(sim):
+    snap = call(sim, "GET", "/rest/v0/vdi-snapshots?fields=id").json()[0]["id"]
+    ans = call(sim, "GET", f"/rest/v0/vdi-snapshots/{snap}.vhd")
+    assert_download_headers(ans, snap, "vhd", "exports/vdi-snapshot-vhd")
+    wrong = call(sim, "GET", f"/rest/v0/vdis/{snap}.vhd")
+    assert wrong.status == 404 and wrong.json()["error"] == f"no such VDI {snap}"
+
+
+def test_bad_vdi_formats_are_422_after_the_id_is_known(sim):
+    vdi = find(sim, "vdis", "test-01 root")
+    qcow2 = call(sim, "GET", f"/rest/v0/vdis/{vdi['id']}.qcow2")
+    _, body = recorded("exports/vdi-qcow2.422")
+    assert (qcow2.status, qcow2.body) == (422, body)
+    upper = call(sim, "GET", f"/rest/v0/vdis/{vdi['id']}.VHD")
+    assert upper.status == 422 and upper.json()["error"]["format"]["value"] == "VHD"
+    missing = "00000000-0000-0000-0000-000000000000"
+    unknown = call(sim, "GET", f"/rest/v0/vdis/{missing}.qcow2")
+    assert unknown.status == 404 and unknown.json() == {"error": f"no such VDI {missing}",
+                                                        "data": {"id": missing, "type": "VDI"}}
+
+
+def test_export_chunks_are_at_least_one_mib(sim):
+    vdi = find(sim, "vdis", "spare disk")
+    request = (f"GET /rest/v0/vdis/{vdi['id']}.vhd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               f"Cookie: authenticationToken={sim.token}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=30) as sock:
+        sock.sendall(request)
+        stream = sock.makefile("rb")
+        while stream.readline() not in (b"\r\n", b""):
+            pass
+        sizes = []
+        while (size := int(stream.readline().split(b";")[0], 16)) > 0:
+            stream.read(size)
+            assert stream.read(2) == b"\r\n"
+            sizes.append(size)
+    assert len(sizes) > 2
+    assert all(size >= MiB for size in sizes[:-1]), sizes
+
+
+@pytest.mark.timeout(60)
+def test_raw_export_reaches_a_gigabyte_per_second_with_curl(sim, tmp_path):
+    vdi = find(sim, "vdis", "spare disk")
+    speeds = []
+    for _ in range(3):
+        figures = curl(sim, f"/rest/v0/vdis/{vdi['id']}.raw", Path("/dev/null"))
+        assert int(figures["size_download"]) == vdi["size"]
+        speeds.append(float(figures["speed_download"]))
+    assert max(speeds) >= 1e9, speeds
+
+
+def test_gzip_accepted_means_a_gzipped_export(sim):
+    vdi = find(sim, "vdis", "spare disk")
+    plain = call(sim, "GET", f"/rest/v0/vdis/{vdi['id']}.vhd")
+    zipped = call(sim, "GET", f"/rest/v0/vdis/{vdi['id']}.vhd", headers={"Accept-Encoding": "gzip"})
+    assert zipped.header("Content-Encoding") == "gzip" and zipped.header("Vary") == "Accept-Encoding"
+    assert gzip.decompress(zipped.body) == plain.body
+
+
+def test_head_runs_the_export_and_sends_headers_only(sim):
+    vdi = find(sim, "vdis", "test-01 root")
+    ans = call(sim, "HEAD", f"/rest/v0/vdis/{vdi['id']}.vhd")
+    meta, _ = recorded("exports/vdi-vhd.HEAD")
+    assert ans.status == 200 and ans.body == b""
+    # h11 frames a HEAD answer as it would the GET, so Transfer-Encoding comes on top of the recorded names.
+    assert [n for n in ans.names() if n != "Transfer-Encoding"] == recorded_names(meta)
+    vm = find(sim, "vms", "test-01")
+    head = call(sim, "HEAD", f"/rest/v0/vms/{vm['id']}.xva")
+    assert head.status == 200 and head.body == b""
+    assert wait_until(lambda: not snapshots_named(sim, "[XO Export] test-01"))
+
+
+# -- VM exports -----------------------------------------------------------------------------------------------
+
+
+def xva_members(body: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+@pytest.mark.timeout(60)
+def test_xva_of_a_paused_vm_is_a_snapshot_xva_img_can_read(sim, tmp_path):
+    xva_img = require_tool("xva-img")
+    vm = find(sim, "vms", "test-01")
+    assert vm["power_state"] == "Paused"
+    ans = call(sim, "GET", f"/rest/v0/vms/{vm['id']}.xva")
+    assert_download_headers(ans, vm["id"], "xva", "exports/vm-xva.paused.test-01")
+    members = xva_members(ans.body)
+    assert list(members)[0] == "ova.xml"
+    assert b"[XO Export] test-01" in members["ova.xml"]
+    (tmp_path / "x").mkdir()
+    with tarfile.open(fileobj=io.BytesIO(ans.body)) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    (disk_dir,) = [p for p in (tmp_path / "x").iterdir() if p.is_dir()]
+    subprocess.run([xva_img, "disk-export", str(disk_dir), str(tmp_path / "xva.raw")], check=True, timeout=60,
+                   capture_output=True)
+    root = find(sim, "vdis", "test-01 root")
+    assert digest_file(tmp_path / "xva.raw") == model_disk_digest(1, root["id"])
+    assert wait_until(lambda: not snapshots_named(sim, "[XO Export] test-01"))
+
+
+@pytest.mark.timeout(90)
+def test_xva_compression_values(sim, tmp_path):
+    zstd = require_tool("zstd")
+    vm = find(sim, "vms", "db-01")  # Halted: no snapshot, so every export has the same bytes
+    path = f"/rest/v0/vms/{vm['id']}.xva"
+    plain = call(sim, "GET", path)
+    assert plain.status == 200 and plain.body[257:262] == b"ustar"
+    assert call(sim, "GET", path + "?compress=false", limit=4 * MiB).body == plain.body[:4 * MiB]
+    zstd_body = call(sim, "GET", path + "?compress=zstd")
+    assert_download_headers(zstd_body, vm["id"], "xva", "exports/vm-xva.halted.db-01.compress-zstd")
+    (tmp_path / "vm.xva.zst").write_bytes(zstd_body.body)
+    subprocess.run([zstd, "-q", "-d", str(tmp_path / "vm.xva.zst"), "-o", str(tmp_path / "vm.xva")], check=True,
+                   timeout=60)
+    assert (tmp_path / "vm.xva").read_bytes() == plain.body
+    gzipped = call(sim, "GET", path + "?compress=gzip").body
+    assert gzipped[:2] == b"\x1f\x8b" and gzip.decompress(gzipped) == plain.body
+    assert call(sim, "GET", path + "?compress=true", limit=4 * MiB).body == gzipped[:4 * MiB]
+    bogus = call(sim, "GET", path + "?compress=bogus")
+    _, body = recorded("exports/vm-xva.halted.db-01.compress-bogus")
+    assert (bogus.status, bogus.body) == (422, body)
+
+
+def test_bad_vm_formats(sim):
+    vm = find(sim, "vms", "db-01")
+    foo = call(sim, "GET", f"/rest/v0/vms/{vm['id']}.foo")
+    _, body = recorded("exports/vm-ova.bad-format-foo")
+    assert (foo.status, foo.body) == (422, body)
+    ova = call(sim, "GET", f"/rest/v0/vms/{vm['id']}.ova")
+    assert (ova.status, ova.json()) == (501, {"error": "not implemented"})
+    missing = "00000000-0000-0000-0000-000000000000"
+    assert call(sim, "GET", f"/rest/v0/vms/{missing}.foo").status == 404
+
+
+def test_snapshot_exports_and_templates(sim):
+    snap = call(sim, "GET", "/rest/v0/vm-snapshots?fields=id").json()[0]["id"]
+    ans = call(sim, "GET", f"/rest/v0/vm-snapshots/{snap}.xva")
+    assert_download_headers(ans, snap, "xva", "exports/vm-snapshot-xva")
+    assert call(sim, "GET", f"/rest/v0/vms/{snap}.xva").status == 404
+
+
+def test_cancelled_export_still_removes_its_snapshot(sim):
+    vm = find(sim, "vms", "backup-01")
+    assert vm["power_state"] == "Running"
+    request = (f"GET /rest/v0/vms/{vm['id']}.xva HTTP/1.1\r\nHost: x\r\n"
+               f"Cookie: authenticationToken={sim.token}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=30) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert len(snapshots_named(sim, "[XO Export] backup-01")) == 1
+    assert wait_until(lambda: not snapshots_named(sim, "[XO Export] backup-01"))
+
+
+async def test_watchers_see_the_export_snapshot_come_and_go(sim):
+    vm = await trio.to_thread.run_sync(find, sim, "vms", "web-01")
+    disks = await trio.to_thread.run_sync(lambda: call(sim, "GET", f"/rest/v0/vms/{vm['id']}/vdis?fields=id").json())
+    async with watch_events(sim) as watcher:
+        ans = await trio.to_thread.run_sync(lambda: call(sim, "GET", f"/rest/v0/vms/{vm['id']}.xva"))
+        assert ans.status == 200 and ans.complete
+    snapshots = watcher.entered(lambda o: o["type"] == "VM-snapshot" and o["name_label"] == "[XO Export] web-01")
+    assert snapshots, watcher.frames
+    assert snapshots[0]["id"] in watcher.exited()
+    sources = {d["id"] for d in disks}
+    vdi_snapshots = watcher.entered(lambda o: o["type"] == "VDI-snapshot" and o.get("$snapshot_of") in sources)
+    assert vdi_snapshots and {v["id"] for v in vdi_snapshots} <= watcher.exited()
+    tasks = watcher.entered(lambda o: o["type"] == "task" and o["name_label"] == "[XO] VM export")
+    assert {t["status"] for t in tasks} >= {"pending", "success"}
