@@ -344,7 +344,7 @@ def entered(sink: Sink, obj_id: str) -> list[dict]:
 async def test_sim_rename_arrives_as_enter_and_delete_as_exit(nursery, fresh_sim):
     feed, sink = await start_sim_feed(nursery, fresh_sim)
     assert sink.vdis and sink.states == ["connecting", "connected"]
-    vdi_id = next(iter(sink.vdis))
+    vdi_id = next(i for i, v in sink.vdis.items() if not v["$VBDs"])  # deleting an attached one is VDI_IN_USE
     await sink.client.patch("vdis", vdi_id, {"name_label": "renamed-by-event-test"})
     await sink.wait_for(lambda s: any(o.get("name_label") == "renamed-by-event-test" for o in entered(s, vdi_id)))
     update = entered(sink, vdi_id)[-1]

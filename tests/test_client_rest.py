@@ -614,7 +614,7 @@ async def test_sim_import_raw_and_vhd(fresh_sim, tmp_path):
 
 async def test_sim_patch_and_delete(fresh_sim):
     client = sim_client(fresh_sim)
-    vdi = (await client.collection("vdis", limit=1))[0]
+    vdi = next(v for v in await client.collection("vdis") if not v["$VBDs"])  # attached ones are VDI_IN_USE
     await client.patch("vdis", vdi["id"], {"name_label": "patched by test"})
     assert (await client.get_object("vdis", vdi["id"]))["name_label"] == "patched by test"
     await client.delete("vdis", vdi["id"])

@@ -38,6 +38,7 @@ _MAX_LINE = 8 * 1024  # chunk-size and trailer lines
 _BUFFER = 2 << 20  # per export; chunked bodies are decoded from here
 _MIN_FREE = 256 << 10  # below this much room at the end of the buffer, move the unread bytes to the front
 _DIRECT_MIN = 256 << 10  # chunks this big, with nothing buffered, go from the socket to the caller directly
+_LINE_FILL = 4 << 10  # read size for a chunk-size line that follows a big chunk
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class ExportResponse:
         self._left: int | None = None  # body bytes still due (Content-Length), or left in the current chunk
         self._chunk_seen = False  # a chunk's data came before, so a CRLF precedes the next size line
         self._last_chunk_read = False
+        self._big_chunks = False  # the last chunk was at least _DIRECT_MIN bytes
         self._done = False
         self._closed = False
 
@@ -176,13 +178,15 @@ class ExportResponse:
                 if size is None:  # the size line is not all here yet
                     if pieces:
                         break
-                    await self._fill()
+                    # After a big chunk, read just the size line and a little: the next big one goes direct.
+                    await self._fill(_LINE_FILL if self._big_chunks else None)
                     continue
                 if size == 0:
                     await self._skip_trailers()
                     self._last_chunk_read = True
                     break
                 self._left = size
+                self._big_chunks = size >= _DIRECT_MIN
             buffered = self._end - self._start
             if not buffered:
                 if pieces:
@@ -238,15 +242,17 @@ class ExportResponse:
         self._start += n
         return data
 
-    async def _fill(self) -> None:
-        """Read more into the buffer (making room first); the end of the connection here is an early end."""
+    async def _fill(self, limit: int | None = None) -> None:
+        """Read more (up to `limit` bytes) into the buffer, making room first; the end of the connection here
+        is an early end."""
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buf) - self._end < _MIN_FREE:
             leftover = self._end - self._start
             self._buf[:leftover] = self._buf[self._start:self._end]
             self._start, self._end = 0, leftover
-        n = await self._guarded(self._recv_into, self._view[self._end:])
+        room = self._view[self._end:] if limit is None else self._view[self._end:self._end + limit]
+        n = await self._guarded(self._recv_into, room)
         if not n:
             raise self._ended_early()
         self._end += n
