@@ -162,9 +162,10 @@ class RestApp:
             if started:
                 log.warning("%s %s failed after its answer started: %r", req.method, req.raw_path, error)
                 return
+            # Node reads and drops the rest of a refused upload, so the client gets to finish sending it and
+            # read the answer; hypercorn can no longer read it once the answer is out, so it goes first.
+            await req.drain()
             await self.send_failure(req, tracked_send, error)
-        if not req.body_done and not req.disconnected:
-            await req.drain()  # so that the connection can carry the next request
 
     # -- dispatch ----------------------------------------------------------------------------------------
 
@@ -250,6 +251,7 @@ class RestApp:
 
     async def not_found(self, req: Request, send: Send) -> None:
         """Express's final handler: `Cannot GET /path`, with its own CSP."""
+        await req.drain()
         body = _cannot(req)
         headers = [(k, "default-src 'none'" if k == "Content-Security-Policy" else v) for k, v in SECURITY_HEADERS]
         headers += [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),

@@ -87,6 +87,7 @@ class Exporter:
         snapshot_id = None
         if vm["power_state"] in ("Running", "Paused"):
             snapshot_id = self.model.vm_snapshot(vm["id"], f"[XO Export] {vm['name_label']}")
+            self.model.flush_events()  # XO waits for the snapshot task: watchers see it before it goes
             exported = self.model.get_typed(snapshot_id, "VM-snapshot")
 
         def cleanup(ok: bool) -> None:

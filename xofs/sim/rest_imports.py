@@ -95,6 +95,7 @@ class Importer:
             raise sr_full(size, sr["size"] - sr["usage"])
         vdi = self.model.create_vdi(sr["id"], name_label=name_label or default_name(),
                                     name_description=name_description, size=size)
+        self.model.flush_events()  # XO waits for VDI.create: watchers see the VDI before anything else
         try:
             if length is None:
                 raise RestError(500, NO_LENGTH)
