@@ -380,3 +380,17 @@ async def test_sim_refused_sign_in_raises_auth_error(nursery, sim):
     with trio.fail_after(20), pytest.raises(XoAuthError):
         await nursery.start(feed.run)
     assert sink.resyncs == 0
+
+
+async def test_sim_expired_token_drops_the_socket_and_sign_in_is_retried(nursery, fresh_sim):
+    feed, sink = await start_sim_feed(nursery, fresh_sim, keepalive=0.3, backoff=(0.1, 0.3))
+    status, _, body = fresh_sim.request("POST", "/_sim/expire-token", json.dumps({"token": fresh_sim.token}).encode(),
+                                        {"Content-Type": "application/json"})
+    assert status == 204, body
+    await sink.wait_for(lambda s: "disconnected" in s.states)
+    await trio.sleep(1.5)  # several refused sign-ins later: still one "disconnected", and no crash
+    assert sink.states == ["connecting", "connected", "disconnected"]
+    with pytest.raises(XoUnreachable):
+        await feed.call("system.getServerVersion")
+    await sink.client.aclose()
+    nursery.cancel_scope.cancel()

@@ -668,3 +668,72 @@ async def test_tls_untrusted_certificate_is_unreachable_with_the_reason(nursery,
     with pytest.raises(XoUnreachable, match="TLS certificate verification failed"):
         await client.open_export("vdis/x.raw")
     await client.aclose()
+
+
+def set_faults(sim: SimProcess, **knobs: object) -> None:
+    status, _, body = sim.request("POST", "/_sim/faults", json.dumps(knobs).encode(),
+                                  {"Content-Type": "application/json"})
+    assert status == 200, body
+
+
+async def test_sim_stalled_export_times_out(fresh_sim):
+    client = RestClient(fresh_sim.url, fresh_sim.token, read_timeout=1)
+    vdi = min(await client.collection("vdis", fields="size"), key=lambda v: v["size"])
+    set_faults(fresh_sim, stall_export_after_bytes=1 << 20)
+    response = await client.open_export(f"vdis/{vdi['id']}.raw")
+    received = 0
+    with trio.fail_after(20), pytest.raises(XoUnreachable, match="timed out"):
+        while data := await response.receive():
+            received += len(data)
+    await response.aclose()
+    await client.aclose()
+    assert received == 1 << 20
+
+
+async def test_sim_5xx_answers_are_retried_for_gets_only(fresh_sim):
+    client = sim_client(fresh_sim)
+    set_faults(fresh_sim, http_5xx_next=2)
+    assert len(await client.collection("vms")) > 0
+    stats = fresh_sim.get_json("/_sim/stats")
+    assert stats["routes"]["GET /rest/v0/vms"] == 3
+    vdi = next(v for v in await client.collection("vdis") if not v["$VBDs"])
+    set_faults(fresh_sim, http_5xx_next=1)
+    with pytest.raises(XoError) as info:
+        await client.delete("vdis", vdi["id"])
+    assert info.value.status == 503
+    await client.get_object("vdis", vdi["id"])  # the delete was not retried: the VDI is still there
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def legacy_sim(tmp_path_factory):
+    """A simulator answering like XO before 5.111 (legacy router)."""
+    d = tmp_path_factory.mktemp("legacy-sim")
+    proc = SimProcess(args=["--seed", "3", "--legacy", "--state-dir", str(d / "state")],
+                      log_path=d / "sim.log").start()
+    yield proc
+    proc.stop()
+
+
+async def test_legacy_sim_round_trip(legacy_sim, tmp_path):
+    client = sim_client(legacy_sim)
+    await client.check()
+    srs = await client.collection("srs")
+    sr = next(s for s in srs if s["content_type"] == "user" and s["size"] > 0)
+    with pytest.raises(XoNotFound):  # legacy: Express's HTML "Cannot GET" page
+        await client.get_object("vdis", UUID_A)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    uuid = await client.import_vdi(sr["id"], image, name_label="legacy import", name_description=None, raw=True)
+    vdi = await client.get_object("vdis", uuid)
+    assert vdi["name_label"] == "legacy import" and vdi["size"] == 1 << 20
+    sha, n = await export_sha256(client, f"vdis/{uuid}.raw")
+    assert (sha, n) == (hashlib.sha256(image.read_bytes()).hexdigest(), 1 << 20)
+    await client.delete("vdis", uuid)  # legacy: 200 "OK"
+    with pytest.raises(XoNotFound):
+        await client.get_object("vdis", uuid)
+    await client.aclose()
+    bad = sim_client(legacy_sim, token="not-the-token-" + "x" * 29)
+    with pytest.raises(XoAuthError, match="Unauthorized"):
+        await bad.check()
+    await bad.aclose()
