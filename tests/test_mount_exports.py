@@ -1,0 +1,239 @@
+"""Export files on a real mount, read by the real tools, compared byte for byte with curl's download.
+
+One simulator and one mount serve the read-only cases; the cases that break things (a cut stream, a
+deleted VDI) get a simulator and a mount of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import MountProcess, SimProcess, require_tool
+from tests.test_exports import MEDIUM, disk_bytes, import_raw
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def curl(sim: SimProcess, export: str, out: Path) -> Path:
+    """Download /rest/v0/<export> with curl, as a user would without xofs."""
+    require_tool("curl")
+    subprocess.run(["curl", "-sSf", "-H", f"Cookie: authenticationToken={sim.token}", "-o", str(out),
+                    f"{sim.url}/rest/v0/{export}"], check=True, timeout=120)
+    return out
+
+
+def run(*cmd: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def xattr(path: Path, name: str) -> bytes:
+    return os.getxattr(path, name)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A simulator with a 40 MiB disk imported, and a mount of it."""
+    require_tool("fusermount3")
+    base = tmp_path_factory.mktemp("mount-exports")
+    sim = SimProcess(args=["--seed", "1", "--state-dir", str(base / "sim-state")], log_path=base / "sim.log")
+    sim.start()
+    mount = None
+    try:
+        sim.disk = import_raw(sim, disk_bytes(MEDIUM, 7), "medium")
+        vms = sim.get_json("/rest/v0/vms?fields=id,name_label")
+        sim.halted_vm = next(v["id"] for v in vms if v["name_label"] == "db-01")
+        sim.paused_vm = next(v["id"] for v in vms if v["name_label"] == "test-01")
+        mount = MountProcess(sim.url, base / "mnt", token=sim.token, extra=["--log-level", "DEBUG"],
+                             env={"XOFS_STATE_DIR": str(base / "state")}, log_path=base / "mount.log").start()
+        _wait_for(mount.mountpoint / "vdis" / f"{sim.disk}.raw")
+        yield sim, mount, base
+    finally:
+        if mount is not None:
+            mount.stop()
+        sim.stop()
+
+
+def _wait_for(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_sizes_and_xattrs(setup):
+    sim, mount, _ = setup
+    raw = mount / "vdis" / f"{sim.disk}.raw"
+    vhd = mount / "vdis" / f"{sim.disk}.vhd"
+    assert raw.stat().st_size == MEDIUM
+    assert xattr(raw, "user.xo.size_exact") == b"true"
+    assert raw.stat().st_blksize == MiB
+    assert xattr(vhd, "user.xo.export") == f"/rest/v0/vdis/{sim.disk}.vhd".encode()
+    for path in (vhd, mount / "vms" / f"{sim.halted_vm}.xva", mount / "vms" / f"{sim.halted_vm}.xva.zst"):
+        assert path.stat().st_size > 0
+        assert path.stat().st_blksize == MiB
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vhd"])
+def test_tools_copy_exactly_what_curl_downloads(setup, tmp_path, fmt):
+    sim, mount, _ = setup
+    src = mount / "vdis" / f"{sim.disk}.{fmt}"
+    want = sha256_of(curl(sim, f"vdis/{sim.disk}.{fmt}", tmp_path / "curl.out"))
+
+    assert run("cp", str(src), str(tmp_path / "cp.out")).returncode == 0
+    assert sha256_of(tmp_path / "cp.out") == want
+    with open(tmp_path / "cat.out", "wb") as out:
+        assert subprocess.run(["cat", str(src)], stdout=out, timeout=120).returncode == 0
+    assert sha256_of(tmp_path / "cat.out") == want
+    assert run("dd", f"if={src}", f"of={tmp_path / 'dd.out'}", "bs=1M").returncode == 0
+    assert sha256_of(tmp_path / "dd.out") == want
+    shutil.copyfile(src, tmp_path / "py.out")
+    assert sha256_of(tmp_path / "py.out") == want
+    result = run("sha256sum", str(src))
+    assert result.returncode == 0 and result.stdout.split()[0] == want
+    require_tool("pv")
+    with open(tmp_path / "pv.out", "wb") as out:
+        assert subprocess.run(["pv", "-q", str(src)], stdout=out, timeout=120).returncode == 0
+    assert sha256_of(tmp_path / "pv.out") == want
+    # now the size is exact: tar and rsync trust it and get it right
+    assert src.stat().st_size == (tmp_path / "curl.out").stat().st_size
+    assert xattr(src, "user.xo.size_exact") == b"true"
+    result = run("tar", "cf", str(tmp_path / "t.tar"), "-C", str(src.parent), src.name)
+    assert result.returncode == 0, result.stderr
+    assert run("tar", "xf", str(tmp_path / "t.tar"), "-C", str(tmp_path)).returncode == 0
+    assert sha256_of(tmp_path / src.name) == want
+    (tmp_path / "rsync").mkdir()
+    result = run("rsync", "-a", str(src), str(tmp_path / "rsync") + "/")
+    assert result.returncode == 0, result.stderr
+    assert sha256_of(tmp_path / "rsync" / src.name) == want
+
+
+def test_rsync_fails_loudly_until_the_size_is_known(setup, tmp_path):
+    sim, mount, base = setup
+    vdi = import_raw(sim, disk_bytes(3 * MiB + 5, 8), "rsync-me")
+    src = mount / "vdis" / f"{vdi}.vhd"
+    _wait_for(src)
+    want = sha256_of(curl(sim, f"vdis/{vdi}.vhd", tmp_path / "curl.vhd"))
+    assert xattr(src, "user.xo.size_exact") == b"false"
+    assert src.stat().st_size > (tmp_path / "curl.vhd").stat().st_size  # a bound, never less
+
+    (tmp_path / "first").mkdir()
+    result = run("rsync", "-a", str(src), str(tmp_path / "first") + "/")
+    assert result.returncode != 0  # rsync saw fewer bytes than the size said: no silent success
+    assert "rsync error" in result.stderr
+
+    # the full read measured it: the same rsync now succeeds, byte for byte
+    assert xattr(src, "user.xo.size_exact") == b"true"
+    assert src.stat().st_size == (tmp_path / "curl.vhd").stat().st_size
+    (tmp_path / "second").mkdir()
+    result = run("rsync", "-a", str(src), str(tmp_path / "second") + "/")
+    assert result.returncode == 0, result.stderr
+    assert sha256_of(tmp_path / "second" / src.name) == want
+
+
+def test_qemu_img_reads_the_vhd_on_the_mount(setup, tmp_path):
+    require_tool("qemu-img")
+    sim, mount, _ = setup
+    vhd = mount / "vdis" / f"{sim.disk}.vhd"
+    info = run("qemu-img", "info", "--output=json", "-f", "vpc", str(vhd))
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["virtual-size"] >= MEDIUM
+    result = run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(tmp_path / "out.raw"))
+    assert result.returncode == 0, result.stderr
+    raw = curl(sim, f"vdis/{sim.disk}.raw", tmp_path / "curl.raw").read_bytes()
+    converted = (tmp_path / "out.raw").read_bytes()
+    # qemu-img rounds the virtual size up to the VHD geometry; the rest is zeros
+    assert converted[:MEDIUM] == raw and not converted[MEDIUM:].strip(b"\0")
+
+
+def test_xva_copies_verify_with_xva_img(setup, tmp_path):
+    require_tool("xva-img")
+    sim, mount, _ = setup
+    src = mount / "vms" / f"{sim.halted_vm}.xva"
+    assert run("cp", str(src), str(tmp_path / "vm.xva")).returncode == 0
+    assert sha256_of(tmp_path / "vm.xva") == sha256_of(curl(sim, f"vms/{sim.halted_vm}.xva", tmp_path / "c.xva"))
+    (tmp_path / "x").mkdir()
+    assert run("tar", "xf", str(tmp_path / "vm.xva"), "-C", str(tmp_path / "x")).returncode == 0
+    disks = sorted(p for p in (tmp_path / "x").iterdir() if p.is_dir())
+    assert disks
+    for disk in disks:
+        result = run("xva-img", "-s", "disk-export", str(disk) + "/", str(tmp_path / f"{disk.name}.img"))
+        assert result.returncode == 0, result.stdout + result.stderr  # every chunk's checksum verified
+
+
+def test_xva_zst_decompresses_to_the_xva(setup, tmp_path):
+    require_tool("zstd")
+    sim, mount, _ = setup
+    zst = mount / "vms" / f"{sim.halted_vm}.xva.zst"
+    bound = zst.stat().st_size
+    with open(tmp_path / "out.xva", "wb") as out:
+        assert subprocess.run(["zstd", "-dc", str(zst)], stdout=out, timeout=120).returncode == 0
+    assert sha256_of(tmp_path / "out.xva") == sha256_of(curl(sim, f"vms/{sim.halted_vm}.xva", tmp_path / "c.xva"))
+    assert zst.stat().st_size <= bound
+
+
+def test_sniffing_the_start_cancels_the_export(setup):
+    sim, mount, _ = setup
+    src = mount / "vms" / f"{sim.halted_vm}.xva"
+    before = _export_gets(sim, f"vms/{sim.halted_vm}.xva")
+    with open(src, "rb") as f:  # what `file` or a file browser does
+        assert f.read(1024)[:7] == b"ova.xml"
+    assert _export_gets(sim, f"vms/{sim.halted_vm}.xva") == before + 1
+    deadline = time.monotonic() + 10
+    # (Python's buffered read asks for st_blksize, 1 MiB, of the 70 MB export)
+    while f"{src.name}: closed at offset {MiB}; export" not in mount.log_text():
+        assert time.monotonic() < deadline, "the export was not cancelled at close"
+        time.sleep(0.1)
+    assert f"/vms/{sim.halted_vm}.xva measured" not in mount.log_text()
+
+
+def _export_gets(sim: SimProcess, export: str) -> int:
+    return sim.get_json("/_sim/stats")["paths"].get(f"GET /rest/v0/{export}", 0)
+
+
+def test_cut_stream_makes_cp_fail(fresh_sim, make_mount, tmp_path):
+    vdi = import_raw(fresh_sim, disk_bytes(MEDIUM, 9), "cut")
+    mount = make_mount(fresh_sim)
+    src = mount / "vdis" / f"{vdi}.raw"
+    _wait_for(src)
+    status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"cut_export_after_bytes": 10 * MiB}).encode(),
+                                     {"Content-Type": "application/json"})
+    assert status == 200
+    result = run("cp", str(src), str(tmp_path / "out.raw"))
+    assert result.returncode != 0
+    assert "Input/output error" in result.stderr
+    log = mount.log_text()
+    assert f"/vdis/{vdi}.raw" in log and "offset" in log
+
+
+def test_vdi_deleted_mid_read_is_an_error(fresh_sim, make_mount, tmp_path):
+    require_tool("pv")
+    vdi = import_raw(fresh_sim, disk_bytes(MEDIUM, 10), "doomed")
+    mount = make_mount(fresh_sim)
+    src = mount / "vdis" / f"{vdi}.raw"
+    _wait_for(src)
+    with open(tmp_path / "out.raw", "wb") as out:
+        reader = subprocess.Popen(["pv", "-q", "-L", "4m", str(src)], stdout=out, stderr=subprocess.PIPE)
+        time.sleep(1.5)
+        status, _, _ = fresh_sim.request("DELETE", f"/rest/v0/vdis/{vdi}")
+        assert status in (200, 204)
+        rc = reader.wait(60)
+    assert rc != 0
+    assert (tmp_path / "out.raw").stat().st_size < MEDIUM
