@@ -660,14 +660,17 @@ async def test_tls_listing_and_export_with_a_ca_file_or_no_verification(nursery,
         await client.aclose()
 
 
-async def test_tls_untrusted_certificate_is_unreachable_with_the_reason(nursery, self_signed):
+async def test_tls_untrusted_certificate_is_unreachable_with_the_reason_and_not_retried(nursery, self_signed,
+                                                                                      caplog):
     fake = await start_fake(nursery, lambda r: answer(200, b""), tls=self_signed[1])
     client = RestClient(fake.url, "t")
-    with pytest.raises(XoUnreachable, match="TLS certificate verification failed"):
-        await client.check()
-    with pytest.raises(XoUnreachable, match="TLS certificate verification failed"):
-        await client.open_export("vdis/x.raw")
+    with caplog.at_level(logging.INFO, logger="xofs.client.rest"):
+        with pytest.raises(XoUnreachable, match="TLS certificate verification failed"):
+            await client.check()
+        with pytest.raises(XoUnreachable, match="TLS certificate verification failed"):
+            await client.open_export("vdis/x.raw")
     await client.aclose()
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
 
 
 def set_faults(sim: SimProcess, **knobs: object) -> None:

@@ -140,16 +140,7 @@ def describe_connection_error(exc: BaseException) -> str:
     import socket
     import ssl
 
-    seen: list[BaseException] = []
-    todo = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e in seen:
-            continue
-        seen.append(e)
-        if isinstance(e, BaseExceptionGroup):
-            todo.extend(e.exceptions)
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    seen = error_chain(exc)
     for e in seen:
         if isinstance(e, ssl.SSLCertVerificationError):
             return f"TLS certificate verification failed: {e.verify_message or e.reason}"
@@ -170,6 +161,23 @@ def describe_connection_error(exc: BaseException) -> str:
     return text
 
 
+def error_chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, its causes and contexts, and the members of any exception group among them, once each."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return seen
+
+
 def xo_unreachable(exc: BaseException, url: str) -> XoUnreachable:
     """An `XoUnreachable` naming the URL and the reason, for a connection that failed or broke."""
-    return XoUnreachable(f"cannot reach XO at {url}: {describe_connection_error(exc)}")
+    err = XoUnreachable(f"cannot reach XO at {url}: {describe_connection_error(exc)}")
+    err.__cause__ = exc
+    return err

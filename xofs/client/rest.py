@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from xofs.errors import (
     XoNotFound,
     XoProtocolError,
     XoUnreachable,
+    error_chain,
     xo_error_from_response,
     xo_unreachable,
 )
@@ -141,7 +143,7 @@ class RestClient:
                 err = xo_error_from_response(response.status, body, url=str(url), object_id=object_id)
                 if response.status not in RETRY_STATUSES:
                     raise err
-            if delay is None:
+            if delay is None or not _worth_retrying(err):
                 raise err
             log.info("export %s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
             await trio.sleep(delay)
@@ -195,7 +197,7 @@ class RestClient:
                                              object_id=object_id)
                 if resp.status_code not in RETRY_STATUSES:
                     raise err
-            if delay is None:
+            if delay is None or not _worth_retrying(err):
                 raise err
             log.info("GET %s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
             await trio.sleep(delay)
@@ -211,6 +213,11 @@ class RestClient:
             raise xo_error_from_response(resp.status_code, resp.content, url=str(resp.url),
                                          object_id=object_id)
         return resp
+
+
+def _worth_retrying(err: XofsError) -> bool:
+    """A 5xx or a connection failure may pass in a second; a certificate or TLS failure will not."""
+    return not any(isinstance(e, ssl.SSLError) for e in error_chain(err))
 
 
 # --- parsing ---
