@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -151,7 +150,6 @@ def bench_mount(work: Path) -> None:
 
 
 def main() -> int:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
     with tempfile.TemporaryDirectory(prefix="xofs-bench-") as tmp:
         work = Path(tmp)
         bench_simulator(work)

@@ -16,7 +16,8 @@ from tests.drivers import DirectDriver, MountDriver
 from tests.support import MountProcess, SimProcess
 from xofs.names import unique_names
 
-VIEWS = ["by-name", "hosts", "pools", "srs", "vdi-snapshots", "vdis", "vm-snapshots", "vms"]
+VIEWS = ["by-name", "hosts", "pools", "search", "srs", "vdi-snapshots", "vdis", "vm-snapshots", "vms"]
+NDJSON = [f"{c}.ndjson" for c in ("hosts", "pools", "srs", "vdi-snapshots", "vdis", "vm-snapshots", "vms")]
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +46,14 @@ def rest(sim: SimProcess, path: str):
     return sim.get_json(path)
 
 
-async def test_root_lists_one_directory_per_view(drv):
-    assert await drv.listdir("/") == VIEWS
+async def test_root_lists_one_entry_per_view(drv):
+    assert await drv.listdir("/") == sorted(VIEWS + NDJSON)
     for view in VIEWS:
         st = await drv.stat(f"/{view}")
         assert st.is_dir and st.perm == 0o500 and st.uid == os.getuid()
+    for name in NDJSON:
+        st = await drv.stat(f"/{name}")
+        assert not st.is_dir and st.perm == 0o400 and st.uid == os.getuid()
 
 
 async def test_vms_lists_every_vm_with_its_export_files(drv, sim):
@@ -109,6 +113,9 @@ async def test_xattrs_name_the_xo_object(drv, sim):
         assert {"user.xo.id", "user.xo.type", "user.xo.name_label"} <= set(await drv.listxattr(path))
     with pytest.raises(OSError) as err:
         await drv.getxattr(f"/vms/{vm['id']}/meta.json", "security.capability")
+    assert err.value.errno == errno.ENOTSUP
+    with pytest.raises(OSError) as err:
+        await drv.getxattr(f"/vms/{vm['id']}/meta.json", "user.xo.nope")
     assert err.value.errno == errno.ENODATA
 
 

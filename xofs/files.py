@@ -14,7 +14,7 @@ from typing import Protocol
 from xofs.views import Export
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImportEntry:
     """A node inside an SR's import directory: a file being written, or one already imported."""
 
@@ -41,7 +41,7 @@ class OpenInfo:
     nonseekable: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Caller:
     """Who made the request: the adapter passes the FUSE request context through."""
 

@@ -52,7 +52,9 @@ class RenderedFile:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        self.info = OpenInfo(direct_io=False, keep_cache=False)
+        # direct_io: reads go on to EOF whatever size the kernel cached, so a read racing with a change
+        # and its invalidation still returns one whole version, never a cut or zero-padded one.
+        self.info = OpenInfo(direct_io=True, keep_cache=False)
 
     async def read(self, offset: int, size: int) -> bytes:
         return self.data[offset : offset + size]
@@ -78,7 +80,7 @@ def _op(fn: F) -> F:
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError as err:
-            if err.errno not in (errno.ENOENT, errno.ENODATA):
+            if err.errno not in (errno.ENOENT, errno.ENODATA, errno.ENOTSUP):
                 log.debug("%s %s: %s", fn.__name__, self.describe(args), os.strerror(err.errno))
             raise
         except XofsError as err:
@@ -335,7 +337,10 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not name.startswith(XATTR_PREFIX.encode()):
-            raise pyfuse3.FUSEError(errno.ENODATA)  # security.*, system.*: cheap, asked before every write
+            # security.*, system.* (SELinux labels, POSIX ACLs): not supported on this filesystem. ENOTSUP
+            # rather than ENODATA lets `ls -l` remember that per device instead of asking for every entry
+            # (two FUSE round trips per entry otherwise).
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
         value = self._xattrs(self._inode(inode)).get(name.decode("utf-8", "replace"))
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)

@@ -27,7 +27,7 @@ ROOT_INODE = 1  # pyfuse3.ROOT_INODE
 TreeNode = Node | ImportEntry
 
 
-@dataclass
+@dataclass(slots=True)
 class Inode:
     ino: int
     path: tuple[str, ...]
@@ -36,7 +36,7 @@ class Inode:
     stale: bool = False  # the path no longer exists in XO; kept until the kernel forgets it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InvalidateEntry:
     """The kernel must drop its dentry `name` in directory `parent`."""
 
@@ -44,7 +44,7 @@ class InvalidateEntry:
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InvalidateInode:
     """The kernel must drop cached attributes (and data) of `ino`."""
 
@@ -88,7 +88,22 @@ class Tree:
         if not path:
             return Dir()
         parent = self.children(path[:-1])
-        return None if parent is None else parent.get(path[-1])
+        if parent is None:
+            return None
+        node = parent.get(path[-1])
+        return node if node is not None else self._unlisted(path)
+
+    def _unlisted(self, path: tuple[str, ...]) -> TreeNode | None:
+        """An entry its view does not list but answers for when asked by name (the optional `View.lookup`)."""
+        view = self.views.get(path[0]) if len(path) > 1 else None
+        lookup = getattr(view, "lookup", None)
+        if lookup is None:
+            return None
+        try:
+            return lookup(ViewContext(self.cache), path[1:-1], path[-1])
+        except Exception:  # a buggy (third-party) view must not take the mount down
+            log.exception("view /%s failed to look up %s", path[0], "/" + "/".join(path))
+            return None
 
     def children(self, path: tuple[str, ...]) -> Mapping[str, TreeNode] | None:
         """The entries of the directory at `path`, or None when it is not a directory (any more)."""
@@ -126,8 +141,7 @@ class Tree:
         pinode = self.inodes.get(parent)
         if pinode is None or pinode.stale:
             return None
-        entries = self.children(pinode.path)
-        node = entries.get(name) if entries is not None else None
+        node = self.node_at(pinode.path + (name,))
         if node is None:
             return None
         inode = self._inode_for(pinode.path + (name,), node)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "xofs.views"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rendered:
     """A small file rendered from one XO object by a pure function (meta.json, for example)."""
 
@@ -38,7 +38,7 @@ class Rendered:
     render: Callable[[dict], bytes]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Export:
     """An XO export stream: GET /rest/v0/<collection>/<obj_id>.<fmt>[?query].
 
@@ -57,7 +57,7 @@ class Export:
         return f"{self.collection}/{self.obj_id}.{self.fmt}" + (f"?{self.query}" if self.query else "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TypeSnapshot:
     """A file rendered from every object of one XO type at once (e.g. `/vms.ndjson`).
 
@@ -71,19 +71,19 @@ class TypeSnapshot:
 Content = Rendered | Export | TypeSnapshot
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Dir:
     obj_id: str | None = None  # the XO object this directory stands for, for xattrs
     kind: str = "plain"  # "plain": listed by the view; "import": an SR's import directory
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class File:
     content: Content
     obj_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Link:
     target: str
     obj_id: str | None = None
@@ -122,6 +122,9 @@ class View(Protocol):
         """The entries of the directory at `path` (relative to the view; `()` is its top directory),
         or None when there is no such directory (any more)."""
         ...
+
+    # Optional: `lookup(ctx, path, name) -> Node | None` answers for a name the listing of `path` does not
+    # show (/search/<expression> exists whenever it is looked up, yet is never listed).
 
 
 def load_views(names: list[str] | None = None) -> dict[str, View]:

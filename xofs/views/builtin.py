@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+import orjson
+
 from xofs.views import Dir, Export, File, Link, Node, Rendered, ViewContext
 
 
 def render_json(obj: dict) -> bytes:
-    """The object as XO's REST API returns it: JSON indented by 2 spaces, like Express's `json spaces`."""
+    """The object as XO's REST API returns it: JSON indented by 2 spaces, like Express's `json spaces`.
+
+    orjson writes numbers the way JavaScript does (`1e-7`, not Python's `1e-07`) and is some 30 times
+    faster than the json module's indenting encoder, which matters: `find` stats every meta.json.
+    """
     try:
-        return json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate in a name: JSON escapes keep the file valid UTF-8
+        return orjson.dumps(obj, option=orjson.OPT_INDENT_2)
+    except (TypeError, orjson.JSONEncodeError):  # a lone surrogate in a name: JSON escapes keep it valid UTF-8
         return json.dumps(obj, indent=2, ensure_ascii=True).encode("utf-8")
 
 
