@@ -442,3 +442,30 @@ def test_ten_thousand_vms_all_fields_is_fast(big_sim):
     zipped_time, zipped = timed(big_sim, "/rest/v0/vms?fields=*", {"Accept-Encoding": "gzip"})
     assert gzip.decompress(zipped.body) == ans.body
     assert zipped_time < 2.0, zipped_time
+
+
+# -- one-shot downloads of xo.getAllObjects({ndjson: true}) ----------------------------------------------------
+
+
+async def test_get_all_objects_ndjson_is_a_one_shot_download(sim):
+    import trio
+    from trio_websocket import open_websocket_url
+
+    async with open_websocket_url(sim.url.replace("http://", "ws://") + "/api/") as ws:
+        for request_id, method, params in ((1, "session.signIn", {"token": sim.token}),
+                                           (2, "xo.getAllObjects", {"ndjson": True, "filter": {"type": "SR"}})):
+            await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method,
+                                              "params": params}))
+            while (answer := json.loads(await ws.get_message())).get("id") != request_id:
+                pass
+    path = answer["result"]["$getFrom"]
+    assert re.fullmatch(r"/api/[A-Za-z0-9_-]+", path)
+    first = await trio.to_thread.run_sync(lambda: call(sim, "GET", path, token=None))
+    assert first.status == 200 and first.chunked
+    assert first.header("Content-Type") == "application/json; charset=utf-8"
+    srs = [json.loads(line) for line in first.body.decode().splitlines()]
+    assert srs and {s["type"] for s in srs} == {"SR"}
+    expected = await trio.to_thread.run_sync(lambda: call(sim, "GET", "/rest/v0/srs?fields=*").json())
+    assert [s["id"] for s in srs] == [s["id"] for s in expected]
+    again = await trio.to_thread.run_sync(lambda: call(sim, "GET", path, token=None))
+    assert again.status == 404
