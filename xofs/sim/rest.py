@@ -40,6 +40,7 @@ from xofs.sim.rest_http import (
     Scope,
     Send,
     StreamSender,
+    raw_headers,
     send_bytes,
     send_empty,
     send_error,
@@ -117,10 +118,6 @@ def _redirect_body(accept: str | None, location: str) -> tuple[bytes, str | None
     if {"text/plain", "text/*", "*/*"} & set(types):
         return f"Found. Redirecting to {location}".encode(), "text/plain; charset=utf-8"
     return b"", None
-
-
-def _raw(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 def _cannot(req: Request) -> bytes:
@@ -256,7 +253,7 @@ class RestApp:
         headers = [(k, "default-src 'none'" if k == "Content-Security-Policy" else v) for k, v in SECURITY_HEADERS]
         headers += [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
                     ("Vary", "Accept-Encoding"), *tail_headers(req)]
-        await send({"type": "http.response.start", "status": 404, "headers": _raw(headers)})
+        await send({"type": "http.response.start", "status": 404, "headers": raw_headers(headers)})
         await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else body})
 
     # -- routes ------------------------------------------------------------------------------------------
@@ -271,7 +268,7 @@ class RestApp:
             headers += [("Vary", "Accept, Accept-Encoding"), ("Content-Type", ctype),
                         ("Content-Length", str(len(body)))]
         await send({"type": "http.response.start", "status": 302,
-                    "headers": _raw([*headers, *tail_headers(req)])})
+                    "headers": raw_headers([*headers, *tail_headers(req)])})
         await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else body})
 
     async def ping(self, req: Request, send: Send) -> None:

@@ -181,6 +181,8 @@ class Exporter:
                     await trio.sleep_forever()  # until the client gives up (the disconnect watcher)
                 return False  # returning without ending the body makes the server drop the connection
             await out.write(chunk)
+            if req.method == "HEAD":
+                await trio.sleep(0)  # nothing is sent, so let the rest of the server run between chunks
 
 
 async def _cancel_on_disconnect(req: Request, scope: trio.CancelScope) -> None:

@@ -96,11 +96,6 @@ class Request:
         self.disconnected = False
 
     @property
-    def url(self) -> str:
-        """The path and query as the client sent them (Express's `req.originalUrl`)."""
-        return self.raw_path + ("?" + self.query_string if self.query_string else "")
-
-    @property
     def content_length(self) -> int | None:
         value = self.headers.get("content-length")
         return int(value) if value is not None and value.strip().isdigit() else None
@@ -243,7 +238,8 @@ def tail_headers(req: Request) -> Headers:
     return [("Connection", "keep-alive"), ("Keep-Alive", "timeout=5")]
 
 
-def _raw(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def raw_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """ASGI's form of a header list (bytes), names kept in their case."""
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
@@ -273,7 +269,7 @@ async def send_bytes(req: Request, send: Send, status: int, body: bytes, content
                 z = compressor(encoding)
                 body = z.compress(body) + z.flush()
     out += tail_headers(req)
-    await send({"type": "http.response.start", "status": status, "headers": _raw(out)})
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers(out)})
     await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else body})
 
 
@@ -290,7 +286,7 @@ async def send_error(req: Request, send: Send, error: RestError) -> None:
 async def send_empty(req: Request, send: Send, status: int = 204, headers: Headers = ()) -> None:
     """`res.status(204).end()`: helmet's headers and nothing else, not even a type or a Vary."""
     out = list(SECURITY_HEADERS) + list(headers) + tail_headers(req)
-    await send({"type": "http.response.start", "status": status, "headers": _raw(out)})
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers(out)})
     await send({"type": "http.response.body", "body": b""})
 
 
@@ -317,7 +313,7 @@ class StreamSender:
 
     async def start(self) -> None:
         await self._send({"type": "http.response.start", "status": 200,
-                          "headers": _raw(self.headers + tail_headers(self.req))})
+                          "headers": raw_headers(self.headers + tail_headers(self.req))})
         self.started = True
 
     async def write(self, chunk: bytes) -> None:
