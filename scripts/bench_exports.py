@@ -1,0 +1,183 @@
+"""Benchmark of exports: `cp` from the mount against `curl` of the same URL, in the same run.
+
+Run through `scripts/bench exports`. Prints one line per figure with its goal (issue 4):
+
+- `cp` of a 4 GiB `.raw` and of its `.vhd` (every block allocated) to /dev/null: at least 0.9x curl's speed;
+- the daemon's memory while it streams a 20 GiB export: flat, under 100 MB above idle;
+- four concurrent readers of four different exports: together at least as fast as one alone.
+
+The 4 GiB disk is imported into the simulator first (its bytes do not compress, and no block is empty),
+which needs 8 GiB of free space under $TMPDIR (default /var/tmp) for the image and the simulator's copy.
+Each speed is the best of two runs, curl and cp alternating, so that a hiccup of the machine does not decide.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP))
+
+from tests.support import MountProcess, SimProcess  # noqa: E402
+
+GiB = 1 << 30
+MiB = 1 << 20
+SIZE = 4 * GiB
+ROUNDS = 2
+
+
+def report(name: str, value: str, goal: str, ok: bool | None) -> None:
+    verdict = "" if ok is None else ("  ok" if ok else "  MISSED")
+    print(f"{name:<58} {value:>22}   goal: {goal}{verdict}", flush=True)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def make_raw(work: Path) -> Path:
+    """4 GiB of bytes that neither compress nor leave a block empty."""
+    raw = work / "disk.raw"
+    block = os.urandom(64 * MiB)
+    with open(raw, "wb") as f:
+        for i in range(SIZE // len(block)):
+            f.write(i.to_bytes(8, "little") + block[8:])
+    return raw
+
+
+def import_disk(sim: SimProcess, raw: Path) -> str:
+    import json
+
+    srs = sim.get_json("/rest/v0/srs?fields=id,size,usage,content_type")
+    sr = max((s for s in srs if s["content_type"] != "iso"), key=lambda s: s["size"] - s["usage"])["id"]
+    out = subprocess.run(["curl", "-sSf", "-b", f"authenticationToken={sim.token}", "-X", "POST", "-T", str(raw),
+                          "-H", "Content-Type: application/octet-stream",
+                          f"{sim.url}/rest/v0/srs/{sr}/vdis?name_label=bench-export&raw=true"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["id"]
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def curl_cmd(sim: SimProcess, export: str) -> list[str]:
+    return ["curl", "-sSf", "-o", "/dev/null", "-b", f"authenticationToken={sim.token}", f"{sim.url}/rest/v0/{export}"]
+
+
+class PeakRss:
+    """Samples a process's resident memory while something runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = rss_mb(self.pid)
+            self.samples.append(rss)
+            self.peak = max(self.peak, rss)
+            time.sleep(0.05)
+
+
+def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
+    for fmt in ("raw", "vhd"):
+        export = f"vdis/{vdi}.{fmt}"
+        src = mount.mountpoint / export
+        t_curl = t_cp = float("inf")
+        for _ in range(ROUNDS):
+            t_curl = min(t_curl, timed(curl_cmd(sim, export)))
+            t_cp = min(t_cp, timed(["cp", str(src), "/dev/null"]))
+        size = src.stat().st_size
+        report(f"curl of the {fmt} export (4 GiB disk) to /dev/null",
+               f"{size / t_curl / 1e6:.0f} MB/s ({t_curl:.1f} s)",
+               "baseline", None)
+        report(f"cp of {src.name[-12:]} from the mount to /dev/null", f"{size / t_cp / 1e6:.0f} MB/s ({t_cp:.1f} s)",
+               "", None)
+        report(f"  cp speed / curl speed ({fmt})", f"{t_curl / t_cp:.2f}x", ">= 0.9x", t_curl / t_cp >= 0.9)
+
+
+def bench_memory(sim: SimProcess, mount: MountProcess) -> None:
+    vdis = sim.get_json("/rest/v0/vdis?fields=id,size")
+    big = min((v for v in vdis if v["size"] >= 20 * GiB), key=lambda v: v["size"])
+    src = mount.mountpoint / "vdis" / f"{big['id']}.raw"
+    idle = rss_mb(mount.proc.pid)
+    with PeakRss(mount.proc.pid) as watch:
+        took = timed(["cp", str(src), "/dev/null"])
+    late = watch.samples[len(watch.samples) // 2 :] or [idle]
+    report(f"cp of a {big['size'] / GiB:.0f} GiB .raw: time", f"{big['size'] / took / 1e6:.0f} MB/s ({took:.0f} s)", "",
+           None)
+    report("  daemon memory above idle, peak", f"{watch.peak - idle:.0f} MB", "< 100 MB", watch.peak - idle < 100)
+    report("  daemon memory, second half of the copy (min..max)", f"{min(late):.0f}..{max(late):.0f} MB",
+           "flat", max(late) - min(late) < 20)
+
+
+def bench_concurrency(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
+    vdis = sim.get_json("/rest/v0/vdis?fields=id,size")
+    others = [v["id"] for v in sorted(vdis, key=lambda v: v["size"]) if v["size"] >= 2 * GiB and v["id"] != vdi][:3]
+    sources = [mount.mountpoint / "vdis" / f"{i}.raw" for i in [vdi, *others]]
+    count = 2 * GiB // MiB  # the first 2 GiB of each
+    one = timed(["dd", f"if={sources[0]}", "of=/dev/null", "bs=1M", f"count={count}", "status=none"])
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["dd", f"if={s}", "of=/dev/null", "bs=1M", f"count={count}", "status=none"])
+             for s in sources]
+    if any(p.wait() for p in procs):
+        raise RuntimeError("a concurrent dd failed")
+    four = time.perf_counter() - start
+    single, together = 2 * GiB / one / 1e6, 4 * 2 * GiB / four / 1e6
+    report("one dd of 2 GiB of a .raw", f"{single:.0f} MB/s", "baseline", None)
+    report("four dd of 2 GiB of four .raw at once, together", f"{together:.0f} MB/s", ">= one", together >= single)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="xofs-bench-exports-", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
+        work = Path(tmp)
+        print("== exports: cp from the mount vs curl of the same URL ==", flush=True)
+        raw = make_raw(work)
+        sim = SimProcess(args=["--seed", "1", "--state-dir", str(work / "sim-state")], log_path=work / "sim.log")
+        sim.start()
+        mount = MountProcess(sim.url, work / "mnt", token=sim.token, log_path=work / "mount.log",
+                             env={"XOFS_STATE_DIR": str(work / "state"), "XOFS_LOG_LEVEL": "INFO"})
+        try:
+            vdi = import_disk(sim, raw)
+            raw.unlink()
+            mount.start()
+            deadline = time.monotonic() + 10
+            while not (mount.mountpoint / "vdis" / f"{vdi}.raw").exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the imported disk never showed on the mount")
+                time.sleep(0.1)
+            bench_speed(sim, mount, vdi)
+            bench_memory(sim, mount)
+            bench_concurrency(sim, mount, vdi)
+        finally:
+            mount.stop()
+            sim.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
