@@ -24,7 +24,7 @@ from xofs.errors import XofsError
 from xofs.files import Caller, ExportService, FileAttrs, ImportEntry, ImportService, OpenFile, OpenInfo
 from xofs.invalidator import Invalidator
 from xofs.tree import Inode, InvalidateInode, Invalidation, Tree
-from xofs.views import Content, Dir, Export, File, Link, Rendered, TypeSnapshot
+from xofs.views import Content, Dir, Export, File, Link, Live, Rendered, TypeSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ class XoFS(pyfuse3.Operations):
         assert isinstance(node, File)
         if isinstance(node.content, Rendered | TypeSnapshot):
             return FileAttrs(len(self.render(node.content)), self._obj_mtime_ns(node.obj_id), 0o400)
+        if isinstance(node.content, Live):
+            return FileAttrs(len(node.content.render()), time.time_ns(), 0o400)
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self.exports.attrs(node.content)
@@ -379,6 +381,8 @@ class XoFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if isinstance(node.content, Rendered | TypeSnapshot):
             return self._add_handle(inode, RenderedFile(self.render(node.content)))
+        if isinstance(node.content, Live):
+            return self._add_handle(inode, RenderedFile(node.content.render()))
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self._add_handle(inode, await self.exports.open(node.content, path))

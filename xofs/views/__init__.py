@@ -68,7 +68,16 @@ class TypeSnapshot:
     render: Callable[[Mapping[str, dict]], bytes]
 
 
-Content = Rendered | Export | TypeSnapshot
+@dataclass(frozen=True, slots=True)
+class Live:
+    """A small file rendered afresh on every stat and every open, from state that is not an XO object
+    (the mount's own status, say). `key` names it; `render` must be cheap and must not block."""
+
+    key: str
+    render: Callable[[], bytes]
+
+
+Content = Rendered | Export | TypeSnapshot | Live
 
 
 @dataclass(frozen=True, slots=True)
