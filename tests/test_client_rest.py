@@ -262,6 +262,13 @@ async def test_unreachable_port_says_refused():
     assert "connection refused" in message and url in message, message
 
 
+async def test_unknown_host_says_it_cannot_be_resolved():
+    client = RestClient("http://no-such-xo.invalid", "t", connect_timeout=5)  # .invalid never resolves (RFC 6761)
+    with pytest.raises(XoUnreachable, match="cannot resolve the host name"):
+        await client.check()
+    await client.aclose()
+
+
 async def test_not_xo_at_all_is_a_protocol_error(nursery):
     fake = await start_fake(nursery, lambda r: answer(404, "<html>nginx</html>", {"Content-Type": "text/html"}))
     client = RestClient(fake.url, "t")

@@ -128,8 +128,8 @@ class EventFeed:
             async with trio_websocket.open_websocket_url(
                     self.url, self._ssl, max_message_size=MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER,
                     connect_timeout=self._connect_timeout, disconnect_timeout=DISCONNECT_TIMEOUT) as ws:
-                # Nothing raises out of this nursery (it would come out wrapped in an exception group):
-                # every way the session ends goes through _lose().
+                # XO failures never raise out of this nursery (they would come out wrapped in an exception
+                # group): every way the session ends goes through _lose(); only bugs propagate.
                 async with trio.open_nursery() as nursery:
                     self._session_scope = nursery.cancel_scope
                     nursery.start_soon(self._read_frames, ws, queue_in)

@@ -16,7 +16,6 @@ No Range, no HEAD (xo-api.md §1.9, §7.5: HEAD starts a real export), no proxie
 
 from __future__ import annotations
 
-import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,11 +27,9 @@ import trio
 
 from xofs.errors import XoProtocolError, XoUnreachable, describe_connection_error
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_RECEIVE = 1 << 20  # what receive() asks the socket for when the caller does not say
-_FILL = 64 * 1024  # read size when parsing a head or a chunk header (the rest of the read is buffered)
 _MAX_HEAD = 64 * 1024  # a response head larger than this is not from XO
 _MAX_LINE = 8 * 1024  # chunk-size and trailer lines
 _BUFFER = 2 << 20  # per export; chunked bodies are decoded from here
@@ -40,6 +37,7 @@ _MIN_FREE = 256 << 10  # below this much room at the end of the buffer, move the
 _DIRECT_MIN = 256 << 10  # chunks this big, with nothing buffered, go from the socket to the caller directly
 _LINE_FILL = 4 << 10  # read size for a chunk-size line that follows a big chunk
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+
 
 @dataclass(frozen=True)
 class HttpTarget:
@@ -53,7 +51,8 @@ class HttpTarget:
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}{self.target}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.target}"
 
 
 async def open_stream(target: HttpTarget, *, ssl_context: ssl.SSLContext | None,
