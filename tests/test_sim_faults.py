@@ -59,17 +59,16 @@ def test_knobs_need_auth_and_take_partial_updates(fresh_sim):
 
 
 def test_latency_delays_every_request_but_the_knobs(fresh_sim):
-    set_faults(fresh_sim, latency_ms=300)
-    start = time.monotonic()
-    assert call(fresh_sim, "GET", "/rest/v0/pools").status == 200
-    assert time.monotonic() - start >= 0.3
-    start = time.monotonic()
-    call(fresh_sim, "GET", "/_sim/faults")
-    assert time.monotonic() - start < 0.25
+    def took(path: str) -> float:
+        start = time.monotonic()
+        assert call(fresh_sim, "GET", path).status == 200
+        return time.monotonic() - start
+
+    set_faults(fresh_sim, latency_ms=600)
+    assert took("/rest/v0/pools") >= 0.6
+    assert took("/_sim/faults") < 0.5
     set_faults(fresh_sim, latency_ms=None)
-    start = time.monotonic()
-    call(fresh_sim, "GET", "/rest/v0/pools")
-    assert time.monotonic() - start < 0.25
+    assert took("/rest/v0/pools") < 0.5
 
 
 def test_cut_export_drops_the_connection_mid_body(fresh_sim):
