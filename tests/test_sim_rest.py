@@ -428,7 +428,7 @@ def timed(sim: SimProcess, path: str, headers: dict[str, str] | None = None) -> 
 @pytest.mark.timeout(60)
 def test_ten_thousand_vms_two_fields_well_under_half_a_second(big_sim):
     best = min(timed(big_sim, "/rest/v0/vms?fields=name_label,power_state")[0] for _ in range(5))
-    elapsed, ans = timed(big_sim, "/rest/v0/vms?fields=name_label,power_state")
+    _, ans = timed(big_sim, "/rest/v0/vms?fields=name_label,power_state")
     assert ans.status == 200 and len(ans.json()) == 10_000
     assert best < 0.3, best
 
