@@ -247,3 +247,15 @@ def test_a_killed_cp_leaves_no_vdi_and_no_spool(fresh_sim, make_mount, tmp_path)
     assert len(vdis(fresh_sim)) == before
     assert spools(mount) == []
     assert "was killed before it finished" in mount.log_text()
+
+
+def test_read_only_mount_refuses_imports(fresh_sim, make_mount, tmp_path):
+    mount = make_mount(fresh_sim, "--read-only")
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    assert os.stat(target).st_mode & 0o777 == 0o500
+    make_raw(tmp_path / "r.raw", 1 << 20)
+    before = len(vdis(fresh_sim))
+    proc = sh("cp", str(tmp_path / "r.raw"), str(target / "r.raw"), check=False)
+    assert proc.returncode != 0 and "Read-only file system" in proc.stderr
+    assert len(vdis(fresh_sim)) == before
