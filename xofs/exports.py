@@ -27,6 +27,7 @@ import errno
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
@@ -165,9 +166,10 @@ class ExportManager:
         log.debug("export %s measured: %d bytes", export.path, length)
         self._size_changed(export)
 
-    def unmeasure(self, export: Export) -> None:
-        """The measured length turned out wrong: go back to the bound."""
-        if self._measured.pop(export.path, None) is not None:
+    def unmeasure(self, export: Export, wrong: int) -> None:
+        """The measured length `wrong` turned out wrong: go back to the bound (unless it was replaced already)."""
+        if self._measured.get(export.path) == wrong:
+            del self._measured[export.path]
             self._paths_of.get(export.obj_id, set()).discard(export.path)
             self._size_changed(export)
 
@@ -272,6 +274,7 @@ class ExportFile:
         self.feed: ExportFeed | None = None  # reading from memory
         self.entry: SpoolEntry | None = None  # reading from the spool
         self.generation = manager._generations(export)
+        self._shown_at_open = manager.size_of(export)
         self.position = 0  # end of the last read, for log lines
         # Once an export of this file was dropped, any next one must match what it delivered.
         self._verify: tuple[int, bytes] | None = None
@@ -283,7 +286,7 @@ class ExportFile:
             try:
                 source = await self._source(offset)
                 data = await source.read(offset, size)
-                await self._check_end(source, offset, size, data)
+                await self._check_end(source, offset, size)
             except ExportReadError:
                 raise
             except XofsError as err:
@@ -327,26 +330,30 @@ class ExportFile:
         self.feed = await self.manager.stream(self.export)
         return self.feed
 
-    async def _check_end(self, source: ExportFeed | SpoolEntry, offset: int, size: int, data: bytes) -> None:
-        """Where the read meets the end of the stream or the size shown, make sure they agree."""
-        shown, basis = self.manager.size_of(self.export)
-        length = source.length
-        if offset + size >= shown:
-            length = await source.length_beyond(shown)
-            if length is None:
-                self._too_long(shown, basis)
-        if length is None:
-            return
-        exact = self.export.exact_size
-        if exact is not None and length != exact:
-            raise XofsError(f"XO's export ended after {length} bytes, but the VDI's size is {exact}")
-        self.manager.measured(self.export, length, self.generation)
+    async def _check_end(self, source: ExportFeed | SpoolEntry, offset: int, size: int) -> None:
+        """Where the read meets the end of the stream or a size the reader may rely on, make sure they agree.
 
-    def _too_long(self, shown: int, basis: str) -> None:
+        The reader may have seen the size shown when it opened the file or the one shown now (a complete
+        export of another open may have measured it meanwhile): a stream longer than either fails the read
+        that reaches it, since rsync or tar would stop there and call the copy complete.
+        """
+        too_long = [(shown, basis) for shown, basis in {self._shown_at_open, self.manager.size_of(self.export)}
+                    if offset + size >= shown and await source.length_beyond(shown) is None]
+        length = source.length
+        exact = self.export.exact_size
+        if length is not None and (exact is None or length == exact):
+            self.manager.measured(self.export, length, self.generation)
+        if too_long:
+            self._too_long(*min(too_long))
+        if length is not None and exact is not None and length != exact:
+            raise XofsError(f"XO's export ended after {length} bytes, but the VDI's size is {exact}")
+
+    def _too_long(self, shown: int, basis: str) -> NoReturn:
         if basis == "measured":
-            self.manager.unmeasure(self.export)
-            raise XofsError(f"the export is now longer than the {shown} bytes measured by an earlier read (it "
-                            "changed in between); the file shows an upper bound again: read it anew")
+            self.manager.unmeasure(self.export, shown)
+            raise XofsError(f"the export is longer than the {shown} bytes measured by an earlier read (it "
+                            "changed in between), and a reader may have taken that size for the length: "
+                            "read it again")
         if basis == "bound":
             raise XofsError(f"the export is longer than the upper bound of {shown} bytes computed for it; "
                             "this is a bug in xofs.export_sizes, please report it")
