@@ -195,6 +195,25 @@ class Tree:
                 self._detach(path + (name,))
         return list(dict.fromkeys(out))  # a batch may touch one file many times
 
+    def rename_import(self, parent: int, old: str, new: str) -> None:
+        """A file in an import directory was renamed: its inode now stands for the new name (the kernel
+        moves the dentry and keeps the inode), and whatever had the new name before is gone."""
+        pinode = self.inodes.get(parent)
+        if pinode is None:
+            return
+        old_path, new_path = pinode.path + (old,), pinode.path + (new,)
+        replaced = self._by_path.pop(new_path, None)
+        if replaced is not None:
+            self.inodes[replaced].stale = True
+        ino = self._by_path.pop(old_path, None)
+        if ino is None:
+            return
+        inode = self.inodes[ino]
+        inode.path = new_path
+        if isinstance(inode.node, ImportEntry):
+            inode.node = ImportEntry(inode.node.sr_id, new)
+        self._by_path[new_path] = ino
+
     def files_with(self, content: object) -> list[int]:
         """The live inodes of files showing `content` (an Export or a Rendered)."""
         obj_id = getattr(content, "obj_id", None)
