@@ -358,7 +358,7 @@ async def test_sniffer_costs_one_cancelled_export(xo, tmp_path, caplog):
         assert feed.done and not feed.running
         assert feed.received < 70 * MiB  # stopped long before the end
         assert export_gets(xo, export.path) == gets + 1
-        assert m.slots.value == m.max_exports
+        assert m.slots.free == m.max_exports
         assert any("cancelled after" in r.getMessage() and r.levelname == "DEBUG" for r in caplog.records)
 
 
@@ -382,6 +382,26 @@ async def test_concurrent_exports_are_limited(xo, tmp_path):
             await a.release()
         assert len(got[0]) == 4096
         await b.release()
+
+
+async def test_a_waiting_reader_takes_the_slot_of_an_idle_export(xo, tmp_path):
+    async with running(xo, tmp_path / "spool", max_exports=1, park_idle_after=0.5, readahead=2 * MiB) as m:
+        a_export, b_export = vdi_export(m, xo.medium, "raw"), vdi_export(m, xo.medium, "vhd")
+        want_a, want_b = get_export(xo, a_export.path), get_export(xo, b_export.path)
+        gets_a, gets_b = export_gets(xo, a_export.path), export_gets(xo, b_export.path)
+        a = await m.open(a_export, "/a")
+        b = await m.open(b_export, "/b")
+        for offset in range(0, 5 * MiB, MiB):  # a reads a little, then waits for b (as `cmp a b` might)
+            assert await a.read(offset, MiB) == want_a[offset : offset + MiB]
+        with trio.fail_after(10):
+            assert await b.read(0, MiB) == want_b[:MiB]  # a was parked for it
+        assert a.feed.parked
+        with trio.fail_after(30):  # a comes back: a new export, checked against what a had received
+            assert await read_all(a, 5 * MiB) == want_a[5 * MiB :]
+        assert await read_all(b, MiB) == want_b[MiB:]
+        await a.release()
+        await b.release()
+        assert export_gets(xo, a_export.path) == gets_a + 2 and export_gets(xo, b_export.path) >= gets_b + 1
 
 
 async def test_broken_stream_fails_with_eio_naming_path_offset_and_cause(fresh_sim, tmp_path):

@@ -13,7 +13,9 @@ the replies to the kernel.
 Every byte is hashed as it arrives (XXH3-128, ~50 GB/s), so that a second export of the same object can be
 checked against what the first one already handed out: a feed made with `verify=(n, digest)` publishes
 nothing until its first `n` bytes hash to `digest`, and fails otherwise. That is what lets a reader's jump
-backwards restart an export without ever mixing bytes of two different versions.
+backwards restart an export without ever mixing bytes of two different versions, and what lets an export
+whose reader went quiet give its slot to a waiting reader (`ExportSlots`): it is parked, and restarted,
+checked the same way, when its reader comes back.
 """
 
 from __future__ import annotations
@@ -34,19 +36,66 @@ log = logging.getLogger(__name__)
 RECEIVE = 1 << 20  # what one receive asks the connection for
 
 
+PARK_CHECK = 1.0  # how often a reader waiting for a slot looks for an idle export to park
+
+
 class StreamChanged(XofsError):
     """A restarted export does not start with the bytes the earlier one handed out."""
+
+
+class Parked(XofsError):
+    """The export gave its slot to another reader; the next read restarts it."""
+
+
+class ExportSlots:
+    """At most `limit` exports at a time. A reader that waits takes the slot of an export whose reader has
+    not read for `idle_after` seconds (a file left open by a program that waits for another one, which
+    would otherwise wait forever)."""
+
+    def __init__(self, limit: int, idle_after: float) -> None:
+        self.limit = limit
+        self.idle_after = idle_after
+        self._free = trio.Semaphore(limit)
+        self.holders: set[ExportFeed] = set()
+
+    @property
+    def free(self) -> int:
+        return self._free.value
+
+    async def acquire(self, feed: ExportFeed) -> None:
+        if self._free.value == 0:
+            log.info("export %s waits: all %d export slots are in use (%s)", feed.label, self.limit,
+                     ", ".join(sorted(f.label for f in self.holders)))
+        while True:
+            with trio.move_on_after(PARK_CHECK):
+                await self._free.acquire()
+                self.holders.add(feed)
+                return
+            self._park_one(feed)
+
+    def release(self, feed: ExportFeed) -> None:
+        self.holders.remove(feed)
+        self._free.release()
+
+    def _park_one(self, waiter: ExportFeed) -> None:
+        now = trio.current_time()
+        idle = [f for f in self.holders if f.parkable(now, self.idle_after)]
+        if idle:
+            victim = min(idle, key=lambda f: f.last_read)
+            log.info("export %s parked after %.0f s without a read, for %s; it restarts at its next read",
+                     victim.label, now - victim.last_read, waiter.label)
+            victim.park()
 
 
 class ExportFeed:
     """One GET of an export, received by `run` (started in the manager's nursery)."""
 
-    def __init__(self, label: str, open_response: Callable[[], Awaitable[ExportResponse]], slot: trio.Semaphore,
+    def __init__(self, label: str, open_response: Callable[[], Awaitable[ExportResponse]], slots: ExportSlots,
                  *, readahead: int, back_window: int, verify: tuple[int, bytes] | None = None,
-                 spool: SpoolEntry | None = None) -> None:
+                 spool: SpoolEntry | None = None, resume_at: int = 0) -> None:
         self.label = label  # the export's path, for log lines
         self._open_response = open_response
-        self._slot = slot
+        self._slots = slots
         self.readahead = readahead
         self.back_window = back_window
         self.received = 0  # bytes of the stream received so far
@@ -58,7 +107,10 @@ class ExportFeed:
         # The memory window: `_window` holds the stream's bytes from `window_start` to `received`.
         self._window: deque[bytes] = deque()
         self.window_start = 0
-        self.reader_pos = 0  # where the reader is: bytes before reader_pos - back_window are dropped
+        self.reader_pos = resume_at  # where the reader is: bytes before reader_pos - back_window are dropped
+        self.last_read = trio.current_time()
+        self._reading = 0  # reads waiting on this feed: it is not idle while there is one
+        self.parked = False
         self._wanted = 0  # the end of the bytes a waiting reader needs
         # Diverted into a spool entry: bytes received but not yet written there.
         self.spool = spool
@@ -88,7 +140,8 @@ class ExportFeed:
         """
         started = False
         with self._scope:
-            async with self._slot:
+            await self._slots.acquire(self)
+            try:
                 try:
                     response = await self._open_response()
                 except XofsError as err:
@@ -108,11 +161,26 @@ class ExportFeed:
                     self.running = False
                     with trio.CancelScope(shield=True):
                         await response.aclose()
+            finally:
+                self._slots.release(self)
         if not self.done:
-            self._fail(XofsError(f"export {self.label} was cancelled"))
+            if self.parked:
+                self._fail(Parked(f"export {self.label} was parked after {self.received} bytes"))
+            else:
+                self._fail(XofsError(f"export {self.label} was cancelled"))
         if not started:
             assert self.error is not None
             raise self.error
+
+    def parkable(self, now: float, idle_after: float) -> bool:
+        """A memory export, still receiving, whose reader has not read for `idle_after` seconds."""
+        return (self.spool is None and self.running and not self.done and not self._reading
+                and now - self.last_read >= idle_after)
+
+    def park(self) -> None:
+        """Give up the slot; the reader's next read restarts the export (`Parked` tells it to)."""
+        self.parked = True
+        self._scope.cancel()
 
     def cancel(self) -> None:
         """Stop receiving and drop the connection (which cancels the export on XO's side)."""
@@ -124,7 +192,7 @@ class ExportFeed:
         while True:
             if self.spool is not None:
                 await self._flush_pending()
-            elif self.received >= max(self.reader_pos + self.readahead, self._wanted):
+            elif self.verified and self.received >= max(self.reader_pos + self.readahead, self._wanted):
                 room = self._room
                 await room.wait()
                 continue
@@ -207,6 +275,14 @@ class ExportFeed:
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream."""
+        self._reading += 1
+        try:
+            return await self._read(offset, size)
+        finally:
+            self._reading -= 1
+            self.last_read = trio.current_time()
+
+    async def _read(self, offset: int, size: int) -> bytes:
         end = offset + size
         self.reader_pos = max(self.reader_pos, offset)
         self._trim()
@@ -227,6 +303,14 @@ class ExportFeed:
 
     async def length_beyond(self, n: int) -> int | None:
         """The stream's length if it is `n` bytes or fewer; None once it is known to be longer."""
+        self._reading += 1
+        try:
+            return await self._length_beyond(n)
+        finally:
+            self._reading -= 1
+            self.last_read = trio.current_time()
+
+    async def _length_beyond(self, n: int) -> int | None:
         while self.length is None and self.received <= n:
             if self.error is not None:
                 raise self.error

@@ -43,7 +43,7 @@ from xofs.export_sizes import (
     vm_disks,
     xva_bound,
 )
-from xofs.export_stream import ExportFeed
+from xofs.export_stream import ExportFeed, ExportSlots
 from xofs.files import Caller, FileAttrs, OpenInfo
 from xofs.spool import Spool, SpoolEntry
 from xofs.views import Export
@@ -67,7 +67,7 @@ class ExportManager:
 
     def __init__(self, client: RestClient, cache: ObjectCache, *, spool_dir: Path, spool_limit: int = 8 << 30,
                  max_exports: int = 4, readahead: int = 8 << 20,
-                 on_size_known: Callable[[Export], None] | None = None) -> None:
+                 on_size_known: Callable[[Export], None] | None = None, park_idle_after: float = 10.0) -> None:
         self.client = client
         self.cache = cache
         self.spool = Spool(spool_dir, spool_limit)
@@ -76,7 +76,7 @@ class ExportManager:
         # Called when a file's size changed without an XO event: measured, or found wrong. The mount
         # invalidates the kernel's attributes of that file.
         self.on_size_known = on_size_known
-        self.slots = trio.Semaphore(max_exports)
+        self.slots = ExportSlots(max_exports, park_idle_after)
         self._measured: dict[str, int] = {}  # export path -> length of a complete export
         self._paths_of: dict[str, set[str]] = {}  # object id -> export paths in _measured
         self._generation: dict[str, int] = {}  # object id -> count of changes seen, to spot races
@@ -215,25 +215,26 @@ class ExportManager:
     # --- starting exports ---
 
     def _feed(self, export: Export, *, verify: tuple[int, bytes] | None = None,
-              spool: SpoolEntry | None = None) -> ExportFeed:
+              spool: SpoolEntry | None = None, resume_at: int = 0) -> ExportFeed:
         async def open_response() -> ExportResponse:
-            if self.slots.value == 0:
-                log.info("export %s waits: all %d export slots are in use", export.path, self.max_exports)
             self.exports_started += 1
             log.debug("export %s: starting", export.path)
             return await self.client.open_export(export.path)
 
         return ExportFeed(export.path, open_response, self.slots, readahead=self.readahead,
-                          back_window=BACK_WINDOW, verify=verify, spool=spool)
+                          back_window=BACK_WINDOW, verify=verify, spool=spool, resume_at=resume_at)
 
     async def _start(self, feed: ExportFeed) -> None:
         if self._nursery is None:
             raise XofsError("the export service is not running", errno_=errno.EIO)
         await self._nursery.start(feed.run)
 
-    async def stream(self, export: Export) -> ExportFeed:
-        """Start an export read from memory; returns once XO answered 200 (raises its refusal)."""
-        feed = self._feed(export)
+    async def stream(self, export: Export, verify: tuple[int, bytes] | None = None,
+                     resume_at: int = 0) -> ExportFeed:
+        """Start an export read from memory; returns once XO answered 200 (raises its refusal).
+
+        With `verify`, its start must hash as an earlier export did, and reading resumes at `resume_at`."""
+        feed = self._feed(export, verify=verify, resume_at=resume_at)
         await self._start(feed)
         return feed
 
@@ -278,6 +279,7 @@ class ExportFile:
         self.position = 0  # end of the last read, for log lines
         # Once an export of this file was dropped, any next one must match what it delivered.
         self._verify: tuple[int, bytes] | None = None
+        self._resume_at = 0  # where the reader of a parked export was
         self.released = False
         self._lock = trio.Lock()  # the kernel may send reads of one file concurrently: take them in turn
 
@@ -300,6 +302,10 @@ class ExportFile:
         if self.entry is not None:
             return self.entry
         feed = self.feed
+        if feed is not None and feed.parked:
+            # It gave its slot to another reader: restart it, checked against what it had received.
+            self._verify, self._resume_at = feed.digest(), feed.reader_pos
+            self.feed = feed = None
         if feed is not None:
             if feed.error is not None:
                 raise feed.error  # a broken export is not resumed: its bytes could not all be checked
@@ -323,6 +329,9 @@ class ExportFile:
                 self.entry = await self.manager.spooled(self.export, self._verify)
             self.feed = None
             return self.entry
+        if self._verify is not None and offset >= self._resume_at - BACK_WINDOW:
+            self.feed = await self.manager.stream(self.export, self._verify, self._resume_at)
+            return self.feed
         entry = self.manager.spool.lookup(self.export.path)
         if entry is not None or offset > 0 or self._verify is not None:  # a first read at 0 is sequential
             self.entry = await self.manager.spooled(self.export, self._verify)
