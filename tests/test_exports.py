@@ -310,6 +310,17 @@ async def test_forward_skip_is_received_and_dropped_in_bounded_memory(xo, tmp_pa
         assert peak <= 2 * MiB + BACK_WINDOW + 2 * MiB
 
 
+async def test_a_first_read_beyond_the_spool_limit_skips_in_memory(xo, tmp_path):
+    async with running(xo, tmp_path / "spool", spool_limit=8 * MiB, readahead=2 * MiB) as m:
+        export = vdi_export(m, xo.medium, "raw")
+        want = get_export(xo, export.path)
+        f = await m.open(export, "/x.raw")
+        assert await f.read(30 * MiB, 4096) == want[30 * MiB : 30 * MiB + 4096]  # like `tail -c`
+        assert await f.read(MEDIUM - 100, 100) == want[-100:]
+        assert len(m.spool) == 0 and f.feed.window_start > 0
+        await f.release()
+
+
 async def test_spool_limit_evicts_least_recently_used(xo, tmp_path):
     async with running(xo, tmp_path / "spool", spool_limit=12 * MiB) as m:
         small_raw, small_vhd = vdi_export(m, xo.small, "raw"), vdi_export(m, xo.small, "vhd")

@@ -316,6 +316,8 @@ class ExportFile:
             jump = feed.window_start == 0 and offset > feed.reader_pos
             if not jump and feed.can_serve(offset, SKIP_LIMIT):
                 return feed
+            if feed.can_serve(offset, offset) and offset >= self.manager.spool.limit:
+                return feed  # a skip further than the spool could hold: receive and drop
             if feed.window_start == 0:
                 log.debug("%s: read at %d out of order; spooling the export from here on", self.path, offset)
                 self.entry = self.manager.divert(self.export, feed)
@@ -333,7 +335,8 @@ class ExportFile:
             self.feed = await self.manager.stream(self.export, self._verify, self._resume_at)
             return self.feed
         entry = self.manager.spool.lookup(self.export.path)
-        if entry is not None or offset > 0 or self._verify is not None:  # a first read at 0 is sequential
+        # A first read at 0 is sequential; one elsewhere is random access, unless too far for the spool.
+        if entry is not None or 0 < offset < self.manager.spool.limit or self._verify is not None:
             self.entry = await self.manager.spooled(self.export, self._verify)
             return self.entry
         self.feed = await self.manager.stream(self.export)
