@@ -213,8 +213,10 @@ async def test_an_event_about_a_vm_forgets_its_disks_sizes(xo, tmp_path):
         export = vdi_export(m, disk, "vhd")
         m.measured(export, 12345, m._generations(export))
         assert m.attrs(export).size == 12345
+        m.size_events.clear()
         m.on_changes([_change(m, xo.halted_vm)])
         assert not m.attrs(export).exact
+        assert m.size_events == [export]  # the kernel drops the disk's size too
 
 
 async def test_xva_and_compressed_xva(xo, tmp_path):

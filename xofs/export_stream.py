@@ -34,8 +34,6 @@ from xofs.spool import SpoolEntry
 log = logging.getLogger(__name__)
 
 RECEIVE = 1 << 20  # what one receive asks the connection for
-
-
 PARK_CHECK = 1.0  # how often a reader waiting for a slot looks for an idle export to park
 
 
@@ -346,12 +344,10 @@ class ExportFeed:
 
     def divert(self, entry: SpoolEntry) -> None:
         """From now on, write the stream into `entry`, starting with the window (which must start at 0)."""
-        assert self.window_start == 0 and self.spool is None
+        assert self.window_start == 0 and self.spool is None and self.length is None
         self.spool = entry
         self._pending = list(self._window)
         self._window.clear()
-        if self.length is not None:
-            raise AssertionError("a finished feed is served from memory, never diverted")
         if self.error is not None:
             entry.fail(self.error)
         self._make_room()

@@ -78,7 +78,7 @@ class ExportManager:
         self.on_size_known = on_size_known
         self.slots = ExportSlots(max_exports, park_idle_after)
         self._measured: dict[str, int] = {}  # export path -> length of a complete export
-        self._paths_of: dict[str, set[str]] = {}  # object id -> export paths in _measured
+        self._measured_of: dict[str, dict[str, Export]] = {}  # object id -> its exports in _measured, by path
         self._generation: dict[str, int] = {}  # object id -> count of changes seen, to spot races
         self._nursery: trio.Nursery | None = None
         self.exports_started = 0  # for status lines and tests
@@ -110,8 +110,9 @@ class ExportManager:
 
     def forget_object(self, obj_id: str) -> None:
         self._generation[obj_id] = self._generation.get(obj_id, 0) + 1
-        for path in self._paths_of.pop(obj_id, ()):
-            self._measured.pop(path, None)
+        for path, export in self._measured_of.pop(obj_id, {}).items():
+            if self._measured.pop(path, None) is not None:
+                self._size_changed(export)  # a disk's size changes with an event about its VM, and back
         self.spool.forget_objects({obj_id})
 
     def _related(self, type_: str, obj: dict) -> set[str]:
@@ -162,7 +163,7 @@ class ExportManager:
         if self._measured.get(export.path) == length:
             return
         self._measured[export.path] = length
-        self._paths_of.setdefault(export.obj_id, set()).add(export.path)
+        self._measured_of.setdefault(export.obj_id, {})[export.path] = export
         log.debug("export %s measured: %d bytes", export.path, length)
         self._size_changed(export)
 
@@ -170,7 +171,7 @@ class ExportManager:
         """The measured length `wrong` turned out wrong: go back to the bound (unless it was replaced already)."""
         if self._measured.get(export.path) == wrong:
             del self._measured[export.path]
-            self._paths_of.get(export.obj_id, set()).discard(export.path)
+            self._measured_of.get(export.obj_id, {}).pop(export.path, None)
             self._size_changed(export)
 
     def _size_changed(self, export: Export) -> None:
