@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -82,6 +83,7 @@ class ExportManager:
         self._generation: dict[str, int] = {}  # object id -> count of changes seen, to spot races
         self._nursery: trio.Nursery | None = None
         self.exports_started = 0  # for status lines and tests
+        self._started_ns = time.time_ns()  # the time of files whose object has not changed since
 
     # --- life ---
 
@@ -200,7 +202,7 @@ class ExportManager:
                             errno_=errno.ENOENT)
         size, source = self.size_of(export)
         changed = self.cache.changed_at.get(export.obj_id)
-        return FileAttrs(size=size, mtime_ns=int(changed * 1e9) if changed else 0, mode=0o400,
+        return FileAttrs(size=size, mtime_ns=int(changed * 1e9) if changed else self._started_ns, mode=0o400,
                          exact=source != "bound")
 
     def xattrs(self, export: Export) -> dict[str, bytes]:
