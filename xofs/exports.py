@@ -250,7 +250,7 @@ class ExportManager:
         entry = self.spool.create(export.path, self._objects_of(export))
         self.spool.acquire(entry)
         feed = self._feed(export, verify=verify, spool=entry)
-        entry.on_idle = feed.cancel
+        entry.on_drop = feed.cancel
         try:
             await self._start(feed)
         except BaseException:
@@ -262,7 +262,7 @@ class ExportManager:
         """Move a running memory export into a new spool entry (acquired by the caller)."""
         entry = self.spool.create(export.path, self._objects_of(export))
         self.spool.acquire(entry)
-        entry.on_idle = feed.cancel
+        entry.on_drop = feed.cancel
         feed.divert(entry)
         return entry
 

@@ -47,7 +47,7 @@ class SpoolEntry:
         self.users = 0
         self.stale = False  # XO changed the object: serve current readers, never new ones
         self.last_used = time.monotonic()
-        self.on_idle: Callable[[], None] | None = None  # stops the feed when the entry is dropped
+        self.on_drop: Callable[[], None] | None = None  # stops the feed filling it when the entry is dropped
         self.dropped = False
         self._io = 0  # file operations running in threads: the file is closed once none is left
         self._changed = trio.Event()
@@ -63,7 +63,7 @@ class SpoolEntry:
         self.spool.reserve(self, len(data))
         at = self.written
         self.written += len(data)
-        await self._in_thread(os.pwrite, data, at)
+        await self._in_thread(_pwrite_all, data, at)
 
     def publish(self, upto: int) -> None:
         """Let readers use the bytes before `upto`."""
@@ -124,7 +124,7 @@ class SpoolEntry:
         try:
             return await trio.to_thread.run_sync(fn, self._file.fileno(), *args)
         except OSError as err:
-            raise XofsError(f"spool file of {self.key}: {err.strerror}", errno_=err.errno) from err
+            raise XofsError(f"the spool file of {self.key} in {self.spool.directory}: {err.strerror}") from err
         finally:
             self._io -= 1
             if self.dropped and not self._io:
@@ -136,6 +136,14 @@ class SpoolEntry:
         self.fail(XofsError(f"the spool entry of {self.key} was dropped"))
         if not self._io:
             self._file.close()
+
+
+def _pwrite_all(fd: int, data: bytes, at: int) -> int:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+    return len(data)
 
 
 class Spool:
@@ -221,9 +229,9 @@ class Spool:
     def _drop(self, entry: SpoolEntry) -> None:
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
-        if entry.on_idle is not None:
-            entry.on_idle()
-            entry.on_idle = None
+        if entry.on_drop is not None:
+            entry.on_drop()
+            entry.on_drop = None
         self.used -= entry.written
         entry.drop()
 
