@@ -214,8 +214,8 @@ class Spool:
             self._drop(victim)
             if self.used + n <= self.limit:
                 return
-        raise SpoolFull(f"the export spool in {self.directory} is full ({self.used} of {self.limit} bytes, "
-                        f"all in use); raise --spool-limit or read the file sequentially")
+        raise SpoolFull(f"the export spool in {self.directory} is full ({self.used} of {self.limit} bytes, all "
+                        "held by open files): this file can only be read from start to end")
 
     def close(self) -> None:
         for entry in list(self._entries.values()):
