@@ -859,7 +859,9 @@ class SimModel:
             self._set_disk_spec(copy["id"], spec)  # the snapshot reads what the disk held when it was taken
         self._link(source["id"], "snapshots", copy["id"])
         sr = self._objects[source["$SR"]]
-        self.update(sr["id"], {"VDIs": [*sr["VDIs"], copy["id"]], "usage": sr["usage"] + source["size"]})
+        # The copy's usage counts on the SR as long as the copy exists (destroying it gives it back).
+        self.update(sr["id"], {"VDIs": [*sr["VDIs"], copy["id"]], "usage": sr["usage"] + source["size"],
+                               "physical_usage": sr["physical_usage"] + copy["usage"]})
         return copy
 
     def vm_delete(self, vm_id: str, *, force: bool = False, delete_disks: bool = True,
