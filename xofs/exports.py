@@ -84,6 +84,7 @@ class ExportManager:
         self._nursery: trio.Nursery | None = None
         self.exports_started = 0  # for status lines and tests
         self._started_ns = time.time_ns()  # the time of files whose object has not changed since
+        self.open_files: set[ExportFile] = set()  # for `transfers()`
 
     # --- life ---
 
@@ -213,7 +214,27 @@ class ExportManager:
         if self.cache.get(export.obj_id) is None:
             raise XofsError(f"{path}: XO has no object {export.obj_id} any more", object_id=export.obj_id,
                             errno_=errno.ENOENT)
-        return ExportFile(self, export, path)
+        file = ExportFile(self, export, path)
+        self.open_files.add(file)
+        return file
+
+    def transfers(self) -> list[dict]:
+        """The exports under way, for `xofs status`: one per open file that started reading. `done` counts
+        the bytes received from XO, `read` the reader's position, `elapsed` the seconds since the open."""
+        now = time.monotonic()
+        out = []
+        for file in self.open_files:
+            if file.entry is not None:
+                phase, received = "spooling", file.entry.written
+            elif file.feed is not None:
+                phase, received = "streaming", file.feed.received
+            else:
+                continue
+            size, basis = self.size_of(file.export)
+            out.append({"kind": "export", "path": file.path, "export": f"/rest/v0/{file.export.path}",
+                        "phase": phase, "done": received, "read": file.position, "size": size,
+                        "size_exact": basis != "bound", "elapsed": now - file.opened})
+        return out
 
     # --- starting exports ---
 
@@ -280,6 +301,7 @@ class ExportFile:
         self.generation = manager._generations(export)
         self._shown_at_open = manager.size_of(export)
         self.position = 0  # end of the last read, for log lines
+        self.opened = time.monotonic()
         # Once an export of this file was dropped, any next one must match what it delivered.
         self._verify: tuple[int, bytes] | None = None
         self._resume_at = 0  # where the reader of a parked export was
@@ -287,17 +309,22 @@ class ExportFile:
         self._lock = trio.Lock()  # the kernel may send reads of one file concurrently: take them in turn
 
     async def read(self, offset: int, size: int) -> bytes:
-        async with self._lock:
-            try:
-                source = await self._source(offset)
-                data = await source.read(offset, size)
-                await self._check_end(source, offset, size)
-            except ExportReadError:
-                raise
-            except XofsError as err:
-                raise self._error(err, offset) from None
-            self.position = offset + len(data)
-            return data
+        try:
+            self._lock.acquire_nowait()  # the usual case, without the scheduling round of `acquire`
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
+            source = await self._source(offset)
+            data = await source.read(offset, size)
+            await self._check_end(source, offset, size)
+        except ExportReadError:
+            raise
+        except XofsError as err:
+            raise self._error(err, offset) from None
+        finally:
+            self._lock.release()
+        self.position = offset + len(data)
+        return data
 
     async def _source(self, offset: int) -> ExportFeed | SpoolEntry:
         if self.released:
@@ -394,6 +421,7 @@ class ExportFile:
 
     async def release(self) -> None:
         self.released = True
+        self.manager.open_files.discard(self)
         if self.feed is not None:
             feed, self.feed = self.feed, None
             if not feed.done:
