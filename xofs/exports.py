@@ -11,6 +11,9 @@ when the file is released. What a read is served from:
   export is restarted into the spool and checked against the hash of what the first one delivered;
 - an export already spooled in full (and unchanged since, as far as XO's events say) from that spool alone.
 
+At most `max_exports` exports run at once (xofs.export_stream.ExportSlots); a reader that waits may park
+an export whose reader went quiet, which restarts, checked the same way, when that reader comes back.
+
 Sizes: `.raw` is exact (the VDI's `size`). The others are exact once a full read measured them (until an
 event says the object or one of its disks changed), and until then a safe upper bound (xofs.export_sizes).
 A read that reaches the size shown waits to see where the stream ends: the size is corrected when it was a
