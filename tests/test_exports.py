@@ -531,3 +531,40 @@ def test_xva_bound_covers_a_real_export(xo):
             objects[obj["id"]] = obj
     sizes, vbds = vm_disks(vm, objects.get)
     assert xva_bound(sizes, vbds) >= len(get_export(xo, f"vms/{xo.halted_vm}.xva"))
+
+
+# --- the size bounds against the formats at their largest (every block and chunk written) ------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 512, 2 * MiB - 1, 2 * MiB, 2 * MiB + 1, 7 * MiB + 3])
+def test_bounds_cover_fully_allocated_exports(xo, tmp_path, size):
+    import gzip
+    import zlib
+
+    from xofs.export_sizes import vm_disks, xva_bound
+    from xofs.formats.vhd import dynamic_vhd_length
+    from xofs.formats.xva import xva_length, xva_stream
+    from xofs.sim.disks import FileDisk
+
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(size))  # no block is empty, nothing compresses
+    disk = FileDisk(path)
+    assert dynamic_vhd_length(disk) <= vhd_bound(size)
+
+    # db-01 as XO has it, its first disk replaced by this one
+    vm = xo.get_json(f"/rest/v0/vms/{xo.halted_vm}")
+    vbds = [xo.get_json(f"/rest/v0/vbds/{v}") for v in vm["$VBDs"]]
+    vbd = next(v for v in vbds if not v["is_cd_drive"])
+    vdi = {**xo.get_json(f"/rest/v0/vdis/{vbd['VDI']}"), "size": size}
+    vm = {**vm, "$VBDs": [vbd["id"]]}
+    sizes, count = vm_disks(vm, {vbd["id"]: vbd, vdi["id"]: vdi}.get)
+    assert sizes == [size]
+    bound = xva_bound(sizes, count)
+    assert xva_length(vm, [(vdi, disk)], vbds=[vbd]) <= bound
+    plain = b"".join(xva_stream(vm, [(vdi, disk)], vbds=[vbd]))
+    assert len(zstandard.ZstdCompressor(level=3).compress(plain)) <= compressed_bound(len(plain), "zstd")
+    assert len(gzip.compress(plain, 6)) <= compressed_bound(len(plain), "gzip")
+    noise = os.urandom(size)  # compressors at their worst
+    assert len(zstandard.ZstdCompressor(level=19).compress(noise)) <= compressed_bound(size, "zstd")
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    assert len(packer.compress(noise) + packer.flush()) <= compressed_bound(size, "gzip")
