@@ -499,8 +499,14 @@ def _vocabulary() -> tuple[list[str], list[str]]:
             words.add(repr(value))
 
     visit(OBJECTS)
-    keys.update(["length", "0", "1", "constructor", "toString", "__proto__", "missing"])
-    return sorted(keys), sorted(words)
+    keys.update(["length", "0", "1", "missing"])
+    return sorted(keys - set(INHERITED)), sorted(words)
+
+
+# Members JS values inherit (`toString` is one on every value but the edge object that has its own) are
+# functions whose own properties xofs.matcher does not model, a documented deviation: expressions read them
+# only last in a chain, where they are faithful. All of them are spelt with letters and `_`.
+INHERITED = ["constructor", "toString", "valueOf", "hasOwnProperty", "__proto__", "at", "map", "trim", "toFixed"]
 
 
 KEYS, WORDS = _vocabulary()
@@ -531,9 +537,12 @@ def globs(draw: st.DrawFn) -> str:
     return draw(st.sampled_from([word[:cut] + "*" + word[cut:], "*" + word, word + "*", "*", word + "**"]))
 
 
-def property_names() -> st.SearchStrategy[str]:
+def property_names(last: bool = False) -> st.SearchStrategy[str]:
+    """Names for `name:term`; with `last`, also inherited members, for `name?` and `name:value`."""
     name = st.sampled_from(KEYS)
-    return name | name.map(quote) | st.text(max_size=4).map(quote)
+    unusual = st.text(max_size=4).filter(lambda text: not re.fullmatch("[A-Za-z_]+", text))
+    names = name | name.map(quote) | unusual.map(quote)
+    return names | st.sampled_from(INHERITED) if last else names
 
 
 QUOTED = (st.text(max_size=8) | words() | st.sampled_from(["", "12", " 12 ", "\ud83d", "😀", 'a"b', "a\\"])
@@ -588,7 +597,8 @@ def terms() -> st.SearchStrategy[str]:
                 | spaced.map(lambda t: f"({t})")
                 | st.builds(lambda s, t: f"|{s}({t})", SPACE, spaced))
 
-    leaves = VALUES | COMPARISONS | property_names().map(lambda p: p + "?")
+    leaves = (VALUES | COMPARISONS | property_names(last=True).map(lambda p: p + "?")
+              | st.builds(lambda p, v: f"{p}:{v}", property_names(last=True), VALUES | COMPARISONS))
     return st.recursive(leaves, extend, max_leaves=8)
 
 
@@ -618,7 +628,7 @@ def test_random_punctuation_agrees_with_complex_matcher(reference: Reference, ex
 
 
 @DIFFERENTIAL
-@given(name=property_names(), comparison=COMPARISONS, value=VALUES)
+@given(name=property_names(last=True), comparison=COMPARISONS, value=VALUES)
 def test_comparisons_and_values_agree_with_complex_matcher(
         reference: Reference, name: str, comparison: str, value: str) -> None:
     assert_same(reference, f"{name}:{comparison} {name}:{value} {value}")
