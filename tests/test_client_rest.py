@@ -492,6 +492,50 @@ async def test_export_aclose_drops_the_connection(nursery):
     assert fake.events == ["client went away"]
 
 
+async def endless_export(stream: trio.SocketStream) -> None:
+    await stream.send_all(EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+    block = chunked(b"z" * (1 << 20), [1 << 20], last=b"")
+    while True:
+        await stream.send_all(block)
+
+
+async def test_endless_export_loop_can_be_cancelled(nursery):
+    fake = await start_fake(nursery, lambda r: endless_export)
+    client = RestClient(fake.url, "t")
+    response = await client.open_export("vdis/x.raw")
+    received = 0
+    with trio.move_on_after(0.5) as scope:
+        while data := await response.receive():
+            received += len(data)
+    assert scope.cancelled_caught and received > 8 << 20
+    await response.aclose()
+    await client.aclose()
+
+
+async def test_aclose_fails_a_receive_waiting_in_another_task(nursery):
+    async def silent(stream: trio.SocketStream) -> None:
+        await stream.send_all(EXPORT_HEAD + b"Content-Length: 10\r\n\r\n")
+        await trio.sleep(30)
+
+    fake = await start_fake(nursery, lambda r: silent)
+    client = RestClient(fake.url, "t")
+    response = await client.open_export("vdis/x.raw")
+    outcome: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
+            await response.receive()
+        except XoUnreachable as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(reader)
+        await trio.sleep(0.1)
+        await response.aclose()
+    assert len(outcome) == 1
+    await client.aclose()
+
+
 async def test_export_unreachable_after_retries():
     client = RestClient(f"http://127.0.0.1:{closed_port()}", "t")
     with pytest.raises(XoUnreachable, match="connection refused"):
