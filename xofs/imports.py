@@ -69,6 +69,11 @@ class _Upload:
     scope: trio.CancelScope | None = None
     cancel_reason: str | None = None
     error: XofsError | None = None
+    started: float | None = None  # when sending began (monotonic), for transfers()
+    sent: int = 0
+
+    def progress(self, sent: int) -> None:
+        self.sent = sent
 
 
 @dataclass(eq=False)
@@ -201,6 +206,25 @@ class ImportManager:
         for upload in list(self._uploads):
             log.warning("the mount is going away: cancelling an unfinished import upload")
             self._cancel(upload, "the mount was stopped before the upload finished")
+
+    def transfers(self) -> list[dict]:
+        """Imports being written or uploaded, for `xofs status`: `done` is the bytes written so far, or
+        sent to XO; `elapsed` the seconds since the upload began (None while the file is being written)."""
+        now = time.monotonic()
+        out = []
+        for imports in self._dirs.values():
+            for imp in imports.values():
+                path = f"/srs/{imp.sr_id}/import/{imp.name}"
+                upload = imp.upload
+                if imp.phase is Phase.UPLOADING and upload is not None:
+                    sending = upload.started is not None
+                    out.append({"kind": "import", "path": path, "phase": "uploading" if sending else "waiting",
+                                "done": upload.sent, "size": imp.size, "size_exact": True,
+                                "elapsed": now - upload.started if upload.started is not None else 0.0})
+                elif imp.phase is Phase.WRITING and imp.dirty:
+                    out.append({"kind": "import", "path": path, "phase": "writing", "done": imp.size,
+                                "size": None, "size_exact": False, "elapsed": None})
+        return out
 
     def on_changes(self, changes: list[Change]) -> None:
         """Forget imports whose VDI was deleted in XO: the file vanishes, and a new copy imports again."""
@@ -536,9 +560,10 @@ class ImportManager:
                     async with self._limiter:
                         log.info("importing %s into SR %s (%d bytes, %s)", path, imp.sr_id, imp.size,
                                  imp.kind.format.value)
+                        upload.started = time.monotonic()
                         vdi = await self.client.import_vdi(
                             imp.sr_id, imp.spool.path, name_label=label, name_description=description,
-                            raw=imp.kind.format is ImageFormat.RAW)
+                            raw=imp.kind.format is ImageFormat.RAW, progress=upload.progress)
                 if vdi is None:
                     error = XofsError(f"import into SR {imp.sr_id} cancelled: {upload.cancel_reason}")
             except XofsError as err:
