@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "sim": ("xofs.sim.server", "run the XO simulator (REST v0 + JSON-RPC) on a local port"),
     "mount": ("xofs.mount", "mount an XO server as a file tree"),
     "umount": ("xofs.mount", "unmount an xofs mount"),
+    "login": ("xofs.login", "sign in to XO with a password and store a token for `xofs mount`"),
+    "status": ("xofs.status_cli", "show what a mount is doing: transfers, event feed, cache, errors"),
 }
 
 

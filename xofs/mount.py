@@ -1,10 +1,15 @@
 """`xofs mount` and `xofs umount`: the command line and the life of a mount.
 
-Start-up checks everything that can fail before anything is mounted (token, mount point, server,
-credentials) and says what went wrong in one line. Then the cache is filled, the mount goes live, and
-one trio nursery owns every background task (event feed, export and import work); SIGTERM or SIGINT, or
-`fusermount3 -u`, unmounts cleanly. Without `--foreground` the daemon detaches once the mount is live and
-the command exits 0 (or non-zero, with the reason, if it never got there).
+Start-up checks everything that can fail before anything is mounted (options, credentials, mount point,
+server, TLS, token) and says what went wrong in one line. Then the cache is filled, the mount goes live,
+and one trio nursery owns every background task (event feed, export and import work). Without
+`--foreground` the daemon detaches once the mount is live (`xofs.daemon`) and the command exits 0, or
+non-zero with the reason; under systemd (`Type=notify`) READY=1 goes out once mounted.
+
+SIGTERM, SIGINT, `fusermount3 -u` or `umount` end it: the mount goes away first, so no new work can come;
+running imports get `--import-wait` seconds to finish (what is cut is logged), exports are cancelled, the
+spools cleaned. SIGUSR1 writes every thread's stack to the log. Options are in `xofs.options`, where the
+credentials come from in `xofs.credentials`, the status file in `xofs.status`.
 """
 
 from __future__ import annotations
@@ -20,48 +25,47 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyfuse3
 import trio
 
+from xofs import status
 from xofs.cache import Change, ObjectCache
-from xofs.client.events import EventFeed
 from xofs.client.rest import RestClient
+from xofs.credentials import (
+    CredentialError,
+    Credentials,
+    OncePerMinute,
+    Redactor,
+    RotatingClient,
+    choose_source,
+)
+from xofs.daemon import LogSetup, Reporter, StartupError, detach, dump_stacks_on_sigusr1, notify_systemd
 from xofs.errors import XoAuthError, XofsError
 from xofs.exports import ExportManager
+from xofs.feeds import FeedRunner
+from xofs.files import ImportEntry
 from xofs.fs import Freshness, XoFS
 from xofs.imports import ImportManager
 from xofs.invalidator import Invalidator
+from xofs.options import OptionError, add_arguments, resolve
 from xofs.sync import Syncer
-from xofs.tree import Tree
+from xofs.tree import Inode, Tree
 from xofs.views import load_views
 
 log = logging.getLogger("xofs")
+
+FEED_START_WAIT = 15.0  # seconds the event feed gets at start before the mount is served from a plain load
+INSECURE_WARNING = ("WARNING: --insecure: the TLS certificate of {url} is NOT checked; anyone between this "
+                    "machine and XO can read the token and every byte of data (use --ca-file instead)")
 
 
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="the XO server, e.g. https://xo.example.org")
     p.add_argument("mountpoint", type=Path)
-    p.add_argument("--token-file", type=Path, help="file holding an XO authentication token "
-                   "(otherwise the XOFS_TOKEN environment variable)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay attached to the terminal")
-    p.add_argument("--read-only", action="store_true", help="refuse every write, imports included")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="FUSE mount options, comma-separated (e.g. allow_other)")
-    p.add_argument("--state-dir", type=Path, help="where xofs keeps what must outlive a mount "
-                   "(default $XOFS_STATE_DIR, else $XDG_STATE_HOME/xofs)")
-    p.add_argument("--spool-dir", type=Path, help="local scratch space for exports read out of order "
-                   "and for imports (default: <state dir>/spool)")
-    p.add_argument("--attr-ttl", type=float, default=60.0, help="kernel cache lifetime while XO events "
-                   "flow, seconds (default 60)")
-    p.add_argument("--fallback-ttl", type=float, default=1.0, help="kernel cache lifetime while the event "
-                   "feed is down, seconds (default 1)")
-    p.add_argument("--max-exports", type=int, default=4, help="concurrent exports per server (default 4)")
-    p.add_argument("--max-uploads", type=int, default=2, help="concurrent imports (default 2)")
-    p.add_argument("--log-level", default=os.environ.get("XOFS_LOG_LEVEL", "INFO"),
-                   help="DEBUG, INFO, WARNING or ERROR (default INFO, or $XOFS_LOG_LEVEL)")
-    p.add_argument("--log-file", type=Path, help="log here (default: standard error in the foreground, "
-                   "<state dir>/xofs.log once detached)")
+    add_arguments(p)
 
 
 def add_umount_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,23 +79,55 @@ def run_umount(args: argparse.Namespace) -> int:
     return proc.returncode
 
 
-class StartupError(Exception):
-    """Something that keeps the mount from starting; its message is the one line the user sees."""
-
-
-def read_token(args: argparse.Namespace) -> str:
-    if args.token_file:
+def run_mount(args: argparse.Namespace, *, sloppy: bool = False, fake: bool = False) -> int:
+    """`xofs mount`; `sloppy` drops unknown `-o` words, `fake` stops after the checks (mount(8)'s -s, -f)."""
+    try:
+        fuse_flags = resolve(args, sloppy=sloppy)
+        check_url(args.url)
+        verify = tls_verify(args)
+        credentials = Credentials(args.url.rstrip("/"), choose_source(args.url, token_file=args.token_file,
+                                                                      basic_file=args.basic_file),
+                                  verify=verify, mountpoint=os.path.abspath(args.mountpoint))
+        credentials.read()
+        check_mountpoint(args.mountpoint)
+    except (OptionError, CredentialError, StartupError) as err:
+        print(f"xofs: {err}", file=sys.stderr)
+        return 2
+    if fake:
+        return 0
+    mount = Mount(args, credentials, fuse_flags, verify)
+    if args.insecure and not (args.foreground and args.log_file is None and not args.syslog):
+        print("xofs: " + INSECURE_WARNING.format(url=args.url), file=sys.stderr)  # the log may not be seen
+    if args.foreground:
         try:
-            token = args.token_file.read_text().strip()
-        except OSError as err:
-            raise StartupError(f"cannot read the token file {args.token_file}: {err.strerror}") from None
-        if not token:
-            raise StartupError(f"the token file {args.token_file} is empty")
-        return token
-    token = os.environ.get("XOFS_TOKEN", "").strip()
-    if not token:
-        raise StartupError("no XO token: pass --token-file FILE or set XOFS_TOKEN")
-    return token
+            mount.setup_logging(detached=False)
+        except StartupError as err:
+            print(f"xofs: {err}", file=sys.stderr)
+            return 2
+        return mount.run(Reporter(None))
+    return detach(mount.run, lambda: mount.setup_logging(detached=True))
+
+
+def check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StartupError(f"{url!r} is not an http(s) URL of an XO server")
+    if parts.username or parts.password:
+        raise StartupError("credentials in the URL are refused (every user can read command lines): "
+                           "use --token-file or XOFS_TOKEN")
+
+
+def tls_verify(args: argparse.Namespace) -> bool | str:
+    """How to check XO's certificate: the system CAs (True), a CA file (its path), or not at all (False)."""
+    if args.insecure and args.ca_file:
+        raise StartupError("--insecure and --ca-file contradict each other: pick one")
+    if args.insecure:
+        return False
+    if args.ca_file:
+        if not os.access(args.ca_file, os.R_OK):
+            raise StartupError(f"cannot read the CA file {args.ca_file}")
+        return str(args.ca_file)
+    return True
 
 
 def is_mounted(path: Path) -> bool:
@@ -118,108 +154,73 @@ def state_dir(args: argparse.Namespace) -> Path:
     return Path(base) / "xofs"
 
 
-def fuse_options(args: argparse.Namespace) -> set[str]:
-    options = {"fsname=xofs", "subtype=xofs", "auto_unmount", "default_permissions"}
+def fuse_options(args: argparse.Namespace, flags: set[str]) -> set[str]:
+    """`fsname` is the URL, as in fstab, so that `mount -a` sees the entry as mounted already."""
+    url = args.url
+    fsname = url if url.isascii() and not any(c in url for c in ", \\") else "xofs"
+    options = {f"fsname={fsname}", "subtype=xofs", "auto_unmount", "default_permissions", *flags}
     if args.read_only:
         options.add("ro")
-    for group in args.options:
-        options.update(o.strip() for o in group.split(",") if o.strip())
+    if args.allow_other:
+        options.add("allow_other")
     return options
-
-
-_configured_level = "INFO"
-
-
-def setup_logging(level: str, log_file: Path | None) -> None:
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    # Until the mount is live only warnings are shown, so a failed start says one line, not a retry log.
-    root.setLevel(max(logging.getLevelName(level.upper()), logging.WARNING))
-    global _configured_level
-    _configured_level = level.upper()
-    for noisy in ("httpx", "httpcore", "trio-websocket", "hpack"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def run_mount(args: argparse.Namespace) -> int:
-    try:
-        token = read_token(args)
-        check_mountpoint(args.mountpoint)
-    except StartupError as err:
-        print(f"xofs: {err}", file=sys.stderr)
-        return 2
-    if args.foreground:
-        setup_logging(args.log_level, args.log_file)
-        return _run(args, token, ready_fd=None)
-    return _daemonize(args, token)
-
-
-def _daemonize(args: argparse.Namespace, token: str) -> int:
-    """Fork; the parent exits 0 once the child says the mount is live, or prints why it is not."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode("utf-8", "replace").strip()
-        if message == "ok":
-            return 0
-        print(message or "xofs: the mount daemon died before the mount was live", file=sys.stderr)
-        return 1
-    os.close(read_fd)
-    os.setsid()
-    log_file = args.log_file or state_dir(args) / "xofs.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    setup_logging(args.log_level, log_file)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    code = _run(args, token, ready_fd=write_fd)
-    os._exit(code)
-
-
-def _report(ready_fd: int | None, message: str) -> None:
-    if ready_fd is None:
-        if message != "ok":
-            print(message, file=sys.stderr)
-        return
-    os.write(ready_fd, message.encode())
-    os.close(ready_fd)
-    if message == "ok":
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-
-
-def _run(args: argparse.Namespace, token: str, ready_fd: int | None) -> int:
-    try:
-        trio.run(_serve, args, token, ready_fd)
-    except StartupError as err:
-        _report(ready_fd, f"xofs: cannot mount {args.url}: {err}")
-        return 1
-    return 0
 
 
 @dataclass
 class MountOptions:
-    """Everything that shapes a mount besides the server and the token."""
+    """Everything that shapes a mount besides the server and the credentials."""
 
     state_dir: Path
     spool_dir: Path | None = None
+    spool_size: int = 8 << 30
     attr_ttl: float = 60.0
     fallback_ttl: float = 1.0
     read_only: bool = False
     max_exports: int = 4
     max_uploads: int = 2
+    import_wait: float = 30.0
+    verify: bool | str = True
+    events: str = "jsonrpc"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    uid: int | None = None
+    gid: int | None = None
+    umask: int = 0o077
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> MountOptions:
-        return cls(state_dir=state_dir(args), spool_dir=args.spool_dir, attr_ttl=args.attr_ttl,
-                   fallback_ttl=args.fallback_ttl, read_only=args.read_only, max_exports=args.max_exports,
-                   max_uploads=args.max_uploads)
+    def from_args(cls, args: argparse.Namespace, verify: bool | str = True) -> MountOptions:
+        umask = args.umask if args.umask is not None else 0o022 if args.allow_other else 0o077
+        return cls(state_dir=state_dir(args), spool_dir=args.spool_dir, spool_size=args.spool_size,
+                   attr_ttl=args.attr_ttl, fallback_ttl=args.fallback_ttl, read_only=args.read_only,
+                   max_exports=args.max_exports, max_uploads=args.max_uploads, import_wait=args.import_wait,
+                   verify=verify, events=args.events, connect_timeout=args.connect_timeout,
+                   read_timeout=args.read_timeout, uid=args.uid, gid=args.gid, umask=umask)
+
+    def public(self) -> dict:
+        """The options as the status file shows them (nothing secret is among them)."""
+        tls = "not checked (--insecure)" if self.verify is False else \
+            "system CAs" if self.verify is True else f"CA file {self.verify}"
+        return {"read_only": self.read_only, "uid": self.uid, "gid": self.gid, "umask": f"{self.umask:03o}",
+                "attr_ttl": self.attr_ttl, "fallback_ttl": self.fallback_ttl, "max_exports": self.max_exports,
+                "max_uploads": self.max_uploads, "spool_size": self.spool_size, "import_wait": self.import_wait,
+                "tls": tls}
+
+
+class MaskedFS(XoFS):
+    """The adapter with `--umask` applied: what the owner may do, given to all, less the umask.
+
+    The default umask (077) leaves every mode as the adapter makes it; files in import directories keep
+    the mode their writer chose.
+    """
+
+    umask = 0o077
+
+    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        entry = super().attributes(inode)
+        if not isinstance(inode.node, ImportEntry):
+            owner = (entry.st_mode >> 6) & 0o7
+            entry.st_mode = (entry.st_mode & ~0o777) | (owner * 0o111 & ~self.umask)
+        return entry
 
 
 @dataclass
@@ -227,12 +228,13 @@ class Parts:
     """A mount's pieces, wired together; `running()` runs their background work."""
 
     url: str
-    client: RestClient
+    credentials: Credentials
+    client: RotatingClient
     cache: ObjectCache
     tree: Tree
     fs: XoFS
     syncer: Syncer
-    feed: EventFeed
+    feeds: FeedRunner
     exports: ExportManager
     imports: ImportManager
     invalidator: Invalidator
@@ -252,6 +254,7 @@ class Parts:
                 try:
                     yield nursery
                 finally:
+                    self._say_what_is_cut()
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -259,23 +262,39 @@ class Parts:
 
     async def _start_feed(self, nursery: trio.Nursery) -> None:
         try:
-            with trio.fail_after(15):
-                await nursery.start(self.feed.run)
+            with trio.fail_after(FEED_START_WAIT):
+                await nursery.start(self.feeds.run)
         except trio.TooSlowError:
             # The REST API works but the event feed does not (yet): serve from a plain load with short
             # kernel cache lifetimes while the feed keeps trying.
-            log.warning("XO event feed not available after 15 s; kernel caches last %.0f s until it is",
+            log.warning("XO event feed not available after %.0f s; serving from one load of every collection, "
+                        "with kernel caches of %.0f s until the feed is up", FEED_START_WAIT,
                         self.fs.freshness.fallback_ttl)
             await self.syncer.load()
-            nursery.start_soon(self.feed.run)
+            nursery.start_soon(self.feeds.run)
         except XoAuthError as err:
-            raise StartupError(f"the event feed refused the token: {err.describe()}") from None
+            raise StartupError(f"the event feed refused the token from {self.credentials.describe()}: "
+                               f"{err.describe()}") from None
+
+    def _say_what_is_cut(self) -> None:
+        cut = [t["path"] for t in self.exports.transfers()]
+        if cut:
+            log.info("stopping: %d export read(s) cancelled: %s", len(cut), ", ".join(sorted(cut)))
 
 
-def assemble(url: str, token: str, options: MountOptions) -> Parts:
-    """Build and wire every piece of a mount (nothing runs yet, nothing is mounted)."""
+def assemble(url: str, credentials: str | Credentials, options: MountOptions) -> Parts:
+    """Build and wire every piece of a mount (nothing runs yet, nothing is mounted). `credentials` may be
+    a plain token (kept as it is) or `Credentials` (read again when XO refuses the token)."""
     url = url.rstrip("/")
-    client = RestClient(url, token)
+    if isinstance(credentials, str):
+        credentials = Credentials.given(url, credentials)
+    pool = max(16, options.max_exports + options.max_uploads + 4)
+
+    def make_client(token: str) -> RestClient:
+        return RestClient(url, token, max_connections=pool, connect_timeout=options.connect_timeout,
+                          read_timeout=options.read_timeout, verify=options.verify)
+
+    client = RotatingClient(credentials, make_client)
     cache = ObjectCache()
     freshness = Freshness(connected_ttl=options.attr_ttl, fallback_ttl=options.fallback_ttl)
     invalidator = Invalidator()
@@ -284,14 +303,21 @@ def assemble(url: str, token: str, options: MountOptions) -> Parts:
     # The services need to reach the filesystem's invalidation queue, which exists only once the
     # filesystem does: they get a late-bound callback.
     fs_ref: list[XoFS] = []
-    exports = ExportManager(client, cache, spool_dir=spool / "exports", max_exports=options.max_exports,
+    exports = ExportManager(client, cache, spool_dir=spool / "exports", spool_limit=options.spool_size,
+                            max_exports=options.max_exports,
                             on_size_known=lambda export: fs_ref[0].export_size_known(export))
     imports = ImportManager(client, cache, state_dir=options.state_dir, spool_dir=spool / "imports",
                             server_key=server_key, max_uploads=options.max_uploads, read_only=options.read_only,
-                            notify=lambda sr_id, names: fs_ref[0].import_entries_changed(sr_id, names))
+                            notify=lambda sr_id, names: fs_ref[0].import_entries_changed(sr_id, names),
+                            shutdown_wait=options.import_wait)
     tree = Tree(cache, load_views(), imports)
-    fs = XoFS(tree, exports=exports, imports=imports, invalidator=invalidator, freshness=freshness,
-              read_only=options.read_only)
+    fs = MaskedFS(tree, exports=exports, imports=imports, invalidator=invalidator, freshness=freshness,
+                  read_only=options.read_only)
+    fs.umask = options.umask
+    if options.uid is not None:
+        fs.uid = options.uid
+    if options.gid is not None:
+        fs.gid = options.gid
     fs_ref.append(fs)
 
     def on_changes(changes: list[Change]) -> None:
@@ -299,39 +325,124 @@ def assemble(url: str, token: str, options: MountOptions) -> Parts:
         imports.on_changes(changes)
 
     syncer = Syncer(client, cache, tree, freshness, fs.apply_invalidations, on_changes=on_changes)
-    feed = EventFeed(url, token, syncer)
-    return Parts(url, client, cache, tree, fs, syncer, feed, exports, imports, invalidator)
+    feeds = FeedRunner(options.events, url, credentials, syncer, verify=options.verify,
+                       connect_timeout=options.connect_timeout)
+    return Parts(url, credentials, client, cache, tree, fs, syncer, feeds, exports, imports, invalidator)
 
 
-async def _serve(args: argparse.Namespace, token: str, ready_fd: int | None) -> None:
-    parts = assemble(args.url, token, MountOptions.from_args(args))
+class Mount:
+    """One `xofs mount` run: logging, the trio run, and reporting how the start went."""
+
+    def __init__(self, args: argparse.Namespace, credentials: Credentials, fuse_flags: set[str],
+                 verify: bool | str) -> None:
+        self.args = args
+        self.credentials = credentials
+        self.fuse_flags = fuse_flags
+        self.options = MountOptions.from_args(args, verify)
+        self.errors = status.RecentErrors()
+        self.logs: LogSetup | None = None
+
+    def setup_logging(self, *, detached: bool) -> None:
+        args = self.args
+        log_file = args.log_file or (self.options.state_dir / "xofs.log" if detached else None)
+        self.logs = LogSetup(args.log_level, log_file=None if args.syslog else log_file,
+                             syslog_socket=args.syslog_socket if args.syslog else None,
+                             filters=lambda: [Redactor(self.credentials), OncePerMinute()], extra=[self.errors])
+        dump_stacks_on_sigusr1(self.logs.stream, self.options.state_dir / "xofs-stacks.log")
+
+    def run(self, reporter: Reporter) -> int:
+        try:
+            trio.run(self._serve, reporter)
+        except StartupError as err:
+            reporter.failed(f"xofs: cannot mount {self.args.url}: {err}")
+            return 1
+        return 0
+
+    async def _serve(self, reporter: Reporter) -> None:
+        args, credentials = self.args, self.credentials
+        if args.insecure:
+            log.warning(INSECURE_WARNING.format(url=args.url))
+        try:
+            await credentials.load()
+        except CredentialError as err:
+            raise StartupError(str(err)) from None
+        parts = assemble(args.url, credentials, self.options)
+        await _check_server(parts)
+        status.register(status.MountState(
+            parts.url, str(os.path.abspath(args.mountpoint)), feed_kind=lambda: parts.feeds.kind,
+            credentials=credentials.describe(), syncer=parts.syncer, cache=parts.cache,
+            transfer_sources=[parts.exports.transfers, parts.imports.transfers], errors=self.errors,
+            options=self.options.public()))
+        async with parts.running() as nursery:
+            try:
+                pyfuse3.init(parts.fs, str(args.mountpoint), fuse_options(args, self.fuse_flags))
+            except RuntimeError as err:
+                raise StartupError(f"the kernel refused the mount on {args.mountpoint}: {err}") from None
+            try:
+                parts.invalidator.start()
+                with trio.CancelScope() as fuse_scope:
+                    stopper = _Stopper(parts, self.options.import_wait, fuse_scope)
+                    nursery.start_soon(stopper.run)
+                    if self.logs is not None:
+                        self.logs.go_live()
+                    log.info("mounted %s on %s (%d objects, %s events, credentials from %s)", parts.url,
+                             args.mountpoint, len(parts.cache), parts.feeds.kind, credentials.describe())
+                    notify_systemd(f"READY=1\nMAINPID={os.getpid()}\n"
+                                   f"STATUS=mounted {parts.url} on {args.mountpoint}")
+                    reporter.ready()
+                    await pyfuse3.main()
+                stopper.fuse_done()
+            finally:
+                notify_systemd("STOPPING=1")
+                parts.invalidator.stop()
+                pyfuse3.close(unmount=True)
+        status.register(None)
+        log.info("unmounted %s", args.mountpoint)
+
+
+async def _check_server(parts: Parts) -> None:
+    """The one request that tells, before anything is mounted, whether XO answers and takes the token."""
     try:
-        await parts.client.check()
+        await parts.client.current().check()
     except XoAuthError as err:
         await parts.client.aclose()
-        raise StartupError(f"{err.describe()} (check the token)") from None
+        raise StartupError(f"{err.describe()}: XO refuses the token from {parts.credentials.describe()}") from None
     except XofsError as err:
         await parts.client.aclose()
-        raise StartupError(err.describe()) from None
-
-    async with parts.running() as nursery:
-        pyfuse3.init(parts.fs, str(args.mountpoint), fuse_options(args))
-        try:
-            parts.invalidator.start()
-            nursery.start_soon(_terminate_on_signals)
-            logging.getLogger().setLevel(_configured_level)
-            log.info("mounted %s on %s (%d objects)", parts.url, args.mountpoint, len(parts.cache))
-            _report(ready_fd, "ok")
-            await pyfuse3.main()
-        finally:
-            parts.invalidator.stop()
-            pyfuse3.close(unmount=True)
-    log.info("unmounted %s", args.mountpoint)
+        words = err.describe()
+        if "certificate verification failed" in words:
+            words += " (for a private CA or XOA's self-signed certificate: --ca-file FILE)"
+        raise StartupError(words) from None
 
 
-async def _terminate_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("got %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+class _Stopper:
+    """SIGTERM or SIGINT: end the FUSE loop, giving the requests under way (a `cp` waiting in close() for
+    its upload) the import wait; then whatever is left of that wait goes to the uploads themselves."""
+
+    def __init__(self, parts: Parts, wait: float, fuse_scope: trio.CancelScope) -> None:
+        self.parts = parts
+        self.wait = wait
+        self.fuse_scope = fuse_scope
+        self.deadline: float | None = None
+        self.done = False
+
+    async def run(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            signum = await anext(signals)
+        uploads = [t["path"] for t in self.parts.imports.transfers() if t["phase"] != "writing"]
+        log.info("got %s: unmounting%s", signal.Signals(signum).name,
+                 f"; waiting up to {self.wait:g} s for {len(uploads)} import(s) to finish" if uploads else "")
+        self.deadline = trio.current_time() + self.wait
+        pyfuse3.terminate()
+        await trio.sleep(self.wait)
+        if not self.done:
+            cut = [t["path"] for t in self.parts.imports.transfers() if t["phase"] != "writing"]
+            log.warning("stopping: requests still under way after %g s are cut%s", self.wait,
+                        f" (imports: {', '.join(sorted(cut))})" if cut else "")
+            self.fuse_scope.cancel()
+
+    def fuse_done(self) -> None:
+        """The FUSE loop ended: running uploads get what is left of the wait (all of it after an unmount)."""
+        self.done = True
+        if self.deadline is not None:
+            self.parts.imports.shutdown_wait = max(0.0, self.deadline - trio.current_time())

@@ -4,8 +4,11 @@ The app sends a websocket upgrade to exactly `/api/` to the JSON-RPC handler, an
 REST app (`xofs.sim.rest.make_rest_app`). A websocket on any other path is never accepted: like a real XO, the
 server leaves the client waiting until it gives up (no upgrade handler matches there).
 
-When it is ready the process prints one line on stdout, `xofs sim listening on http://HOST:PORT`; logs go to
-stderr. SIGTERM or SIGINT stops it cleanly (exit status 0).
+HTTP requests under `/rest/v0/events` go to the REST event stream (`xofs.sim.sse`) first. With `--tls-cert`
+and `--tls-key`, or `--tls` (a self-signed certificate, see `xofs.sim.tls`), it serves HTTPS and `wss:`.
+
+When it is ready the process prints one line on stdout, `xofs sim listening on http(s)://HOST:PORT`; logs go
+to stderr. SIGTERM or SIGINT stops it cleanly (exit status 0).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import gc
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,10 @@ from xofs.sim.jsonrpc import load_methods_info
 from xofs.sim.jsonrpc import serve as serve_jsonrpc
 from xofs.sim.model import SimModel, new_token
 from xofs.sim.rest import make_rest_app
+from xofs.sim.sse import PREFIX as SSE_PREFIX
+from xofs.sim.sse import SseApp
 from xofs.sim.state import StateMismatch
+from xofs.sim.tls import TlsSetupError, self_signed
 
 log = logging.getLogger("xofs.sim")
 
@@ -49,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--churn", type=float, default=0.0, metavar="RATE",
                         help="metric-style updates of running VMs, about RATE events per second")
     parser.add_argument("--legacy", action="store_true", help="answer REST like XO before 5.111 (legacy router)")
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+    parser.add_argument("--tls", action="store_true", help="serve HTTPS with a self-signed certificate, made in "
+                        "<state dir>/tls/ (or a temporary directory); its path is printed on stderr")
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -58,24 +69,46 @@ def run(ns: argparse.Namespace) -> int:
     if not tokens:
         tokens.append(new_token())
         print(f"xofs sim: demo token {tokens[0]}", file=sys.stderr, flush=True)
-    try:
-        model = SimModel(seed=ns.seed, vms=ns.vms, state_dir=ns.state_dir, tokens=tokens, legacy=ns.legacy)
-    except StateMismatch as error:
-        print(f"xofs sim: {error}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="xofs-sim-tls-") as scratch:
+        try:
+            tls = _tls_files(ns, Path(scratch))
+            model = SimModel(seed=ns.seed, vms=ns.vms, state_dir=ns.state_dir, tokens=tokens, legacy=ns.legacy)
+        except (StateMismatch, TlsSetupError) as error:
+            print(f"xofs sim: {error}", file=sys.stderr)
+            return 2
+        return _run_model(ns, model, tls)
+
+
+def _tls_files(ns: argparse.Namespace, scratch: Path) -> tuple[Path, Path] | None:
+    """(certificate, key) to serve HTTPS with, or None for plain HTTP."""
+    if bool(ns.tls_cert) != bool(ns.tls_key):
+        raise TlsSetupError("--tls-cert and --tls-key go together")
+    if ns.tls_cert:
+        return ns.tls_cert, ns.tls_key
+    if not ns.tls:
+        return None
+    cert, key = self_signed(ns.state_dir / "tls" if ns.state_dir else scratch)
+    print(f"xofs sim: self-signed certificate {cert} (trust it with: xofs mount --ca-file {cert})",
+          file=sys.stderr, flush=True)
+    return cert, key
+
+
+def _run_model(ns: argparse.Namespace, model: SimModel, tls: tuple[Path, Path] | None) -> int:
     # The inventory lives as long as the process: keep the garbage collector from walking it again and
     # again (with 10,000 VMs the first big listing otherwise stalls for more than half a second).
     gc.freeze()
     try:
-        trio.run(serve, model, ns.host, ns.port, ns.churn)
+        trio.run(serve, model, ns.host, ns.port, ns.churn, tls)
     finally:
         model.close()
     return 0
 
 
 def make_app(model: SimModel, rest_app: ASGIApp) -> ASGIApp:
-    """The one ASGI app: `/api/` websockets to JSON-RPC, HTTP to REST, anything else left waiting."""
+    """The one ASGI app: `/api/` websockets to JSON-RPC, HTTP to REST (the event stream's paths to it first),
+    anything else left waiting."""
     methods_info = load_methods_info()
+    events = SseApp(model, rest_app)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -85,7 +118,11 @@ def make_app(model: SimModel, rest_app: ASGIApp) -> ASGIApp:
                 while (await receive())["type"] != "websocket.disconnect":
                     pass
         elif scope["type"] == "http":
-            await rest_app(scope, receive, send)
+            path = scope["path"].lower()
+            if path == SSE_PREFIX or path.startswith(SSE_PREFIX + "/"):
+                await events(scope, receive, send)
+            else:
+                await rest_app(scope, receive, send)
         elif scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -103,9 +140,12 @@ def load_rest_app(model: SimModel) -> ASGIApp:
     return make_rest_app(model, Faults())
 
 
-async def serve(model: SimModel, host: str, port: int, churn: float) -> None:
+async def serve(model: SimModel, host: str, port: int, churn: float,
+                tls: tuple[Path, Path] | None = None) -> None:
     config = Config()
     config.bind = [f"{host}:{port}"]
+    if tls is not None:
+        config.certfile, config.keyfile = str(tls[0]), str(tls[1])
     config.accesslog = None
     config.include_server_header = False  # xo-server (Express) sends no Server header
     config.errorlog = logging.getLogger("hypercorn.error")

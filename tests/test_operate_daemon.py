@@ -1,0 +1,158 @@
+"""The mount as a daemon: systemd readiness, a detached daemon's log, syslog, stack dumps, stopping with
+imports under way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.operate_support import Daemon, NotifySocket, status_of, wait_for, xofs
+from tests.support import MountProcess, SimProcess, force_unmount, is_mounted
+from tests.test_imports import make_raw, sr_ids, vdis
+from tests.test_mount_imports import set_faults
+
+
+def foreground(sim: SimProcess, mnt: Path, tmp_path: Path, *extra: str, env: dict[str, str]) -> subprocess.Popen:
+    mnt.mkdir(exist_ok=True)
+    log = open(tmp_path / "foreground.mount.log", "ab")  # noqa: SIM115 - the child holds it
+    return subprocess.Popen([sys.executable, "-m", "xofs", "mount", sim.url, str(mnt), "--foreground", *extra],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state"),
+                                 **env})
+
+
+def test_systemd_hears_ready_once_the_mount_is_live_and_stopping_at_the_end(sim, tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    mnt = tmp_path / "mnt"
+    proc = foreground(sim, mnt, tmp_path, env={"NOTIFY_SOCKET": str(notify.path)})
+    try:
+        message = notify.receive(30)
+        assert "READY=1" in message.splitlines() and f"MAINPID={proc.pid}" in message.splitlines()
+        assert is_mounted(mnt) and "vms" in os.listdir(mnt)  # ready means usable
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in notify.receive(15).splitlines()
+        assert proc.wait(15) == 0
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        force_unmount(mnt)
+        notify.close()
+
+
+def test_a_failed_start_says_why_in_one_line_and_never_claims_ready(sim, tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {"NOTIFY_SOCKET": str(notify.path), "XOFS_STATE_DIR": str(tmp_path / "state")}
+    try:
+        for args, token, words in [
+            ([], "wrong-token", "401"),
+            (["--foreground"], "wrong-token", "401"),
+            (["--syslog", "--syslog-socket", str(tmp_path / "no-such-socket")], sim.token, "cannot log to syslog"),
+            (["--ca-file", str(tmp_path / "missing.pem")], sim.token, "cannot read the CA file"),
+        ]:
+            proc = xofs("mount", sim.url, str(mnt), *args, env={**env, "XOFS_TOKEN": token})
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode != 0 and len(lines) == 1 and words in lines[0], (args, proc.stderr)
+            assert not is_mounted(mnt)
+        notify.sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            notify.sock.recv(4096)
+    finally:
+        force_unmount(mnt)
+        notify.close()
+
+
+def test_the_detached_daemon_logs_to_its_file_dumps_stacks_and_stops_with_umount(sim, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "daemon.mount.log"
+    daemon = Daemon(mnt)
+    try:
+        proc = xofs("mount", sim.url, str(mnt), "--log-file", str(log),
+                    env={"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")})
+        assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+        pid = daemon.attach()
+        assert pid != os.getpid() and "mounted" in log.read_text()
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: "most recent call first" in log.read_text(), 10, "the stack dump in the log")
+        assert is_mounted(mnt)  # the dump did not disturb the mount
+        subprocess.run(["umount", str(mnt)], check=True)
+        daemon.wait_gone()
+        assert "unmounted" in log.read_text()
+    finally:
+        daemon.cleanup()
+
+
+def test_the_daemon_can_log_to_syslog(sim, tmp_path):
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(str(tmp_path / "log.sock"))
+    syslog.settimeout(30)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemon = Daemon(mnt)
+    try:
+        proc = xofs("mount", sim.url, str(mnt), "-o", f"syslog,syslog_socket={tmp_path / 'log.sock'}",
+                    env={"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")})
+        assert proc.returncode == 0, proc.stderr
+        pid = daemon.attach()
+        lines = []
+        while not any("mounted" in line for line in lines):
+            lines.append(syslog.recv(65536).decode())
+        mounted = next(line for line in lines if "mounted" in line)
+        # <priority>ident[pid]: LEVEL logger: message, with priority = facility daemon (3) * 8 + info (6)
+        assert mounted.startswith(f"<30>xofs[{pid}]: INFO xofs: mounted {sim.url}"), mounted
+        assert not (tmp_path / "state" / "xofs.log").exists()
+        assert xofs("umount", str(mnt)).returncode == 0
+        daemon.wait_gone()
+    finally:
+        daemon.cleanup()
+        syslog.close()
+
+
+def spools_left(state: Path) -> list[Path]:
+    return [p for p in (state / "spool").rglob("*") if p.is_file()] if (state / "spool").exists() else []
+
+
+def start_slow_import(sim: SimProcess, mount: MountProcess, tmp_path: Path, name: str) -> subprocess.Popen:
+    """A `cp` into an import directory whose upload XO takes 3 s to answer; returns once it is uploading."""
+    make_raw(tmp_path / "disk.raw", 2 << 20)
+    set_faults(sim, latency_ms=3000)
+    target = mount.mountpoint / "srs" / sr_ids(sim)[0] / "import" / name
+    cp = subprocess.Popen(["cp", str(tmp_path / "disk.raw"), str(target)], stderr=subprocess.PIPE)
+    wait_for(lambda: any(t["phase"] == "uploading" for t in status_of(mount.mountpoint)["transfers"]), 10,
+             "the upload to start")
+    return cp
+
+
+def test_stopping_lets_a_running_import_finish(fresh_sim, make_mount, tmp_path):
+    mount = make_mount(fresh_sim, "--import-wait", "20")
+    cp = start_slow_import(fresh_sim, mount, tmp_path, "finishing.raw")
+    mount.proc.send_signal(signal.SIGTERM)
+    assert mount.proc.wait(30) == 0
+    cp.wait(10)
+    log = mount.log_text()
+    assert log.index("got SIGTERM") < log.index("imported /srs/") < log.index("unmounted")
+    assert [v["name_label"] for v in vdis(fresh_sim, name_label="finishing")] == ["finishing"]
+    assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []
+
+
+def test_stopping_cuts_an_import_that_takes_longer_than_the_wait_and_leaves_nothing(fresh_sim, make_mount, tmp_path):
+    mount = make_mount(fresh_sim, "-o", "import_wait=0.5")
+    cp = start_slow_import(fresh_sim, mount, tmp_path, "cut.raw")
+    set_faults(fresh_sim, latency_ms=None)  # the upload under way still takes its 3 s; the clean-up will not
+    mount.proc.send_signal(signal.SIGTERM)
+    assert mount.proc.wait(30) == 0
+    cp.wait(10)
+    log = mount.log_text()
+    assert "cancelling an unfinished import upload" in log
+    assert vdis(fresh_sim, name_label="cut") == []
+    assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []

@@ -1,0 +1,169 @@
+"""Running `xofs mount` as a daemon: detaching once the mount is live, logging, systemd readiness, stack dumps.
+
+- `detach(serve)`: fork; the child runs the mount and reports through a pipe (`ready()` once the mount is
+  live, or the one line saying why it is not); the parent waits for that and exits 0, or 1 with the line.
+  From then on the child's standard streams point at /dev/null: nothing reaches the terminal any more.
+- `setup_logging`: a file, syslog (the journal, under systemd), or standard error. Until `go_live()` only
+  warnings are let through, so a failed start says one line, not a log of retries.
+- `notify_systemd`: `READY=1` and `STOPPING=1` on `$NOTIFY_SOCKET`, for `Type=notify` units (the protocol is
+  one datagram on a Unix socket; no library needed).
+- `dump_stacks_on_sigusr1`: `kill -USR1 <pid>` writes every thread's Python stack to the log file.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger("xofs")
+
+NOISY_LOGGERS = ("httpx", "httpcore", "trio-websocket", "hpack")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class StartupError(Exception):
+    """Something that keeps the mount from starting; its message is the one line the user sees."""
+
+
+class Reporter:
+    """Tells whoever waits for the mount (the parent of a detached daemon, or the terminal) how it went."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.detached = fd is not None
+
+    def ready(self) -> None:
+        self._send("ok")
+        if self.detached:  # the terminal is the parent's: the daemon writes nothing there any more
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+
+    def failed(self, message: str) -> None:
+        if self.fd is None:
+            print(message, file=sys.stderr)
+        else:
+            self._send(message)
+
+    def _send(self, message: str) -> None:
+        if self.fd is not None:
+            os.write(self.fd, message.encode())
+            os.close(self.fd)
+            self.fd = None
+
+
+def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int:
+    """Fork; the parent returns 0 once the child says the mount is live, or prints why not and returns 1.
+
+    The child calls `prepare()` (logging to a file or syslog) and then `serve(reporter)`, and exits.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode("utf-8", "replace").strip()
+        if message == "ok":
+            return 0
+        print(message or "xofs: the mount daemon died before the mount was live", file=sys.stderr)
+        return 1
+    os.close(read_fd)
+    os.setsid()
+    reporter = Reporter(write_fd)
+    code = 1
+    try:
+        prepare()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        code = serve(reporter)
+    except StartupError as err:
+        reporter.failed(f"xofs: {err}")
+    finally:
+        os._exit(code)
+
+
+class LogSetup:
+    """The daemon's log: one output handler, plus any extra handlers (the status file's recent errors)."""
+
+    def __init__(self, level: str, *, log_file: Path | None = None, syslog_socket: Path | None = None,
+                 filters: Callable[[], list[logging.Filter]] = list,
+                 extra: Sequence[logging.Handler] = ()) -> None:
+        self.level = logging.getLevelName(level.upper())
+        if syslog_socket is not None:
+            # SysLogHandler ignores a socket it cannot connect to (and would lose every line): check first.
+            try:
+                if not stat.S_ISSOCK(os.stat(syslog_socket).st_mode):
+                    raise StartupError(f"cannot log to syslog at {syslog_socket}: not a socket")
+            except OSError as err:
+                raise StartupError(f"cannot log to syslog at {syslog_socket}: {err.strerror}") from None
+            handler: logging.Handler = logging.handlers.SysLogHandler(
+                str(syslog_socket), facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            handler.setFormatter(logging.Formatter("xofs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+        elif log_file is not None:
+            try:
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                handler = logging.FileHandler(log_file)
+            except OSError as err:
+                raise StartupError(f"cannot write the log file {log_file}: {err.strerror}") from None
+            handler.setFormatter(logging.Formatter(FORMAT))
+        else:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter(FORMAT))
+        self.handler = handler
+        # Where SIGUSR1 dumps stacks: the log file, or standard error in the foreground (not syslog).
+        self.stream: IO[str] | None = getattr(handler, "stream", None) if syslog_socket is None else None
+        root = logging.getLogger()
+        for old in root.handlers[:]:
+            root.removeHandler(old)
+        for h in [handler, *extra]:
+            for f in filters():  # each handler its own: some filters keep state
+                h.addFilter(f)
+            root.addHandler(h)
+        # Until the mount is live only warnings are shown, so a failed start says one line, not a retry log.
+        root.setLevel(max(self.level, logging.WARNING))
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    def go_live(self) -> None:
+        logging.getLogger().setLevel(self.level)
+
+
+def notify_systemd(message: str) -> bool:
+    """Send `message` (`READY=1`, `STOPPING=1`, `STATUS=…`) to systemd if it started us; False if not."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as err:
+        log.warning("cannot notify systemd on %s: %s", os.environ["NOTIFY_SOCKET"], err.strerror)
+        return False
+    return True
+
+
+def dump_stacks_on_sigusr1(stream: IO[str] | None, fallback: Path) -> Path | None:
+    """`kill -USR1` writes every thread's stack to `stream` (the log file), else to `fallback`."""
+    if stream is None:
+        try:
+            fallback.parent.mkdir(parents=True, exist_ok=True)
+            stream = open(fallback, "a")  # noqa: SIM115 - kept open for as long as the process lives
+        except OSError as err:
+            log.warning("SIGUSR1 will not dump stacks: cannot open %s: %s", fallback, err.strerror)
+            return None
+    faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+    return Path(stream.name) if isinstance(getattr(stream, "name", None), str) else None

@@ -1,0 +1,171 @@
+"""The options of `xofs mount`: each is a `--name` flag and also `-o name=value` (fstab's way).
+
+`OPTIONS` is the one list: it makes the argparse flags and maps `-o` words onto them. A flag given on the
+command line wins over the same option in `-o`. Other `-o` words are either passed to FUSE (the VFS flags
+`nosuid`, `nodev`, `noexec`, `noatime`…), ignored because they are mount(8)'s own (`_netdev`, `nofail`,
+`noauto`, `defaults`, `x-*`…), or refused with a message naming them, never silently dropped. A secret is
+never an option: `-o token=…` is refused (command lines are world-readable in /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# mount(8)'s own options, which reach a helper but mean nothing to the filesystem.
+MOUNT_ONLY = frozenset({"_netdev", "nofail", "noauto", "auto", "user", "nouser", "users", "owner", "group",
+                        "defaults", "rw", "loud", "silent"})
+MOUNT_ONLY_PREFIXES = ("x-", "comment=")
+# Options libfuse and the kernel understand, passed through as they are.
+FUSE_FLAGS = frozenset({"default_permissions", "auto_unmount", "nosuid", "suid", "nodev", "dev", "noexec",
+                        "exec", "noatime", "atime", "relatime", "strictatime", "nodiratime", "sync", "async",
+                        "dirsync", "allow_root"})
+SECRETS = frozenset({"token", "password", "pass", "xo_token"})
+
+
+class OptionError(Exception):
+    """A bad option; the message is the one line the user sees."""
+
+
+def octal(text: str) -> int:
+    value = int(text, 8)
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"{text} is not a umask")
+    return value
+
+
+def byte_size(text: str) -> int:
+    """`8G`, `512M`, `100000`: powers of 1024."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    return int(float(number) * units[unit])
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+
+    check.__name__ = "choice"
+    return check
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # as in -o (underscores); the flag is --name with dashes
+    help: str
+    type: Callable[[str], Any] | None = str  # None: a switch, `-o name` alone
+    default: Any = None
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS = [
+    Option("token_file", "file holding the XO token (mode 0600)", Path, metavar="FILE"),
+    Option("basic_file", "file holding `user:password`, exchanged for a session token at start (mode 0600)",
+           Path, metavar="FILE"),
+    Option("ca_file", "CA certificate(s) to check XO's TLS certificate against (XOA's self-signed one, say)",
+           Path, metavar="FILE"),
+    Option("insecure", "do not check XO's TLS certificate at all (dangerous; warned about at every start)", None),
+    Option("events", "event source: the JSON-RPC `all` feed, or XO's REST event stream (XO 5.113+)",
+           choice("jsonrpc", "sse"), "jsonrpc"),
+    Option("read_only", "refuse every write, imports included", None),
+    Option("uid", "owner shown for every file (default: the user who mounts)", int),
+    Option("gid", "group shown for every file (default: the mounting user's group)", int),
+    Option("umask", "permission bits to take away, octal (default 077: only the owner gets in; 022 with "
+           "allow_other)", octal, None, "OCTAL"),
+    Option("allow_other", "let other users in (implies default_permissions; needs user_allow_other in "
+           "/etc/fuse.conf unless root)", None),
+    Option("attr_ttl", "kernel cache lifetime while XO events flow, seconds", float, 60.0, "SECONDS"),
+    Option("fallback_ttl", "kernel cache lifetime while the event feed is down, seconds", float, 1.0, "SECONDS"),
+    Option("state_dir", "where xofs keeps what must outlive a mount (default $XOFS_STATE_DIR, else "
+           "$XDG_STATE_HOME/xofs)", Path, metavar="DIR"),
+    Option("spool_dir", "scratch space for exports read out of order and for imports (default: <state "
+           "dir>/spool)", Path, metavar="DIR"),
+    Option("spool_size", "most disk the export spool may use, e.g. 20G", byte_size, 8 << 30, "SIZE"),
+    Option("max_exports", "concurrent exports", int, 4, "N"),
+    Option("max_uploads", "concurrent imports", int, 2, "N"),
+    Option("import_wait", "at unmount, how long running imports get to finish, seconds", float, 30.0,
+           "SECONDS"),
+    Option("connect_timeout", "seconds to connect to XO", float, 10.0, "SECONDS"),
+    Option("read_timeout", "seconds XO may stay silent during a request", float, 60.0, "SECONDS"),
+    Option("log_level", "DEBUG, INFO, WARNING or ERROR (default $XOFS_LOG_LEVEL, else INFO)",
+           choice("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
+           os.environ.get("XOFS_LOG_LEVEL", "INFO"), "LEVEL"),
+    Option("log_file", "log here (default: standard error in the foreground, <state dir>/xofs.log once "
+           "detached)", Path, metavar="FILE"),
+    Option("syslog", "log to syslog (the journal under systemd) instead of a file", None),
+    Option("syslog_socket", "the syslog socket", Path, Path("/dev/log"), "PATH"),
+]
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option as a flag; defaults stay None here so that `resolve` can tell what was given."""
+    for option in OPTIONS:
+        default = "" if option.default is None or option.type is None else f" (default {option.default})"
+        if option.type is None:
+            p.add_argument(option.flag, action="store_const", const=True, default=None, help=option.help)
+        else:
+            p.add_argument(option.flag, type=option.type, default=None, metavar=option.metavar,
+                           help=option.help + default)
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="options as mount -o takes them, comma-separated: any of the above as name=value "
+                        "(allow_other, token_file=/etc/xofs/token…), FUSE flags (nosuid, noatime…)")
+
+
+def resolve(args: argparse.Namespace, *, sloppy: bool = False) -> set[str]:
+    """Fill every option of `args` (flag, else `-o`, else default); returns the FUSE flags to pass on.
+
+    Raises `OptionError` for an unknown word (unless `sloppy`, mount's `-s`), a bad value, or a secret.
+    """
+    given: dict[str, Any] = {}
+    fuse: set[str] = set()
+    for group in args.options:
+        for word in (w.strip() for w in group.split(",")):
+            if not word or word in MOUNT_ONLY or word.startswith(MOUNT_ONLY_PREFIXES):
+                continue
+            name, sep, value = word.partition("=")
+            key = name.replace("-", "_")
+            if key in SECRETS:
+                raise OptionError(f"-o {name}=… refused: a secret on the command line is visible to every user "
+                                  "(ps); put it in a file and use token_file=FILE")
+            if key == "ro":
+                given["read_only"] = True
+            elif key in BY_NAME:
+                given[key] = _convert(BY_NAME[key], value if sep else None, word)
+            elif word in FUSE_FLAGS:
+                fuse.add(word)
+            elif not sloppy:
+                raise OptionError(f"unknown mount option {word!r} (see xofs mount --help)")
+    for option in OPTIONS:
+        if getattr(args, option.name) is None:
+            default = option.default if option.type is not None else False
+            setattr(args, option.name, given.get(option.name, default))
+    return fuse
+
+
+def _convert(option: Option, value: str | None, word: str) -> Any:
+    if option.type is None:
+        if value is not None and value.lower() not in ("1", "yes", "true", "on"):
+            return False if value.lower() in ("0", "no", "false", "off") else _bad(word, "a yes or no")
+        return True
+    if value is None:
+        raise OptionError(f"-o {option.name} needs a value: -o {option.name}=…")
+    try:
+        return option.type(value)
+    except ValueError as err:
+        return _bad(word, str(err))
+
+
+def _bad(word: str, why: str) -> Any:
+    raise OptionError(f"bad mount option {word!r}: {why}")
