@@ -16,7 +16,7 @@ from tests.drivers import DirectDriver, MountDriver
 from tests.support import MountProcess, SimProcess
 from xofs.names import unique_names
 
-VIEWS = ["by-name", "hosts", "pools", "search", "srs", "vdi-snapshots", "vdis", "vm-snapshots", "vms"]
+VIEWS = [".xofs", "by-name", "hosts", "pools", "search", "srs", "vdi-snapshots", "vdis", "vm-snapshots", "vms"]
 NDJSON = [f"{c}.ndjson" for c in ("hosts", "pools", "srs", "vdi-snapshots", "vdis", "vm-snapshots", "vms")]
 
 

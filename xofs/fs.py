@@ -114,7 +114,7 @@ class XoFS(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started_ns = time.time_ns()
         self._handles: dict[int, _Handle] = {}
-        self._dir_handles: dict[int, list[tuple[str, int]]] = {}
+        self._dir_handles: dict[int, tuple[int, list[str]]] = {}
         self._open_count: dict[int, int] = {}
         self._next_fh = 1
         # Rendered files by content: (the object or type version they were made from, the bytes). getattr
@@ -284,20 +284,21 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         entry = self._inode(inode)
-        children = self.tree.children(entry.path)
-        if children is None:
+        names = self.tree.sorted_names(entry.path)
+        if names is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
-        # A snapshot taken at opendir: offsets stay valid however entries come and go meanwhile.
-        self._dir_handles[fh] = [(name, inode) for name in sorted(children)]
+        # A snapshot taken at opendir (listings are replaced, never changed in place): offsets stay valid
+        # however entries come and go meanwhile.
+        self._dir_handles[fh] = (inode, names)
         return fh
 
     @_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dir_handles[fh]
-        for index in range(start_id, len(entries)):
-            name, parent = entries[index]
+        parent, names = self._dir_handles[fh]
+        for index in range(start_id, len(names)):
+            name = names[index]
             inode = self.tree.lookup(parent, name)
             if inode is None:  # vanished since opendir
                 continue

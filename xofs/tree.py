@@ -54,11 +54,12 @@ class InvalidateInode:
 Invalidation = InvalidateEntry | InvalidateInode
 
 
-@dataclass
+@dataclass(slots=True)
 class _Listing:
     children: dict[str, TreeNode]
     ids: set[str] = field(default_factory=set)
     types: dict[str, frozenset[str]] = field(default_factory=dict)
+    names: list[str] | None = None  # sorted, made on first use (readdir)
 
 
 class Tree:
@@ -135,6 +136,19 @@ class Tree:
             listing = _Listing(dict(entries), ctx.ids, ctx.types)
         self._store_listing(path, listing)
         return listing.children
+
+    def sorted_names(self, path: tuple[str, ...]) -> list[str] | None:
+        """The names in the directory at `path`, sorted (kept with the listing: big directories are
+        listed again and again)."""
+        children = self.children(path)
+        if children is None:
+            return None
+        listing = self._listings.get(path)
+        if listing is None:  # import directories are never kept
+            return sorted(children)
+        if listing.names is None:
+            listing.names = sorted(listing.children)
+        return listing.names
 
     def lookup(self, parent: int, name: str) -> Inode | None:
         """The child `name` of `parent`, counting one kernel lookup on it; None if it does not exist."""
