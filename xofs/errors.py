@@ -126,7 +126,7 @@ def xo_error_from_rpc(error: Any, *, method: str, object_id: str | None = None) 
     status = _RPC_CODE_STATUS.get(code, 500) if code is not None else 500
     cls = XoNotFound if status == 404 else XoAuthError if status in (401, 403) else XoError
     err = cls(0, message, data=error.get("data") if isinstance(error, dict) else None,
-              object_id=object_id, url=method, code=code)
+              object_id=object_id, url=f"jsonrpc:{method}", code=code)
     err.errno = errno_for_status(status)
     return err
 
@@ -156,9 +156,8 @@ def describe_connection_error(exc: BaseException) -> str:
         if isinstance(e, TimeoutError) or type(e).__name__.endswith("Timeout"):
             return "timed out"
         if isinstance(e, OSError) and e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-            return f"{e.strerror.lower() if e.strerror else 'unreachable'}"
-    text = str(exc) or type(exc).__name__
-    return text
+            return (e.strerror or "unreachable").lower()
+    return str(exc) or type(exc).__name__
 
 
 def error_chain(exc: BaseException) -> list[BaseException]:
