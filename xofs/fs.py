@@ -118,8 +118,9 @@ class XoFS(pyfuse3.Operations):
         self._open_count: dict[int, int] = {}
         self._next_fh = 1
         # Rendered files by content: (the object or type version they were made from, the bytes). getattr
-        # (for the size) and open (for the bytes) share one rendering until the object changes.
-        self._renderings: cachetools.LRUCache = cachetools.LRUCache(maxsize=4096)
+        # (for the size) and open (for the bytes) share one rendering until the object changes. Small: a VM
+        # renders to some 16 KiB, and orjson renders one again in microseconds.
+        self._renderings: cachetools.LRUCache = cachetools.LRUCache(maxsize=256)
 
     # ---- helpers ----------------------------------------------------------------------------------
 
