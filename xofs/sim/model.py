@@ -20,6 +20,8 @@ import math
 import random
 import re
 import secrets
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -564,6 +566,8 @@ class SimModel:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+        if self._temp_dir is not None:  # imported disks of a run without --state-dir
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
 
     # -- disks ---------------------------------------------------------------------------------------------
 
@@ -593,8 +597,6 @@ class SimModel:
         if self._store is not None:
             return self._store.disks_dir
         if self._temp_dir is None:
-            import tempfile
-
             self._temp_dir = Path(tempfile.mkdtemp(prefix="xofs-sim-disks-"))
         return self._temp_dir
 
