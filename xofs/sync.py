@@ -48,8 +48,14 @@ class Syncer:
             for coll in COLLECTIONS.values():
                 nursery.start_soon(fetch, coll)
         started = time.monotonic()
+        first = not self.cache.loaded
         changes = self.cache.replace_all(obj for objs in results.values() for obj in objs)
-        self._dispatch(changes)
+        if first:
+            # Before the first load nothing was mounted, so no export or import can remember anything
+            # about these objects: only the tree needs to hear of them (52,000 "changes" for 10,000 VMs).
+            self.invalidate(self.tree.on_changes(changes))
+        else:
+            self._dispatch(changes)
         log.debug("cache holds %d objects (%d changed) after %.3f s of reconciling",
                   len(self.cache), len(changes), time.monotonic() - started)
 
