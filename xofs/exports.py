@@ -83,6 +83,7 @@ class ExportManager:
         self.slots = ExportSlots(max_exports, park_idle_after)
         self._measured: dict[str, int] = {}  # export path -> length of a complete export
         self._measured_of: dict[str, dict[str, Export]] = {}  # object id -> its exports in _measured, by path
+        self._xva_bounds: dict[str, int] = {}  # VM id -> size bound of its plain XVA
         self._generation: dict[str, int] = {}  # object id -> count of changes seen, to spot races
         self._nursery: trio.Nursery | None = None
         self.exports_started = 0  # for status lines and tests
@@ -116,6 +117,7 @@ class ExportManager:
 
     def forget_object(self, obj_id: str) -> None:
         self._generation[obj_id] = self._generation.get(obj_id, 0) + 1
+        self._xva_bounds.pop(obj_id, None)
         for path, export in self._measured_of.pop(obj_id, {}).items():
             if self._measured.pop(path, None) is not None:
                 self._size_changed(export)  # a disk's size changes with an event about its VM, and back
@@ -155,8 +157,11 @@ class ExportManager:
                 size = UNKNOWN_DISK
             return vhd_bound(size) if export.fmt == "vhd" else size
         if export.fmt == "xva":
-            sizes, vbds = vm_disks(obj, self.cache.get)
-            bound = xva_bound(sizes, vbds)
+            # Kept per VM until an event about it or one of its disks (`forget_object`): `ls -l /vms` asks
+            # for three of these per VM (plain, zstd, gzip), and working one out walks the VM's disks.
+            bound = self._xva_bounds.get(export.obj_id)
+            if bound is None:
+                bound = self._xva_bounds[export.obj_id] = xva_bound(*vm_disks(obj, self.cache.get))
             method = compression_of(export.query)
             return compressed_bound(bound, method) if method else bound
         log.warning("no size bound is known for the export format %r; showing %d", export.fmt, UNKNOWN_DISK)
