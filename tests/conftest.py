@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support import DEFAULT_TOKEN, MountProcess, SimProcess, cleanup_all
+from tests.support import DEFAULT_TOKEN, MountProcess, SimProcess, cleanup_all, kill_mount_daemons
+
+# How long before pytest-timeout fails a test the watchdog kills the mount daemons, seconds.
+WATCHDOG_LEAD = 5.0
+
+
+@pytest.fixture(autouse=True)
+def fuse_watchdog(request) -> Iterator[None]:
+    """A deadlocked FUSE daemon must fail one test, not hang the run.
+
+    A test blocked in a system call on a hung mount cannot be interrupted by pytest-timeout's signal (the
+    kernel keeps waiting for the daemon's answer). So shortly before the test's timeout, every mount daemon
+    still alive is killed: the kernel then fails the pending requests (ENOTCONN), `auto_unmount` removes the
+    mount, the blocked call returns, and the test fails and cleans up like any other.
+    """
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout") or 0)
+    if timeout <= 0:
+        yield
+        return
+    timer = threading.Timer(max(timeout - WATCHDOG_LEAD, 1.0), kill_mount_daemons,
+                            kwargs={"reason": f"{request.node.nodeid} ran into its {timeout:.0f} s timeout"})
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
 
 
 @pytest.fixture(scope="session")

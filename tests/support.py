@@ -151,8 +151,11 @@ class MountProcess:
         """Unmount and wait for the daemon; returns its exit status (None if it had to be killed)."""
         rc = None
         if is_mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=20)
+            try:
+                subprocess.run(["fusermount3", "-u", str(self.mountpoint)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=20)
+            except subprocess.TimeoutExpired:
+                pass  # a hung daemon: killed below
         if self.proc:
             try:
                 rc = self.proc.wait(15)
@@ -166,6 +169,17 @@ class MountProcess:
 
     def __truediv__(self, other: str) -> Path:
         return self.mountpoint / other
+
+
+def kill_mount_daemons(reason: str = "") -> None:
+    """SIGKILL every mount daemon a test started (the watchdog's last resort), then make sure no mount stays."""
+    for thing in list(_live):
+        if isinstance(thing, MountProcess) and thing.proc and thing.proc.poll() is None:
+            print(f"\nwatchdog: killing the xofs daemon of {thing.mountpoint}: {reason}", file=sys.stderr)
+            thing.proc.kill()
+    for thing in list(_live):
+        if isinstance(thing, MountProcess):
+            force_unmount(thing.mountpoint)
 
 
 def cleanup_all() -> None:
