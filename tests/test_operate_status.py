@@ -1,0 +1,97 @@
+"""`/.xofs/status.json` and `xofs status`: the feed, the cache, live transfers with their progress, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from tests.operate_support import status_of, xofs
+from tests.test_imports import sr_ids
+from tests.test_operate_credentials import run_on_terminal
+
+
+def test_the_status_file_describes_the_mount(sim, make_mount):
+    mount = make_mount(sim)
+    root = mount.mountpoint
+    assert ".xofs" in os.listdir(root) and stat.S_IMODE(os.stat(root / ".xofs" / "status.json").st_mode) == 0o400
+    status = status_of(root)
+    assert status["mounted"] and status["pid"] == mount.proc.pid
+    assert status["url"] == sim.url and status["mountpoint"] == str(root)
+    assert status["credentials"] == "$XOFS_TOKEN"
+    assert status["feed"]["kind"] == "jsonrpc" and status["feed"]["connected"]
+    assert status["feed"]["reconnects"] == 0
+    assert status["cache"]["by_type"]["VM"] == len(sim.get_json("/rest/v0/vms?fields=id"))
+    assert status["transfers"] == [] and status["errors"] == []
+    # A refused operation shows among the recent errors.
+    try:
+        open(root / "vms" / "new-file", "w").close()
+    except PermissionError:
+        pass
+    errors = status_of(root)["errors"]
+    assert len(errors) == 1 and errors[0]["level"] == "WARNING" and "/vms/new-file" in errors[0]["message"]
+    assert sim.token not in (root / ".xofs" / "status.json").read_text()
+
+
+WRITER = """
+import sys
+with open(sys.argv[1], "wb") as f:
+    f.write(b"\\1" * (1 << 20))
+    f.flush()
+    print("written", flush=True)
+    sys.stdin.read()
+"""
+
+
+def big_vdi(sim) -> dict:
+    return max(sim.get_json("/rest/v0/vdis?fields=id,size"), key=lambda v: v["size"])
+
+
+def test_xofs_status_shows_transfers_under_way(fresh_sim, make_mount, tmp_path):
+    mount = make_mount(fresh_sim)
+    root = mount.mountpoint
+    vdi = big_vdi(fresh_sim)
+    target = root / "srs" / sr_ids(fresh_sim)[0] / "import" / "incoming.raw"
+    # The import is written by a process of its own: a file open here would be closed (and so flushed, which
+    # starts its upload) in every child this test forks to run `xofs status`.
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    with open(root / "vdis" / f"{vdi['id']}.raw", "rb") as export:
+        assert len(export.read(2 << 20)) == 2 << 20
+        assert writer.stdout.readline() == "written\n"
+
+        plain = xofs("status", str(root))
+        assert plain.returncode == 0, plain.stderr
+        lines = plain.stdout.splitlines()
+        assert lines[0].startswith(f"{fresh_sim.url} on {root} (pid {mount.proc.pid}")
+        assert any(line.strip().startswith(f"export  /vdis/{vdi['id']}.raw  streaming") for line in lines), lines
+        assert any(line.strip().startswith("import  /srs/") and "incoming.raw  writing  1.0 MiB" in line
+                   for line in lines), "\n".join(lines)
+        assert "\x1b[" not in plain.stdout  # no terminal: plain lines, printed once
+
+        as_json = json.loads(xofs("status", str(root), "--json").stdout)
+        by_kind = {t["kind"]: t for t in as_json["transfers"]}
+        export_t, import_t = by_kind["export"], by_kind["import"]
+        assert export_t["path"] == f"/vdis/{vdi['id']}.raw" and export_t["export"] == f"/rest/v0/vdis/{vdi['id']}.raw"
+        assert export_t["size"] == vdi["size"] and export_t["size_exact"] and export_t["read"] == 2 << 20
+        assert 2 << 20 <= export_t["done"] < vdi["size"] and export_t["rate"] > 0 and export_t["eta"] > 0
+        assert (import_t["phase"], import_t["done"], import_t["size"]) == ("writing", 1 << 20, None)
+
+        everywhere = xofs("status")  # without a mount point: every xofs mount
+        assert everywhere.returncode == 0 and f" on {root} " in everywhere.stdout
+
+        # On a terminal: progress bars, redrawn in place, until the transfers are over.
+        code, screen = run_on_terminal(["status", str(root)], [], {}, timeout=2.5)
+        assert "[" in screen and "] " in screen and "%" in screen
+        assert "\x1b[" in screen  # drawn again in place at least once
+    writer.communicate("", timeout=30)  # it closes the file: the upload runs, and ends
+    assert writer.returncode == 0
+    code, screen = run_on_terminal(["status", str(root)], [], {}, timeout=10)
+    assert code == 0 and "transfers: none" in screen
+
+
+def test_xofs_status_says_what_is_wrong(tmp_path):
+    proc = xofs("status", str(tmp_path))
+    assert proc.returncode == 1 and f"{tmp_path} is not an xofs mount" in proc.stderr

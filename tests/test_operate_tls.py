@@ -1,0 +1,123 @@
+"""TLS: the simulator serves HTTPS with a self-signed certificate, as XOA does; the mount checks it."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.operate_support import halted_vm, meta, rename_vm, status_of, wait_for, xofs
+from tests.support import SimProcess, is_mounted, require_tool
+from xofs.sim.tls import self_signed
+
+
+class HttpsSim(SimProcess):
+    """A simulator behind TLS; its requests trust its certificate."""
+
+    cafile: str = ""
+
+    def request(self, method, path, body=None, headers=None, token="default"):
+        hdrs = dict(headers or {})
+        hdrs.setdefault("Cookie", f"authenticationToken={self.token}")
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=hdrs)
+        context = ssl.create_default_context(cafile=self.cafile)
+        try:
+            with urllib.request.urlopen(req, timeout=60, context=context) as resp:
+                return resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, err.read()
+
+
+@pytest.fixture(scope="module")
+def tls_sim(tmp_path_factory) -> Iterator[HttpsSim]:
+    """`xofs sim --tls`: the certificate it makes lands in <state dir>/tls/."""
+    require_tool("openssl")
+    base = tmp_path_factory.mktemp("tls")
+    sim = HttpsSim(args=["--seed", "4", "--tls", "--state-dir", str(base / "state")], log_path=base / "sim.log")
+    sim.start()
+    sim.cafile = str(base / "state" / "tls" / "cert.pem")
+    yield sim
+    sim.stop()
+
+
+def test_the_simulator_serves_https_with_the_certificate_it_made(tls_sim):
+    assert tls_sim.url.startswith("https://127.0.0.1:")
+    assert "self-signed certificate" in tls_sim.log_path.read_text()
+    assert tls_sim.get_json("/rest/v0/vms?fields=id&limit=1")
+    with pytest.raises(urllib.error.URLError) as refused:  # and nobody trusts it by default
+        urllib.request.urlopen(tls_sim.url + "/rest/v0/ping", timeout=10)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+
+
+def test_an_unknown_certificate_is_refused_with_the_way_out(tls_sim, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for args in ([], ["--foreground"]):
+        proc = xofs("mount", tls_sim.url, str(mnt), *args,
+                    env={"XOFS_TOKEN": tls_sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+        assert "TLS certificate verification failed" in lines[0] and "--ca-file" in lines[0]
+        assert not is_mounted(mnt)
+
+
+def test_with_its_ca_file_everything_works_over_tls(tls_sim, make_mount):
+    mount = make_mount(tls_sim, "--ca-file", tls_sim.cafile, "--attr-ttl", "300")
+    assert status_of(mount.mountpoint)["options"]["tls"] == f"CA file {tls_sim.cafile}"
+    vm = halted_vm(tls_sim)
+    assert meta(mount.mountpoint, f"vms/{vm}")["id"] == vm  # listings over HTTPS
+    vdi = tls_sim.get_json("/rest/v0/vdis?fields=id&limit=1")[0]["id"]
+    with open(mount.mountpoint / "vdis" / f"{vdi}.raw", "rb") as f:  # an export over TLS (its start)
+        data = f.read(4 << 20)
+    context = ssl.create_default_context(cafile=tls_sim.cafile)
+    req = urllib.request.Request(f"{tls_sim.url}/rest/v0/vdis/{vdi}.raw",
+                                 headers={"Cookie": f"authenticationToken={tls_sim.token}"})
+    with urllib.request.urlopen(req, timeout=60, context=context) as resp:
+        assert len(data) == 4 << 20 and data == resp.read(4 << 20)
+    rename_vm(tls_sim, vm, "renamed-over-wss")  # the event feed over wss://
+    wait_for(lambda: meta(mount.mountpoint, f"vms/{vm}")["name_label"] == "renamed-over-wss", 10, "the event")
+
+
+def test_the_sse_feed_over_tls(tls_sim, make_mount):
+    mount = make_mount(tls_sim, "--ca-file", tls_sim.cafile, "--events", "sse")
+    feed = status_of(mount.mountpoint)["feed"]
+    assert feed["kind"] == "sse" and feed["connected"]
+
+
+def test_insecure_mounts_but_warns_at_every_start(tls_sim, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "insecure.mount.log"
+    proc = xofs("mount", tls_sim.url, str(mnt), "-o", f"insecure,log_file={log}",
+                env={"XOFS_TOKEN": tls_sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")})
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert "--insecure: the TLS certificate of" in proc.stderr and "is NOT checked" in proc.stderr
+        assert "is NOT checked" in log.read_text()
+        assert "vms" in os.listdir(mnt)
+        assert status_of(mnt)["options"]["tls"] == "not checked (--insecure)"
+    finally:
+        pid = status_of(mnt)["pid"] if is_mounted(mnt) else None
+        xofs("umount", str(mnt))
+        if pid:
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}/cmdline") or
+                     not open(f"/proc/{pid}/cmdline").read(), 15, "the daemon to exit")
+    proc = xofs("mount", tls_sim.url, str(mnt), "--insecure", "--ca-file", tls_sim.cafile,
+                env={"XOFS_TOKEN": tls_sim.token})
+    assert proc.returncode != 0 and "contradict" in proc.stderr
+
+
+def test_a_given_certificate_and_key(tmp_path):
+    require_tool("openssl")
+    cert, key = self_signed(tmp_path / "tls")
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    sim = HttpsSim(args=["--tls-cert", str(cert), "--tls-key", str(key)], log_path=tmp_path / "sim.log")
+    sim.cafile = str(cert)
+    try:
+        sim.start()
+        assert sim.url.startswith("https://") and sim.get_json("/rest/v0/ping")["result"] == "pong"
+    finally:
+        sim.stop()
