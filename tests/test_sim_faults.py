@@ -46,7 +46,9 @@ def test_knobs_need_auth_and_take_partial_updates(fresh_sim):
     assert call(fresh_sim, "GET", "/_sim/faults", token=None, headers={"Authorization": basic(*ADMIN)}).status == 200
     defaults = call(fresh_sim, "GET", "/_sim/faults").json()
     assert defaults == {"latency_ms": 0, "cut_export_after_bytes": None, "stall_export_after_bytes": None,
-                        "fail_next_import": 0, "http_5xx_next": 0, "http_5xx_status": 503}
+                        "fail_next_import": 0, "import_bytes_per_second": None, "http_5xx_next": 0,
+                        "http_5xx_status": 503, "reset_next_gets": 0, "corrupt_listing": None,
+                        "silent_websockets": False}
     assert set_faults(fresh_sim, latency_ms=5)["latency_ms"] == 5
     after = set_faults(fresh_sim, http_5xx_status=502)
     assert (after["latency_ms"], after["http_5xx_status"]) == (5, 502)

@@ -384,6 +384,8 @@ async def serve(model: SimModel, methods_info: dict[str, dict[str, Any]], receiv
     async def write() -> None:
         try:
             async for text in to_send:
+                if model.socket_faults.silent:  # fault knob: the socket stays open and says nothing
+                    continue
                 await send({"type": "websocket.send", "text": text})
         except Exception:  # noqa: BLE001 - the peer went away while we wrote: the socket is over
             log.debug("websocket send failed", exc_info=True)
@@ -405,6 +407,7 @@ async def serve(model: SimModel, methods_info: dict[str, dict[str, Any]], receiv
     try:
         async with trio.open_nursery() as nursery:
             unregister = model.register_socket(nursery.cancel_scope.cancel)
+            unregister_writer = model.socket_faults.register(outgoing.send_nowait)
             nursery.start_soon(write)
             nursery.start_soon(forward_events)
             try:
@@ -422,6 +425,7 @@ async def serve(model: SimModel, methods_info: dict[str, dict[str, Any]], receiv
                     nursery.start_soon(handle, text)
             finally:
                 unregister()
+                unregister_writer()
                 nursery.cancel_scope.cancel()
     finally:
         events.close()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from xofs.sim import inventory
+from xofs.sim.faults import SocketFaults
 from xofs.sim.inventory import RUNNING_ONLY_KEYS, VM_TYPES, Guest, order_vm_keys, running_fields
 from xofs.sim.state import StateStore
 
@@ -198,6 +199,7 @@ class SimModel:
         self._pending: dict[str, str] = {}  # id -> "add" | "update" | "remove", in change order
         self._subscribers: list[trio.MemorySendChannel] = []
         self._sockets: set[Callable[[], None]] = set()
+        self.socket_faults = SocketFaults()  # the websocket fault knobs (silence, raw frames)
         self._downloads: dict[str, Callable[[], Iterable[bytes]]] = {}
         self._expiring: list[tuple[float, str]] = []  # (monotonic deadline, task id) of finished tasks
         self._dirty: trio.Event | None = None

@@ -30,6 +30,7 @@ from xofs.sim.rest_auth import WWW_AUTHENTICATE, Authenticator
 from xofs.sim.rest_collections import COLLECTIONS, Lister, ListQuery, collection_href, predicate, vdi_href
 from xofs.sim.rest_edits import Editor
 from xofs.sim.rest_exports import Exporter
+from xofs.sim.rest_hostile import send_corrupt_listing
 from xofs.sim.rest_http import (
     JSON_TYPE,
     SECURITY_HEADERS,
@@ -99,6 +100,7 @@ CONTROL_ROUTES = {
     ("POST", "/_sim/faults"): "set_faults",
     ("DELETE", "/_sim/faults"): "reset_faults",
     ("POST", "/_sim/close-websockets"): "close_websockets",
+    ("POST", "/_sim/websocket-frames"): "websocket_frames",
     ("POST", "/_sim/expire-token"): "expire_token",
     ("GET", "/_sim/stats"): "get_stats",
     ("POST", "/_sim/stats/reset"): "reset_stats",
@@ -179,6 +181,9 @@ class RestApp:
         status = self.faults.take_5xx()
         if status is not None:
             raise RestError(status, f"xofs sim: injected failure (http_5xx_next), {status}")
+        if req.method == "GET" and path.lower().startswith(BASE + "/") and self.faults.take_reset():
+            await drop_connection(req, send)
+            return
         if path.startswith("/api/") and req.method in ("GET", "HEAD"):
             await self.download(req, send)
             return
@@ -283,6 +288,11 @@ class RestApp:
     async def list_collection(self, req: Request, send: Send, coll: str) -> None:
         query = ListQuery(req)
         objects = self.model.by_type(COLLECTIONS[coll])
+        kinds = self.faults.take_corruption(coll)
+        if kinds is not None:
+            await send_corrupt_listing(req, send, query, list(objects), collection_href(req), COLLECTIONS[coll],
+                                       kinds)
+            return
         await self.lister.send_list(req, send, query, objects, collection_href(req))
         self.lister.cache.forget_missing(self.model.all_objects())
 
@@ -376,15 +386,24 @@ class RestApp:
             self.faults.update(await self._json_body(req))
         except FaultsError as error:
             raise RestError(400, str(error)) from error
+        self.model.socket_faults.silent = self.faults.silent_websockets
         await send_json(req, send, 200, self.faults.as_dict())
 
     async def control_reset_faults(self, req: Request, send: Send) -> None:
         self.faults.reset()
+        self.model.socket_faults.silent = False
         await send_json(req, send, 200, self.faults.as_dict())
 
     async def control_close_websockets(self, req: Request, send: Send) -> None:
         self.model.close_all_sockets()
         await send_empty(req, send, 204)
+
+    async def control_websocket_frames(self, req: Request, send: Send) -> None:
+        body = await self._json_body(req)
+        frames = body.get("frames") if isinstance(body, dict) else None
+        if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
+            raise RestError(400, 'the body must be {"frames": ["<text frame>", …]}')
+        await send_json(req, send, 200, {"sockets": self.model.socket_faults.send_raw(frames)})
 
     async def control_expire_token(self, req: Request, send: Send) -> None:
         body = await self._json_body(req)
@@ -400,6 +419,16 @@ class RestApp:
     async def control_reset_stats(self, req: Request, send: Send) -> None:
         self.faults.stats.reset()
         await send_empty(req, send, 204)
+
+
+async def drop_connection(req: Request, send: Send) -> None:
+    """The `reset_next_gets` knob: a status line and headers, then the connection closes with no body.
+
+    An ASGI app cannot reset a socket before answering (the server would send a 500 instead); ending the
+    response before its body is the nearest it gets: the client sees the connection drop mid-answer."""
+    await req.drain()
+    headers = [*SECURITY_HEADERS, ("Content-Type", JSON_TYPE), *tail_headers(req)]
+    await send({"type": "http.response.start", "status": 200, "headers": raw_headers(headers)})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,11 @@ class Importer:
             if self.faults.take_import_failure():
                 await req.drain()
                 raise UploadFailed("fail_next_import fault")
+            body = _body_after(req, head, self.faults.import_bytes_per_second)
             if fmt == "raw":
-                await _write_raw(req, path, head, length, vdi["size"], base=self._base_disk(base))
+                await _write_raw(body, path, length, vdi["size"], base=self._base_disk(base))
             else:
-                await _write_vhd(req, path, head, length, vdi["size"])
+                await _write_vhd(body, path, length, vdi["size"])
             ok = True
         except (UploadFailed, VhdError) as error:
             log.info("import into VDI %s failed: %s", vdi["id"], error)
@@ -167,15 +169,18 @@ async def _read_head(req: Request, n: int) -> bytes:
     return bytes(head)
 
 
-async def _body_after(req: Request, head: bytes) -> Any:
-    """The whole body again: the bytes already read, then the rest as it arrives."""
+async def _body_after(req: Request, head: bytes, rate: int | None = None) -> AsyncIterator[bytes]:
+    """The whole body again: the bytes already read, then the rest as it arrives (at most `rate` bytes
+    per second: the `import_bytes_per_second` fault knob)."""
     if head:
         yield head
     async for chunk in req.body_chunks():
         yield chunk
+        if rate:
+            await trio.sleep(len(chunk) / rate)
 
 
-async def _write_raw(req: Request, path: Path, head: bytes, length: int, size: int, *, base: Any) -> None:
+async def _write_raw(body: AsyncIterator[bytes], path: Path, length: int, size: int, *, base: Any) -> None:
     """A raw body into a sparse file of `size` bytes (all-zero pieces left as holes).
 
     Written over a copy of `base` (a PUT into an existing VDI keeps what the upload does not cover, as
@@ -189,7 +194,7 @@ async def _write_raw(req: Request, path: Path, head: bytes, length: int, size: i
                 offset = block * BLOCK_SIZE
                 os.pwrite(fd, base.read(offset, BLOCK_SIZE), offset)
         offset = 0
-        async for chunk in _body_after(req, head):
+        async for chunk in body:
             if offset + len(chunk) > size:
                 raise UploadFailed(f"the body is larger than the VDI ({size} bytes)")
             if chunk.count(0) != len(chunk) or base is not None:
@@ -199,13 +204,13 @@ async def _write_raw(req: Request, path: Path, head: bytes, length: int, size: i
         raise UploadFailed(f"the body ended after {offset} of {length} bytes")
 
 
-async def _write_vhd(req: Request, path: Path, head: bytes, length: int, size: int) -> None:
+async def _write_vhd(body: AsyncIterator[bytes], path: Path, length: int, size: int) -> None:
     """A VHD body spooled to a file next to `path`, then converted to the raw content of `path`."""
     spool = path.with_suffix(".upload.vhd")
     try:
         received = 0
         with open(spool, "wb") as out:
-            async for chunk in _body_after(req, head):
+            async for chunk in body:
                 out.write(chunk)
                 received += len(chunk)
         if received != length:
