@@ -52,6 +52,7 @@ SHUTDOWN_WAIT = 30.0  # seconds running uploads get to finish when the mount goe
 UNLINK_WAIT = 30.0  # seconds an unlink waits for the upload it cancels to be cleaned up
 CLEANUP_TIMEOUT = 30.0  # seconds for the XO requests that remove what a failed import left
 LEFTOVER_CHECKS = (0.0, 0.2, 0.5, 1.0, 2.0)  # when to look for a VDI XO should have destroyed itself
+LEFTOVER_RETRY_MAX = 60.0  # seconds between two looks for such a VDI while XO does not answer
 PF_EXITING = 0x4  # task flag: the process is exiting (include/linux/sched.h)
 
 
@@ -574,8 +575,8 @@ class ImportManager:
                 with trio.move_on_after(CLEANUP_TIMEOUT):
                     if error is None and vdi is not None:
                         error = await self._imported(imp, vdi, label, description, path)
-                    else:
-                        await self._remove_leftovers(imp.sr_id, label, imp.size, before)
+                    elif not await self._remove_leftovers(imp.sr_id, label, imp.size, before):
+                        self._remove_leftovers_later(imp.sr_id, label, imp.size, before)
                 if error is not None:
                     await self._fail(imp, error)
             finally:
@@ -614,11 +615,12 @@ class ImportManager:
         return {vdi_id for vdi_id, vdi in self.cache.of_type("VDI").items()
                 if vdi.get("$SR") == sr_id and vdi.get("name_label") == label}
 
-    async def _remove_leftovers(self, sr_id: str, label: str, length: int, before: set[str]) -> None:
+    async def _remove_leftovers(self, sr_id: str, label: str, length: int, before: set[str]) -> bool:
         """Delete the VDI a failed import left, if XO did not destroy it (xo-api.md §1.5: it should).
 
         It is the VDI on the SR with the import's name that did not exist before the upload and is
         none of ours, still marked with the body length (`xo:import:length`) or not marked at all.
+        False when XO could not be asked.
         """
         ours = {i.vdi for d in self._dirs.values() for i in d.values()} | {
             i.superseded for d in self._dirs.values() for i in d.values()}
@@ -627,16 +629,34 @@ class ImportManager:
             try:
                 vdis = await self.client.collection("vdis", fields="name_label,$SR,other_config")
             except XofsError as err:
-                log.warning("cannot check SR %s for a VDI the failed import left: %s", sr_id, err.describe())
-                return
+                log.debug("cannot check SR %s for a VDI the failed import left: %s", sr_id, err.describe())
+                return False
             leftovers = [v["id"] for v in vdis if v.get("$SR") == sr_id and v.get("name_label") == label
                          and v["id"] not in before and v["id"] not in ours
                          and (v.get("other_config") or {}).get("xo:import:length", str(length)) == str(length)]
             if not leftovers:
-                return
+                return True
             if attempt == len(LEFTOVER_CHECKS) - 1:
                 for vdi_id in leftovers:
                     await self._delete_vdi(vdi_id, f"XO did not destroy it after the failed import of {label!r}")
+        return True
+
+    def _remove_leftovers_later(self, sr_id: str, label: str, length: int, before: set[str]) -> None:
+        """XO did not answer after a failed upload (it went down mid-upload, say: a restarted XO keeps the
+        VDI it was filling): look for the leftover again, with backoff, until XO answers or the mount ends."""
+        log.warning("cannot check SR %s for a VDI the failed import of %r left: XO does not answer; looking "
+                    "again until it does", sr_id, label)
+
+        async def retry() -> None:
+            delay = 1.0
+            while True:
+                await trio.sleep(delay)
+                if await self._remove_leftovers(sr_id, label, length, before):
+                    return
+                delay = min(delay * 2, LEFTOVER_RETRY_MAX)
+
+        if self._nursery is not None:
+            self._nursery.start_soon(retry)
 
     async def _delete_vdi(self, vdi: str, why: str) -> None:
         try:
