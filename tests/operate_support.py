@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -123,6 +124,32 @@ def halted_vm(sim: SimProcess) -> str:
 
 def meta(mountpoint: Path, path: str) -> dict:
     return json.loads((mountpoint / path / "meta.json").read_bytes())
+
+
+TROUBLESHOOTING = Path(__file__).parent.parent / "docs" / "troubleshooting.md"
+_PLACEHOLDER = re.compile(r"…|\b(?:URL|FILE|DIR|NAME|VALUE|HOST|USER|SOURCE)\b|[0-9]+(?:\.[0-9]+)?")
+
+
+def troubleshooting_messages() -> list[re.Pattern[str]]:
+    """The messages docs/troubleshooting.md is keyed by (its headings' code spans), as patterns: `…` and
+    the placeholders (URL, FILE, DIR…) stand for anything, numbers for any number."""
+    patterns = []
+    for heading in TROUBLESHOOTING.read_text().splitlines():
+        if not heading.startswith("### "):
+            continue
+        for double, single in re.findall(r"``(.+?)``|`([^`]+)`", heading):
+            parts, last = [], 0
+            for m in _PLACEHOLDER.finditer(double or single):
+                parts += [re.escape((double or single)[last:m.start()]), "[0-9.]+" if m[0][0].isdigit() else ".+?"]
+                last = m.end()
+            parts.append(re.escape((double or single)[last:]))
+            patterns.append(re.compile("".join(parts)))
+    return patterns
+
+
+def assert_documented(line: str) -> None:
+    """The message a user saw is one docs/troubleshooting.md explains."""
+    assert any(p.search(line) for p in troubleshooting_messages()), f"not in docs/troubleshooting.md: {line}"
 
 
 def write_private(path: Path, text: str, mode: int = 0o600) -> Path:

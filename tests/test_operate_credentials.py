@@ -18,6 +18,7 @@ import pytest
 
 from tests.operate_support import (
     SECRET_PREFIX,
+    assert_documented,
     halted_vm,
     meta,
     rename_vm,
@@ -51,6 +52,7 @@ def test_a_token_file_readable_by_others_is_refused(sim, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1, proc.stderr
         assert f"{token} is readable by others (mode {mode:04o})" in lines[0] and f"chmod 600 {token}" in lines[0]
+        assert_documented(lines[0])
         assert sim.token not in proc.stderr
     assert not is_mounted(mnt)
 
@@ -77,6 +79,7 @@ def test_each_token_source_mounts(sim, tmp_path):
     proc = xofs("mount", sim.url, str(tmp_path / "mnt-file"), "--foreground", clean_env=True,
                 env={"XDG_CONFIG_HOME": str(tmp_path / "config")})
     assert proc.returncode != 0 and "no XO token" in proc.stderr
+    assert_documented(proc.stderr.strip())
 
 
 def test_secrets_are_never_taken_from_the_command_line(sim, tmp_path):
@@ -86,8 +89,10 @@ def test_secrets_are_never_taken_from_the_command_line(sim, tmp_path):
     for args in (["-o", f"token={sim.token}"], ["-o", "allow_other,password=x"]):
         proc = xofs("mount", sim.url, str(mnt), "--foreground", *args)
         assert proc.returncode != 0 and "refused: a secret on the command line" in proc.stderr
+        assert_documented(proc.stderr.strip())
     proc = xofs("mount", f"http://{sim.token}@{host}", str(mnt), "--foreground")
     assert proc.returncode != 0 and "credentials in the URL are refused" in proc.stderr
+    assert_documented(proc.stderr.strip())
     assert sim.token not in proc.stderr
 
 
@@ -147,8 +152,10 @@ def test_xofs_login_failures_store_nothing(sim, tmp_path):
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
     proc = xofs("login", sim.url, "admin@admin.net", "--password-stdin", input="wrong\n", env=env)
     assert proc.returncode != 0 and "XO refused the sign-in of admin@admin.net: invalid credentials" in proc.stderr
+    assert_documented(proc.stderr.strip())
     proc = xofs("login", sim.url, "admin@admin.net", input="admin\n", env=env)  # no terminal, no --password-stdin
     assert proc.returncode != 0 and "no terminal to ask the password on: use --password-stdin" in proc.stderr
+    assert_documented(proc.stderr.strip())
     assert not (tmp_path / "config" / "xofs").exists()
     target = tmp_path / "etc" / "token"
     time.sleep(2.1)  # XO refuses any sign-in of a user within 2 s of a failed one
@@ -214,6 +221,8 @@ def test_a_rotated_token_is_picked_up_and_a_refused_one_logged_once_a_minute(two
             assert refused.value.errno == errno.EACCES
         log = mount.log_text()
         assert log.count("XO refuses the token") == 1, log
+        assert_documented(next(line for line in log.splitlines() if "XO refuses the token" in line))
+        assert_documented(next(line for line in log.splitlines() if "a new token from" in line))
         assert sim.token not in log and OTHER_TOKEN not in log
     finally:
         mount.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.operate_support import Daemon, NotifySocket, status_of, wait_for, xofs
+from tests.operate_support import Daemon, NotifySocket, assert_documented, status_of, wait_for, xofs
 from tests.support import MountProcess, SimProcess, force_unmount, is_mounted
 from tests.test_imports import make_raw, sr_ids, vdis
 from tests.test_mount_imports import set_faults
@@ -62,6 +62,7 @@ def test_a_failed_start_says_why_in_one_line_and_never_claims_ready(sim, tmp_pat
             proc = xofs("mount", sim.url, str(mnt), *args, env={**env, "XOFS_TOKEN": token})
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
             assert proc.returncode != 0 and len(lines) == 1 and words in lines[0], (args, proc.stderr)
+            assert_documented(lines[0])
             assert not is_mounted(mnt)
         notify.sock.settimeout(0.3)
         with pytest.raises(socket.timeout):
@@ -154,5 +155,7 @@ def test_stopping_cuts_an_import_that_takes_longer_than_the_wait_and_leaves_noth
     cp.wait(10)
     log = mount.log_text()
     assert "cancelling an unfinished import upload" in log
+    for words in ("requests still under way after", "cancelling an unfinished import upload"):
+        assert_documented(next(line for line in log.splitlines() if words in line))
     assert vdis(fresh_sim, name_label="cut") == []
     assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []

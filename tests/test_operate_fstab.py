@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+from pathlib import Path
 
-from tests.operate_support import Daemon, mount_helper, status_of, write_private
+from tests.operate_support import Daemon, assert_documented, mount_helper, status_of, write_private
 from tests.support import is_mounted
+from xofs.options import OPTIONS
 
 
 def mount_line(mnt) -> str:
@@ -74,8 +76,16 @@ def test_the_helper_checks_everything_before_mounting(sim, tmp_path):
         proc = mount_helper(sim.url, str(mnt), "-o", options)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and words in lines[0], (options, proc.stderr)
+        assert_documented(lines[0])
         assert sim.token not in proc.stderr
         assert not is_mounted(mnt)
     # -s (sloppy): unknown options are dropped instead of refused.
     proc = mount_helper(sim.url, str(mnt), "-s", "-f", "-o", f"token_file={token},colour=blue")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_option_is_documented():
+    text = (Path(__file__).parent.parent / "docs" / "operating.md").read_text()
+    table = text[text.index("## Options"):]
+    for option in OPTIONS:
+        assert f"| `{option.name}" in table, option.name

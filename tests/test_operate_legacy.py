@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.operate_support import halted_vm, meta, rest, status_of, wait_for, xofs
+from tests.operate_support import assert_documented, halted_vm, meta, rest, status_of, wait_for, xofs
 from tests.support import SimProcess
 from tests.test_imports import make_raw, sr_ids, vdis
 
@@ -46,9 +46,11 @@ def test_a_legacy_xo_mounts_reads_exports_and_imports(legacy_sim, make_mount, tm
                                                         "XOFS_STATE_DIR": str(tmp_path / "state")})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "401: Unauthorized" in lines[0], proc.stderr
+    assert_documented(lines[0])
 
     mount = make_mount(legacy_sim, "--events", "sse")  # no event stream in that era: the JSON-RPC feed
     assert "no REST event stream" in mount.log_text() and "using the JSON-RPC event feed" in mount.log_text()
+    assert_documented(next(line for line in mount.log_text().splitlines() if "no REST event stream" in line))
     feed = status_of(mount.mountpoint)["feed"]
     assert feed["kind"] == "jsonrpc" and feed["connected"]
     vm = halted_vm(legacy_sim)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import trio
 
-from tests.operate_support import halted_vm, meta, rename_vm, rest, status_of, wait_for
+from tests.operate_support import assert_documented, halted_vm, meta, rename_vm, rest, status_of, wait_for
 from tests.support import SimProcess
 
 
@@ -123,6 +123,8 @@ def test_a_mount_follows_the_event_stream(fresh_sim, make_mount):
     # The stream is cut: the mount reconnects, re-reads, and follows again.
     assert rest(fresh_sim, "POST", "/_sim/close-websockets")[0] == 204
     wait_for(lambda: status_of(mount.mountpoint)["feed"]["reconnects"] == 1, 10, "the reconnection")
+    for words in ("XO event feed lost", "reconnecting in"):
+        assert_documented(next(line for line in mount.log_text().splitlines() if words in line))
     rename_vm(fresh_sim, vm, "sse-2")
     wait_for(lambda: meta(mount.mountpoint, f"vms/{vm}")["name_label"] == "sse-2", 10, "an event after it")
     assert status_of(mount.mountpoint)["feed"]["events"] >= 2

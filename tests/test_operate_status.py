@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 
-from tests.operate_support import status_of, xofs
+from tests.operate_support import assert_documented, status_of, xofs
 from tests.test_imports import sr_ids
 from tests.test_operate_credentials import run_on_terminal
 
@@ -95,3 +95,4 @@ def test_xofs_status_shows_transfers_under_way(fresh_sim, make_mount, tmp_path):
 def test_xofs_status_says_what_is_wrong(tmp_path):
     proc = xofs("status", str(tmp_path))
     assert proc.returncode == 1 and f"{tmp_path} is not an xofs mount" in proc.stderr
+    assert_documented(proc.stderr.strip())

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.operate_support import halted_vm, meta, rename_vm, status_of, wait_for, xofs
+from tests.operate_support import assert_documented, halted_vm, meta, rename_vm, status_of, wait_for, xofs
 from tests.support import SimProcess, is_mounted, require_tool
 from xofs.sim.tls import self_signed
 
@@ -61,6 +61,7 @@ def test_an_unknown_certificate_is_refused_with_the_way_out(tls_sim, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1, proc.stderr
         assert "TLS certificate verification failed" in lines[0] and "--ca-file" in lines[0]
+        assert_documented(lines[0])
         assert not is_mounted(mnt)
 
 
@@ -96,6 +97,7 @@ def test_insecure_mounts_but_warns_at_every_start(tls_sim, tmp_path):
     try:
         assert proc.returncode == 0, proc.stderr
         assert "--insecure: the TLS certificate of" in proc.stderr and "is NOT checked" in proc.stderr
+        assert_documented(proc.stderr.strip())
         assert "is NOT checked" in log.read_text()
         assert "vms" in os.listdir(mnt)
         assert status_of(mnt)["options"]["tls"] == "not checked (--insecure)"

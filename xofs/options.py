@@ -63,6 +63,7 @@ class Option:
     type: Callable[[str], Any] | None = str  # None: a switch, `-o name` alone
     default: Any = None
     metavar: str | None = None
+    shown: str | None = None  # the default as --help shows it ("" when the help says it already)
 
     @property
     def flag(self) -> str:
@@ -91,7 +92,7 @@ OPTIONS = [
            "$XDG_STATE_HOME/xofs)", Path, metavar="DIR"),
     Option("spool_dir", "scratch space for exports read out of order and for imports (default: <state "
            "dir>/spool)", Path, metavar="DIR"),
-    Option("spool_size", "most disk the export spool may use, e.g. 20G", byte_size, 8 << 30, "SIZE"),
+    Option("spool_size", "most disk the export spool may use, e.g. 20G", byte_size, 8 << 30, "SIZE", "8G"),
     Option("max_exports", "concurrent exports", int, 4, "N"),
     Option("max_uploads", "concurrent imports", int, 2, "N"),
     Option("import_wait", "at unmount, how long running imports get to finish, seconds", float, 30.0,
@@ -100,7 +101,7 @@ OPTIONS = [
     Option("read_timeout", "seconds XO may stay silent during a request", float, 60.0, "SECONDS"),
     Option("log_level", "DEBUG, INFO, WARNING or ERROR (default $XOFS_LOG_LEVEL, else INFO)",
            choice("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
-           os.environ.get("XOFS_LOG_LEVEL", "INFO"), "LEVEL"),
+           os.environ.get("XOFS_LOG_LEVEL", "INFO"), "LEVEL", ""),
     Option("log_file", "log here (default: standard error in the foreground, <state dir>/xofs.log once "
            "detached)", Path, metavar="FILE"),
     Option("syslog", "log to syslog (the journal under systemd) instead of a file", None),
@@ -112,7 +113,8 @@ BY_NAME = {o.name: o for o in OPTIONS}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option as a flag; defaults stay None here so that `resolve` can tell what was given."""
     for option in OPTIONS:
-        default = "" if option.default is None or option.type is None else f" (default {option.default})"
+        shown = option.shown if option.shown is not None else "" if option.default is None else str(option.default)
+        default = f" (default {shown})" if shown and option.type is not None else ""
         if option.type is None:
             p.add_argument(option.flag, action="store_const", const=True, default=None, help=option.help)
         else:
