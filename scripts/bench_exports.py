@@ -24,25 +24,13 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
+from scripts.benchlib import report, rss_mb, timed  # noqa: E402
 from tests.support import MountProcess, SimProcess  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
 SIZE = 4 * GiB
 ROUNDS = 2
-
-
-def report(name: str, value: str, goal: str, ok: bool | None) -> None:
-    verdict = "" if ok is None else ("  ok" if ok else "  MISSED")
-    print(f"{name:<58} {value:>22}   goal: {goal}{verdict}", flush=True)
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def make_raw(work: Path) -> Path:
@@ -65,12 +53,6 @@ def import_disk(sim: SimProcess, raw: Path) -> str:
                           f"{sim.url}/rest/v0/srs/{sr}/vdis?name_label=bench-export&raw=true"],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)["id"]
-
-
-def timed(cmd: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
 
 
 def curl_cmd(sim: SimProcess, export: str) -> list[str]:

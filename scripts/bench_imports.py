@@ -20,22 +20,10 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
+from scripts.benchlib import report, rss_mb  # noqa: E402
 from tests.support import MountProcess, SimProcess  # noqa: E402
 
 SIZE = 2 << 30  # bytes of data in the VHD: a 2 GiB dynamic VHD, every block allocated
-
-
-def report(name: str, value: str, goal: str, ok: bool | None) -> None:
-    verdict = "" if ok is None else ("  ok" if ok else "  MISSED")
-    print(f"{name:<58} {value:>22}   goal: {goal}{verdict}", flush=True)
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def make_vhd(work: Path) -> Path:

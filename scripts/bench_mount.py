@@ -19,26 +19,8 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
+from scripts.benchlib import report, rss_mb, timed  # noqa: E402
 from tests.support import MountProcess, SimProcess  # noqa: E402
-
-
-def report(name: str, value: str, goal: str, ok: bool | None) -> None:
-    verdict = "" if ok is None else ("  ok" if ok else "  MISSED")
-    print(f"{name:<58} {value:>22}   goal: {goal}{verdict}", flush=True)
-
-
-def timed(cmd: list[str] | str, shell: bool = False) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, shell=shell, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def curl(sim: SimProcess, path: str, out: str = "/dev/null") -> list[str]:
