@@ -9,11 +9,19 @@ log line each, so a bad answer from the server can never take the mount down.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from xofs.client.rest import item_problem
+
 log = logging.getLogger(__name__)
+
+# What an XO id may be, since it becomes a file name and part of a REST path: XO's are UUIDs,
+# `<pool uuid>-<template uuid>`, or OpaqueRefs. Anything else (`..`, `a/b`, a newline, `?`, 3,000
+# characters) would make a file name the kernel or the tools refuse, or a request for another path.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,199}")
 
 # The REST collection that holds each XO type we keep (collections are single-type, xo-api.md §1.1).
 COLLECTIONS: dict[str, str] = {
@@ -52,13 +60,13 @@ def valid_object(obj: object, obj_id: str | None = None) -> str | None:
     if not isinstance(obj, dict):
         return f"not an object ({type(obj).__name__})"
     oid = obj.get("id")
-    if not isinstance(oid, str) or not oid or "/" in oid or "\0" in oid or oid in (".", ".."):
-        return f"bad id {oid!r}"
+    if not isinstance(oid, str) or not _SAFE_ID.fullmatch(oid):
+        return f"bad id {oid!r:.80}"
     if obj_id is not None and oid != obj_id:
-        return f"id {oid!r} under key {obj_id!r}"
+        return f"id {oid!r} under key {obj_id!r:.80}"
     if not isinstance(obj.get("type"), str):
-        return f"bad type {obj.get('type')!r}"
-    return None
+        return f"bad type {obj.get('type')!r:.80}"
+    return item_problem(obj)  # the key types listings are checked for: events get the same checks
 
 
 class ObjectCache:

@@ -47,7 +47,7 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 # Types of the few keys callers rely on; an item where one has another type is skipped, not trusted.
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "id": str, "uuid": str, "type": str, "name_label": str, "name_description": str,
-    "size": int, "usage": int, "tags": list,
+    "size": int, "usage": int, "tags": list, "$VBDs": list, "VDIs": list,
 }
 
 
