@@ -109,6 +109,9 @@ class ObjectCache:
         changes = [Change(i, o["type"], o, None) for i, o in self._objects.items() if i not in fresh]
         for obj_id, obj in fresh.items():
             old = self._objects.get(obj_id)
+            if old is not None and old["type"] != obj["type"]:  # gone from one type, new in another
+                changes.append(Change(obj_id, old["type"], old, None))
+                old = None
             if old != obj:
                 changes.append(Change(obj_id, obj["type"], old, obj))
         for change in changes:
