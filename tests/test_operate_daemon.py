@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.operate_support import Daemon, NotifySocket, assert_documented, status_of, wait_for, xofs
+from tests.operate_support import Daemon, NotifySocket, assert_documented, rest, status_of, wait_for, xofs
 from tests.support import MountProcess, SimProcess, force_unmount, is_mounted
 from tests.test_imports import make_raw, sr_ids, vdis
 from tests.test_mount_imports import set_faults
@@ -159,3 +159,18 @@ def test_stopping_cuts_an_import_that_takes_longer_than_the_wait_and_leaves_noth
         assert_documented(next(line for line in log.splitlines() if words in line))
     assert vdis(fresh_sim, name_label="cut") == []
     assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []
+
+
+@pytest.mark.parametrize("events", ["jsonrpc", "sse"])
+async def test_a_feed_that_refuses_the_token_fails_the_start_with_one_clear_error(fresh_sim, tmp_path, events):
+    """The REST API took the token, then it stopped working before the event feed signed in with it."""
+    from xofs.mount import MountOptions, assemble, startup_error_in
+
+    parts = assemble(fresh_sim.url, fresh_sim.token, MountOptions(state_dir=tmp_path, events=events))
+    await parts.client.current().check()
+    assert rest(fresh_sim, "POST", "/_sim/expire-token", {"token": fresh_sim.token})[0] == 204
+    with pytest.raises(BaseExceptionGroup) as caught:  # raised in the services' nursery
+        async with parts.running():
+            pass
+    err = startup_error_in(caught.value)
+    assert err is not None and str(err).startswith("the event feed refused the token from the token given: XO ")

@@ -180,8 +180,7 @@ class Credentials:
     def given(cls, url: str, token: str) -> Credentials:
         """Fixed credentials: `token`, with nothing to read again."""
         credentials = cls(url, TokenSource("given"))
-        credentials.token = token
-        credentials._used.add(token)
+        credentials._set(token)
         return credentials
 
     def secrets(self) -> list[str]:
@@ -282,14 +281,6 @@ class RotatingClient:
         self._token = credentials.token
         self._retired: list[RestClient] = []
 
-    @property
-    def base_url(self) -> str:
-        return self._client.base_url
-
-    @property
-    def api_url(self) -> Any:
-        return self._client.api_url
-
     def current(self) -> RestClient:
         """The client of the current token (requests on it are not retried after a refusal)."""
         return self._current()[0]
@@ -360,11 +351,12 @@ class RotatingClient:
             return False
 
     def _refused(self, err: XoAuthError) -> XoAuthError:
+        """A 401 as the operation reports it: with where the token came from, and the mark the log filter
+        lets through once a minute."""
         if err.status != 401:
             return err
-        refused = XoAuthError(err.status, f"{err.xo_message} ({REFUSED_MARK} from {self.credentials.describe()}; "
-                              "it is read again at the next refusal)", object_id=err.object_id, url=err.url)
-        return refused
+        return XoAuthError(err.status, f"{err.xo_message} ({REFUSED_MARK} from {self.credentials.describe()}; "
+                           "it is read again at the next refusal)", object_id=err.object_id, url=err.url)
 
 
 class OncePerMinute(logging.Filter):

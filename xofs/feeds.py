@@ -19,6 +19,7 @@ from xofs.cache import KEPT_TYPES
 from xofs.client.events import EventFeed, EventSink
 from xofs.client.sse import SseFeed, SseUnavailable
 from xofs.credentials import CredentialError, Credentials
+from xofs.errors import XoAuthError
 from xofs.sync import Syncer
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class FeedRunner:
         A feed only ends by raising (a refused first sign-in: `XoAuthError`, passed on) or by being
         cancelled here for a new token."""
         first = _FirstStart(task_status)
-        async with trio.open_nursery() as nursery:
+        refused: XoAuthError | None = None
+        async with trio.open_nursery() as nursery:  # for the credential checks after a lost connection
             self._nursery = nursery
-            while True:
+            while refused is None:
                 with trio.CancelScope() as scope:
                     self._scope = scope
                     try:
@@ -87,6 +89,10 @@ class FeedRunner:
                     except SseUnavailable as err:
                         log.warning("%s; using the JSON-RPC event feed instead", err.describe())
                         self.kind = "jsonrpc"
+                    except XoAuthError as err:
+                        refused = err  # raised outside the nursery, so that it comes out unwrapped
+            nursery.cancel_scope.cancel()
+        raise refused
 
     def _feed(self) -> EventFeed | SseFeed:
         token = self.credentials.token

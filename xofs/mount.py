@@ -353,7 +353,10 @@ class Mount:
     def run(self, reporter: Reporter) -> int:
         try:
             trio.run(self._serve, reporter)
-        except StartupError as err:
+        except (StartupError, BaseExceptionGroup) as exc:
+            err = startup_error_in(exc)
+            if err is None:
+                raise
             reporter.failed(f"xofs: cannot mount {self.args.url}: {err}")
             return 1
         return 0
@@ -398,6 +401,19 @@ class Mount:
                 pyfuse3.close(unmount=True)
         status.register(None)
         log.info("unmounted %s", args.mountpoint)
+
+
+def startup_error_in(exc: BaseException) -> StartupError | None:
+    """The `StartupError` that `exc` is, or the one a group of only those holds (raised within the
+    services' nursery, it comes out wrapped); None for anything else."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(StartupError)
+        if matched is None or rest is not None:
+            return None
+        exc = matched
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+    return exc if isinstance(exc, StartupError) else None
 
 
 async def _check_server(parts: Parts) -> None:
