@@ -3,7 +3,8 @@
 Every XO era is tolerated (xo-api.md §0): listings are asked for as NDJSON but parsed by what the answer says
 it is; errors may be JSON, text or Express's HTML; imports answer `{"id"}` (201) or a bare UUID (200); deletes
 answer 204 or `OK`. Idempotent GETs are retried a few times on connection errors and 5xx; uploads and edits
-never are. Exports use the purpose-built reader of `export.py`, everything else one pooled httpx client.
+never are. Exports use the purpose-built reader of `export.py`, imports the uploader of `upload.py`, everything
+else one pooled httpx client.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,6 +24,7 @@ import trio
 
 from xofs.client.auth import cookie_header, ssl_context
 from xofs.client.export import ExportResponse, HttpTarget, open_stream
+from xofs.client.upload import upload_file
 from xofs.errors import (
     XofsError,
     XoNotFound,
@@ -40,7 +42,6 @@ RETRY_DELAYS = (0.25, 1.0)  # sleeps between the (up to) 3 tries of an idempoten
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 # XO answers an import only once XAPI has finished the task, which may be long after the last byte.
 IMPORT_ANSWER_TIMEOUT = 1800.0
-UPLOAD_BLOCK = 1 << 20
 ERROR_BODY_LIMIT = 64 * 1024
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 
@@ -162,13 +163,22 @@ class RestClient:
         params = {"name_label": name_label, "raw": "true" if raw else "false"}
         if name_description is not None:
             params["name_description"] = name_description
-        path = f"srs/{quote(sr_id, safe='')}/vdis"
-        resp = await self._send(
-            "POST", path, object_id=sr_id, params=params, content=_file_blocks(body_path, size, progress),
-            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
-            timeout=httpx.Timeout(self._read_timeout, connect=self._connect_timeout,
-                                  read=IMPORT_ANSWER_TIMEOUT))
-        return _new_vdi_id(resp)
+        url = self._http.build_request("POST", f"srs/{quote(sr_id, safe='')}/vdis", params=params).url
+        target = HttpTarget(
+            scheme=url.scheme, host=url.host, port=url.port or (443 if url.scheme == "https" else 80),
+            target=url.raw_path.decode("ascii"),
+            headers=[("Host", url.netloc.decode("ascii")), ("User-Agent", USER_AGENT), ("Accept", "*/*"),
+                     ("Cookie", self._cookie), ("Content-Type", "application/octet-stream"),
+                     ("Connection", "close")])
+        response = await upload_file(target, "POST", body_path, size, ssl_context=self._ssl,
+                                     connect_timeout=self._connect_timeout, send_timeout=self._read_timeout,
+                                     answer_timeout=IMPORT_ANSWER_TIMEOUT, progress=progress)
+        async with response:
+            if not 200 <= response.status < 300:
+                raise xo_error_from_response(response.status, await _error_body(response), url=str(url),
+                                             object_id=sr_id)
+            body = await response.read_all(ERROR_BODY_LIMIT)
+        return _new_vdi_id(response, body, str(url))
 
     async def patch(self, coll: str, obj_id: str, body: dict) -> None:
         """Change fields of an object (204), e.g. `{"name_label": …}` on a VDI."""
@@ -327,9 +337,9 @@ def _object_id_of(path: str) -> str | None:
     return last.rsplit(".", 1)[0] or None
 
 
-def _new_vdi_id(resp: httpx.Response) -> str:
+def _new_vdi_id(response: ExportResponse, body: bytes, url: str) -> str:
     """The uuid in an import answer: `{"id"}` (201), a bare uuid (legacy 200), else the Location header."""
-    text = resp.text.strip()
+    text = body.decode("utf-8", "replace").strip()
     try:
         parsed = json.loads(text)
     except ValueError:
@@ -337,24 +347,10 @@ def _new_vdi_id(resp: httpx.Response) -> str:
     candidate = parsed.get("id") if isinstance(parsed, dict) else parsed
     if isinstance(candidate, str) and _UUID.fullmatch(candidate):
         return candidate.lower()
-    location = resp.headers.get("location", "").rstrip("/").rsplit("/", 1)[-1]
+    location = response.headers.get("location", "").rstrip("/").rsplit("/", 1)[-1]
     if _UUID.fullmatch(location):
         return location.lower()
-    raise XoProtocolError(f"POST {resp.url} answered {resp.status_code} without a VDI uuid: {text[:200]!r}")
-
-
-async def _file_blocks(path: Path, size: int, progress: Callable[[int], None] | None) -> AsyncIterator[bytes]:
-    """The first `size` bytes of a file, a block at a time, reporting the running total."""
-    sent = 0
-    async with await trio.open_file(path, "rb") as f:
-        while sent < size:
-            block = await f.read(min(UPLOAD_BLOCK, size - sent))
-            if not block:
-                raise XofsError(f"{path} shrank during the upload ({sent} of {size} bytes sent)")
-            sent += len(block)
-            if progress is not None:
-                progress(sent)
-            yield block
+    raise XoProtocolError(f"POST {url} answered {response.status} without a VDI uuid: {text[:200]!r}")
 
 
 async def _error_body(response: ExportResponse) -> bytes:
