@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tests.operate_support import Daemon, assert_documented, mount_helper, status_of, write_private
-from tests.support import is_mounted
+from tests.support import is_mounted, require_tool
 from xofs.options import OPTIONS
 
 
@@ -42,6 +42,12 @@ def test_an_fstab_entry_mounts_through_the_helper_and_umount_ends_it(sim, tmp_pa
         options_shown = status_of(mnt)["options"]
         assert (options_shown["uid"], options_shown["gid"], options_shown["attr_ttl"]) == (1234, 2345, 30.0)
         assert options_shown["max_exports"] == 2 and options_shown["umask"] == "022"
+        # mount(8) -a sees the fstab entry as mounted already (--fake: it calls no helper).
+        fstab = tmp_path / "fstab"
+        fstab.write_text(f"{sim.url} {mnt} xofs {options} 0 0\n")
+        fake = subprocess.run([require_tool("mount"), "--fake", "-av", "--fstab", str(fstab)], capture_output=True,
+                              text=True, timeout=30)
+        assert "already mounted" in fake.stdout, (fake.stdout, fake.stderr)
         subprocess.run(["umount", str(mnt)], check=True)
         daemon.wait_gone()
     finally:
