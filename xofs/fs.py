@@ -23,6 +23,7 @@ import pyfuse3
 from xofs.errors import XofsError
 from xofs.files import Caller, ExportService, FileAttrs, ImportEntry, ImportService, OpenFile, OpenInfo
 from xofs.invalidator import Invalidator
+from xofs.names import NAME_MAX
 from xofs.tree import Inode, InvalidateInode, Invalidation, Tree
 from xofs.views import Content, Dir, Export, File, Link, Live, Rendered, TypeSnapshot
 
@@ -251,6 +252,13 @@ class XoFS(pyfuse3.Operations):
         return ImportEntry(pnode.obj_id, name.decode("utf-8", "surrogateescape"))
 
     @staticmethod
+    def _check_length(name: bytes) -> None:
+        """ENAMETOOLONG for a name longer than NAME_MAX bytes: the kernel leaves that check to FUSE
+        filesystems (it passes names of up to 1024 bytes or more), and tools expect it."""
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+    @staticmethod
     def _caller(ctx: pyfuse3.RequestContext | None) -> Caller:
         return Caller(ctx.pid, ctx.uid, ctx.gid) if ctx is not None else Caller()
 
@@ -258,6 +266,7 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_length(name)
         inode = self.tree.lookup(parent_inode, name.decode("utf-8", "surrogateescape"))
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -420,6 +429,7 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_length(name)
         entry = self._import_entry(parent_inode, name)
         file = await self.imports.create(entry, mode, self._caller(ctx), self.describe((parent_inode, name)))
         inode = self.tree.lookup(parent_inode, entry.name)
@@ -458,6 +468,7 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._check_length(name_new)
         entry = self._import_entry(parent_inode_old, name_old)
         if parent_inode_new != parent_inode_old:
             self._import_entry(parent_inode_new, name_new)  # EPERM when the target is no import directory
