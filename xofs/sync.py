@@ -41,12 +41,13 @@ class Syncer:
         """Read every collection the views need, one request each, all at once."""
         results: dict[str, list[dict]] = {}
 
-        async def fetch(coll: str) -> None:
-            results[coll] = await self.client.collection(coll, fields="*")
+        async def fetch(type_: str, coll: str) -> None:
+            results[coll] = [obj for obj in await self.client.collection(coll, fields="*")
+                             if _listed_as(obj, type_, coll)]
 
         async with trio.open_nursery() as nursery:
-            for coll in COLLECTIONS.values():
-                nursery.start_soon(fetch, coll)
+            for type_, coll in COLLECTIONS.items():
+                nursery.start_soon(fetch, type_, coll)
         started = time.monotonic()
         first = not self.cache.loaded
         changes = self.cache.replace_all(obj for objs in results.values() for obj in objs)
@@ -88,3 +89,13 @@ class Syncer:
         if self.on_changes is not None:
             self.on_changes(changes)
         self.invalidate(self.tree.on_changes(changes))
+
+
+def _listed_as(obj: dict, type_: str, coll: str) -> bool:
+    """Whether an object of the listing of `coll` has that collection's one type; one log line if not (a
+    `VM-banana`, or a VDI among the VMs, would otherwise be dropped silently or shown in another view)."""
+    if obj.get("type") == type_:
+        return True
+    log.warning("XO listed %s of the wrong type %.40r among its %s: skipping it", obj.get("id"), obj.get("type"),
+                coll)
+    return False
