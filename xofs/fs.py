@@ -104,7 +104,8 @@ class XoFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, tree: Tree, *, exports: ExportService | None, imports: ImportService | None,
-                 invalidator: Invalidator, freshness: Freshness, read_only: bool = False) -> None:
+                 invalidator: Invalidator, freshness: Freshness, read_only: bool = False,
+                 uid: int | None = None, gid: int | None = None, umask: int = 0o077) -> None:
         super().__init__()
         self.tree = tree
         self.exports = exports
@@ -112,7 +113,12 @@ class XoFS(pyfuse3.Operations):
         self.invalidator = invalidator
         self.freshness = freshness
         self.read_only = read_only
-        self.uid, self.gid = os.getuid(), os.getgid()
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        # What the owner may do is given to group and others too, less the umask: the default (077) keeps
+        # everything private; `--allow-other` mounts default to 022. Files in import directories keep the
+        # mode their writer chose.
+        self.umask = umask
         self.started_ns = time.time_ns()
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, tuple[int, list[str]]] = {}
@@ -229,6 +235,9 @@ class XoFS(pyfuse3.Operations):
             mtime = attrs.mtime_ns
             if isinstance(node, ImportEntry) or isinstance(node, File) and isinstance(node.content, Export):
                 entry.st_blksize = EXPORT_BLKSIZE  # cp and friends then move 1 MiB per request
+        if not isinstance(node, ImportEntry):
+            owner = (entry.st_mode >> 6) & 0o7
+            entry.st_mode = (entry.st_mode & ~0o777) | (owner * 0o111 & ~self.umask)
         entry.st_blocks = (entry.st_size + 511) // 512
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime
         return entry

@@ -45,13 +45,12 @@ from xofs.daemon import LogSetup, Reporter, StartupError, detach, dump_stacks_on
 from xofs.errors import XoAuthError, XofsError
 from xofs.exports import ExportManager
 from xofs.feeds import FeedRunner
-from xofs.files import ImportEntry
 from xofs.fs import Freshness, XoFS
 from xofs.imports import ImportManager
 from xofs.invalidator import Invalidator
 from xofs.options import OptionError, add_arguments, resolve
 from xofs.sync import Syncer
-from xofs.tree import Inode, Tree
+from xofs.tree import Tree
 from xofs.views import load_views
 
 log = logging.getLogger("xofs")
@@ -206,23 +205,6 @@ class MountOptions:
                 "tls": tls}
 
 
-class MaskedFS(XoFS):
-    """The adapter with `--umask` applied: what the owner may do, given to all, less the umask.
-
-    The default umask (077) leaves every mode as the adapter makes it; files in import directories keep
-    the mode their writer chose.
-    """
-
-    umask = 0o077
-
-    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        entry = super().attributes(inode)
-        if not isinstance(inode.node, ImportEntry):
-            owner = (entry.st_mode >> 6) & 0o7
-            entry.st_mode = (entry.st_mode & ~0o777) | (owner * 0o111 & ~self.umask)
-        return entry
-
-
 @dataclass
 class Parts:
     """A mount's pieces, wired together; `running()` runs their background work."""
@@ -311,13 +293,8 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
                             notify=lambda sr_id, names: fs_ref[0].import_entries_changed(sr_id, names),
                             shutdown_wait=options.import_wait)
     tree = Tree(cache, load_views(), imports)
-    fs = MaskedFS(tree, exports=exports, imports=imports, invalidator=invalidator, freshness=freshness,
-                  read_only=options.read_only)
-    fs.umask = options.umask
-    if options.uid is not None:
-        fs.uid = options.uid
-    if options.gid is not None:
-        fs.gid = options.gid
+    fs = XoFS(tree, exports=exports, imports=imports, invalidator=invalidator, freshness=freshness,
+              read_only=options.read_only, uid=options.uid, gid=options.gid, umask=options.umask)
     fs_ref.append(fs)
 
     def on_changes(changes: list[Change]) -> None:
