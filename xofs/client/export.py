@@ -80,27 +80,34 @@ async def open_stream(target: HttpTarget, *, ssl_context: ssl.SSLContext | None,
     Any status is returned: deciding what a non-200 means is the caller's job. Raises `XoUnreachable` when
     the connection fails and `XoProtocolError` when the answer is not HTTP/1.x.
     """
-    stream: trio.abc.Stream
-    try:
-        with trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream(target.host, target.port)
-            if target.scheme == "https":
-                stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
-                                        server_hostname=target.host, https_compatible=True)
-                await stream.do_handshake()
-    except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
-        raise XoUnreachable(f"cannot reach XO at {target.url}: {_reason(exc, connect_timeout)}") from exc
+    stream = await connect(target, ssl_context, connect_timeout)
     response = ExportResponse(stream, target.url, read_timeout)
     try:
         await response._send_request(target)
-        await response._read_head()
+        await response.read_head()
     except BaseException:
         await response.aclose()
         raise
     return response
 
 
-def _reason(exc: BaseException, timeout: float) -> str:
+async def connect(target: HttpTarget, ssl_context: ssl.SSLContext | None, timeout: float) -> trio.abc.Stream:
+    """A TCP connection to the target, with TLS for https; XoUnreachable (saying why) when it fails."""
+    stream: trio.abc.Stream
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(target.host, target.port)
+            if target.scheme == "https":
+                stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
+                                        server_hostname=target.host, https_compatible=True)
+                await stream.do_handshake()
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
+        raise XoUnreachable(f"cannot reach XO at {target.url}: {connection_failure_reason(exc, timeout)}") from exc
+    return stream
+
+
+def connection_failure_reason(exc: BaseException, timeout: float) -> str:
+    """A few words on why sending or receiving failed (a timeout says after how long)."""
     if isinstance(exc, trio.TooSlowError):
         return f"timed out after {timeout:g} s"
     return describe_connection_error(exc)
@@ -329,7 +336,7 @@ class ExportResponse:
 
     def _broken(self, exc: BaseException) -> XoUnreachable:
         return XoUnreachable(f"export from {self.url} broke after {self.bytes_received} bytes: "
-                             f"{_reason(exc, self._read_timeout)}")
+                             f"{connection_failure_reason(exc, self._read_timeout)}")
 
     def _ended_early(self) -> XoUnreachable:
         due = f" of {self.content_length}" if self.content_length is not None else ""
@@ -355,9 +362,10 @@ class ExportResponse:
                 await self._stream.send_all(head)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise XoUnreachable(f"cannot send the request to {self.url}: "
-                                f"{_reason(exc, self._read_timeout)}") from exc
+                                f"{connection_failure_reason(exc, self._read_timeout)}") from exc
 
-    async def _read_head(self) -> None:
+    async def read_head(self) -> None:
+        """Read the status line and headers of the answer (1xx interim answers skipped); the body stays."""
         while True:
             status, reason, fields = await self._read_one_head()
             if not 100 <= status < 200:

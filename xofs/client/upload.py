@@ -23,8 +23,8 @@ from typing import NoReturn
 
 import trio
 
-from xofs.client.export import ExportResponse, HttpTarget
-from xofs.errors import XofsError, XoProtocolError, XoUnreachable, describe_connection_error
+from xofs.client.export import ExportResponse, HttpTarget, connect, connection_failure_reason
+from xofs.errors import XofsError, XoProtocolError, XoUnreachable
 
 BLOCK = 1 << 20  # progress is reported, and cancellation checked, once per block
 _ANSWER_GRACE = 5.0  # after the sending broke, how long XO's answer (its reason) is still waited for
@@ -46,7 +46,7 @@ async def upload_file(target: HttpTarget, method: str, path: Path, size: int, *,
              f"Content-Length: {size}"]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     with open(path, "rb") as file:
-        stream = await _connect(target, ssl_context, connect_timeout)
+        stream = await connect(target, ssl_context, connect_timeout)
         response = ExportResponse(stream, target.url, answer_timeout)
         try:
             answer_error: XofsError | None = None
@@ -56,7 +56,7 @@ async def upload_file(target: HttpTarget, method: str, path: Path, size: int, *,
                                  stop=nursery.cancel_scope)
                 nursery.start_soon(sender.run)
                 try:
-                    await response._read_head()
+                    await response.read_head()
                     answered = True
                 except XofsError as exc:
                     answer_error = exc
@@ -75,27 +75,6 @@ async def upload_file(target: HttpTarget, method: str, path: Path, size: int, *,
             await response.aclose()
             raise
     return response
-
-
-async def _connect(target: HttpTarget, ssl_context: ssl.SSLContext | None, timeout: float) -> trio.abc.Stream:
-    """A TCP connection to the target, with TLS for https (as `export.open_stream` makes them)."""
-    stream: trio.abc.Stream
-    try:
-        with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(target.host, target.port)
-            if target.scheme == "https":
-                stream = trio.SSLStream(stream, ssl_context or ssl.create_default_context(),
-                                        server_hostname=target.host, https_compatible=True)
-                await stream.do_handshake()
-    except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
-        raise XoUnreachable(f"cannot reach XO at {target.url}: {_reason(exc, timeout)}") from exc
-    return stream
-
-
-def _reason(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"timed out after {timeout:g} s"
-    return describe_connection_error(exc)
 
 
 class _FileFailed(Exception):
@@ -137,7 +116,7 @@ class _Sender:
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ssl.SSLError) as exc:
             self.error = XoUnreachable(f"upload to {self.url} broke after {self.sent} of {self.size} bytes: "
-                                       f"{_reason(exc, self.timeout)}")
+                                       f"{connection_failure_reason(exc, self.timeout)}")
             self.error.__cause__ = exc
             await trio.sleep(_ANSWER_GRACE)
             self.stop.cancel()
