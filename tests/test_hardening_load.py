@@ -1,0 +1,176 @@
+"""Load: 16 exports and 8 imports at once, `find` and `ls -l` in a loop, 200 events a second of churn.
+
+For a bounded time (60 s in CI; `scripts/reliability` runs it longer through
+`$XOFS_RELIABILITY_LOAD_SECONDS`): no deadlock (every worker finishes, the mount answers at the end),
+every copy byte-exact (exports hashed against XO's own bytes, imports read back from XO), the daemon's
+memory bounded, and its file descriptors and threads back where they started once the load is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.hardening_support import (
+    DaemonProbe,
+    MiB,
+    import_raw,
+    pattern_bytes,
+    record,
+    scaled,
+    wait_for,
+    writable_sr,
+)
+from tests.support import MountProcess, SimProcess
+
+pytestmark = pytest.mark.mount
+
+SECONDS = scaled("load_seconds", 60)
+EXPORTERS, IMPORTERS = 16, 8
+DISK_SIZE = 8 * MiB
+IMPORT_SIZE = 4 * MiB
+
+
+@dataclass
+class Tally:
+    """What the workers did, and every way it went wrong (all must stay empty)."""
+
+    exports: int = 0
+    export_bytes: int = 0
+    imports: dict[str, str] = field(default_factory=dict)  # VDI name -> sha256 of what was copied in
+    import_bytes: int = 0
+    walks: int = 0
+    failures: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            self.failures.append(what)
+
+
+def run(*cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+
+
+def exporter(mount: MountProcess, files: list[tuple[Path, str]], n: int, deadline: float, tally: Tally) -> None:
+    i = n
+    while time.monotonic() < deadline:
+        path, expected = files[i % len(files)]
+        i += 1
+        proc = run("sha256sum", str(path))
+        if proc.returncode != 0:
+            tally.fail(f"sha256sum {path}: {proc.stderr.strip()}")
+        elif proc.stdout.split()[0] != expected:
+            tally.fail(f"{path}: the bytes differ from XO's")
+        else:
+            with tally.lock:
+                tally.exports += 1
+                tally.export_bytes += path.stat().st_size
+
+
+def importer(mount: MountProcess, sr: str, scratch: Path, n: int, deadline: float, tally: Tally) -> None:
+    i = 0
+    while time.monotonic() < deadline:
+        name = f"load-{n}-{i}"
+        data = pattern_bytes(IMPORT_SIZE, 1000 * n + i)
+        src = scratch / f"{name}.raw"
+        src.write_bytes(data)
+        proc = run("cp", str(src), str(mount / f"srs/{sr}/import/{name}.raw"))
+        src.unlink()
+        if proc.returncode != 0:
+            tally.fail(f"cp {name}: {proc.stderr.strip()}")
+        else:
+            with tally.lock:
+                tally.imports[name] = hashlib.sha256(data).hexdigest()
+                tally.import_bytes += len(data)
+        i += 1
+
+
+def walker(mount: MountProcess, deadline: float, tally: Tally) -> None:
+    while time.monotonic() < deadline:
+        for cmd in (["find", str(mount.mountpoint), "-path", "*/import", "-prune", "-o", "-print"],
+                    ["ls", "-l", str(mount / "vms"), str(mount / "vdis"), str(mount / "by-name" / "vms")]):
+            proc = run(*cmd, timeout=60)
+            if proc.returncode != 0:
+                tally.fail(f"{cmd[0]}: {proc.stderr.strip()[:300]}")
+        with tally.lock:
+            tally.walks += 1
+
+
+def status(mount: MountProcess) -> dict:
+    return json.loads((mount / ".xofs" / "status.json").read_bytes())
+
+
+@pytest.mark.timeout(SECONDS + 240)
+def test_exports_imports_walks_and_churn_at_once(tmp_path, make_mount):
+    sim = SimProcess(args=["--seed", "3", "--churn", "200", "--state-dir", str(tmp_path / "sim-state")],
+                     log_path=tmp_path / "sim.log").start()
+    try:
+        disks = [import_raw(sim, pattern_bytes(DISK_SIZE, 100 + k), f"load-src-{k}") for k in range(4)]
+        expected = {}
+        for vdi in disks:
+            for fmt in ("raw", "vhd"):
+                code, _, body = sim.request("GET", f"/rest/v0/vdis/{vdi}.{fmt}")
+                assert code == 200
+                expected[(vdi, fmt)] = hashlib.sha256(body).hexdigest()
+        mount = make_mount(sim, "--max-exports", str(EXPORTERS), "--max-uploads", str(IMPORTERS))
+        files = [(mount / "vdis" / f"{vdi}.{fmt}", digest) for (vdi, fmt), digest in expected.items()]
+        wait_for(lambda: all(p.exists() for p, _ in files), 10, "the disks on the mount")
+        sr = writable_sr(sim)
+        probe = DaemonProbe(mount.proc.pid)
+        before = probe.snapshot()
+        feed_before = status(mount)["feed"]
+        tally = Tally()
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        peak = before["rss"]
+        began = time.monotonic()
+        deadline = began + SECONDS
+        with ThreadPoolExecutor(EXPORTERS + IMPORTERS + 1) as pool:
+            jobs = [pool.submit(exporter, mount, files, n, deadline, tally) for n in range(EXPORTERS)]
+            jobs += [pool.submit(importer, mount, sr, scratch, n, deadline, tally) for n in range(IMPORTERS)]
+            jobs.append(pool.submit(walker, mount, deadline, tally))
+            while not all(j.done() for j in jobs):
+                peak = max(peak, probe.rss())
+                assert time.monotonic() < deadline + 180, "a worker is stuck: deadlock?"
+                time.sleep(0.5)
+            for job in jobs:
+                job.result()
+        took = time.monotonic() - began
+        assert tally.failures == [], tally.failures[:10]
+        assert tally.exports >= EXPORTERS and len(tally.imports) >= IMPORTERS and tally.walks >= 1
+        # The mount still answers at once.
+        assert run("ls", str(mount / "vms"), timeout=10).returncode == 0
+        # Every import, read back from XO, is what was copied in.
+        vdis = {v["name_label"]: v["id"] for v in sim.get_json("/rest/v0/vdis?fields=id,name_label")}
+        lost = 0
+        for name, digest in tally.imports.items():
+            code, _, body = sim.request("GET", f"/rest/v0/vdis/{vdis[name]}.raw")
+            if code != 200 or hashlib.sha256(body).hexdigest() != digest:
+                lost += IMPORT_SIZE
+        assert lost == 0
+        # What the daemon holds goes back to where it was once the load is gone (idle HTTP connections
+        # and trio's idle worker threads take a few seconds to go).
+        wait_for(lambda: probe.snapshot()["fds"] <= before["fds"] + 2, 30, "the file descriptors to be released")
+        wait_for(lambda: probe.threads() <= before["threads"] + 1, 30, "the worker threads to end")
+        after = probe.snapshot()
+        assert peak - before["rss"] < 400 * MiB, f"memory grew by {(peak - before['rss']) >> 20} MiB under load"
+        feed = status(mount)["feed"]
+        assert feed["connected"] and feed["reconnects"] == feed_before["reconnects"], feed
+        record("load", f"{EXPORTERS} exports, {IMPORTERS} imports, find and ls -l, churn 200/s",
+               seconds=round(took, 1), exports=tally.exports, export_bytes=tally.export_bytes,
+               imports=len(tally.imports), import_bytes=tally.import_bytes, walks=tally.walks,
+               event_notifications=feed["events"] - feed_before["events"],
+               rss_before_mib=before["rss"] >> 20, rss_peak_mib=peak >> 20, rss_after_mib=after["rss"] >> 20,
+               fds_before=before["fds"], fds_after=after["fds"], threads_before=before["threads"],
+               threads_after=after["threads"], bytes_lost=lost, failures=len(tally.failures))
+    finally:
+        sim.stop()
