@@ -13,10 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.support import SimProcess, force_unmount, is_mounted
+from tests.support import (
+    SimProcess,
+    force_unmount,
+    is_mounted,
+    wait_for,
+)
 
 SECRET_PREFIX = "xofs-test-token-"  # every token the tests make starts so (DEFAULT_TOKEN too)
 BIN = Path(sys.executable).parent
@@ -37,18 +41,6 @@ def mount_helper(*args: str, env: dict[str, str] | None = None, timeout: float =
                           env={**base, **(env or {})}, timeout=timeout)
 
 
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def status_of(mountpoint: Path) -> dict:

@@ -29,6 +29,21 @@ TOOL_PACKAGES = {
 }
 
 
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
+    """Poll `predicate` until it returns something true (OSErrors count as not yet); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
 def require_tool(name: str) -> str:
     """The path of a tool the test needs; a missing tool fails the test with what to install."""
     path = shutil.which(name)

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from trio_websocket import open_websocket_url
 
-from tests.support import MountProcess, SimProcess, is_mounted, require_tool
+from tests.support import MountProcess, SimProcess, is_mounted, require_tool, wait_for
 
 
 def xofs(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -21,18 +20,6 @@ def xofs(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 async def rpc(sim: SimProcess, method: str, params: dict | None = None):
