@@ -170,6 +170,18 @@ class XoFS(pyfuse3.Operations):
         self._renderings[content] = (source, data)
         return data
 
+    def warm(self) -> None:
+        """Work out, before the mount goes live, what the first `ls -l` of each top-level directory needs:
+        its listing, sorted, and the sizes of the export files in it (bounds walk each VM's disks)."""
+        started = time.monotonic()
+        for name in self.tree.sorted_names(()) or ():
+            entries = self.tree.children((name,))
+            self.tree.sorted_names((name,))
+            for node in (entries or {}).values():
+                if isinstance(node, File) and isinstance(node.content, Export) and self.exports is not None:
+                    self.exports.attrs(node.content)
+        log.debug("top-level listings worked out in %.3f s", time.monotonic() - started)
+
     def export_size_known(self, export: Export) -> None:
         """An export's exact length became known (or its bound changed): refresh its size in the kernel."""
         self.apply_invalidations([InvalidateInode(ino) for ino in self.tree.files_with(export)])

@@ -354,6 +354,7 @@ class Mount:
             transfer_sources=[parts.exports.transfers, parts.imports.transfers], errors=self.errors,
             options=self.options.public()))
         async with parts.running() as nursery:
+            parts.fs.warm()
             try:
                 pyfuse3.init(parts.fs, str(args.mountpoint), fuse_options(args, self.fuse_flags))
             except RuntimeError as err:
