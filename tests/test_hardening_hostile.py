@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tests.hardening_support import all_frame, record, send_frames, set_faults, wait_for, writable_sr
+from tests.hardening_support import all_frame, record, scaled, send_frames, set_faults, wait_for, writable_sr
 from tests.support import MountProcess, SimProcess
 from xofs.cache import KEPT_TYPES, ObjectCache
 from xofs.client.rest import parse_collection
@@ -39,7 +39,10 @@ from xofs.sim.rest_hostile import HOSTILE_IDS, HOSTILE_NAMES
 from xofs.tree import ROOT_INODE, InvalidateEntry, InvalidateInode, Tree
 from xofs.views import load_views
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# scripts/reliability asks for more through $XOFS_RELIABILITY_FUZZ_EXAMPLES and ..._FUZZ_MACHINES.
+FUZZ_EXAMPLES = int(scaled("fuzz_examples", 200))
+MACHINE_RUNS, MACHINE_STEPS = int(scaled("fuzz_machines", 150)), 25
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def check_safe_name(name: str) -> None:
@@ -407,6 +410,6 @@ class CacheAndTree(RuleBasedStateMachine):
 
 
 TestCacheAndTree = CacheAndTree.TestCase
-TestCacheAndTree.settings = settings(max_examples=150, stateful_step_count=25, deadline=None,
+TestCacheAndTree.settings = settings(max_examples=MACHINE_RUNS, stateful_step_count=MACHINE_STEPS, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])
 

@@ -132,6 +132,7 @@ def test_exports_imports_walks_and_churn_at_once(tmp_path, make_mount):
         scratch = tmp_path / "scratch"
         scratch.mkdir()
         peak = before["rss"]
+        samples: list[int] = []  # resident memory every tenth of the run, to see whether it levels off
         began = time.monotonic()
         deadline = began + SECONDS
         with ThreadPoolExecutor(EXPORTERS + IMPORTERS + 1) as pool:
@@ -139,7 +140,10 @@ def test_exports_imports_walks_and_churn_at_once(tmp_path, make_mount):
             jobs += [pool.submit(importer, mount, sr, scratch, n, deadline, tally) for n in range(IMPORTERS)]
             jobs.append(pool.submit(walker, mount, deadline, tally))
             while not all(j.done() for j in jobs):
-                peak = max(peak, probe.rss())
+                rss = probe.rss()
+                peak = max(peak, rss)
+                if time.monotonic() - began >= len(samples) * SECONDS / 10 and len(samples) < 10:
+                    samples.append(rss >> 20)
                 assert time.monotonic() < deadline + 180, "a worker is stuck: deadlock?"
                 time.sleep(0.5)
             for job in jobs:
@@ -170,6 +174,7 @@ def test_exports_imports_walks_and_churn_at_once(tmp_path, make_mount):
                imports=len(tally.imports), import_bytes=tally.import_bytes, walks=tally.walks,
                event_notifications=feed["events"] - feed_before["events"],
                rss_before_mib=before["rss"] >> 20, rss_peak_mib=peak >> 20, rss_after_mib=after["rss"] >> 20,
+               rss_every_tenth_mib=samples,
                fds_before=before["fds"], fds_after=after["fds"], threads_before=before["threads"],
                threads_after=after["threads"], bytes_lost=lost, failures=len(tally.failures))
     finally:
