@@ -322,6 +322,10 @@ class ExportFile:
         except trio.WouldBlock:
             await self._lock.acquire()
         try:
+            if self.manager.cache.get(self.export.obj_id) is None:
+                # XO said the object is gone: what is still buffered must not make a copy look complete.
+                raise XofsError(f"the XO object {self.export.obj_id} was deleted while it was being read",
+                                errno_=errno.ENOENT)
             source = await self._source(offset)
             data = await source.read(offset, size)
             await self._check_end(source, offset, size)
