@@ -180,3 +180,17 @@ def xo_unreachable(exc: BaseException, url: str) -> XoUnreachable:
     err = XoUnreachable(f"cannot reach XO at {url}: {describe_connection_error(exc)}")
     err.__cause__ = exc
     return err
+
+
+def xofs_error_in(exc: BaseException) -> XofsError | None:
+    """The XO failure `exc` is, or the first of an exception group made only of them (an event sink's resync
+    reads many collections at once); None for anything else, which is a bug to let through."""
+    if isinstance(exc, XofsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(XofsError)
+        if matched is not None and rest is None:
+            while isinstance(matched, BaseExceptionGroup):
+                matched = matched.exceptions[0]
+            return matched  # type: ignore[return-value]
+    return None

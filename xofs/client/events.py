@@ -30,6 +30,7 @@ from xofs.errors import (
     XoUnreachable,
     describe_connection_error,
     xo_error_from_rpc,
+    xofs_error_in,
 )
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class EventFeed:
                         nursery.start_soon(self._keep_alive, ws)
                         await self._sink.resync()
                     except Exception as exc:  # re-raised below unless XO is what failed
-                        err = _xofs_error_in(exc)
+                        err = xofs_error_in(exc)
                         if err is None:
                             raise
                         if isinstance(err, XoAuthError) and task_status is not None:
@@ -296,19 +297,6 @@ def _all_notification(params: Any) -> tuple[str, dict] | None:
         items = {k: v for k, v in items.items() if k not in bad}
     return (kind, items) if items else None
 
-
-def _xofs_error_in(exc: Exception) -> XofsError | None:
-    """The XO failure `exc` is, or the first of a group made only of them (a sink's resync may read many
-    collections at once); None if something else went wrong, which is a bug to let through."""
-    if isinstance(exc, XofsError):
-        return exc
-    if isinstance(exc, ExceptionGroup):
-        matched, rest = exc.split(XofsError)
-        if matched is not None and rest is None:
-            while isinstance(matched, ExceptionGroup):
-                matched = matched.exceptions[0]
-            return matched  # type: ignore[return-value]
-    return None
 
 
 def _handshake_reason(exc: BaseException, timeout: float) -> str:

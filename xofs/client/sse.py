@@ -25,7 +25,14 @@ import trio
 
 from xofs.client.auth import cookie_header, ssl_context
 from xofs.client.events import EventSink
-from xofs.errors import XoAuthError, XofsError, XoProtocolError, xo_error_from_response, xo_unreachable
+from xofs.errors import (
+    XoAuthError,
+    XofsError,
+    XoProtocolError,
+    xo_error_from_response,
+    xo_unreachable,
+    xofs_error_in,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +143,7 @@ class SseFeed:
                 async for kind, items in _queued_then_live(queue_out, self._live):
                     self._sink.apply(kind, items)
             except Exception as exc:  # re-raised below unless XO is what failed
-                failure = _xofs_error_in(exc)
+                failure = xofs_error_in(exc)
                 if failure is None:
                     raise
             nursery.cancel_scope.cancel()
@@ -231,16 +238,3 @@ async def _queued_then_live(queue: trio.MemoryReceiveChannel[tuple[str, dict]],
     async for change in queue:
         yield change
 
-
-def _xofs_error_in(exc: Exception) -> XofsError | None:
-    """The XO failure `exc` is, or the first of a group made only of them (the sink's resync reads many
-    collections at once); None for anything else, which is a bug to let through."""
-    if isinstance(exc, XofsError):
-        return exc
-    if isinstance(exc, ExceptionGroup):
-        matched, rest = exc.split(XofsError)
-        if matched is not None and rest is None:
-            while isinstance(matched, ExceptionGroup):
-                matched = matched.exceptions[0]
-            return matched  # type: ignore[return-value]
-    return None
