@@ -17,14 +17,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
-from scripts.benchlib import report, rss_mb, timed  # noqa: E402
+from scripts.benchlib import Sampler, report, rss_mb, timed  # noqa: E402
 from tests.support import MountProcess, SimProcess  # noqa: E402
 
 GiB = 1 << 30
@@ -59,30 +58,19 @@ def curl_cmd(sim: SimProcess, export: str) -> list[str]:
     return ["curl", "-sSf", "-o", "/dev/null", "-b", f"authenticationToken={sim.token}", f"{sim.url}/rest/v0/{export}"]
 
 
-class PeakRss:
+class PeakRss(Sampler):
     """Samples a process's resident memory while something runs."""
 
     def __init__(self, pid: int) -> None:
+        super().__init__()
         self.pid = pid
         self.peak = 0.0
         self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss = rss_mb(self.pid)
-            self.samples.append(rss)
-            self.peak = max(self.peak, rss)
-            time.sleep(0.05)
+    def sample(self) -> None:
+        rss = rss_mb(self.pid)
+        self.samples.append(rss)
+        self.peak = max(self.peak, rss)
 
 
 def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str) -> None:

@@ -13,14 +13,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
-from scripts.benchlib import report, rss_mb  # noqa: E402
+from scripts.benchlib import Sampler, report, rss_mb  # noqa: E402
 from tests.support import MountProcess, SimProcess  # noqa: E402
 
 SIZE = 2 << 30  # bytes of data in the VHD: a 2 GiB dynamic VHD, every block allocated
@@ -48,29 +47,18 @@ def upload_started(log: str) -> float | None:
     return None
 
 
-class PeakWatcher:
+class PeakWatcher(Sampler):
     """Samples a process's RSS and the size of a directory tree while something runs."""
 
     def __init__(self, pid: int, spool: Path) -> None:
+        super().__init__()
         self.pid, self.spool = pid, spool
         self.peak_rss = self.peak_spool = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PeakWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, rss_mb(self.pid))
-            used = sum(p.stat().st_blocks * 512 for p in self.spool.rglob("*.spool") if p.exists())
-            self.peak_spool = max(self.peak_spool, used / 2**30)
-            time.sleep(0.05)
+    def sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, rss_mb(self.pid))
+        used = sum(p.stat().st_blocks * 512 for p in self.spool.rglob("*.spool") if p.exists())
+        self.peak_spool = max(self.peak_spool, used / 2**30)
 
 
 def bench_imports(work: Path) -> None:
