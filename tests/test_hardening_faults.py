@@ -346,8 +346,10 @@ def test_a_daemon_killed_mid_import_leaves_no_mount_no_vdi_and_the_next_start_cl
     assert spools, "the import is spooled under the state directory"
     mount.proc.kill()
     mount.proc.wait(10)
+    killed = time.monotonic()
     assert cp.wait(30) != 0
-    wait_for(lambda: not _mounted(mount.mountpoint), 10, "auto_unmount to remove the dead mount")
+    wait_for(lambda: not _mounted(mount.mountpoint), 30, "auto_unmount to remove the dead mount")
+    record("faults", "daemon killed mid-import", unmounted_after_s=round(time.monotonic() - killed, 1))
     wait_for(lambda: not vdi_ids(sim, "killed"), 30, "XO to drop the VDI of the cut upload")
     assert all(p.exists() for p in spools), "the dead daemon's spool is still there"
     reset_faults(sim)
