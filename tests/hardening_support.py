@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +24,6 @@ from trio_websocket import open_websocket_url
 from tests.support import SimProcess
 
 MiB = 1 << 20
-
-
-# ---- waiting ---------------------------------------------------------------------------------------------
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-             interval: float = 0.05) -> Any:
-    """Poll until `predicate()` is truthy (an OSError counts as not yet); its value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---- the simulator's knobs -------------------------------------------------------------------------------
@@ -202,21 +183,7 @@ class DaemonProbe:
                 "threads": self.threads()}
 
 
-def tcp_connections(pid: int, port: int) -> int:
-    """The TCP connections of `pid` to `port` on the loopback, as `ss` sees them (any state)."""
-    out = subprocess.run(["ss", "-tanpH", f"dport = :{port}"], capture_output=True, text=True, timeout=10).stdout
-    return sum(f"pid={pid}," in line for line in out.splitlines())
-
-
 # ---- data ------------------------------------------------------------------------------------------------
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MiB):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def pattern_bytes(size: int, seed: int) -> bytes:
     """Disk-like content: hashed blocks with zero runs between them, different for every seed."""

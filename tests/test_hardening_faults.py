@@ -37,10 +37,9 @@ from tests.hardening_support import (
     set_faults,
     stats,
     vdi_ids,
-    wait_for,
     writable_sr,
 )
-from tests.support import MountProcess, SimProcess, require_tool
+from tests.support import MountProcess, SimProcess, require_tool, wait_for
 
 pytestmark = pytest.mark.mount
 

@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from tests.hardening_support import all_frame, record, scaled, send_frames, set_faults, wait_for, writable_sr
-from tests.support import MountProcess, SimProcess
+from tests.hardening_support import all_frame, record, scaled, send_frames, set_faults, writable_sr
+from tests.support import MountProcess, SimProcess, wait_for
 from xofs.cache import KEPT_TYPES, ObjectCache
 from xofs.client.rest import parse_collection
 from xofs.errors import XoProtocolError

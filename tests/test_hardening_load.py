@@ -28,10 +28,9 @@ from tests.hardening_support import (
     pattern_bytes,
     record,
     scaled,
-    wait_for,
     writable_sr,
 )
-from tests.support import MountProcess, SimProcess
+from tests.support import MountProcess, SimProcess, wait_for
 
 pytestmark = pytest.mark.mount
 

@@ -36,10 +36,9 @@ from tests.hardening_support import (
     reset_stats,
     stats,
     vdi_ids,
-    wait_for,
     writable_sr,
 )
-from tests.support import DEFAULT_TOKEN, MountProcess, SimProcess, require_tool
+from tests.support import DEFAULT_TOKEN, MountProcess, SimProcess, require_tool, wait_for
 
 pytestmark = pytest.mark.mount
 
