@@ -6,14 +6,13 @@ import copy
 import json
 import os
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 import xofs.views.ndjson as ndjson
-from tests.support import SimProcess, require_tool
+from tests.support import SimProcess, require_tool, wait_for
 from xofs.cache import COLLECTIONS, ObjectCache
 from xofs.views import File, TypeSnapshot, load_views
 
@@ -38,16 +37,6 @@ def xo_ndjson(sim: SimProcess, collection: str) -> dict[str, dict]:
         del obj["href"]
     return {obj["id"]: obj for obj in objects}
 
-
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 # ---- rendering, directly ------------------------------------------------------------------------

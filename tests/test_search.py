@@ -12,13 +12,12 @@ import json
 import logging
 import os
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from tests.support import MountProcess, SimProcess
+from tests.support import MountProcess, SimProcess, wait_for
 from xofs.cache import ObjectCache
 from xofs.matcher import MatcherSyntaxError, parse
 from xofs.names import unique_names
@@ -41,16 +40,6 @@ def recorded_cache() -> ObjectCache:
     cache.replace_all(objects)
     return cache
 
-
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def run(*cmd: str) -> str:
