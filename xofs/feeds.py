@@ -16,7 +16,8 @@ from collections.abc import Callable
 import trio
 
 from xofs.cache import KEPT_TYPES
-from xofs.client.events import EventFeed, EventSink
+from xofs.client.events import EventFeed
+from xofs.client.reconnect import EventSink
 from xofs.client.sse import SseFeed, SseUnavailable
 from xofs.credentials import CredentialError, Credentials
 from xofs.errors import XoAuthError

@@ -4,7 +4,8 @@ XO sends nothing before `session.signIn` and never an initial snapshot (xo-api.m
 goes: connect, sign in, let the sink re-read everything (`resync`) while notifications queue up, apply the
 queue in arrival order, then apply notifications as they come. A notification carries whole objects
 (`enter`: added or changed) or ids (`exit`: gone), so replaying those that raced with the re-read is
-harmless. XO has no heartbeat: a cheap call every `keepalive` seconds notices a silent socket.
+harmless. XO has no heartbeat: a cheap call every `keepalive` seconds notices a silent socket. Reconnecting
+with backoff, and going live, are `xofs.client.reconnect`'s, shared with the SSE feed.
 
 One task applies everything, so the sink's methods are never called concurrently with each other.
 """
@@ -15,14 +16,14 @@ import itertools
 import json
 import logging
 import math
-import random
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from xofs.client.auth import sign_in_params, ssl_context
+from xofs.client.reconnect import EventSink, Reconnector, SessionEnded
 from xofs.errors import (
     XoAuthError,
     XoError,
@@ -39,23 +40,6 @@ API_PATH = "/api/"  # xo-server upgrades only this exact path
 MAX_MESSAGE = 256 << 20  # connecting a pool sends all its objects in one `all` frame
 RECEIVE_BUFFER = 256 << 10
 DISCONNECT_TIMEOUT = 2.0
-
-
-class EventSink(Protocol):
-    """What the feed drives: the daemon's object cache."""
-
-    async def resync(self) -> None:
-        """Re-read everything; called after each (re)connect and sign-in, before queued events are applied."""
-
-    def apply(self, kind: str, items: dict) -> None:
-        """One `all` notification: kind "enter" (items: id -> object) or "exit" (items: id -> 0)."""
-
-    def feed_state(self, state: str, detail: str = "") -> None:
-        """"connecting" (at start), "connected" (live), "disconnected" (with the reason; once per loss)."""
-
-
-class _Drop(Exception):
-    """The session ended; the message says why."""
 
 
 class _PendingCall:
@@ -75,13 +59,12 @@ class EventFeed:
         self._token = token
         self._sink = sink
         self._keepalive = keepalive
-        self._backoff = backoff
+        self._reconnector = Reconnector(sink, log, f"XO event feed {self.url}", backoff)
         self._ssl = ssl_context(verify) if self.url.startswith("wss:") else None
         self._connect_timeout = connect_timeout
         self._ids = itertools.count(1)
         self._pending: dict[int, _PendingCall] = {}
         self._live: WebSocketConnection | None = None  # set while signed in
-        self._state = ""
         self._drop_reason: str | None = None
         self._session_scope: trio.CancelScope | None = None
 
@@ -91,22 +74,7 @@ class EventFeed:
         `task_status.started()` comes after the first sign-in and resync. A refused first sign-in raises
         `XoAuthError` (bad credentials do not get better by retrying); later refusals are retried.
         """
-        self._set_state("connecting")
-        delay = self._backoff[0]
-        started = False
-        while True:
-            try:
-                await self._session(None if started else task_status)
-            except _Drop as drop:
-                reason = str(drop)
-            if self._state == "connected":
-                delay = self._backoff[0]
-                started = True
-            self._set_state("disconnected", reason)
-            sleep = random.uniform(delay / 2, delay)
-            log.warning("XO event feed %s: %s; reconnecting in %.1f s", self.url, reason, sleep)
-            await trio.sleep(sleep)
-            delay = min(delay * 2, self._backoff[1])
+        await self._reconnector.run(self._session, fatal=(XoAuthError,), task_status=task_status)
 
     async def call(self, method: str, params: dict | None = None) -> Any:
         """One JSON-RPC call on the live socket; `XoUnreachable` when there is none or it drops meanwhile."""
@@ -117,13 +85,11 @@ class EventFeed:
 
     # --- one connection ---
 
-    async def _session(self, task_status: trio.TaskStatus[None] | None) -> None:
-        """Connect, sign in, resync, then apply notifications until the connection is lost (raises `_Drop`).
-
-        Before the first start (`task_status` given), a refused sign-in raises `XoAuthError` instead.
-        """
+    async def _session(self) -> None:
+        """Connect, sign in, resync, then apply notifications until the connection is lost (raises
+        `SessionEnded`, or `XoAuthError` for a refused sign-in: fatal at the first start only)."""
         self._drop_reason = None
-        fatal: XoAuthError | None = None
+        refused: XoAuthError | None = None
         queue_in, queue_out = trio.open_memory_channel[tuple[str, dict]](math.inf)
         try:
             async with trio_websocket.open_websocket_url(
@@ -142,36 +108,20 @@ class EventFeed:
                         err = xofs_error_in(exc)
                         if err is None:
                             raise
-                        if isinstance(err, XoAuthError) and task_status is not None:
-                            fatal = err
+                        if isinstance(err, XoAuthError):
+                            refused = err
                         self._lose(err.describe())
                     else:
-                        await self._apply_forever(queue_out, task_status)
+                        await self._reconnector.follow(queue_out)
         except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
             self._lose(_handshake_reason(exc, self._connect_timeout))
         finally:
             self._live = None
             self._session_scope = None
             self._fail_pending(self._drop_reason or "connection closed")
-        if fatal is not None:
-            raise fatal
-        raise _Drop(self._drop_reason or "connection closed")
-
-    async def _apply_forever(self, queue: trio.MemoryReceiveChannel[tuple[str, dict]],
-                             task_status: trio.TaskStatus[None] | None) -> None:
-        # What queued during the resync is applied first, in order, and only then is the feed "connected".
-        while True:
-            try:
-                kind, items = queue.receive_nowait()
-            except trio.WouldBlock:
-                break
-            self._sink.apply(kind, items)
-        self._set_state("connected")
-        log.info("XO event feed %s: live", self.url)
-        if task_status is not None:
-            task_status.started()
-        async for kind, items in queue:
-            self._sink.apply(kind, items)
+        if refused is not None:
+            raise refused
+        raise SessionEnded(self._drop_reason or "connection closed")
 
     async def _sign_in(self, ws: WebSocketConnection) -> None:
         with trio.move_on_after(self._connect_timeout) as scope:
@@ -262,12 +212,6 @@ class EventFeed:
             pending.done.set()
         else:
             log.warning("XO event feed: skipping an unexpected frame: %.200r", frame)
-
-    def _set_state(self, state: str, detail: str = "") -> None:
-        """Tell the sink, only on a change: retries while disconnected stay in the log."""
-        if state != self._state:
-            self._state = state
-            self._sink.feed_state(state, detail)
 
 
 def ws_url(base_url: str) -> str:

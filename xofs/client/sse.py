@@ -8,8 +8,8 @@ they come: `add` and `update` as an `enter` of the object (without XO's `$subscr
 `exit`. XO pings every 30 s, so a stream silent for `idle_timeout` seconds is taken for dead.
 
 It drives the same `EventSink` as `xofs.client.events.EventFeed` and has the same `run()`, reconnecting with
-exponential backoff. A server without the route (404: XO before 5.113) raises `SseUnavailable` at the first
-start, so that the mount can fall back to the JSON-RPC feed.
+exponential backoff (both through `xofs.client.reconnect`). A server without the route (404: XO before
+5.113) raises `SseUnavailable` at the first start, so that the mount can fall back to the JSON-RPC feed.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import httpx
 import trio
 
 from xofs.client.auth import cookie_header, ssl_context
-from xofs.client.events import EventSink
+from xofs.client.reconnect import EventSink, Reconnector, SessionEnded
 from xofs.errors import (
     XoAuthError,
     XofsError,
@@ -43,10 +42,6 @@ class SseUnavailable(XofsError):
     """The server has no REST event stream (an XO older than 5.113, or one behind a proxy that hides it)."""
 
 
-class _Drop(Exception):
-    """The stream ended; the message says why."""
-
-
 class SseFeed:
     """Keeps an XO REST event stream open, subscribed to `types`, and feeds its events to an `EventSink`."""
 
@@ -60,38 +55,17 @@ class SseFeed:
         self._types = sorted(types)
         self._ssl = ssl_context(verify) if self.url.startswith("https:") else None
         self._timeout = httpx.Timeout(idle_timeout, connect=connect_timeout)
-        self._backoff = backoff
-        self._state = ""
+        self._reconnector = Reconnector(sink, log, f"XO event stream {self.url}", backoff)
         self._end = ""  # why the current stream ended
-        self._task_status: trio.TaskStatus[None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Forever: stay subscribed, reconnecting with backoff. `task_status.started()` after the first resync.
 
         At the first start a refused token raises `XoAuthError` and a missing route `SseUnavailable`.
         """
-        self._set_state("connecting")
-        delay = self._backoff[0]
-        started = False
-        while True:
-            try:
-                await self._session(None if started else task_status)
-            except _Drop as drop:
-                reason = str(drop)
-            except XofsError as err:
-                if not started and isinstance(err, XoAuthError | SseUnavailable):
-                    raise
-                reason = err.describe()
-            if self._state == "connected":
-                delay = self._backoff[0]
-                started = True
-            self._set_state("disconnected", reason)
-            sleep = random.uniform(delay / 2, delay)
-            log.warning("XO event stream %s: %s; reconnecting in %.1f s", self.url, reason, sleep)
-            await trio.sleep(sleep)
-            delay = min(delay * 2, self._backoff[1])
+        await self._reconnector.run(self._session, fatal=(XoAuthError, SseUnavailable), task_status=task_status)
 
-    async def _session(self, task_status: trio.TaskStatus[None] | None) -> None:
+    async def _session(self) -> None:
         headers = {"Cookie": cookie_header(self._token), "User-Agent": "xofs", "Accept": "text/event-stream",
                    "Accept-Encoding": "identity"}  # a compressed stream would arrive in bursts
         async with httpx.AsyncClient(headers=headers, timeout=self._timeout, verify=self._ssl or True,
@@ -102,10 +76,9 @@ class SseFeed:
                         await self._refusal(resp)
                     events = _parse(resp.aiter_lines())
                     sub_id = await self._init(events)
-                    self._task_status = task_status
                     await self._follow(http, sub_id, events)
             except httpx.ReadTimeout:
-                raise _Drop(f"no event nor ping for {self._timeout.read:g} s") from None
+                raise SessionEnded(f"no event nor ping for {self._timeout.read:g} s") from None
             except httpx.TransportError as exc:
                 raise xo_unreachable(exc, self.url) from exc
 
@@ -126,10 +99,10 @@ class SseFeed:
             if not isinstance(sub_id, str) or not sub_id:
                 raise XoProtocolError(f"{self.url}: an init event without a subscriber id: {data[:200]!r}")
             return sub_id
-        raise _Drop("the stream ended before its init event")
+        raise SessionEnded("the stream ended before its init event")
 
     async def _follow(self, http: httpx.AsyncClient, sub_id: str, events: AsyncIterator[tuple[str, str]]) -> None:
-        """Subscribe, resync, then apply events until the stream ends (raises `_Drop` or the XO failure)."""
+        """Subscribe, resync, then apply events until the stream ends (raises `SessionEnded` or the XO failure)."""
         self._end = "the server ended the stream"
         failure: XofsError | None = None
         queue_in, queue_out = trio.open_memory_channel[tuple[str, dict]](math.inf)
@@ -140,8 +113,7 @@ class SseFeed:
             try:
                 await self._subscribe(http, sub_id)
                 await self._sink.resync()
-                async for kind, items in _queued_then_live(queue_out, self._live):
-                    self._sink.apply(kind, items)
+                await self._reconnector.follow(queue_out, f" ({len(self._types)} subscriptions)")
             except Exception as exc:  # re-raised below unless XO is what failed
                 failure = xofs_error_in(exc)
                 if failure is None:
@@ -149,7 +121,7 @@ class SseFeed:
             nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        raise _Drop(self._end)
+        raise SessionEnded(self._end)
 
     async def _subscribe(self, http: httpx.AsyncClient, sub_id: str) -> None:
         for type_ in self._types:
@@ -160,14 +132,6 @@ class SseFeed:
                 raise xo_unreachable(exc, url) from exc
             if resp.status_code != 201:
                 raise xo_error_from_response(resp.status_code, resp.content, url=url)
-
-    def _live(self) -> None:
-        """Everything queued during the resync is applied: the feed is live."""
-        self._set_state("connected")
-        log.info("XO event stream %s: live (%d subscriptions)", self.url, len(self._types))
-        if self._task_status is not None:
-            self._task_status.started()
-            self._task_status = None
 
     async def _read(self, events: AsyncIterator[tuple[str, str]],
                     queue: trio.MemorySendChannel[tuple[str, dict]]) -> None:
@@ -182,11 +146,6 @@ class SseFeed:
                 self._end = f"no event nor ping for {self._timeout.read:g} s"
             except httpx.TransportError as exc:
                 self._end = xo_unreachable(exc, self.url).describe()
-
-    def _set_state(self, state: str, detail: str = "") -> None:
-        if state != self._state:
-            self._state = state
-            self._sink.feed_state(state, detail)
 
 
 async def _parse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
@@ -222,19 +181,3 @@ def _change(event: str, data: str) -> tuple[str, dict] | None:
         return None
     obj.pop("$subscription", None)
     return ("exit", {obj["id"]: 0}) if event == "remove" else ("enter", {obj["id"]: obj})
-
-
-async def _queued_then_live(queue: trio.MemoryReceiveChannel[tuple[str, dict]],
-                            live: Callable[[], None]) -> AsyncIterator[tuple[str, dict]]:
-    """What is queued now, then `live()`, then what comes, until the queue ends."""
-    while True:
-        try:
-            yield queue.receive_nowait()
-        except trio.WouldBlock:
-            break
-        except trio.EndOfChannel:
-            return
-    live()
-    async for change in queue:
-        yield change
-
