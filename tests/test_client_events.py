@@ -374,6 +374,37 @@ async def test_sim_closed_websockets_reconnect_and_resync(nursery, fresh_sim):
     nursery.cancel_scope.cancel()
 
 
+async def test_sim_silent_socket_is_found_within_twice_a_short_keepalive(nursery, fresh_sim):
+    """`--keepalive 1`: a socket that goes silent (the simulator's `silent_websockets`: no answers, no events) is
+    dropped within about 2 s; once XO answers again the feed reconnects and re-reads what changed meanwhile."""
+    keepalive = 1.0
+    feed, sink = await start_sim_feed(nursery, fresh_sim, keepalive=keepalive, backoff=(0.1, 0.3),
+                                      connect_timeout=1)
+    vdi_id = next(iter(sink.vdis))
+    await sink.client.patch("vdis", vdi_id, {"name_label": "before-the-silence"})
+    await sink.wait_for(lambda s: any(o.get("name_label") == "before-the-silence" for o in entered(s, vdi_id)))
+    set_silent(fresh_sim, True)
+    silent_since = trio.current_time()
+    await sink.client.patch("vdis", vdi_id, {"name_label": "during-the-silence"})  # its event is never sent
+    await sink.wait_for(lambda s: "disconnected" in s.states, timeout=4 * keepalive)
+    detected = trio.current_time() - silent_since
+    assert detected <= 2 * keepalive + 0.5, f"a silent socket found after {detected:.2f} s"
+    detail = next(e[2] for e in sink.log if e[:2] == ("state", "disconnected"))
+    assert detail == "no answer to the keepalive call within 1 s"
+    assert not any(o.get("name_label") == "during-the-silence" for o in entered(sink, vdi_id))
+    set_silent(fresh_sim, False)
+    await sink.wait_for(lambda s: s.states == ["connecting", "connected", "disconnected", "connected"])
+    assert sink.resyncs == 2 and sink.vdis[vdi_id]["name_label"] == "during-the-silence"
+    await sink.client.aclose()
+    nursery.cancel_scope.cancel()
+
+
+def set_silent(sim: SimProcess, silent: bool) -> None:
+    status, _, body = sim.request("POST", "/_sim/faults", json.dumps({"silent_websockets": silent}).encode(),
+                                  {"Content-Type": "application/json"})
+    assert status == 200, body
+
+
 async def test_sim_refused_sign_in_raises_auth_error(nursery, sim):
     sink = Sink()
     feed = EventFeed(sim.url, "not-the-token-" + "x" * 29, sink)

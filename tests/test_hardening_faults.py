@@ -214,6 +214,19 @@ def test_silent_websocket_is_found_by_the_keepalive(rsim, make_mount):
     record("faults", "silent websocket", detected_after_s=round(detected, 1), bound_s=60)
 
 
+def test_a_short_keepalive_finds_a_silent_websocket_within_twice_its_interval(fresh_sim, make_mount):
+    """`-o keepalive=1` reaches the mount's feed: the same silence is found within about 2 s, not a minute."""
+    mount = make_mount(fresh_sim, "-o", "keepalive=1", "--connect-timeout", "1")
+    started = live_count(mount)
+    set_faults(fresh_sim, silent_websockets=True)
+    since = time.monotonic()
+    wait_for(lambda: "no answer to the keepalive call within 1 s" in mount.log_text(), 10, "the keepalive to notice")
+    detected = time.monotonic() - since
+    assert detected <= 2 + 1, f"a silent websocket found after {detected:.1f} s with a keepalive of 1 s"
+    set_faults(fresh_sim, silent_websockets=False)
+    wait_live_again(mount, started)
+
+
 # ---- a slow server ---------------------------------------------------------------------------------------
 
 def test_slow_server_listings_from_cache_and_a_stalled_export_fails_after_the_read_timeout(rsim, make_mount,

@@ -74,6 +74,7 @@ def test_the_helper_checks_everything_before_mounting(sim, tmp_path):
         (f"token_file={token},colour=blue", "unknown mount option 'colour=blue'"),
         (f"token_file={token},uid=abc", "bad mount option 'uid=abc'"),
         (f"token_file={token},umask=999", "bad mount option 'umask=999'"),
+        (f"token_file={token},keepalive=0", "bad mount option 'keepalive=0'"),
         (f"token={sim.token}", "a secret on the command line is visible to every user"),
         (f"token_file={tmp_path / 'missing'}", "cannot read"),
         (f"token_file={token},attr_ttl", "-o attr_ttl needs a value"),

@@ -61,13 +61,14 @@ class FeedRunner:
     """Runs the mount's event feed for as long as the mount lives (`run`, started in its nursery)."""
 
     def __init__(self, kind: str, url: str, credentials: Credentials, syncer: Syncer, *,
-                 verify: bool | str = True, connect_timeout: float = 10) -> None:
+                 verify: bool | str = True, connect_timeout: float = 10, keepalive: float = 30) -> None:
         self.kind = kind  # "jsonrpc" or "sse"; becomes "jsonrpc" if the server has no event stream
         self.url = url
         self.credentials = credentials
         self.sink: EventSink = _Sink(syncer, self._lost)
         self.verify = verify
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive  # seconds; see `EventFeed` and `SseFeed`
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._checking = False
@@ -99,8 +100,9 @@ class FeedRunner:
         token = self.credentials.token
         if self.kind == "sse":
             return SseFeed(self.url, token, self.sink, types=KEPT_TYPES, verify=self.verify,
-                           connect_timeout=self.connect_timeout)
-        return EventFeed(self.url, token, self.sink, verify=self.verify, connect_timeout=self.connect_timeout)
+                           connect_timeout=self.connect_timeout, keepalive=self.keepalive)
+        return EventFeed(self.url, token, self.sink, verify=self.verify, connect_timeout=self.connect_timeout,
+                         keepalive=self.keepalive)
 
     def _rotated(self, token: str) -> None:
         if self._scope is not None:

@@ -182,6 +182,7 @@ class MountOptions:
     events: str = "jsonrpc"
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    keepalive: float = 30.0
     uid: int | None = None
     gid: int | None = None
     umask: int = 0o077
@@ -193,7 +194,7 @@ class MountOptions:
                    attr_ttl=args.attr_ttl, fallback_ttl=args.fallback_ttl, read_only=args.read_only,
                    max_exports=args.max_exports, max_uploads=args.max_uploads, import_wait=args.import_wait,
                    verify=verify, events=args.events, connect_timeout=args.connect_timeout,
-                   read_timeout=args.read_timeout, uid=args.uid, gid=args.gid, umask=umask)
+                   read_timeout=args.read_timeout, keepalive=args.keepalive, uid=args.uid, gid=args.gid, umask=umask)
 
     def public(self) -> dict:
         """The options as the status file shows them (nothing secret is among them)."""
@@ -303,7 +304,7 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
 
     syncer = Syncer(client, cache, tree, freshness, fs.apply_invalidations, on_changes=on_changes)
     feeds = FeedRunner(options.events, url, credentials, syncer, verify=options.verify,
-                       connect_timeout=options.connect_timeout)
+                       connect_timeout=options.connect_timeout, keepalive=options.keepalive)
     return Parts(url, credentials, client, cache, tree, fs, syncer, feeds, exports, imports, invalidator)
 
 

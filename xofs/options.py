@@ -38,6 +38,13 @@ def octal(text: str) -> int:
     return value
 
 
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{text} is not a positive number")
+    return value
+
+
 def byte_size(text: str) -> int:
     """`8G`, `512M`, `100000`: powers of 1024."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -99,6 +106,9 @@ OPTIONS = [
            "SECONDS"),
     Option("connect_timeout", "seconds to connect to XO", float, 10.0, "SECONDS"),
     Option("read_timeout", "seconds XO may stay silent during a request", float, 60.0, "SECONDS"),
+    Option("keepalive", "seconds between checks that the event connection is alive: a silent one is taken for "
+           "dead within twice that (with --events sse, never under 75 s, as XO pings every 30 s)",
+           positive, 30.0, "SECONDS"),
     Option("log_level", "DEBUG, INFO, WARNING or ERROR (default $XOFS_LOG_LEVEL, else INFO)",
            choice("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
            os.environ.get("XOFS_LOG_LEVEL", "INFO"), "LEVEL", ""),

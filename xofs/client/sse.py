@@ -5,7 +5,8 @@ and its subscriber id, subscribe to every type the cache keeps (`POST /rest/v0/e
 with `"fields": "*"`, so that `add` and `update` carry whole objects), let the sink re-read everything while
 events queue up (the stream, like the socket, gives no snapshot), apply the queue, then apply events as
 they come: `add` and `update` as an `enter` of the object (without XO's `$subscription` key), `remove` as an
-`exit`. XO pings every 30 s, so a stream silent for `idle_timeout` seconds is taken for dead.
+`exit`. XO pings every 30 s and the client has no way to ask for a sign of life sooner, so a stream is taken
+for dead after twice `keepalive` seconds of silence, as the socket is, but never less than 2.5 pings (75 s).
 
 It drives the same `EventSink` as `xofs.client.events.EventFeed` and has the same `run()`, reconnecting with
 exponential backoff (both through `xofs.client.reconnect`). A server without the route (404: XO before
@@ -36,6 +37,7 @@ from xofs.errors import (
 log = logging.getLogger(__name__)
 
 PING_INTERVAL = 30.0  # XO's
+MIN_SILENCE = 2.5 * PING_INTERVAL  # a shorter bound would end a healthy stream between two pings
 
 
 class SseUnavailable(XofsError):
@@ -46,7 +48,7 @@ class SseFeed:
     """Keeps an XO REST event stream open, subscribed to `types`, and feeds its events to an `EventSink`."""
 
     def __init__(self, base_url: str, token: str, sink: EventSink, *, types: Iterable[str],
-                 verify: bool | str = True, connect_timeout: float = 10, idle_timeout: float = 2.5 * PING_INTERVAL,
+                 verify: bool | str = True, connect_timeout: float = 10, keepalive: float = 30,
                  backoff: tuple[float, float] = (0.5, 30)) -> None:
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/rest/v0/events"
@@ -54,7 +56,7 @@ class SseFeed:
         self._sink = sink
         self._types = sorted(types)
         self._ssl = ssl_context(verify) if self.url.startswith("https:") else None
-        self._timeout = httpx.Timeout(idle_timeout, connect=connect_timeout)
+        self._timeout = httpx.Timeout(max(2 * keepalive, MIN_SILENCE), connect=connect_timeout)
         self._reconnector = Reconnector(sink, log, f"XO event stream {self.url}", backoff)
         self._end = ""  # why the current stream ended
 
