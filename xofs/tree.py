@@ -13,8 +13,9 @@ invalidations it returns to the worker that talks to the kernel (xofs.invalidato
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
 from xofs.cache import Change, ObjectCache
 from xofs.files import ImportEntry, ImportService
@@ -25,12 +26,13 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE
 
 TreeNode = Node | ImportEntry
+Path = tuple[str, ...]
 
 
 @dataclass(slots=True)
 class Inode:
     ino: int
-    path: tuple[str, ...]
+    path: Path
     node: TreeNode
     lookups: int = 0
     stale: bool = False  # the path no longer exists in XO; kept until the kernel forgets it
@@ -57,9 +59,43 @@ Invalidation = InvalidateEntry | InvalidateInode
 @dataclass(slots=True)
 class _Listing:
     children: dict[str, TreeNode]
-    ids: set[str] = field(default_factory=set)
-    types: dict[str, frozenset[str]] = field(default_factory=dict)
+    ids: tuple[str, ...] = ()  # a tuple, not the view context's set: most listings depend on one object
+    types: dict[str, frozenset[str]] | None = None
     names: list[str] | None = None  # sorted, made on first use (readdir)
+
+
+# The indexes from an object id to the listings or files that depend on it hold one value for most ids
+# (one directory per object, one meta.json): a set only when there are several, since some 50,000 sets of
+# one would cost 200 bytes each.
+K = TypeVar("K")
+V = TypeVar("V", bound=Hashable)
+
+
+def _index_add(index: dict[K, V | set[V]], key: K, value: V) -> None:
+    held = index.get(key)
+    if held is None:
+        index[key] = value
+    elif isinstance(held, set):
+        held.add(value)
+    elif held != value:
+        index[key] = {held, value}
+
+
+def _index_discard(index: dict[K, V | set[V]], key: K, value: V) -> None:
+    held = index.get(key)
+    if isinstance(held, set):
+        held.discard(value)
+        if not held:
+            del index[key]
+    elif held is not None and held == value:
+        del index[key]
+
+
+def _indexed(index: dict[K, V | set[V]], key: K) -> Iterable[V]:
+    held = index.get(key)
+    if held is None:
+        return ()
+    return held if isinstance(held, set) else (held,)
 
 
 class Tree:
@@ -69,12 +105,12 @@ class Tree:
         self.imports = imports
         self._next_ino = ROOT_INODE + 1
         self.inodes: dict[int, Inode] = {ROOT_INODE: Inode(ROOT_INODE, (), Dir(), lookups=1)}
-        self._by_path: dict[tuple[str, ...], int] = {(): ROOT_INODE}
-        self._listings: dict[tuple[str, ...], _Listing] = {}
-        self._dep_ids: dict[str, set[tuple[str, ...]]] = {}
-        self._dep_types: dict[str, dict[tuple[str, ...], frozenset[str]]] = {}
-        self._files_of: dict[str, set[int]] = {}  # object id -> inodes of files rendered from it
-        self._files_of_type: dict[str, set[int]] = {}  # XO type -> inodes of files rendered from all of it
+        self._by_path: dict[Path, int] = {(): ROOT_INODE}
+        self._listings: dict[Path, _Listing] = {}
+        self._dep_ids: dict[str, Path | set[Path]] = {}
+        self._dep_types: dict[str, dict[Path, frozenset[str]]] = {}
+        self._files_of: dict[str, int | set[int]] = {}  # object id -> inodes of files rendered from it
+        self._files_of_type: dict[str, int | set[int]] = {}  # XO type -> inodes of files rendered from all of it
 
     # ---- reading the tree -------------------------------------------------------------------------
 
@@ -85,7 +121,7 @@ class Tree:
         inode = self.inodes.get(ino)
         return "/" + "/".join(inode.path) if inode else f"<inode {ino}>"
 
-    def node_at(self, path: tuple[str, ...]) -> TreeNode | None:
+    def node_at(self, path: Path) -> TreeNode | None:
         if not path:
             return Dir()
         parent = self.children(path[:-1])
@@ -94,7 +130,7 @@ class Tree:
         node = parent.get(path[-1])
         return node if node is not None else self._unlisted(path)
 
-    def _unlisted(self, path: tuple[str, ...]) -> TreeNode | None:
+    def _unlisted(self, path: Path) -> TreeNode | None:
         """An entry its view does not list but answers for when asked by name (the optional `View.lookup`)."""
         view = self.views.get(path[0]) if len(path) > 1 else None
         lookup = getattr(view, "lookup", None)
@@ -106,7 +142,7 @@ class Tree:
             log.exception("view /%s failed to look up %s", path[0], "/" + "/".join(path))
             return None
 
-    def children(self, path: tuple[str, ...]) -> Mapping[str, TreeNode] | None:
+    def children(self, path: Path) -> Mapping[str, TreeNode] | None:
         """The entries of the directory at `path`, or None when it is not a directory (any more)."""
         listing = self._listings.get(path)
         if listing is not None:
@@ -133,11 +169,11 @@ class Tree:
                 return None
             if entries is None:
                 return None
-            listing = _Listing(dict(entries), ctx.ids, ctx.types)
+            listing = _Listing(dict(entries), tuple(ctx.ids), ctx.types or None)
         self._store_listing(path, listing)
         return listing.children
 
-    def sorted_names(self, path: tuple[str, ...]) -> list[str] | None:
+    def sorted_names(self, path: Path) -> list[str] | None:
         """The names in the directory at `path`, sorted (kept with the listing: big directories are
         listed again and again)."""
         children = self.children(path)
@@ -180,15 +216,15 @@ class Tree:
     def on_changes(self, changes: Iterable[Change]) -> list[Invalidation]:
         """Recompute what the changes touch; return the kernel invalidations they need."""
         out: list[Invalidation] = []
-        affected: set[tuple[str, ...]] = set()
+        affected: set[Path] = set()
         for ch in changes:
-            affected |= self._dep_ids.get(ch.obj_id, set())
+            affected.update(_indexed(self._dep_ids, ch.obj_id))
             watchers = self._dep_types.get(ch.type)
             if watchers:
                 fields = ch.changed_fields() if ch.old is not None and ch.new is not None else None
                 affected.update(p for p, watch in watchers.items() if fields is None or watch & fields)
-            out.extend(InvalidateInode(ino) for ino in self._files_of.get(ch.obj_id, ()))
-            out.extend(InvalidateInode(ino) for ino in self._files_of_type.get(ch.type, ()))
+            out.extend(InvalidateInode(ino) for ino in _indexed(self._files_of, ch.obj_id))
+            out.extend(InvalidateInode(ino) for ino in _indexed(self._files_of_type, ch.type))
         for path in sorted(affected, key=len):  # parents first: a vanished parent takes its subtree along
             old = self._listings.get(path)
             if old is None:
@@ -231,7 +267,7 @@ class Tree:
     def files_with(self, content: object) -> list[int]:
         """The live inodes of files showing `content` (an Export or a Rendered)."""
         obj_id = getattr(content, "obj_id", None)
-        return [ino for ino in self._files_of.get(obj_id, ())
+        return [ino for ino in _indexed(self._files_of, obj_id)
                 if isinstance(self.inodes[ino].node, File) and self.inodes[ino].node.content == content]
 
     def invalidate_import_dir(self, sr_id: str, names: Iterable[str]) -> list[Invalidation]:
@@ -249,7 +285,7 @@ class Tree:
 
     # ---- bookkeeping ------------------------------------------------------------------------------
 
-    def _inode_for(self, path: tuple[str, ...], node: TreeNode) -> Inode:
+    def _inode_for(self, path: Path, node: TreeNode) -> Inode:
         ino = self._by_path.get(path)
         if ino is not None:
             inode = self.inodes[ino]
@@ -270,7 +306,7 @@ class Tree:
         inode.node = node
         self._index_file(inode)
 
-    def _detach(self, path: tuple[str, ...]) -> None:
+    def _detach(self, path: Path) -> None:
         """The path is gone: its inode (and those below it) become stale until the kernel forgets them."""
         prefix_len = len(path)
         for p in [p for p in self._by_path if p[:prefix_len] == path]:
@@ -280,27 +316,23 @@ class Tree:
         for p in [p for p in self._listings if p[:prefix_len] == path]:
             self._drop_listing(p)
 
-    def _store_listing(self, path: tuple[str, ...], listing: _Listing) -> None:
+    def _store_listing(self, path: Path, listing: _Listing) -> None:
         self._listings[path] = listing
         for obj_id in listing.ids:
-            self._dep_ids.setdefault(obj_id, set()).add(path)
-        for type_, fields in listing.types.items():
+            _index_add(self._dep_ids, obj_id, path)
+        for type_, fields in (listing.types or {}).items():
             self._dep_types.setdefault(type_, {})[path] = fields
 
-    def _drop_listing(self, path: tuple[str, ...]) -> None:
+    def _drop_listing(self, path: Path) -> None:
         listing = self._listings.pop(path, None)
         if listing is None:
             return
         for obj_id in listing.ids:
-            paths = self._dep_ids.get(obj_id)
-            if paths is not None:
-                paths.discard(path)
-                if not paths:
-                    del self._dep_ids[obj_id]
-        for type_ in listing.types:
+            _index_discard(self._dep_ids, obj_id, path)
+        for type_ in listing.types or ():
             self._dep_types.get(type_, {}).pop(path, None)
 
-    def _file_index(self, inode: Inode) -> tuple[dict[str, set[int]], str] | None:
+    def _file_index(self, inode: Inode) -> tuple[dict[str, int | set[int]], str] | None:
         node = inode.node
         if not isinstance(node, File):
             return None
@@ -311,16 +343,12 @@ class Tree:
     def _index_file(self, inode: Inode) -> None:
         where = self._file_index(inode)
         if where:
-            where[0].setdefault(where[1], set()).add(inode.ino)
+            _index_add(where[0], where[1], inode.ino)
 
     def _unindex_file(self, inode: Inode) -> None:
         where = self._file_index(inode)
         if where:
-            inos = where[0].get(where[1])
-            if inos is not None:
-                inos.discard(inode.ino)
-                if not inos:
-                    del where[0][where[1]]
+            _index_discard(where[0], where[1], inode.ino)
 
 
 def _same_kind(a: TreeNode, b: TreeNode) -> bool:
