@@ -25,7 +25,7 @@ from xofs.files import Caller, ExportService, FileAttrs, ImportEntry, ImportServ
 from xofs.invalidator import Invalidator
 from xofs.names import NAME_MAX
 from xofs.tree import Inode, InvalidateInode, Invalidation, Tree
-from xofs.views import Content, Dir, Export, File, Link, Live, Rendered, TypeSnapshot
+from xofs.views import Dir, Export, File, Link, Live, Rendered, TypeSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,11 @@ class XoFS(pyfuse3.Operations):
         self._dir_handles: dict[int, tuple[int, list[str]]] = {}
         self._open_count: dict[int, int] = {}
         self._next_fh = 1
-        # Rendered files by content: (the object or type version they were made from, the bytes). getattr
-        # (for the size) and open (for the bytes) share one rendering until the object changes. Small: a VM
-        # renders to some 16 KiB, and orjson renders one again in microseconds.
-        self._renderings: cachetools.LRUCache = cachetools.LRUCache(maxsize=256)
+        # The sizes of whole-type files (`vms.ndjson`: megabytes, tens of milliseconds to render) by the type
+        # version they were measured at. An object's file (meta.json, some 16 KiB) is rendered again on each
+        # stat and open: orjson takes microseconds, and keeping renderings would scatter them through the
+        # heap during a `find` (RSS that is never given back).
+        self._snapshot_sizes: cachetools.LRUCache[TypeSnapshot, tuple[int, int]] = cachetools.LRUCache(maxsize=64)
 
     # ---- helpers ----------------------------------------------------------------------------------
 
@@ -151,24 +152,25 @@ class XoFS(pyfuse3.Operations):
             else:
                 self.invalidator.entry(item.parent, item.name)
 
-    def render(self, content: Content) -> bytes:
+    def render(self, content: Rendered | TypeSnapshot) -> bytes:
         """The bytes of a Rendered or TypeSnapshot file as of now (ENOENT if its object is gone)."""
         cache = self.tree.cache
-        hit = self._renderings.get(content)
+        if isinstance(content, TypeSnapshot):
+            return content.render(cache.of_type(content.type_))
+        obj = cache.get(content.obj_id)
+        if obj is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return content.render(obj)
+
+    def rendered_size(self, content: Rendered | TypeSnapshot) -> int:
+        """The length of `render(content)`, measured once per version of a whole-type file."""
         if isinstance(content, Rendered):
-            obj = cache.get(content.obj_id)
-            if obj is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            if hit is not None and hit[0] is obj:  # the cache replaces an object's dict on every change
-                return hit[1]
-            data, source = content.render(obj), obj
-        else:
-            version = cache.type_version.get(content.type_, 0)  # type: ignore[union-attr]
-            if hit is not None and hit[0] == version:
-                return hit[1]
-            data, source = content.render(cache.of_type(content.type_)), version  # type: ignore[union-attr]
-        self._renderings[content] = (source, data)
-        return data
+            return len(self.render(content))
+        version = self.tree.cache.type_version.get(content.type_, 0)
+        known = self._snapshot_sizes.get(content)
+        if known is None or known[0] != version:
+            known = self._snapshot_sizes[content] = (version, len(self.render(content)))
+        return known[1]
 
     def warm(self) -> None:
         """Work out, before the mount goes live, what the first `ls -l` of each top-level directory needs:
@@ -211,7 +213,7 @@ class XoFS(pyfuse3.Operations):
             return attrs
         assert isinstance(node, File)
         if isinstance(node.content, Rendered | TypeSnapshot):
-            return FileAttrs(len(self.render(node.content)), self._obj_mtime_ns(node.obj_id), 0o400)
+            return FileAttrs(self.rendered_size(node.content), self._obj_mtime_ns(node.obj_id), 0o400)
         if isinstance(node.content, Live):
             return FileAttrs(len(node.content.render()), time.time_ns(), 0o400)
         if self.exports is None:
