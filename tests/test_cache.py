@@ -1,5 +1,6 @@
-"""The object cache keeps one copy of each string value (and of the empty dict and list) without changing
-what it returns: every object stays equal, value for value, to what XO sent."""
+"""The object cache keeps one copy of each string value, of fields several objects hold, and of the empty
+dict and list, without changing what it returns: every object stays equal, value for value, to what XO
+sent."""
 
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ def test_equal_string_values_are_one_object_and_objects_stay_equal():
     assert one["other"]["base_template_name"] is two["other"]["base_template_name"]
     assert one["tags"] is two["snapshots"] is cache.get("p1")["tags"]  # the one empty list
     assert one["blockedOperations"] is cache.get("p1")["other_config"]  # the one empty dict
-    assert one["memory"] is not two["memory"]  # non-empty containers are never shared
 
 
 def test_events_share_what_the_last_full_read_learned():
@@ -68,3 +68,16 @@ def test_objects_never_shared_still_load():
     objects = [pool(), vm(1)]
     cache.replace_all(objects)  # without share_values: nothing shared, nothing lost
     assert cache.get("vm-1") == vm(1)
+
+
+def test_fields_several_objects_hold_are_one_object_equal_as_json():
+    cache = loaded([pool(), vm(1), vm(2), vm(3, memory={"dynamic": [1.0, 2], "size": 2}),
+                    vm(4, memory={"dynamic": [True, 2], "size": 2}), vm(5, other={"base_template_name": "x"})])
+    one, two, three, four = (cache.get(f"vm-{n}") for n in range(1, 5))
+    assert one["memory"] is two["memory"] and one["other"] is two["other"]
+    assert three["memory"] is not one["memory"] and four["memory"] is not one["memory"]  # equal in Python only
+    assert orjson.dumps(three["memory"]) == b'{"dynamic":[1.0,2],"size":2}'
+    assert orjson.dumps(four["memory"]) == b'{"dynamic":[true,2],"size":2}'
+    assert cache.get("vm-5")["other"] == {"base_template_name": "x"}
+    cache.apply("enter", {"vm-6": vm(6)})
+    assert cache.get("vm-6")["memory"] is one["memory"]  # an event's object shares what the full read learned

@@ -14,14 +14,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import orjson
+
 from xofs.client.rest import item_problem
 
 log = logging.getLogger(__name__)
 
 # The one empty dict and the one empty list that every object with an empty field points at: XO objects
-# have many (`tags`, `current_operations`, `VTPMs`…), 146,000 of them for 10,000 VMs. Shared, like the
-# strings `ObjectCache` shares, so nothing may change a cached object in place (nothing does: a change is a
-# new object).
+# have many (`tags`, `current_operations`, `VTPMs`…), 146,000 of them for 10,000 VMs.
 _EMPTY: dict[type, dict | list] = {dict: {}, list: []}
 
 # What an XO id may be, since it becomes a file name and part of a REST path: XO's are UUIDs,
@@ -61,6 +61,15 @@ class Change:
 _MISSING = object()
 
 
+def _json_of(value: object) -> bytes | None:
+    """The JSON of a dict or list, which tells equal ones apart exactly (`1`, `1.0` and `true` are equal
+    in Python, not in JSON); None when it has none (a lone surrogate)."""
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return None
+
+
 def _share_values(container: dict | list, strings: dict[str, str], learn: bool) -> None:
     """Replace, in place and at any depth, each string by its equal in `strings` and each empty dict or
     list by the shared one; `learn` adds the strings `strings` does not hold yet."""
@@ -96,13 +105,17 @@ class ObjectCache:
 
     orjson shares the keys of the objects it parses, not their values: the ids objects point at (`$pool`,
     `$VBDs`, `VDI`…), enumerations and names are repeated in every object, some 48 MB of copies for 10,000
-    VMs. The cache keeps one copy of each string value (and one empty dict and list), learned from each
-    full read; events' objects are made to share them too. The objects stay what XO sent, value for value.
+    VMs; and many fields hold the same dict or list in object after object (`bios_strings`, `memory`,
+    `boot`…), some 20 MB more. The cache keeps one copy of each string value, of each such field (equal as
+    JSON, so `1` and `true` stay apart) and of the empty dict and list, learned from each full read; events'
+    objects are made to share them too. The objects stay what XO sent, value for value; since they share
+    parts, nothing may change one in place (nothing does: a change is a new object).
     """
 
     def __init__(self) -> None:
         self._objects: dict[str, dict] = {}
         self._strings: dict[str, str] = {}  # every string value of the objects of the last full read
+        self._containers: dict[bytes, dict | list] = {}  # fields several objects of it held, by their JSON
         self._by_type: dict[str, dict[str, dict]] = {t: {} for t in KEPT_TYPES}
         self.changed_at: dict[str, float] = {}  # last time each object changed, for st_mtime
         self.type_version: dict[str, int] = dict.fromkeys(KEPT_TYPES, 0)  # bumped on every change of a type
@@ -123,12 +136,38 @@ class ObjectCache:
         return {t: len(objs) for t, objs in self._by_type.items()}
 
     def share_values(self, objects: Iterable[object]) -> None:
-        """Make the objects of a full re-read share their string values with each other and with the cache,
-        in place. Call it as each collection arrives, before `replace_all`: the copies it frees are then
-        reused while the next collections are parsed (at the end, they would only leave holes in memory)."""
+        """Make the objects of a full re-read share their string values, and the fields that several of them
+        hold, with each other and with the cache, in place. Call it as each collection arrives, before
+        `replace_all`: the copies it frees are then reused while the next collections are parsed (at the
+        end, they would only leave holes in memory). Some 0.3 s per 10,000 VMs for the strings, 0.6 s for
+        the fields (one orjson.dumps of each)."""
+        fields: list[tuple[dict, str, bytes]] = []
+        count: dict[bytes, int] = {}
+        strings = self._strings
         for obj in objects:
-            if type(obj) is dict:
-                _share_values(obj, self._strings, learn=True)
+            if type(obj) is not dict:
+                continue
+            for name, value in obj.items():
+                kind = type(value)
+                if kind is str:
+                    shared = strings.setdefault(value, value)
+                    if shared is not value:
+                        obj[name] = shared
+                elif kind is dict or kind is list:
+                    if not value:
+                        obj[name] = _EMPTY[kind]
+                        continue
+                    _share_values(value, strings, learn=True)
+                    key = _json_of(value)
+                    if key is not None:
+                        fields.append((obj, name, key))
+                        count[key] = count.get(key, 0) + 1
+        for obj, name, key in fields:
+            shared = self._containers.get(key)
+            if shared is None and count[key] > 1:
+                shared = self._containers[key] = obj[name]
+            if shared is not None:
+                obj[name] = shared
 
     def replace_all(self, objects: Iterable[dict]) -> list[Change]:
         """Swap in a full re-read (start, or resync after a reconnect); returns what differs from before."""
@@ -154,7 +193,7 @@ class ObjectCache:
         for change in changes:
             self._store(change)
         if self.loaded and changes:  # forget the strings only objects now gone had
-            self._strings = {}
+            self._strings, self._containers = {}, {}
             self.share_values(self._objects.values())
         self.loaded = True
         return changes
@@ -186,6 +225,11 @@ class ObjectCache:
                 old = None
             if old != obj:
                 _share_values(obj, self._strings, learn=False)  # between full reads the strings stay as learned
+                for name, value in obj.items():
+                    if type(value) is dict or type(value) is list:
+                        shared = self._containers.get(_json_of(value) or b"")
+                        if shared is not None:
+                            obj[name] = shared
                 changes.append(Change(obj_id, obj["type"], old, obj))
         for change in changes:
             self._store(change)
