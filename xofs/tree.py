@@ -24,6 +24,7 @@ from xofs.views import Dir, File, Node, TypeSnapshot, View, ViewContext
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE
+_SORT_AGAIN = 16  # directories of at most this many entries are sorted on each opendir
 
 TreeNode = Node | ImportEntry
 Path = tuple[str, ...]
@@ -174,13 +175,13 @@ class Tree:
         return listing.children
 
     def sorted_names(self, path: Path) -> list[str] | None:
-        """The names in the directory at `path`, sorted (kept with the listing: big directories are
-        listed again and again)."""
+        """The names in the directory at `path`, sorted (kept with the listing of a big directory: it is
+        listed again and again; a small one is sorted again, rather than keep 40,000 short lists)."""
         children = self.children(path)
         if children is None:
             return None
         listing = self._listings.get(path)
-        if listing is None:  # import directories are never kept
+        if listing is None or len(children) <= _SORT_AGAIN:  # import directories are never kept
             return sorted(children)
         if listing.names is None:
             listing.names = sorted(listing.children)
