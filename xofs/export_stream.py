@@ -103,7 +103,7 @@ class ExportFeed:
         self._verify = verify
         self.verified = verify is None or verify[0] == 0
         # The memory window: `_window` holds the stream's bytes from `window_start` to `received`.
-        self._window: deque[bytes] = deque()
+        self._window: deque[memoryview] = deque()
         self.window_start = 0
         self.reader_pos = resume_at  # where the reader is: bytes before reader_pos - back_window are dropped
         self.last_read = trio.current_time()
@@ -112,7 +112,7 @@ class ExportFeed:
         self._wanted = 0  # the end of the bytes a waiting reader needs
         # Diverted into a spool entry: bytes received but not yet written there.
         self.spool = spool
-        self._pending: list[bytes] = []
+        self._pending: list[memoryview] = []
         self._pending_from = 0
         self._arrived = trio.Event()  # new bytes, the end, or an error
         self._room = trio.Event()  # the reader moved on, or the feed was diverted
@@ -187,6 +187,7 @@ class ExportFeed:
             self._fail(XofsError(f"export {self.label} was cancelled"))
 
     async def _receive_all(self, response: ExportResponse) -> None:
+        buffer, filled = memoryview(b""), 0
         while True:
             if self.spool is not None:
                 await self._flush_pending()
@@ -194,11 +195,15 @@ class ExportFeed:
                 room = self._room
                 await room.wait()
                 continue
-            # Pieces that end on 1 MiB boundaries of the stream let a whole 1 MiB read go out uncopied.
-            data = await response.receive(RECEIVE - self.received % RECEIVE)
-            if not data:
+            # The stream is received into buffers that end on 1 MiB boundaries of the stream, each filled
+            # by as many receives as it takes: a read within one buffer goes out as a view of it, uncopied.
+            if filled == len(buffer):
+                buffer, filled = memoryview(bytearray(RECEIVE - self.received % RECEIVE)), 0
+            n = await response.receive_into(buffer[filled:])
+            if not n:
                 break
-            self._take(data)
+            self._take(buffer[filled:filled + n], buffer[:filled + n])
+            filled += n
         if self._verify is not None and not self.verified:
             raise StreamChanged(f"export {self.label} is now {self.received} bytes long, shorter than the "
                                 f"{self._verify[0]} bytes an earlier export of it already handed out")
@@ -208,7 +213,8 @@ class ExportFeed:
             self.spool.finish(self.length)
         self._wake_readers()
 
-    def _take(self, data: bytes) -> None:
+    def _take(self, data: memoryview, whole: memoryview) -> None:
+        """`data` just arrived at the end of `whole`, the filled part of its receive buffer."""
         if not self.verified:
             self._check(data)
         self._hash.update(data)
@@ -216,7 +222,11 @@ class ExportFeed:
         if self.spool is not None:
             self._pending.append(data)
         else:
-            self._window.append(data)
+            last = self._window[-1] if self._window else None
+            if last is not None and last.obj is whole.obj and len(last) == len(whole) - len(data):
+                self._window[-1] = whole  # the buffer's filled part grew: still one piece of the window
+            else:
+                self._window.append(data)
             self._trim()
         self._wake_readers()
 
@@ -272,7 +282,7 @@ class ExportFeed:
         """Whether a read at `offset` can be answered from the memory window (now or after a short wait)."""
         return self.spool is None and self.window_start <= offset <= self.received + skip_limit
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream."""
         self._reading += 1
         try:
@@ -281,7 +291,7 @@ class ExportFeed:
             self._reading -= 1
             self.last_read = trio.current_time()
 
-    async def _read(self, offset: int, size: int) -> bytes:
+    async def _read(self, offset: int, size: int) -> bytes | memoryview:
         end = offset + size
         self.reader_pos = max(self.reader_pos, offset)
         self._trim()
@@ -323,10 +333,11 @@ class ExportFeed:
         event = self._arrived
         await event.wait()
 
-    def _slice(self, start: int, end: int) -> bytes:
+    def _slice(self, start: int, end: int) -> bytes | memoryview:
+        """The window's bytes [start, end): a view when one receive buffer holds them all, else a copy."""
         if end <= start:
             return b""
-        parts: list[bytes | memoryview] = []
+        parts: list[memoryview] = []
         pos = self.window_start
         for chunk in self._window:
             chunk_end = pos + len(chunk)
@@ -334,9 +345,9 @@ class ExportFeed:
                 if pos >= end:
                     break
                 a, b = max(start - pos, 0), min(end - pos, len(chunk))
-                parts.append(chunk if a == 0 and b == len(chunk) else memoryview(chunk)[a:b])
+                parts.append(chunk if a == 0 and b == len(chunk) else chunk[a:b])
             pos = chunk_end
-        if len(parts) == 1 and isinstance(parts[0], bytes):
+        if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
 

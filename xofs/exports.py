@@ -316,7 +316,7 @@ class ExportFile:
         self.released = False
         self._lock = trio.Lock()  # the kernel may send reads of one file concurrently: take them in turn
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         try:
             self._lock.acquire_nowait()  # the usual case, without the scheduling round of `acquire`
         except trio.WouldBlock:

@@ -422,7 +422,8 @@ class XoFS(pyfuse3.Operations):
         return self._add_handle(inode, await self.exports.open(node.content, path))
 
     @_op
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        # A memoryview is fine: pyfuse3 takes any contiguous buffer and copies it into its reply at once.
         return await self._handles[fh].file.read(off, size)
 
     @_op

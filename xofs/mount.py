@@ -41,7 +41,7 @@ from xofs.credentials import (
     RotatingClient,
     choose_source,
 )
-from xofs.daemon import LogSetup, Reporter, StartupError, detach, dump_stacks_on_sigusr1, notify_systemd
+from xofs.daemon import LogSetup, Reporter, StartupError, detach, dump_stacks_on_sigusr1, notify_systemd, tune_malloc
 from xofs.errors import XoAuthError, XofsError
 from xofs.exports import ExportManager
 from xofs.feeds import FeedRunner
@@ -329,6 +329,8 @@ class Mount:
         dump_stacks_on_sigusr1(self.logs.stream, self.options.state_dir / "xofs-stacks.log")
 
     def run(self, reporter: Reporter) -> int:
+        if not tune_malloc():
+            log.debug("malloc thresholds left as they are (not glibc)")
         try:
             trio.run(self._serve, reporter)
         except (StartupError, BaseExceptionGroup) as exc:

@@ -181,6 +181,27 @@ class ExportResponse:
         self.bytes_received += len(data)
         return data
 
+    async def receive_into(self, view: memoryview) -> int:
+        """Up to `len(view)` (> 0) bytes of the body written into `view`; how many, 0 at the end.
+
+        Where the framing allows (a plain body, a chunk of at least 256 KiB), the socket writes straight
+        into `view`: the caller's buffer is the only user-space copy of those bytes. Smaller chunks are
+        decoded from the connection's buffer and copied into `view`, as many as fit.
+        """
+        if self._done:
+            return 0
+        if self._chunked:
+            n = await self._receive_chunked_into(view)
+        elif self._left is None:  # delimited by the end of the connection
+            n = await self._receive_plain_into(view, eof_ok=True)
+        else:
+            n = await self._receive_plain_into(view[:self._left]) if self._left else 0
+            self._left -= n
+        if not n:
+            self._done = True
+        self.bytes_received += n
+        return n
+
     async def read_all(self, limit: int) -> bytes:
         """The rest of the body, at most `limit` bytes (for error answers, which are small)."""
         parts: list[bytes] = []
@@ -240,6 +261,53 @@ class ExportResponse:
         for piece in pieces:
             piece.release()
         return data
+
+    async def _receive_plain_into(self, view: memoryview, *, eof_ok: bool = False) -> int:
+        if self._start < self._end:
+            n = min(len(view), self._end - self._start)
+            view[:n] = self._view[self._start:self._start + n]
+            self._start += n
+            return n
+        n = await self._recv_into(view)
+        if not n and not eof_ok:
+            raise self._ended_early()
+        return n
+
+    async def _receive_chunked_into(self, view: memoryview) -> int:
+        """Decode chunks into `view` until it is full or nothing more is at hand."""
+        got, want = 0, len(view)
+        while got < want and not self._last_chunk_read:
+            if not self._left:
+                size = self._parse_chunk_size()
+                if size is None:  # the size line is not all here yet
+                    if got:
+                        break
+                    await self._fill(_LINE_FILL if self._big_chunks else None)
+                    continue
+                if size == 0:
+                    await self._skip_trailers()
+                    self._last_chunk_read = True
+                    break
+                self._left = size
+                self._big_chunks = size >= _DIRECT_MIN
+            take = min(self._left, want - got)
+            buffered = self._end - self._start
+            if buffered:
+                take = min(take, buffered)
+                view[got:got + take] = self._view[self._start:self._start + take]
+                self._start += take
+            elif got:
+                break
+            elif self._left >= _DIRECT_MIN:  # a big chunk: from the socket straight into the caller's buffer
+                take = await self._recv_into(view[got:got + take])
+                if not take:
+                    raise self._ended_early()
+            else:
+                await self._fill()
+                continue
+            self._left -= take
+            got += take
+        return got
 
     def _parse_chunk_size(self) -> int | None:
         """The next chunk's size from the buffer (eating the CRLF that ends the previous chunk), or None."""
