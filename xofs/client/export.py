@@ -6,10 +6,11 @@ h11's receive buffer (a copy in, a copy out, chunk-framing bookkeeping per event
 stream layers, and every `recv` enters a cancel scope and yields to the scheduler. This reader sends one GET
 with `Connection: close` and parses the response head itself. Then:
 
-- a chunk of at least 256 KiB with nothing buffered goes from `recv(n)` to the caller as it is (no copy of
-  ours), and after such a chunk only the next size line is read into the buffer;
+- `receive_into(view)` (what exports use) lets the socket write a plain body, or a chunk of at least
+  256 KiB, straight into the caller's buffer: no copy of ours; after such a chunk only the next size line
+  is read into the connection's buffer. `receive()` does the same with a new `bytes` per call;
 - smaller chunks are read into one reusable 2 MiB buffer with `recv_into` and decoded from there, as many
-  per `receive()` as fit (one copy: the join);
+  per call as fit (one copy: into the caller's buffer, or the join for `receive()`);
 - plain TCP is read through a non-blocking stdlib socket on a duplicate of the connection's descriptor:
   the read timeout (a cancel scope) is only entered when the socket is empty, and a stream that always has
   data yields to other tasks every 8 MiB (cancellation is still checked on every call). TLS goes through
@@ -352,7 +353,7 @@ class ExportResponse:
             self._buf[:leftover] = self._buf[self._start:self._end]
             self._start, self._end = 0, leftover
         room = self._view[self._end:] if limit is None else self._view[self._end:self._end + limit]
-        n = await self._guarded(self._recv_into, room)
+        n = await self._recv_into(room)  # which applies the read timeout itself
         if not n:
             raise self._ended_early()
         self._end += n
