@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -102,7 +103,39 @@ def check_complete_vhd(path: str | os.PathLike[str], size: int, data_offset: int
             raise bad(f"its block table ({entries} entries at offset {table_offset}) runs past the end")
         f.seek(table_offset)
         table = f.read(4 * entries)
-    bitmap = -(-block_size // (512 * 8) // 512) * 512  # one bit per sector, in whole sectors
+    bitmap = _bitmap_size(block_size)
     used = [sector for (sector,) in struct.iter_unpack(">I", table) if sector != BAT_UNUSED]
     if used and max(used) * 512 + bitmap + block_size > end:
         raise bad("a block of its table lies past the end of the file (truncated?)")
+
+
+def planned_vhd_length(read: Callable[[int, int], bytes], available: int) -> int | None:
+    """The length a dynamic VHD will have once written in order, from its leading footer copy, its header
+    and its block table: the end of the last block the table maps, plus the trailing footer.
+
+    `read(offset, n)` reads the file, whose first `available` bytes are written. None while those do not
+    yet cover the table, and when they say nothing sure (no block mapped, a header that does not parse).
+    A writer that writes in order (cp, rsync, dd) leaves exactly this length; others are caught by the
+    caller (a write out of order, or past this length, or a close at another length).
+    """
+    if available < FOOTER_SIZE:
+        return None
+    data_offset = int.from_bytes(read(0, FOOTER_SIZE)[16:24], "big")
+    if data_offset + HEADER_SIZE > available:
+        return None
+    header = read(data_offset, HEADER_SIZE)
+    if header[:8] != HEADER_COOKIE:
+        return None
+    _, _, table_offset, _, entries, block_size = _DYNAMIC_HEADER.unpack_from(header)
+    if block_size == 0 or block_size % 512 or table_offset + 4 * entries > available:
+        return None
+    used = [sector for (sector,) in struct.iter_unpack(">I", read(table_offset, 4 * entries)) if sector != BAT_UNUSED]
+    if not used:
+        return None
+    bitmap = _bitmap_size(block_size)
+    return max(used) * 512 + bitmap + block_size + FOOTER_SIZE
+
+
+def _bitmap_size(block_size: int) -> int:
+    """The bytes of the sector bitmap before each block: one bit per sector, in whole sectors."""
+    return -(-block_size // (512 * 8) // 512) * 512

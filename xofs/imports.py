@@ -5,6 +5,12 @@ Each name in an import directory is an `_Import`, a small state machine:
 - WRITING: the writer's bytes go to an on-disk spool (`xofs.import_spool`), at any offset. A VHD's
   leading footer copy is checked as soon as its first 512 bytes are in (EINVAL), and its virtual size
   against the SR's free space (ENOSPC); a raw image's size is checked as it grows.
+- A VHD written in order from its start (cp, rsync, dd) is uploaded while it is written: once its block
+  table is in, the file's final length is known (`planned_vhd_length`), which is the Content-Length XO
+  needs, and the upload follows the writer through the spool. Its trailing footer is held back until the
+  close has checked the whole file, so XO never finishes an import the close would refuse. A write out of
+  order or past that length, a truncate, a writer that pauses, or a close at another length cancels it
+  (XO destroys the VDI it began; checked as after any failed upload), and the close uploads as below.
 - UPLOADING: started by the close (`flush`) or `fsync` that follows new writes, never by `release`, whose
   errors nobody sees (fuse-lessons §7): the close waits for XO's answer and returns it. A flush with no
   new writes does nothing, so the flushes of dup'd and forked descriptors (shell redirections) before the
@@ -24,6 +30,7 @@ docs/semantics.md (imports section).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -39,7 +46,7 @@ from xofs.client.rest import RestClient
 from xofs.errors import XofsError
 from xofs.files import Caller, FileAttrs, ImportEntry, OpenFile, OpenInfo
 from xofs.formats.vhd import FOOTER_SIZE, VhdError, check_import_footer
-from xofs.import_format import ImageFormat, ImportName, check_complete_vhd, parse_name
+from xofs.import_format import ImageFormat, ImportName, check_complete_vhd, parse_name, planned_vhd_length
 from xofs.import_spool import Spool, clean_stale_spools
 from xofs.import_state import ImportRecord, ImportStore, server_dir_name
 
@@ -54,6 +61,8 @@ CLEANUP_TIMEOUT = 30.0  # seconds for the XO requests that remove what a failed 
 LEFTOVER_CHECKS = (0.0, 0.2, 0.5, 1.0, 2.0)  # when to look for a VDI XO should have destroyed itself
 LEFTOVER_RETRY_MAX = 60.0  # seconds between two looks for such a VDI while XO does not answer
 PF_EXITING = 0x4  # task flag: the process is exiting (include/linux/sched.h)
+EARLY_PROBE_LIMIT = 16 << 20  # a VHD whose block table is not within its first 16 MiB is uploaded at its close
+EARLY_STALL = 20.0  # seconds an upload that follows its writer waits for the next write before giving up
 
 
 class Phase(Enum):
@@ -78,6 +87,22 @@ class _Upload:
 
 
 @dataclass(eq=False)
+class _Early:
+    """An upload that follows its writer (a VHD written in order): `length` is what its block table says
+    the file will be, sent as the Content-Length."""
+
+    upload: _Upload
+    length: int
+    changed: trio.Event = field(default_factory=trio.Event)  # set (and replaced) at every write
+    committed: bool = False  # the close checked the whole file: the trailing footer may go
+    stopped: str | None = None  # why it was given up (cancelled by us, or failed before the close)
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+@dataclass(eq=False)
 class _Import:
     """One name in one import directory, whatever its phase."""
 
@@ -98,6 +123,8 @@ class _Import:
     name_description: str | None = None  # set through the xattr
     superseded: str | None = None  # the VDI of an earlier close of the same content, deleted on success
     upload: _Upload | None = None
+    early: _Early | None = None  # an upload following the writer
+    in_order: bool = True  # every write so far appended at the end (no early upload otherwise)
     handles: int = 0
     failure: XofsError | None = None  # set when the import is dead: its open handles answer this
     gone: bool = False  # no longer in its directory
@@ -197,6 +224,9 @@ class ImportManager:
                     self._drop_spool(imp)
 
     async def _stop_uploads(self) -> None:
+        for imports in self._dirs.values():
+            for imp in imports.values():
+                self._stop_early(imp, "the mount is stopping while the file is being written")
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.shutdown_wait
             if self._uploads:
@@ -338,6 +368,12 @@ class ImportManager:
     async def write(self, handle: ImportFile, offset: int, data: bytes) -> int:
         imp = await self._writable(handle.imp, handle.path)
         end = offset + len(data)
+        if offset != imp.size:
+            imp.in_order = False
+            self._stop_early(imp, f"a write at {offset} is not at the end ({imp.size})")
+        elif imp.early is not None and imp.early.stopped is None and end > imp.early.length:
+            self._stop_early(imp, f"a write reaches {end}, past the {imp.early.length} bytes its block table "
+                                  "announced")
         try:
             if imp.kind.format is ImageFormat.RAW and end > imp.size:
                 self._check_room(imp, end, handle.path)
@@ -356,6 +392,8 @@ class ImportManager:
         imp.mtime_ns = time.time_ns()
         if offset <= imp.prefix:
             imp.prefix = max(imp.prefix, offset + written)
+        if imp.early is not None:
+            imp.early.wake()
         if imp.kind.format is ImageFormat.VHD and imp.prefix >= FOOTER_SIZE and (
                 imp.virtual_size is None or offset < FOOTER_SIZE):
             try:
@@ -363,7 +401,47 @@ class ImportManager:
             except XofsError as err:
                 await self._fail(imp, err)
                 raise
+        self._maybe_start_early(imp, handle.path)
         return written
+
+    # ---- uploading while the writer writes --------------------------------------------------------
+
+    def _maybe_start_early(self, imp: _Import, path: str) -> None:
+        """Start uploading a VHD written in order as soon as its block table tells its final length."""
+        if (imp.early is not None or not imp.in_order or imp.kind.format is not ImageFormat.VHD
+                or imp.phase is not Phase.WRITING or imp.virtual_size is None or imp.size > EARLY_PROBE_LIMIT
+                or imp.vdi is not None or imp.superseded is not None or imp.spool is None or self._nursery is None
+                or not self._limiter.available_tokens):
+            return
+        length = planned_vhd_length(imp.spool.read, imp.size)
+        if length is None or length <= imp.size:
+            return
+        early = imp.early = _Early(_Upload(), length)
+        log.debug("%s: its block table says %d bytes; uploading while it is written", path, length)
+        self._nursery.start_soon(self._upload, imp, early.upload, path, early)
+
+    def _stop_early(self, imp: _Import, reason: str) -> _Early | None:
+        """Give up the upload that follows the writer (XO destroys the VDI it began); the close uploads."""
+        early = imp.early
+        if early is None:
+            return None
+        if early.stopped is None:
+            early.stopped = reason
+            log.info("%s: stopped uploading while it is written (%s); it is uploaded when it is closed",
+                     imp.name, reason)
+            self._cancel(early.upload, reason)
+        return early
+
+    async def _early_ready(self, imp: _Import, early: _Early, end: int) -> None:
+        """Wait until the spool holds the bytes up to `end`; the trailing footer only after the close."""
+        while end > min(imp.size, early.length if early.committed else early.length - FOOTER_SIZE):
+            event = early.changed
+            try:
+                with trio.fail_after(EARLY_STALL):
+                    await event.wait()
+            except trio.TooSlowError:
+                self._stop_early(imp, f"no write for {EARLY_STALL:.0f} s")
+                await trio.lowlevel.checkpoint()  # the cancel lands here
 
     async def _writable(self, imp: _Import, path: str) -> _Import:
         """The import, ready to take writes: waits for a running upload, reopens a finished one."""
@@ -416,6 +494,9 @@ class ImportManager:
     def _truncate(self, imp: _Import, size: int, path: str) -> None:
         if imp.failure is not None:
             raise imp.failure
+        if size != imp.size:
+            imp.in_order = False
+            self._stop_early(imp, f"the file is truncated to {size} bytes")
         if imp.phase is Phase.UPLOADING:
             raise XofsError(f"{path} is being uploaded to XO", errno_=errno.EBUSY)
         if imp.phase is Phase.IMPORTED:
@@ -530,25 +611,41 @@ class ImportManager:
         except XofsError as err:
             await self._fail(imp, err)
             raise
-        if self._nursery is None:
-            raise XofsError("imports are not running (the mount is stopping)", errno_=errno.EIO)
-        upload = imp.upload = _Upload()
+        early, imp.early = imp.early, None
+        if early is not None and early.stopped is None and imp.size == early.length:
+            early.committed = True  # the whole file is checked: its last bytes may go
+            early.wake()
+            upload = imp.upload = early.upload
+        else:
+            if early is not None:  # what it began must be gone before XO sees another VDI of that name
+                if early.stopped is None:
+                    imp.early = early
+                    self._stop_early(imp, f"it was closed at {imp.size} bytes, not the {early.length} bytes "
+                                          "its block table announced")
+                    imp.early = None
+                await early.upload.done.wait()
+            if self._nursery is None:
+                raise XofsError("imports are not running (the mount is stopping)", errno_=errno.EIO)
+            upload = imp.upload = _Upload()
+            self._nursery.start_soon(self._upload, imp, upload, path)
         imp.phase = Phase.UPLOADING
         imp.dirty = False
         self._uploads.add(upload)
-        self._nursery.start_soon(self._upload, imp, upload, path)
         await self._wait(imp)
 
     # ---- uploading --------------------------------------------------------------------------------
 
-    async def _upload(self, imp: _Import, upload: _Upload, path: str) -> None:
+    async def _upload(self, imp: _Import, upload: _Upload, path: str, early: _Early | None = None) -> None:
         """Send the spool to XO (at most `max_uploads` at a time), then record or clean up.
 
         Shielded: only an unlink or the end of the shutdown wait (through `upload.scope`) stops it, and
-        the clean-up after a failure always runs.
+        the clean-up after a failure always runs. With `early`, it follows the writer (`_early_ready`);
+        failing before the close has committed it only gives it up: the close then uploads as usual.
         """
         assert imp.spool is not None
         label, description = imp.kind.label, imp.description
+        size = early.length if early is not None else imp.size
+        ready = None if early is None else functools.partial(self._early_ready, imp, early)
         before = self._vdis_named(imp.sr_id, label)
         vdi: str | None = None
         error: XofsError | None = None
@@ -559,25 +656,31 @@ class ImportManager:
                     if upload.cancel_reason is not None:
                         scope.cancel()
                     async with self._limiter:
-                        log.info("importing %s into SR %s (%d bytes, %s)", path, imp.sr_id, imp.size,
-                                 imp.kind.format.value)
+                        log.info("importing %s into SR %s (%d bytes, %s%s)", path, imp.sr_id, size,
+                                 imp.kind.format.value, ", while it is written" if early else "")
                         upload.started = time.monotonic()
                         vdi = await self.client.import_vdi(
                             imp.sr_id, imp.spool.path, name_label=label, name_description=description,
-                            raw=imp.kind.format is ImageFormat.RAW, progress=upload.progress)
+                            raw=imp.kind.format is ImageFormat.RAW, progress=upload.progress, size=size,
+                            ready=ready)
                 if vdi is None:
                     error = XofsError(f"import into SR {imp.sr_id} cancelled: {upload.cancel_reason}")
             except XofsError as err:
                 error = _upload_error(imp.sr_id, err)
             except OSError as err:
                 error = XofsError(f"import into SR {imp.sr_id} failed: cannot read the spool: {err.strerror}")
+            given_up = early is not None and not early.committed
+            if given_up and error is not None and early.stopped is None:
+                early.stopped = error.describe()  # the close must not count on it any more
+                log.info("%s: uploading while it is written failed (%s); it is uploaded when it is closed",
+                         path, error.describe())
             try:
                 with trio.move_on_after(CLEANUP_TIMEOUT):
                     if error is None and vdi is not None:
                         error = await self._imported(imp, vdi, label, description, path)
-                    elif not await self._remove_leftovers(imp.sr_id, label, imp.size, before):
-                        self._remove_leftovers_later(imp.sr_id, label, imp.size, before)
-                if error is not None:
+                    elif not await self._remove_leftovers(imp.sr_id, label, size, before):
+                        self._remove_leftovers_later(imp.sr_id, label, size, before)
+                if error is not None and not given_up:
                     await self._fail(imp, error)
             finally:
                 upload.error = error
@@ -678,18 +781,24 @@ class ImportManager:
         if imp.failure is not None:
             return
         imp.failure = error
+        early = self._stop_early(imp, error.describe())
         self._drop_spool(imp)
         if not imp.gone:
             self._forget(imp, None)
             self._save(imp.sr_id)
             self.notify(imp.sr_id, [imp.name])
+        if early is not None:  # the failed close answers once the VDI the early upload began is gone
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+                await early.upload.done.wait()
         if imp.superseded is not None:
             superseded, imp.superseded = imp.superseded, None
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 await self._delete_vdi(superseded, f"the import of {imp.name} that was to replace it failed")
 
     def _forget(self, imp: _Import, reason: str | None) -> None:
-        """Take the entry out of its directory (the caller saves); XO is not touched."""
+        """Take the entry out of its directory (the caller saves); XO is not touched, but an upload that
+        follows the writer is given up (which removes what it began)."""
+        self._stop_early(imp, reason or "the import ended")
         imports = self._dirs.get(imp.sr_id, {})
         if imports.get(imp.name) is imp:
             del imports[imp.name]
@@ -711,6 +820,9 @@ class ImportManager:
             self._save(imp.sr_id)
             return
         self._forget(imp, None)
+        if imp.early is not None:
+            with trio.move_on_after(UNLINK_WAIT):
+                await imp.early.upload.done.wait()
         if imp.phase is Phase.UPLOADING and imp.upload is not None:
             upload = imp.upload
             self._cancel(upload, f"{path} was removed during the upload")

@@ -138,7 +138,7 @@ class ExportResponse:
             self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
             self._raw.setblocking(False)
         self._unyielded = 0  # bytes received since the last time receive() let other tasks run
-        self._read_timeout = read_timeout
+        self.read_timeout = read_timeout
         self._buf = bytearray(_BUFFER)
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # the unread bytes are _buf[_start:_end]
@@ -384,7 +384,7 @@ class ExportResponse:
                     result = op(arg)
                     break
                 except BlockingIOError:
-                    with trio.fail_after(self._read_timeout):
+                    with trio.fail_after(self.read_timeout):
                         await trio.lowlevel.wait_readable(self._raw)
                     self._unyielded = 0
         except (OSError, trio.TooSlowError, trio.ClosedResourceError) as exc:
@@ -397,7 +397,7 @@ class ExportResponse:
 
     async def _guarded(self, receive: Callable[[Any], Awaitable[T]], arg: Any) -> T:
         try:
-            with trio.fail_after(self._read_timeout):
+            with trio.fail_after(self.read_timeout):
                 return await receive(arg)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ssl.SSLError) as exc:
@@ -405,7 +405,7 @@ class ExportResponse:
 
     def _broken(self, exc: BaseException) -> XoUnreachable:
         return XoUnreachable(f"export from {self.url} broke after {self.bytes_received} bytes: "
-                             f"{connection_failure_reason(exc, self._read_timeout)}")
+                             f"{connection_failure_reason(exc, self.read_timeout)}")
 
     def _ended_early(self) -> XoUnreachable:
         due = f" of {self.content_length}" if self.content_length is not None else ""
@@ -427,11 +427,11 @@ class ExportResponse:
         lines = [f"GET {target.target} HTTP/1.1", *(f"{name}: {value}" for name, value in target.headers)]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
-            with trio.fail_after(self._read_timeout):
+            with trio.fail_after(self.read_timeout):
                 await self._stream.send_all(head)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise XoUnreachable(f"cannot send the request to {self.url}: "
-                                f"{connection_failure_reason(exc, self._read_timeout)}") from exc
+                                f"{connection_failure_reason(exc, self.read_timeout)}") from exc
 
     async def read_head(self) -> None:
         """Read the status line and headers of the answer (1xx interim answers skipped); the body stays."""

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -152,14 +152,17 @@ class RestClient:
         raise AssertionError("unreachable")
 
     async def import_vdi(self, sr_id: str, body_path: Path, *, name_label: str, name_description: str | None,
-                         raw: bool, progress: Callable[[int], None] | None = None) -> str:
+                         raw: bool, progress: Callable[[int], None] | None = None, size: int | None = None,
+                         ready: Callable[[int], Awaitable[None]] | None = None) -> str:
         """Upload a disk image as a new VDI on an SR; returns the new VDI's uuid. Never retried.
 
         The body streams from disk with an explicit Content-Length, which XO requires (a chunked upload is
-        a 500). `raw=False` means a dynamic or differencing VHD; `raw` is always sent as `true`/`false`
-        because a bare `?raw` is a 422 today and meant "raw" in legacy XO.
+        a 500): the file's size, or `size` for a file still being written (`ready`: see `upload_file`).
+        `raw=False` means a dynamic or differencing VHD; `raw` is always sent as `true`/`false` because a
+        bare `?raw` is a 422 today and meant "raw" in legacy XO.
         """
-        size = body_path.stat().st_size
+        if size is None:
+            size = body_path.stat().st_size
         params = {"name_label": name_label, "raw": "true" if raw else "false"}
         if name_description is not None:
             params["name_description"] = name_description
@@ -172,7 +175,7 @@ class RestClient:
                      ("Connection", "close")])
         response = await upload_file(target, "POST", body_path, size, ssl_context=self._ssl,
                                      connect_timeout=self._connect_timeout, send_timeout=self._read_timeout,
-                                     answer_timeout=IMPORT_ANSWER_TIMEOUT, progress=progress)
+                                     answer_timeout=IMPORT_ANSWER_TIMEOUT, progress=progress, ready=ready)
         async with response:
             if not 200 <= response.status < 300:
                 raise xo_error_from_response(response.status, await _error_body(response), url=str(url),

@@ -15,9 +15,10 @@ every block: cancelling closes the connection, which XO sees as a cut upload (it
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,12 +33,15 @@ _ANSWER_GRACE = 5.0  # after the sending broke, how long XO's answer (its reason
 
 async def upload_file(target: HttpTarget, method: str, path: Path, size: int, *,
                       ssl_context: ssl.SSLContext | None, connect_timeout: float, send_timeout: float,
-                      answer_timeout: float, progress: Callable[[int], None] | None = None) -> ExportResponse:
+                      answer_timeout: float, progress: Callable[[int], None] | None = None,
+                      ready: Callable[[int], Awaitable[None]] | None = None) -> ExportResponse:
     """Send the first `size` bytes of `path` as the body of `method target`; return the answer, head read.
 
     `target.headers` must not hold Content-Length (it is added). `send_timeout` bounds how long the socket may
     take no body bytes; `answer_timeout` how long XO may take to answer after the last byte, and every wait
-    while its body is read. `progress(sent)` is called after every block. Any status is returned (the
+    while its body is read. `progress(sent)` is called after every block. A file still being written is
+    sent as it grows: `ready(end)` returns once the file's bytes up to `end` are there to send (the time it
+    takes counts against no timeout; cancel the upload to give up). Any status is returned (the
     caller reads the body and closes the answer). Raises `XoUnreachable` when the connection fails or breaks
     before an answer, `XoProtocolError` when the answer is not HTTP/1.x or a success comes before the whole
     body was sent, `XofsError` when the file is shorter than `size`, and `OSError` when it cannot be read.
@@ -47,17 +51,20 @@ async def upload_file(target: HttpTarget, method: str, path: Path, size: int, *,
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     with open(path, "rb") as file:
         stream = await connect(target, ssl_context, connect_timeout)
-        response = ExportResponse(stream, target.url, answer_timeout)
+        # No read timeout while the body goes out (it may take hours, or follow a writer): the sender
+        # gives XO `answer_timeout` from its last byte. Then every wait while the answer is read has it.
+        response = ExportResponse(stream, target.url, math.inf)
         try:
             answer_error: XofsError | None = None
             answered = False
             async with trio.open_nursery() as nursery:
                 sender = _Sender(stream, head, file.fileno(), size, target.url, send_timeout, progress,
-                                 stop=nursery.cancel_scope)
+                                 ready, stop=nursery.cancel_scope, answer_timeout=answer_timeout)
                 nursery.start_soon(sender.run)
                 try:
                     await response.read_head()
                     answered = True
+                    response.read_timeout = answer_timeout
                 except XofsError as exc:
                     answer_error = exc
                 nursery.cancel_scope.cancel()  # an answer before the end of the body: stop sending
@@ -90,7 +97,8 @@ class _Sender:
     """
 
     def __init__(self, stream: trio.abc.Stream, head: bytes, fd: int, size: int, url: str, timeout: float,
-                 progress: Callable[[int], None] | None, *, stop: trio.CancelScope) -> None:
+                 progress: Callable[[int], None] | None, ready: Callable[[int], Awaitable[None]] | None, *,
+                 stop: trio.CancelScope, answer_timeout: float) -> None:
         self.stream = stream
         self.head = head
         self.fd = fd
@@ -98,7 +106,9 @@ class _Sender:
         self.url = url
         self.timeout = timeout
         self.progress = progress
+        self.ready = ready
         self.stop = stop
+        self.answer_timeout = answer_timeout
         self.sent = 0
         self.error: XoUnreachable | None = None
         self.file_error: XofsError | OSError | None = None
@@ -111,6 +121,10 @@ class _Sender:
                 await self._send_plain(self.stream.socket.fileno())
             else:
                 await self._send_tls()
+            await trio.sleep(self.answer_timeout)  # cancelled by the answer, normally
+            self.error = XoUnreachable(f"{self.url} did not answer within {self.answer_timeout:g} s after the "
+                                       "last byte of the upload")
+            self.stop.cancel()
         except _FileFailed:
             self.stop.cancel()
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -126,6 +140,8 @@ class _Sender:
         while self.sent < self.size:
             end = min(self.sent + BLOCK, self.size)
             await trio.lowlevel.checkpoint()
+            if self.ready is not None:
+                await self.ready(end)
             while self.sent < end:
                 try:
                     n = os.sendfile(sock, self.fd, self.sent, end - self.sent)
@@ -142,6 +158,8 @@ class _Sender:
     async def _send_tls(self) -> None:
         """`os.pread` blocks sent whole through the TLS stream (one encryption and one send each)."""
         while self.sent < self.size:
+            if self.ready is not None:
+                await self.ready(min(self.sent + BLOCK, self.size))
             try:
                 data = os.pread(self.fd, min(BLOCK, self.size - self.sent), self.sent)
             except OSError as exc:
