@@ -217,3 +217,47 @@ async def test_tls_import_exports_back_the_same_content_and_refusals_map(tls_sim
     assert type(info.value) is XoError and info.value.xo_message == "500 Internal Server Error"
     assert {v["id"] for v in await client.collection("vdis", fields="id")} == vdis
     await client.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_the_answer_timeout_starts_at_the_last_byte(nursery, tmp_path):
+    """A body that takes longer to go out than the answer timeout is fine; an answer that does not come within
+    the timeout after the last byte fails the upload, saying so."""
+    from xofs.client.export import HttpTarget
+    from xofs.client.upload import upload_file
+    from xofs.errors import XoUnreachable
+
+    size = 4 * MiB
+
+    async def handle(stream: trio.SocketStream) -> None:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some(65536)
+        slow_reader = received.split(b" ", 2)[1] == b"/slow-reader"
+        body = len(received.split(b"\r\n\r\n", 1)[1])
+        while body < size:
+            if slow_reader:
+                await trio.sleep(0.03)  # 64 receives at least: 2 s or more for the whole body
+            body += len(await stream.receive_some(65536))
+        if slow_reader:
+            await stream.send_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    image = tmp_path / "disk.raw"
+    random_disk(image, size)
+
+    def target(path: str) -> HttpTarget:
+        return HttpTarget("http", "127.0.0.1", port, path, [("Host", f"127.0.0.1:{port}")])
+
+    response = await upload_file(target("/slow-reader"), "POST", image, size, ssl_context=None, connect_timeout=5,
+                                 send_timeout=5, answer_timeout=1)
+    assert response.status == 201
+    await response.aclose()
+    started = time.monotonic()
+    with pytest.raises(XoUnreachable) as info:
+        await upload_file(target("/never-answers"), "POST", image, size, ssl_context=None, connect_timeout=5,
+                          send_timeout=5, answer_timeout=1)
+    assert "did not answer within 1 s after the last byte" in info.value.describe()
+    assert time.monotonic() - started < 5
