@@ -523,24 +523,30 @@ async def eventually(check, what: str, timeout: float = 10.0) -> None:
     raise AssertionError(f"waited {timeout:g} s for {what}")
 
 
-async def start_copy(env: Env, name: str, image: bytes, upto: int) -> ImportFile:
-    """What `cp` does, stopped after `upto` bytes."""
+async def start_copy(env: Env, name: str, image: bytes) -> tuple[ImportFile, dict]:
+    """What `cp` does, stopped halfway; returns the file and the VDI its upload began meanwhile."""
     f = await env.manager.create(env.entry(name), 0o644, ME, f"/{name}")
-    await write_all(f, image[:upto])
-    return f
+    await write_all(f, image[:len(image) // 2])
+    label = parse_name(name).label
+    await eventually(lambda: env.vdis(name_label=label), "the VDI of the upload that follows the writer")
+    [early] = env.vdis(name_label=label)
+    return f, early
+
+
+async def finish_copy(f: ImportFile, image: bytes) -> None:
+    """The rest of `start_copy`'s copy, and the close."""
+    await write_all(f, image[len(image) // 2:], len(image) // 2)
+    await f.flush(Caller())
+    await f.release()
 
 
 async def test_a_vhd_written_in_order_is_uploaded_while_it_is_written(fresh_sim, tmp_path) -> None:
     image, expected = make_vhd(tmp_path, size=8 << 20)
     async with running(fresh_sim, tmp_path) as env:
-        f = await start_copy(env, "live.vhd", image, len(image) // 2)
+        f, early = await start_copy(env, "live.vhd", image)
         # XO made the VDI before the copy ended, told the whole length up front (the Content-Length).
-        await eventually(lambda: env.vdis(name_label="live"), "the VDI of the upload")
-        [early] = env.vdis(name_label="live")
         assert early["other_config"]["xo:import:length"] == str(len(image))
-        await write_all(f, image[len(image) // 2:], len(image) // 2)
-        await f.flush(Caller())
-        await f.release()
+        await finish_copy(f, image)
         [vdi] = env.vdis(name_label="live")
         assert vdi["id"] == early["id"] and raw_export(fresh_sim, vdi["id"]) == expected
         assert env.manager.xattrs(env.entry("live.vhd"))["user.xo.vdi"] == vdi["id"].encode()
@@ -551,14 +557,10 @@ async def test_a_write_out_of_order_gives_the_early_upload_up_and_the_close_uplo
     image, expected = make_vhd(tmp_path, size=8 << 20)
     async with running(fresh_sim, tmp_path) as env:
         before = len(env.vdis())
-        f = await start_copy(env, "redo.vhd", image, len(image) // 2)
-        await eventually(lambda: env.vdis(name_label="redo"), "the VDI of the early upload")
-        [early] = env.vdis(name_label="redo")
+        f, early = await start_copy(env, "redo.vhd", image)
         assert await f.write(0, image[:512]) == 512  # the same bytes again: already sent, so it stops
         await eventually(lambda: not env.vdis(name_label="redo"), "the early upload's VDI to go")
-        await write_all(f, image[len(image) // 2:], len(image) // 2)
-        await f.flush(Caller())
-        await f.release()
+        await finish_copy(f, image)
         [vdi] = env.vdis(name_label="redo")
         assert vdi["id"] != early["id"] and raw_export(fresh_sim, vdi["id"]) == expected
         assert len(env.vdis()) == before + 1
@@ -568,12 +570,9 @@ async def test_a_writer_that_pauses_gives_the_early_upload_up(fresh_sim, tmp_pat
     monkeypatch.setattr("xofs.imports.EARLY_STALL", 0.5)
     image, expected = make_vhd(tmp_path, size=8 << 20)
     async with running(fresh_sim, tmp_path) as env:
-        f = await start_copy(env, "slow.vhd", image, len(image) // 2)
-        await eventually(lambda: env.vdis(name_label="slow"), "the VDI of the early upload")
+        f, _ = await start_copy(env, "slow.vhd", image)
         await eventually(lambda: not env.vdis(name_label="slow"), "the early upload's VDI to go")
-        await write_all(f, image[len(image) // 2:], len(image) // 2)
-        await f.flush(Caller())
-        await f.release()
+        await finish_copy(f, image)
         [vdi] = env.vdis(name_label="slow")
         assert raw_export(fresh_sim, vdi["id"]) == expected
 
@@ -582,14 +581,12 @@ async def test_unlink_or_a_stopping_mount_while_written_leaves_no_vdi(fresh_sim,
     image, _ = make_vhd(tmp_path, size=8 << 20)
     async with running(fresh_sim, tmp_path) as env:
         before = len(env.vdis())
-        f = await start_copy(env, "gone.vhd", image, len(image) // 2)
-        await eventually(lambda: env.vdis(name_label="gone"), "the VDI of the early upload")
+        f, _ = await start_copy(env, "gone.vhd", image)
         await env.manager.unlink(env.entry("gone.vhd"), "/gone.vhd")
         assert env.vdis(name_label="gone") == [] and len(env.vdis()) == before
         await expect_error(errno.EIO, f.flush(Caller()))
         await f.release()
-        await start_copy(env, "left.vhd", image, len(image) // 2)
-        await eventually(lambda: env.vdis(name_label="left"), "the VDI of the early upload")
+        await start_copy(env, "left.vhd", image)
     await eventually(lambda: not vdis(fresh_sim, name_label="left"), "the VDI of the stopped mount's upload to go")
     assert spools(tmp_path) == []
 

@@ -226,21 +226,7 @@ class ExportResponse:
         """Decode as many chunks as the buffer holds, up to `max_bytes`: one copy, whatever the chunk size."""
         pieces: list[memoryview] = []
         want = max_bytes
-        while want and not self._last_chunk_read:
-            if not self._left:
-                size = self._parse_chunk_size()
-                if size is None:  # the size line is not all here yet
-                    if pieces:
-                        break
-                    # After a big chunk, read just the size line and a little: the next big one goes direct.
-                    await self._fill(_LINE_FILL if self._big_chunks else None)
-                    continue
-                if size == 0:
-                    await self._skip_trailers()
-                    self._last_chunk_read = True
-                    break
-                self._left = size
-                self._big_chunks = size >= _DIRECT_MIN
+        while want and await self._chunk_ready(bool(pieces)):
             buffered = self._end - self._start
             if not buffered:
                 if pieces:
@@ -277,20 +263,7 @@ class ExportResponse:
     async def _receive_chunked_into(self, view: memoryview) -> int:
         """Decode chunks into `view` until it is full or nothing more is at hand."""
         got, want = 0, len(view)
-        while got < want and not self._last_chunk_read:
-            if not self._left:
-                size = self._parse_chunk_size()
-                if size is None:  # the size line is not all here yet
-                    if got:
-                        break
-                    await self._fill(_LINE_FILL if self._big_chunks else None)
-                    continue
-                if size == 0:
-                    await self._skip_trailers()
-                    self._last_chunk_read = True
-                    break
-                self._left = size
-                self._big_chunks = size >= _DIRECT_MIN
+        while got < want and await self._chunk_ready(bool(got)):
             take = min(self._left, want - got)
             buffered = self._end - self._start
             if buffered:
@@ -309,6 +282,28 @@ class ExportResponse:
             self._left -= take
             got += take
         return got
+
+    async def _chunk_ready(self, holding: bool) -> bool:
+        """Make sure a chunk with bytes left is under way, reading the next size line if need be. False at
+        the end of the body, and when that line is not all here while the caller is `holding` bytes it can
+        return first."""
+        while not self._left:
+            if self._last_chunk_read:
+                return False
+            size = self._parse_chunk_size()
+            if size is None:  # the size line is not all here yet
+                if holding:
+                    return False
+                # After a big chunk, read just the size line and a little: the next big one goes direct.
+                await self._fill(_LINE_FILL if self._big_chunks else None)
+                continue
+            if size == 0:
+                await self._skip_trailers()
+                self._last_chunk_read = True
+                return False
+            self._left = size
+            self._big_chunks = size >= _DIRECT_MIN
+        return True
 
     def _parse_chunk_size(self) -> int | None:
         """The next chunk's size from the buffer (eating the CRLF that ends the previous chunk), or None."""
