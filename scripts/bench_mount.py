@@ -27,6 +27,40 @@ def curl(sim: SimProcess, path: str, out: str = "/dev/null") -> list[str]:
     return ["curl", "-sf", "-o", out, "-b", f"authenticationToken={sim.token}", sim.url + path]
 
 
+def count(command: str) -> int:
+    out = subprocess.run(command, shell=True, check=True, capture_output=True, text=True).stdout
+    return out.count("\n")
+
+
+def find_on_floor(work: Path, dirs: int, entries: int) -> float:
+    """`find | wc -l` on scripts/fuse_floor.py's filesystem of `dirs` directories and `entries` entries:
+    what pyfuse3, trio and the kernel alone cost for a tree of that shape."""
+    mnt = work / "floor"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, str(TOP / "scripts" / "fuse_floor.py"), str(mnt), str(dirs),
+                             str(entries)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("shape"):
+                print(f"  floor: {line.strip()} (the mount: {dirs} directories, {entries} entries)")
+            if line.startswith("ready"):
+                break
+        deadline = time.monotonic() + 30
+        while f" {mnt} fuse" not in open("/proc/mounts").read():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the floor filesystem did not mount")
+            time.sleep(0.05)
+        return timed(f"find {mnt} | wc -l", shell=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
 def bench_simulator(work: Path) -> None:
     print("== simulator (xofs sim) ==")
     start = time.perf_counter()
@@ -89,9 +123,13 @@ def bench_mount(work: Path) -> None:
         report("find /mnt | wc -l (10,000 VMs)", f"{t_find:.2f} s", "< 5 s", t_find < 5)
         mem = rss_mb(mount.proc.pid)
         report("daemon memory (RSS) after find over everything", f"{mem:.0f} MB", "< 300 MB", mem < 300)
+        shape = [count(f"find {mount.mountpoint} -mindepth 1 {test}") for test in ("-type d", "")]
     finally:
         mount.stop()
         big.stop()
+    t_floor = find_on_floor(work, *shape)
+    report("  find on a do-nothing pyfuse3 filesystem, same shape", f"{t_floor:.2f} s", "baseline", None)
+    report("  find on the mount / on that floor", f"{t_find / t_floor:.2f}x", "", None)
 
     print("== mount: freshness ==")
     sim = SimProcess(args=["--seed", "2"], log_path=work / "sim-fresh.log").start()
