@@ -21,6 +21,7 @@ checked the same way, when its reader comes back.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -85,6 +86,27 @@ class ExportSlots:
             victim.park()
 
 
+class _Buffers:
+    """Receive buffers, reused once nothing refers to them any more (the window dropped every view of one,
+    and pyfuse3 copied the replies made of it): a new one would cost an allocation and zeroing per MiB."""
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self._pool: list[bytearray] = []
+
+    def take(self, n: int) -> memoryview:
+        """A buffer of `n` (at most `size`) bytes that no one else holds."""
+        for buffer in self._pool:
+            # The pool's reference, the loop's and getrefcount's own: no memoryview of it is alive.
+            if sys.getrefcount(buffer) == 3:
+                return memoryview(buffer)[:n]
+        buffer = bytearray(self.size)
+        if len(self._pool) < self.keep:
+            self._pool.append(buffer)
+        return memoryview(buffer)[:n]
+
+
 class ExportFeed:
     """One GET of an export, received by `run` (started in the manager's nursery)."""
 
@@ -118,6 +140,7 @@ class ExportFeed:
         self._room = trio.Event()  # the reader moved on, or the feed was diverted
         self._scope = trio.CancelScope()
         self.running = False
+        self._buffers = _Buffers(RECEIVE, max(4, (readahead + back_window) // RECEIVE + 3))
 
     @property
     def done(self) -> bool:
@@ -198,7 +221,7 @@ class ExportFeed:
             # The stream is received into buffers that end on 1 MiB boundaries of the stream, each filled
             # by as many receives as it takes: a read within one buffer goes out as a view of it, uncopied.
             if filled == len(buffer):
-                buffer, filled = memoryview(bytearray(RECEIVE - self.received % RECEIVE)), 0
+                buffer, filled = self._buffers.take(RECEIVE - self.received % RECEIVE), 0
             n = await response.receive_into(buffer[filled:])
             if not n:
                 break
