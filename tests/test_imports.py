@@ -27,7 +27,7 @@ from xofs.client.rest import RestClient
 from xofs.errors import XofsError
 from xofs.files import Caller, ImportEntry
 from xofs.formats.vhd import build_footer
-from xofs.import_format import parse_name
+from xofs.import_format import parse_name, planned_vhd_length
 from xofs.import_spool import clean_stale_spools
 from xofs.imports import ImportFile, ImportManager, writer_was_killed
 
@@ -513,6 +513,26 @@ async def test_killed_writer_imports_nothing(fresh_sim, tmp_path) -> None:
 
 
 # ---- uploads that follow the writer (a VHD written in order) ---------------------------------------------
+
+
+def test_planned_vhd_length_comes_from_the_block_table_once_it_is_in(tmp_path) -> None:
+    image, _ = make_vhd(tmp_path, size=8 << 20)
+
+    def read(offset: int, n: int) -> bytes:
+        return image[offset:offset + n]
+
+    assert planned_vhd_length(read, len(image)) == len(image)  # qemu-img's layout: the last block, the footer
+    header = int.from_bytes(image[16:24], "big")
+    table = int.from_bytes(image[header + 16:header + 24], "big")
+    assert planned_vhd_length(read, table) is None  # the table is not all written yet
+    assert planned_vhd_length(read, 511) is None
+    blank = bytearray(image)
+    entries = int.from_bytes(image[header + 28:header + 32], "big")
+    blank[table:table + 4 * entries] = b"\xff" * (4 * entries)  # no block mapped: nothing sure to say
+    assert planned_vhd_length(lambda o, n: bytes(blank[o:o + n]), len(blank)) is None
+    broken = bytearray(image)
+    broken[header:header + 8] = b"notcxspa"  # no dynamic header where the footer points
+    assert planned_vhd_length(lambda o, n: bytes(broken[o:o + n]), len(broken)) is None
 
 
 async def eventually(check, what: str, timeout: float = 10.0) -> None:

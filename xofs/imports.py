@@ -422,15 +422,16 @@ class ImportManager:
 
     def _stop_early(self, imp: _Import, reason: str) -> _Early | None:
         """Give up the upload that follows the writer (XO destroys the VDI it began); the close uploads."""
-        early = imp.early
-        if early is None:
-            return None
+        if imp.early is not None:
+            self._give_up(imp.early, imp.name, reason)
+        return imp.early
+
+    def _give_up(self, early: _Early, name: str, reason: str) -> None:
         if early.stopped is None:
             early.stopped = reason
             log.info("%s: stopped uploading while it is written (%s); it is uploaded when it is closed",
-                     imp.name, reason)
+                     name, reason)
             self._cancel(early.upload, reason)
-        return early
 
     async def _early_ready(self, imp: _Import, early: _Early, end: int) -> None:
         """Wait until the spool holds the bytes up to `end`; the trailing footer only after the close."""
@@ -618,11 +619,8 @@ class ImportManager:
             upload = imp.upload = early.upload
         else:
             if early is not None:  # what it began must be gone before XO sees another VDI of that name
-                if early.stopped is None:
-                    imp.early = early
-                    self._stop_early(imp, f"it was closed at {imp.size} bytes, not the {early.length} bytes "
-                                          "its block table announced")
-                    imp.early = None
+                self._give_up(early, imp.name, f"it was closed at {imp.size} bytes, not the {early.length} "
+                                               "bytes its block table announced")
                 await early.upload.done.wait()
             if self._nursery is None:
                 raise XofsError("imports are not running (the mount is stopping)", errno_=errno.EIO)
