@@ -8,9 +8,9 @@ with `Connection: close` and parses the response head itself. Then:
 
 - `receive_into(view)` (what exports use) lets the socket write a plain body, or a chunk of at least
   256 KiB, straight into the caller's buffer: no copy of ours; after such a chunk only the next size line
-  is read into the connection's buffer. `receive()` does the same with a new `bytes` per call;
+  is read into the connection's buffer. `receive()` copies that into a new `bytes` (error bodies, tests);
 - smaller chunks are read into one reusable 2 MiB buffer with `recv_into` and decoded from there, as many
-  per call as fit (one copy: into the caller's buffer, or the join for `receive()`);
+  per call as fit (one copy: into the caller's buffer);
 - plain TCP is read through a non-blocking stdlib socket on a duplicate of the connection's descriptor:
   the read timeout (a cancel scope) is only entered when the socket is empty, and a stream that always has
   data yields to other tasks every 8 MiB (cancellation is still checked on every call). TLS goes through
@@ -166,22 +166,6 @@ class ExportResponse:
                 self._raw.close()
             await trio.aclose_forcefully(self._stream)
 
-    async def receive(self, max_bytes: int = DEFAULT_RECEIVE) -> bytes:
-        """Up to `max_bytes` of the body (what is already there, waiting only if nothing is); b"" at the end."""
-        if self._done:
-            return b""
-        if self._chunked:
-            data = await self._receive_chunked(max_bytes)
-        elif self._left is None:  # delimited by the end of the connection
-            data = await self._receive_plain(max_bytes, eof_ok=True)
-        else:
-            data = await self._receive_plain(min(max_bytes, self._left)) if self._left else b""
-            self._left -= len(data)
-        if not data:
-            self._done = True
-        self.bytes_received += len(data)
-        return data
-
     async def receive_into(self, view: memoryview) -> int:
         """Up to `len(view)` (> 0) bytes of the body written into `view`; how many, 0 at the end.
 
@@ -203,6 +187,15 @@ class ExportResponse:
         self.bytes_received += n
         return n
 
+    async def receive(self, max_bytes: int = DEFAULT_RECEIVE) -> bytes:
+        """Up to `max_bytes` of the body (what is already there, waiting only if nothing is); b"" at the end.
+        A copy of what `receive_into` gives: for error bodies and tests, not for bulk bytes."""
+        if max_bytes <= 0:
+            return b""
+        buffer = bytearray(max_bytes)
+        n = await self.receive_into(memoryview(buffer))
+        return bytes(memoryview(buffer)[:n])
+
     async def read_all(self, limit: int) -> bytes:
         """The rest of the body, at most `limit` bytes (for error answers, which are small)."""
         parts: list[bytes] = []
@@ -213,41 +206,6 @@ class ExportResponse:
         return b"".join(parts)
 
     # --- body framing ---
-
-    async def _receive_plain(self, n: int, *, eof_ok: bool = False) -> bytes:
-        if self._start < self._end:
-            return self._take(n)
-        data = await self._recv_bytes(n)  # nothing buffered: the socket's bytes, handed over as they are
-        if not data and not eof_ok:
-            raise self._ended_early()
-        return data
-
-    async def _receive_chunked(self, max_bytes: int) -> bytes:
-        """Decode as many chunks as the buffer holds, up to `max_bytes`: one copy, whatever the chunk size."""
-        pieces: list[memoryview] = []
-        want = max_bytes
-        while want and await self._chunk_ready(bool(pieces)):
-            buffered = self._end - self._start
-            if not buffered:
-                if pieces:
-                    break
-                if self._left >= _DIRECT_MIN and want >= _DIRECT_MIN:
-                    data = await self._recv_bytes(min(want, self._left))  # a big chunk: skip the buffer
-                    if not data:
-                        raise self._ended_early()
-                    self._left -= len(data)
-                    return data
-                await self._fill()
-                continue
-            take = min(buffered, self._left, want)
-            pieces.append(self._view[self._start:self._start + take])
-            self._start += take
-            self._left -= take
-            want -= take
-        data = b"".join(pieces)
-        for piece in pieces:
-            piece.release()
-        return data
 
     async def _receive_plain_into(self, view: memoryview, *, eof_ok: bool = False) -> int:
         if self._start < self._end:
@@ -332,12 +290,6 @@ class ExportResponse:
 
     # --- buffer and socket ---
 
-    def _take(self, n: int) -> bytes:
-        n = min(n, self._end - self._start)
-        data = bytes(self._view[self._start:self._start + n])
-        self._start += n
-        return data
-
     async def _fill(self, limit: int | None = None) -> None:
         """Read more (up to `limit` bytes) into the buffer, making room first; the end of the connection here
         is an early end."""
@@ -359,11 +311,6 @@ class ExportResponse:
             view[:len(data)] = data
             return len(data)
         return await self._raw_receive(self._raw.recv_into, view)
-
-    async def _recv_bytes(self, n: int) -> bytes:
-        if self._raw is None:
-            return await self._guarded(self._stream.receive_some, n)
-        return await self._raw_receive(self._raw.recv, n)
 
     async def _raw_receive(self, op: Callable[[Any], T], arg: Any) -> T:
         """`op` on the non-blocking socket, waiting (with the read timeout) only when nothing is there.
