@@ -9,12 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import MountProcess, SimProcess, require_tool
+from tests.support import MountProcess, SimProcess, require_tool, wait_for
 from tests.test_imports import make_raw, make_vhd, raw_export, sr_ids, vdis
 
 pytestmark = pytest.mark.mount
@@ -52,13 +51,6 @@ def transferred(rsync: subprocess.CompletedProcess) -> list[str]:
     """The files an `rsync --itemize-changes` run sent (the import directory's own times and mode, which
     it tries to set every time, are not files)."""
     return [line for line in rsync.stdout.splitlines() if not line.startswith(".d")]
-
-
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
 
 
 # ---- the tools --------------------------------------------------------------------------------------------
@@ -103,6 +95,28 @@ def test_every_tool_imports_one_vdi_with_the_source_content(fresh_sim, make_moun
     wait_for(lambda: any(new_id in name for name in os.listdir(mount / "vdis")), what="/vdis")
     # Spools outlive a finished import only for the few seconds a writer may take to reopen the file.
     wait_for(lambda: spools(mount) == [], timeout=10, what="the spools to go")
+
+
+def test_a_vhd_written_in_order_is_uploaded_while_it_is_written(fresh_sim, make_mount, tmp_path):
+    """Half a VHD written through the mount: XO already has the VDI, announced at the file's final length;
+    the close finishes that one upload (no second VDI), and the content is the source's."""
+    image, expected = make_vhd(tmp_path, size=8 << 20)
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    before = len(vdis(fresh_sim))
+    fd = os.open(import_dir(mount, sr) / "live.vhd", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        half = len(image) // 2
+        assert os.write(fd, image[:half]) == half
+        early = wait_for(lambda: vdis(fresh_sim, name_label="live"), timeout=10, what="the VDI of the upload")
+        assert early[0]["other_config"]["xo:import:length"] == str(len(image))
+        assert os.write(fd, image[half:]) == len(image) - half
+    finally:
+        os.close(fd)
+    vdi = one_vdi(fresh_sim, "live", sr)
+    assert vdi["id"] == early[0]["id"] and len(vdis(fresh_sim)) == before + 1
+    assert raw_export(fresh_sim, vdi["id"]) == expected
+    assert "while it is written" in mount.log_text()
 
 
 def test_rerunning_rsync_or_cp_u_transfers_nothing_even_after_a_remount(fresh_sim, make_mount, tmp_path):
