@@ -121,6 +121,36 @@ def test_dynamic_vhd_import_exports_back_identical(fresh_sim, tmp_path):
     assert (tmp_path / "again.raw").read_bytes() == exported
 
 
+def test_a_vhd_body_is_converted_as_it_arrives(fresh_sim, tmp_path):
+    """As XO pipes an upload on to XAPI: the new disk holds the first blocks before the body has ended, and
+    the simulator keeps no copy of the body (it used to spool it whole, then convert)."""
+    sr = sr_named(fresh_sim, "nfs-vms")
+    data = pattern(8 * MiB)
+    vhd = qemu_vhd(tmp_path, data, "dynamic")
+    disks = tmp_path / "sim-state" / "disks"
+    conn = http.client.HTTPConnection("127.0.0.1", fresh_sim.port, timeout=30)
+    conn.putrequest("POST", f"/rest/v0/srs/{sr['id']}/vdis?name_label=streamed")
+    conn.putheader("Cookie", f"authenticationToken={fresh_sim.token}")
+    conn.putheader("Content-Length", str(len(vhd)))
+    conn.endheaders()
+    conn.send(vhd[:-3 * MiB])  # the first blocks, with the next pieces' worth behind them
+    deadline = time.monotonic() + 10
+    while True:
+        files = sorted(p.name for p in disks.iterdir()) if disks.exists() else []
+        written = list(disks.glob("*.raw")) if disks.exists() else []
+        if written and written[0].read_bytes()[:2 * MiB] == data[:2 * MiB]:
+            break
+        assert time.monotonic() < deadline, files
+        time.sleep(0.02)
+    assert all(name.endswith(".raw") for name in files), files
+    conn.send(vhd[-3 * MiB:])
+    resp = conn.getresponse()
+    assert resp.status == 201, resp.read()
+    new_id = json.loads(resp.read())["id"]
+    conn.close()
+    assert call(fresh_sim, "GET", f"/rest/v0/vdis/{new_id}.raw").body[:len(data)] == data
+
+
 def test_default_name_and_description(fresh_sim):
     sr = sr_named(fresh_sim, "nfs-vms")
     ans = call(fresh_sim, "POST", f"/rest/v0/srs/{sr['id']}/vdis?raw=true&name_description=from%20a%20test",

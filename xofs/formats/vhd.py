@@ -341,23 +341,25 @@ def _open_source(src: BinaryIO | str | os.PathLike[str]) -> tuple[BinaryIO, bool
 
 
 def vhd_to_raw(src: BinaryIO | str | os.PathLike[str], dst_path: str | os.PathLike[str], *,
-               expected_size: int | None = None) -> int:
+               expected_size: int | None = None, uncache_every: int = 0) -> int:
     """Write the content of a dynamic or differencing VHD into a sparse raw file; return its virtual size.
 
     `src` is read forward only from its start, footer copy included (an upload body will do). Sectors a
     differencing VHD leaves to its parent read as zeros: there is no parent here. With `expected_size`
     (the size of the VDI being written), a larger VHD is refused and the raw file gets that size; otherwise
-    it gets the VHD's. On a `VhdError` the raw file is left half written, for the caller to discard.
+    it gets the VHD's. With `uncache_every`, the raw file's pages leave the page cache (written back
+    first) each time that many more bytes are written: a disk being imported is not read again soon. On a
+    `VhdError` the raw file is left half written, for the caller to discard.
     """
     stream, owned = _open_source(src)
     try:
-        return _convert(_Reader(stream), Path(dst_path), expected_size)
+        return _convert(_Reader(stream), Path(dst_path), expected_size, uncache_every)
     finally:
         if owned:
             stream.close()
 
 
-def _convert(reader: _Reader, dst: Path, expected_size: int | None) -> int:
+def _convert(reader: _Reader, dst: Path, expected_size: int | None, uncache_every: int) -> int:
     footer = check_import_footer(reader.read_exactly(FOOTER_SIZE, "the footer copy"))
     size = footer.current_size
     if expected_size is not None and size > expected_size:
@@ -379,11 +381,17 @@ def _convert(reader: _Reader, dst: Path, expected_size: int | None) -> int:
 
     with open(dst, "wb") as out:
         out.truncate(size if expected_size is None else expected_size)
+        since_uncached = 0
         for offset, block in blocks:
             reader.skip_to(offset, f"block {block}")
             bitmap = reader.read_exactly(bitmap_size, f"the bitmap of block {block}")
             data = reader.read_exactly(block_size, f"block {block}")
             _write_block(out, block * block_size, size, bitmap, data)
+            since_uncached += block_size
+            if uncache_every and since_uncached >= uncache_every:
+                out.flush()
+                os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                since_uncached = 0
     trailer = reader.read_to_end()[-FOOTER_SIZE:]
     if len(trailer) < FOOTER_SIZE:
         raise VhdError(f"truncated VHD: the stream ended at offset {reader.pos}, before the footer")

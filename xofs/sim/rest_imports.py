@@ -11,7 +11,7 @@ and event watchers see what they would see with a real XO:
 4. without a Content-Length, "Trying to import a VDI without a length field…" (500), and the new VDI is
    destroyed;
 5. an import task, and `other_config` `xo:import:task` / `xo:import:length` (the body length) while the
-   body is written: raw bodies sparsely into a fresh disk file, VHD bodies spooled then converted;
+   body is written: raw bodies sparsely into a fresh disk file, VHD bodies converted as they arrive;
 6. the VDI takes the new content, the `other_config` keys go, and the answer is 201 with
    `Location: /rest/v0/vdis/<id>` and `{"id": …}` (204 for a PUT). Any failure after step 3 destroys the
    VDI created in step 3 and answers the XAPI-side error `{"error": "500 Internal Server Error"}`.
@@ -21,7 +21,10 @@ The new VDI's `usage` is the body length, as with the recorded imports.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
+import io
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -44,6 +47,9 @@ RAW_NO_LENGTH = 'Expected "actual" to be strictly unequal to:\n\nundefined'
 UPLOAD_FAILED = "500 Internal Server Error"  # the HTTP error of XAPI's /import_raw_vdi/, as XO reports it
 XAPI_ERROR_INFO = "This is a XenServer/XCP-ng error, not an XO error"
 VDI_FORMATS = ("raw", "vhd")
+PIECE = 1 << 20  # what the body's reader hands the VHD converter's thread at a time
+PIECES_QUEUED = 4
+UNCACHE_EVERY = 32 << 20  # a disk being written leaves the page cache this often (written back first)
 
 
 class UploadFailed(Exception):
@@ -193,29 +199,87 @@ async def _write_raw(body: AsyncIterator[bytes], path: Path, length: int, size: 
             for block in base.allocated_blocks():
                 offset = block * BLOCK_SIZE
                 os.pwrite(fd, base.read(offset, BLOCK_SIZE), offset)
-        offset = 0
+        offset = uncached = 0
         async for chunk in body:
             if offset + len(chunk) > size:
                 raise UploadFailed(f"the body is larger than the VDI ({size} bytes)")
             if chunk.count(0) != len(chunk) or base is not None:
                 os.pwrite(fd, chunk, offset)
             offset += len(chunk)
+            if offset - uncached >= UNCACHE_EVERY:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                uncached = offset
     if offset != length:
         raise UploadFailed(f"the body ended after {offset} of {length} bytes")
 
 
 async def _write_vhd(body: AsyncIterator[bytes], path: Path, length: int, size: int) -> None:
-    """A VHD body spooled to a file next to `path`, then converted to the raw content of `path`."""
-    spool = path.with_suffix(".upload.vhd")
-    try:
-        received = 0
-        with open(spool, "wb") as out:
-            async for chunk in body:
-                out.write(chunk)
-                received += len(chunk)
-        if received != length:
-            raise UploadFailed(f"the body ended after {received} of {length} bytes")
-        await trio.to_thread.run_sync(lambda: vhd_to_raw(spool, path, expected_size=size))
-    finally:
-        spool.unlink(missing_ok=True)
+    """A VHD body converted into the raw content of `path` as it arrives, as XO pipes it on to XAPI.
 
+    A thread converts (`vhd_to_raw` reads forward only) what this task hands it, a list of body chunks of
+    about PIECE bytes at a time. When the conversion fails, the rest of the body is still read, so the
+    client gets the answer after its last byte, as before; a short body is reported as such first.
+    """
+    hand, take = trio.open_memory_channel[list[bytes]](PIECES_QUEUED)
+    received = 0
+
+    async def feed() -> None:
+        nonlocal received
+        batch: list[bytes] = []
+        batched = 0
+        taking = True
+        async with hand:
+            async for chunk in body:
+                received += len(chunk)
+                if not taking:
+                    continue
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= PIECE:
+                    try:
+                        await hand.send(batch)
+                    except trio.BrokenResourceError:  # the conversion stopped: drain the body
+                        taking = False
+                    batch, batched = [], 0
+            if batch and taking:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await hand.send(batch)
+
+    failure: VhdError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        try:
+            with take:
+                await trio.to_thread.run_sync(
+                    lambda: vhd_to_raw(_PieceReader(take), path, expected_size=size, uncache_every=UNCACHE_EVERY))
+        except VhdError as error:
+            failure = error
+    if received != length:
+        raise UploadFailed(f"the body ended after {received} of {length} bytes")
+    if failure is not None:
+        raise failure
+
+
+class _PieceReader(io.RawIOBase):
+    """The thread's side of `_write_vhd`: `read` hands out what the trio task sent, piece by piece."""
+
+    def __init__(self, pieces: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+        super().__init__()
+        self.pieces = pieces
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.current = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> memoryview:  # type: ignore[override]
+        while not self.current:
+            if not self.queue:
+                try:
+                    self.queue.extend(trio.from_thread.run(self.pieces.receive))
+                except trio.EndOfChannel:
+                    return memoryview(b"")
+            self.current = memoryview(self.queue.popleft())
+        n = len(self.current) if size < 0 else size
+        data, self.current = self.current[:n], self.current[n:]
+        return data
