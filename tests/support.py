@@ -25,7 +25,7 @@ _live: list[SimProcess | MountProcess] = []
 TOOL_PACKAGES = {
     "qemu-img": "qemu-utils", "xva-img": "xva-img", "rsync": "rsync", "getfattr": "attr",
     "setfattr": "attr", "fusermount3": "fuse3", "tree": "tree", "pv": "pv", "zstd": "zstd",
-    "gio": "libglib2.0-bin", "node": "nodejs", "curl": "curl", "tar": "tar",
+    "gio": "libglib2.0-bin", "node": "nodejs", "curl": "curl", "tar": "tar", "fincore": "util-linux-extra",
 }
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -19,7 +20,7 @@ import trio
 
 from tests.support import SimProcess, require_tool
 from xofs.client.rest import RestClient
-from xofs.client.upload import BLOCK
+from xofs.client.upload import BLOCK, DROP_EVERY, DROP_LAG
 from xofs.errors import XoError
 
 MiB = 1 << 20
@@ -90,6 +91,32 @@ async def test_raw_and_vhd_imports_export_back_the_same_content(fresh_sim, tmp_p
             await import_and_check(client, sr["id"], vhd, content, raw=False)}
     await client.aclose()
     assert set(vdis_on(fresh_sim, sr["id"])) == set(before) | made and len(made) == 2
+
+
+def cached_bytes(fincore: str, path: Path) -> int:
+    """How much of `path` the page cache holds (util-linux's fincore)."""
+    out = subprocess.run([fincore, "--bytes", "--noheadings", "--output", "RES", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+@pytest.mark.timeout(120)
+async def test_an_upload_drops_the_pages_it_has_sent_from_the_page_cache(fresh_sim):
+    """A spool is read once: its pages well behind the upload leave the page cache, its content stays."""
+    fincore = require_tool("fincore")
+    sr = user_sr(fresh_sim)
+    # Under /var/tmp: a tmpfs (Debian 13's /tmp) keeps its pages whatever the advice.
+    with tempfile.TemporaryDirectory(prefix="xofs-test-", dir="/var/tmp") as tmp:
+        image = Path(tmp) / "disk.raw"
+        content = random_disk(image, 128 * MiB)
+        with open(image, "rb") as f:
+            os.fsync(f.fileno())
+        assert cached_bytes(fincore, image) == 128 * MiB, "the page cache did not keep a file just written"
+        client = RestClient(fresh_sim.url, fresh_sim.token)
+        await import_and_check(client, sr["id"], image, content, raw=True)
+        await client.aclose()
+        assert cached_bytes(fincore, image) <= DROP_LAG + DROP_EVERY
+        assert image.read_bytes() == content
 
 
 @pytest.mark.timeout(120)

@@ -7,6 +7,13 @@ curl's 0.3 s). Here the request head is written by hand, then the body goes out
 - over plain TCP, with `os.sendfile` from the file straight into the socket (no copy through Python);
 - over TLS, as large `send_all`s of `os.pread` blocks through `trio.SSLStream`.
 
+The file's pages well behind the upload are dropped from the page cache as it goes (`_Sender._drop_sent`):
+the file is a spool, read once, and holding gigabytes of it would push out what the machine caches for
+better uses. The kernel writes them back first, so nothing is lost: a retry reads them from disk. On a
+virtual machine whose host backs memory on demand this matters more: pages freed here are reused at once
+for the spool's next writes, and a fresh page costs some ten times a reused one (measured: 2 GiB written
+in 4 s into fresh pages, in 1 s when dropped 64 MiB behind).
+
 The answer is read by `export.ExportResponse`'s parser, concurrently with the sending: XO may answer (an
 error) before it has read the whole body, and then stop reading, so waiting for the body to go out first
 would hang or lose the answer. An upload is never retried (it is not idempotent), and it is cancellable at
@@ -28,6 +35,8 @@ from xofs.client.export import ExportResponse, HttpTarget, connect, connection_f
 from xofs.errors import XofsError, XoProtocolError, XoUnreachable
 
 BLOCK = 1 << 20  # progress is reported, and cancellation checked, once per block
+DROP_EVERY = 16 << 20  # how often the pages behind the upload are dropped
+DROP_LAG = 32 << 20  # how far behind the upload a page must be to be dropped
 _ANSWER_GRACE = 5.0  # after the sending broke, how long XO's answer (its reason) is still waited for
 
 
@@ -110,6 +119,7 @@ class _Sender:
         self.stop = stop
         self.answer_timeout = answer_timeout
         self.sent = 0
+        self.dropped = 0  # the pages before this offset were last asked to leave the page cache
         self.error: XoUnreachable | None = None
         self.file_error: XofsError | OSError | None = None
 
@@ -152,6 +162,7 @@ class _Sender:
                 if not n:
                     self._fail(self._shrank())
                 self.sent += n
+            self._drop_sent()
             if self.progress is not None:
                 self.progress(self.sent)
 
@@ -169,8 +180,25 @@ class _Sender:
             with trio.fail_after(self.timeout):
                 await self.stream.send_all(data)
             self.sent += len(data)
+            self._drop_sent()
             if self.progress is not None:
                 self.progress(self.sent)
+
+    def _drop_sent(self) -> None:
+        """Every DROP_EVERY bytes, ask the kernel to drop the file's pages more than DROP_LAG behind.
+
+        Pages still dirty (a spool being written as it is uploaded) are only queued for writing back by
+        the first ask; the range covers the last few steps again, so the next asks drop them.
+        """
+        end = self.sent - DROP_LAG
+        if end - self.dropped < DROP_EVERY:
+            return
+        start = max(0, self.dropped - 3 * DROP_EVERY)
+        try:
+            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        except OSError:  # only advice: a file system that cannot take it loses nothing
+            pass
+        self.dropped = end
 
     def _fail(self, error: XofsError | OSError) -> NoReturn:
         self.file_error = error
