@@ -8,14 +8,10 @@
 - `notify_systemd`: `READY=1` and `STOPPING=1` on `$NOTIFY_SOCKET`, for `Type=notify` units (the protocol is
   one datagram on a Unix socket; no library needed).
 - `dump_stacks_on_sigusr1`: `kill -USR1 <pid>` writes every thread's Python stack to the log file.
-- `tune_malloc`: fixed glibc malloc thresholds, so the 1 MiB buffers of streamed exports are recycled in
-  the heap instead of being mapped, faulted in and unmapped again one after the other.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import faulthandler
 import logging
 import logging.handlers
@@ -30,10 +26,6 @@ from typing import IO
 
 log = logging.getLogger("xofs")
 
-M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 8 << 20  # allocations below this come from the heap, export buffers (1 MiB) included
-TRIM_THRESHOLD = 32 << 20  # free memory at the top of the heap kept for reuse, at most
 
 NOISY_LOGGERS = ("httpx", "httpcore", "trio-websocket", "hpack")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -176,17 +168,3 @@ def dump_stacks_on_sigusr1(stream: IO[str] | None, fallback: Path) -> Path | Non
             return None
     faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
     return Path(stream.name) if isinstance(getattr(stream, "name", None), str) else None
-
-
-def tune_malloc() -> bool:
-    """Fix glibc's malloc thresholds (measured: about a quarter less CPU for the daemon while `cp` reads an
-    export, since every 1 MiB receive buffer otherwise costs an mmap, 256 page faults and a munmap, or a
-    trim of the heap). Returns False where the C library is not glibc (nothing is changed there)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

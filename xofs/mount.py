@@ -41,13 +41,14 @@ from xofs.credentials import (
     RotatingClient,
     choose_source,
 )
-from xofs.daemon import LogSetup, Reporter, StartupError, detach, dump_stacks_on_sigusr1, notify_systemd, tune_malloc
+from xofs.daemon import LogSetup, Reporter, StartupError, detach, dump_stacks_on_sigusr1, notify_systemd
 from xofs.errors import XoAuthError, XofsError
 from xofs.exports import ExportManager
 from xofs.feeds import FeedRunner
 from xofs.fs import Freshness, XoFS
 from xofs.imports import ImportManager
 from xofs.invalidator import Invalidator
+from xofs.malloc import tune_malloc
 from xofs.options import OptionError, add_arguments, resolve
 from xofs.sync import Syncer
 from xofs.tree import Tree

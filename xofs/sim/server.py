@@ -27,6 +27,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from xofs.malloc import tune_malloc
 from xofs.sim.faults import Faults
 from xofs.sim.jsonrpc import load_methods_info
 from xofs.sim.jsonrpc import serve as serve_jsonrpc
@@ -97,6 +98,7 @@ def _run_model(ns: argparse.Namespace, model: SimModel, tls: tuple[Path, Path] |
     # The inventory lives as long as the process: keep the garbage collector from walking it again and
     # again (with 10,000 VMs the first big listing otherwise stalls for more than half a second).
     gc.freeze()
+    tune_malloc()  # its 1 MiB export chunks come from the heap, not from an mmap each
     try:
         trio.run(serve, model, ns.host, ns.port, ns.churn, tls)
     finally:

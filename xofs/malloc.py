@@ -1,0 +1,32 @@
+"""glibc's malloc thresholds, fixed for processes that stream gigabytes through 1 MiB buffers.
+
+By default glibc serves an allocation of 128 KiB or more with its own mmap, and raises that threshold only
+as such blocks are freed; a freed block at the top of the heap is given back once 128 KiB are free there.
+A process that allocates and frees a 1 MiB buffer per MiB streamed then pays an mmap, 256 page faults and
+a munmap (or a heap trim and the faults again) per MiB. `tune_malloc` fixes both thresholds, so those
+buffers are recycled in the heap. Measured: about a quarter less CPU for the daemon while `cp` reads an
+export; for the simulator sending a raw export, its page faults and page clearing were some 15% of its
+samples (perf). Both `xofs mount` and `xofs sim` call it at start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 8 << 20  # allocations below this come from the heap, 1 MiB buffers included
+TRIM_THRESHOLD = 32 << 20  # free memory at the top of the heap kept for reuse, at most
+
+
+def tune_malloc() -> bool:
+    """Fix glibc's malloc thresholds; False where the C library is not glibc (nothing is changed there)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
