@@ -251,7 +251,7 @@ def _dynamic_header(entries: int) -> bytes:
 
 
 def dynamic_vhd_stream(disk: DiskContent, *, uuid: bytes, timestamp: int) -> Iterator[bytes]:
-    """A dynamic VHD of `disk`, as XAPI's `/export_raw_vdi/?format=vhd` sends it, in chunks of >= 1 MiB.
+    """A dynamic VHD of `disk`, as XAPI's `/export_raw_vdi/?format=vhd` sends it, a chunk per block.
 
     Every allocated block is written whole (bitmap all ones), whatever it holds, so the length is known up
     front (`dynamic_vhd_length`). `timestamp` is Unix time. Same disk, uuid and timestamp, same bytes.
@@ -262,19 +262,16 @@ def dynamic_vhd_stream(disk: DiskContent, *, uuid: bytes, timestamp: int) -> Ite
     for i, block in enumerate(layout.blocks):
         sector = (layout.data_start + i * (SECTOR + BLOCK_SIZE)) // SECTOR
         struct.pack_into(">I", bat, block * 4, sector)
-    pending = bytearray(footer + _dynamic_header(layout.entries) + bat)
+    head = footer + _dynamic_header(layout.entries) + bat
     bitmap = b"\xff" * SECTOR
-    for block in layout.blocks:
-        if len(pending) >= _STREAM_CHUNK:  # flushed before, not after, so the footer never travels alone
-            yield bytes(pending)
-            pending.clear()
-        pending += bitmap
+    last = len(layout.blocks) - 1
+    for i, block in enumerate(layout.blocks):
         data = disk.read(block * BLOCK_SIZE, BLOCK_SIZE)
-        pending += data
-        if len(data) < BLOCK_SIZE:  # the last block, past the end of the disk
-            pending += bytes(BLOCK_SIZE - len(data))
-    pending += footer
-    yield bytes(pending)
+        pad = bytes(BLOCK_SIZE - len(data))  # the last block, past the end of the disk
+        # One chunk per block, copied once; the metadata rides with the first, the footer with the last.
+        yield b"".join((head if i == 0 else b"", bitmap, data, pad, footer if i == last else b""))
+    if last < 0:
+        yield head + footer
 
 
 # -- import: a dynamic or differencing VHD into a raw file -------------------------------------------------
