@@ -6,6 +6,7 @@ docs/performance.md records a run. Nothing here is a timed test: goals live here
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
@@ -32,18 +34,20 @@ def count(command: str) -> int:
     return out.count("\n")
 
 
-def find_on_floor(work: Path, dirs: int, entries: int) -> float:
-    """`find | wc -l` on scripts/fuse_floor.py's filesystem of `dirs` directories and `entries` entries:
-    what pyfuse3, trio and the kernel alone cost for a tree of that shape."""
-    mnt = work / "floor"
+@contextlib.contextmanager
+def floor_mounted(work: Path, name: str, *args: str) -> Iterator[Path]:
+    """scripts/fuse_floor.py mounted at `work/name` with `args` after the mountpoint (`--wide` first)."""
+    mnt = work / name
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, str(TOP / "scripts" / "fuse_floor.py"), str(mnt), str(dirs),
-                             str(entries)], stdout=subprocess.PIPE, text=True)
+    flags = [a for a in args if a.startswith("--")]
+    rest = [a for a in args if not a.startswith("--")]
+    proc = subprocess.Popen([sys.executable, str(TOP / "scripts" / "fuse_floor.py"), *flags, str(mnt), *rest],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("shape"):
-                print(f"  floor: {line.strip()} (the mount: {dirs} directories, {entries} entries)")
+                print(f"  floor: {line.strip()}")
             if line.startswith("ready"):
                 break
         deadline = time.monotonic() + 30
@@ -51,7 +55,7 @@ def find_on_floor(work: Path, dirs: int, entries: int) -> float:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the floor filesystem did not mount")
             time.sleep(0.05)
-        return timed(f"find {mnt} | wc -l", shell=True)
+        yield mnt
     finally:
         proc.terminate()
         try:
@@ -59,6 +63,21 @@ def find_on_floor(work: Path, dirs: int, entries: int) -> float:
         except subprocess.TimeoutExpired:
             proc.kill()
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def find_on_floor(work: Path, dirs: int, entries: int) -> float:
+    """`find | wc -l` on scripts/fuse_floor.py's filesystem of `dirs` directories and `entries` entries:
+    what pyfuse3, trio and the kernel alone cost for a tree of that shape."""
+    print(f"  (the mount: {dirs} directories, {entries} entries)")
+    with floor_mounted(work, "floor", str(dirs), str(entries)) as mnt:
+        return timed(f"find {mnt} | wc -l", shell=True)
+
+
+def cold_ls_on_floor(work: Path, dirs: int, files: int) -> float:
+    """The first `ls -l` of a directory of `dirs` directories and `files` files on scripts/fuse_floor.py:
+    what pyfuse3, trio, the kernel and `ls` alone cost for the listing."""
+    with floor_mounted(work, "floor-wide", "--wide", str(dirs), str(files)) as mnt:
+        return timed(["ls", "-l", str(mnt / "wide")])
 
 
 def bench_simulator(work: Path) -> None:
@@ -109,6 +128,8 @@ def bench_mount(work: Path) -> None:
         t_cold = timed(["ls", "-l", str(mount.mountpoint / "vms")])
         report("cold ls -l /vms (10,000 VMs) / curl of the collection", f"{t_cold / t_curl:.2f}x "
                f"({t_cold:.2f}/{t_curl:.2f} s)", "<= 2x", t_cold / t_curl <= 2)
+        vms = list(os.scandir(mount.mountpoint / "vms"))
+        wide = (sum(e.is_dir(follow_symlinks=False) for e in vms), sum(e.is_file(follow_symlinks=False) for e in vms))
         t_warm = min(timed(["ls", "-l", str(mount.mountpoint / "vms")]) for _ in range(3))
         tmp = Path(tempfile.mkdtemp(dir="/dev/shm"))
         for name in os.listdir(mount.mountpoint / "vms"):
@@ -130,6 +151,10 @@ def bench_mount(work: Path) -> None:
     t_floor = find_on_floor(work, *shape)
     report("  find on a do-nothing pyfuse3 filesystem, same shape", f"{t_floor:.2f} s", "baseline", None)
     report("  find on the mount / on that floor", f"{t_find / t_floor:.2f}x", "", None)
+    t_floor_ls = cold_ls_on_floor(work, *wide)
+    report(f"  cold ls -l of {wide[0]} dirs and {wide[1]} files on that floor / curl",
+           f"{t_floor_ls / t_curl:.2f}x ({t_floor_ls:.2f} s)", "baseline", None)
+    report("  cold ls -l of /vms / on that floor", f"{t_cold / t_floor_ls:.2f}x", "", None)
 
     print("== mount: freshness ==")
     sim = SimProcess(args=["--seed", "2"], log_path=work / "sim-fresh.log").start()

@@ -7,10 +7,13 @@ in between (each directory takes at least four requests: OPENDIR, READDIRPLUS, a
 finds the end, RELEASEDIR).
 
     python scripts/fuse_floor.py MOUNTPOINT DIRS ENTRIES
+    python scripts/fuse_floor.py --wide MOUNTPOINT DIRS FILES
 
 Mounts at MOUNTPOINT and serves until SIGTERM or SIGINT (then unmounts). The tree: a root with about
 sqrt(DIRS) directories, each with as many directories, each of those with files, so that the totals come
-close to DIRS directories and ENTRIES entries.
+close to DIRS directories and ENTRIES entries. With `--wide`, the floor under a first `ls -l` of one big
+directory instead: the root holds one directory, `wide`, of DIRS empty directories and FILES files (as
+`/vms` holds a directory and three export files per VM).
 """
 
 from __future__ import annotations
@@ -28,12 +31,19 @@ TTL = 60.0
 
 
 class FloorFS(pyfuse3.Operations):
-    def __init__(self, dirs: int, entries: int) -> None:
+    def __init__(self, dirs: int, entries: int, *, wide: bool = False) -> None:
         super().__init__()
         self.attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self.children: dict[int, list[tuple[bytes, int]]] = {}
         self._next = pyfuse3.ROOT_INODE
         root = self._add(None, b"", directory=True)
+        if wide:
+            big = self._add(root, b"wide", directory=True)
+            for a in range(dirs):
+                self._add(big, b"d%08d" % a, directory=True)
+            for c in range(entries):
+                self._add(big, b"f%08d.xva" % c, directory=False)
+            return
         top = max(1, math.isqrt(dirs))
         per_top = max(1, (dirs - 1 - top) // top)
         files = max(0, round((entries - top - top * per_top) / (top * per_top)))
@@ -100,8 +110,10 @@ async def serve() -> None:
 
 
 def main() -> int:
-    mountpoint, dirs, entries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    fs = FloorFS(dirs, entries)
+    args = sys.argv[1:]
+    wide = args[:1] == ["--wide"]
+    mountpoint, dirs, entries = args[wide], int(args[wide + 1]), int(args[wide + 2])
+    fs = FloorFS(dirs, entries, wide=wide)
     dirs_made, entries_made = fs.shape
     print(f"shape {dirs_made} directories, {entries_made} entries", flush=True)
     pyfuse3.init(fs, mountpoint, {"fsname=xofs-floor", "default_permissions"})
