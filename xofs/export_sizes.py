@@ -9,6 +9,7 @@ to the real length for every layout the formats allow, and only loosely so where
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -71,6 +72,7 @@ def compressed_bound(length: int, method: str) -> int:
     raise ValueError(f"unknown compression {method!r}")
 
 
+@functools.lru_cache(maxsize=64)  # a handful of distinct queries, asked for every listed export file
 def compression_of(query: str) -> str | None:
     """The compression an export query asks for (`compress=zstd|gzip|true`), None for none."""
     for part in query.split("&"):

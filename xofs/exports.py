@@ -140,17 +140,17 @@ class ExportManager:
 
     # --- sizes ---
 
-    def size_of(self, export: Export) -> tuple[int, str]:
-        """The size to show and where it comes from: `xo` (exact by format), `measured`, or `bound`."""
+    def size_of(self, export: Export, obj: dict | None = None) -> tuple[int, str]:
+        """The size to show and where it comes from: `xo` (exact by format), `measured`, or `bound`.
+        `obj` is the export's object when the caller has it at hand."""
         if export.exact_size is not None:
             return export.exact_size, "xo"
-        measured = self._measured.get(export.path)
+        measured = self._measured.get(export.path) if self._measured else None
         if measured is not None:
             return measured, "measured"
-        return self._bound(export), "bound"
+        return self._bound(export, obj if obj is not None else self.cache.get(export.obj_id) or {}), "bound"
 
-    def _bound(self, export: Export) -> int:
-        obj = self.cache.get(export.obj_id) or {}
+    def _bound(self, export: Export, obj: dict) -> int:
         if export.fmt in ("vhd", "raw"):
             size = obj.get("size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -209,7 +209,7 @@ class ExportManager:
         if obj is None:
             raise XofsError(f"{export.path}: XO has no object {export.obj_id} any more", object_id=export.obj_id,
                             errno_=errno.ENOENT)
-        size, source = self.size_of(export)
+        size, source = self.size_of(export, obj)
         changed = self.cache.changed_at.get(export.obj_id)
         return FileAttrs(size=size, mtime_ns=int(changed * 1e9) if changed else self._started_ns, mode=0o400,
                          exact=source != "bound")

@@ -221,38 +221,35 @@ class XoFS(pyfuse3.Operations):
         return self.exports.attrs(node.content)
 
     def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        node = inode.node
+        mtime = self.started_ns
+        blksize = 4096
+        if isinstance(node, Dir):
+            mode = 0o040500
+            if node.kind == "import" and self.imports is not None:
+                mode = 0o040000 | (0o500 if self.read_only else self.imports.dir_mode())
+            nlink, size = 2, 0
+            mtime = self._obj_mtime_ns(node.obj_id)
+        elif isinstance(node, Link):
+            mode, nlink, size = 0o120777, 1, len(node.target.encode())
+        else:
+            attrs = self._file_attrs(inode)
+            mode, nlink, size, mtime = 0o100000 | attrs.mode, 1, attrs.size, attrs.mtime_ns
+            if isinstance(node, ImportEntry) or isinstance(node.content, Export):
+                blksize = EXPORT_BLKSIZE  # cp and friends then move 1 MiB per request
+        if not isinstance(node, ImportEntry):
+            mode = (mode & ~0o777) | (((mode >> 6) & 0o7) * 0o111 & ~self.umask)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode.ino
         entry.generation = 0
         entry.entry_timeout = entry.attr_timeout = self.freshness.ttl
-        entry.st_uid, entry.st_gid = self.uid, self.gid
-        entry.st_blksize = 4096
-        node = inode.node
-        mtime = self.started_ns
-        if isinstance(node, Dir):
-            mode = 0o500
-            if node.kind == "import" and self.imports is not None:
-                mode = 0o500 if self.read_only else self.imports.dir_mode()
-            entry.st_mode = 0o040000 | mode
-            entry.st_nlink = 2
-            entry.st_size = 0
-            mtime = self._obj_mtime_ns(node.obj_id)
-        elif isinstance(node, Link):
-            entry.st_mode = 0o120000 | 0o777
-            entry.st_nlink = 1
-            entry.st_size = len(node.target.encode())
-        else:
-            attrs = self._file_attrs(inode)
-            entry.st_mode = 0o100000 | attrs.mode
-            entry.st_nlink = 1
-            entry.st_size = attrs.size
-            mtime = attrs.mtime_ns
-            if isinstance(node, ImportEntry) or isinstance(node, File) and isinstance(node.content, Export):
-                entry.st_blksize = EXPORT_BLKSIZE  # cp and friends then move 1 MiB per request
-        if not isinstance(node, ImportEntry):
-            owner = (entry.st_mode >> 6) & 0o7
-            entry.st_mode = (entry.st_mode & ~0o777) | (owner * 0o111 & ~self.umask)
-        entry.st_blocks = (entry.st_size + 511) // 512
+        entry.st_uid = self.uid
+        entry.st_gid = self.gid
+        entry.st_blksize = blksize
+        entry.st_mode = mode
+        entry.st_nlink = nlink
+        entry.st_size = size
+        entry.st_blocks = (size + 511) // 512
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime
         return entry
 
@@ -330,9 +327,13 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         parent, names = self._dir_handles[fh]
+        pinode = self.tree.inode(parent)
+        listing = self.tree.children(pinode.path) if pinode is not None and not pinode.stale else None
+        if listing is None:  # the directory itself vanished since opendir
+            return
         for index in range(start_id, len(names)):
             name = names[index]
-            inode = self.tree.lookup(parent, name)
+            inode = self.tree.lookup_listed(pinode, listing, name)
             if inode is None:  # vanished since opendir
                 continue
             try:

@@ -199,6 +199,16 @@ class Tree:
         inode.lookups += 1
         return inode
 
+    def lookup_listed(self, pinode: Inode, listing: Mapping[str, TreeNode], name: str) -> Inode | None:
+        """`lookup` of `name` in `pinode`, whose listing `listing` (from `children`) is at hand: readdir's
+        loop, which answers for thousands of names of one directory at a time."""
+        node = listing.get(name)
+        if node is None:
+            return self.lookup(pinode.ino, name)
+        inode = self._inode_for(pinode.path + (name,), node)
+        inode.lookups += 1
+        return inode
+
     def forget(self, ino: int, nlookup: int) -> None:
         inode = self.inodes.get(ino)
         if inode is None or ino == ROOT_INODE:
@@ -290,6 +300,8 @@ class Tree:
         ino = self._by_path.get(path)
         if ino is not None:
             inode = self.inodes[ino]
+            if inode.node is node:  # the usual case: the listing the inode came from is still current
+                return inode
             if _same_kind(inode.node, node):
                 if inode.node != node:
                     self._rebind(inode, node)
