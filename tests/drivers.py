@@ -8,14 +8,16 @@ answer the same questions with the same types, and raise `OSError` with an errno
 
 from __future__ import annotations
 
-import errno
 import os
 import stat as stat_mod
+import unittest.mock
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pyfuse3
+
+READDIR_PIECE = 7  # entries per readdir call of DirectDriver.listdir: small, so that listings come in pieces
 
 
 @dataclass
@@ -57,12 +59,37 @@ class DirectDriver:
         return ino
 
     async def listdir(self, path: str) -> list[str]:
+        """As the kernel lists a directory: opendir, readdir in pieces of READDIR_PIECE entries (each
+        starting at the offset the last one ended with), releasedir."""
         ino = await self._resolve(path)
-        inode = self.fs.tree.inode(ino)
-        children = self.fs.tree.children(inode.path)
-        if children is None:
-            raise OSError(errno.ENOTDIR, "not a directory", path)
-        return sorted(children)
+
+        def reply(piece: list, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+            if len(piece) == READDIR_PIECE:
+                return False  # the kernel's buffer is full: this entry comes in the next piece
+            piece.append((name.decode("utf-8", "surrogateescape"), attrs.st_ino, next_id))
+            return True
+
+        names: list[str] = []
+        try:
+            fh = await self.fs.opendir(ino, self.ctx)
+            try:
+                offset = 0
+                with unittest.mock.patch.object(pyfuse3, "readdir_reply", reply):
+                    while True:
+                        piece: list = []
+                        await self.fs.readdir(fh, offset, piece)
+                        if not piece:
+                            break
+                        for name, entry_ino, _ in piece:
+                            inode = self.fs.tree.inode(entry_ino)
+                            assert inode is not None and inode.path[-1] == name and inode.lookups > 0, name
+                        names += [name for name, _, _ in piece]
+                        offset = piece[-1][2]
+            finally:
+                await self.fs.releasedir(fh)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+        return sorted(names)
 
     async def stat(self, path: str) -> Stat:
         ino = await self._resolve(path)
