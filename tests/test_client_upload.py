@@ -107,6 +107,9 @@ async def test_an_upload_drops_the_pages_it_has_sent_from_the_page_cache(fresh_s
     sr = user_sr(fresh_sim)
     # Under /var/tmp: a tmpfs (Debian 13's /tmp) keeps its pages whatever the advice.
     with tempfile.TemporaryDirectory(prefix="xofs-test-", dir="/var/tmp") as tmp:
+        fs_type = subprocess.run(["stat", "-f", "-c", "%T", tmp], check=True, capture_output=True,
+                                 text=True).stdout.strip()
+        assert fs_type != "tmpfs", "this test needs /var/tmp on a disk file system, not a tmpfs"
         image = Path(tmp) / "disk.raw"
         content = random_disk(image, 128 * MiB)
         with open(image, "rb") as f:
