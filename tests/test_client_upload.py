@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from tests.support import SimProcess, require_tool
+from tests.support import SimProcess, require_tool, wait_for
 from xofs.client.rest import RestClient
 from xofs.client.upload import BLOCK, DROP_EVERY, DROP_LAG
 from xofs.errors import XoError
@@ -118,7 +118,7 @@ async def test_an_upload_drops_the_pages_it_has_sent_from_the_page_cache(fresh_s
         client = RestClient(fresh_sim.url, fresh_sim.token)
         await import_and_check(client, sr["id"], image, content, raw=True)
         await client.aclose()
-        assert cached_bytes(fincore, image) <= DROP_LAG + DROP_EVERY
+        wait_for(lambda: cached_bytes(fincore, image) <= DROP_LAG + DROP_EVERY, what="the pages to leave")
         assert image.read_bytes() == content
 
 
