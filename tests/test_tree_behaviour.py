@@ -119,6 +119,30 @@ async def test_xattrs_name_the_xo_object(drv, sim):
     assert err.value.errno == errno.ENODATA
 
 
+async def test_an_entry_whose_attributes_fail_is_left_out_of_the_listing(sim, tmp_path, monkeypatch):
+    """Direct only: an export whose object vanished between the listing and readdir (forced here) is left
+    out, with no lookup kept on it; the other entries are listed."""
+    from xofs.errors import XofsError
+    from xofs.mount import MountOptions, assemble
+
+    parts = assemble(sim.url, sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        drv = DirectDriver(parts.fs)
+        everything = await drv.listdir("/vms")
+        doomed = next(name for name in everything if name.endswith(".xva"))
+        real_attributes = parts.fs.attributes
+
+        def attributes(inode):
+            if inode.path[-1] == doomed:
+                raise XofsError(f"{doomed}: XO has no object any more", errno_=errno.ENOENT)
+            return real_attributes(inode)
+
+        monkeypatch.setattr(parts.fs, "attributes", attributes)
+        assert await drv.listdir("/vms") == [name for name in everything if name != doomed]
+        held = [inode for inode in parts.fs.tree.inodes.values() if inode.path == ("vms", doomed)]
+        assert [inode.lookups for inode in held] == [1]  # the first listing's; the second took none
+
+
 async def test_missing_paths_are_enoent(drv):
     for path in ("/nope", "/vms/00000000-0000-0000-0000-000000000000", "/by-name/nope", "/by-name/vms/nope"):
         with pytest.raises(FileNotFoundError if isinstance(drv, MountDriver) else OSError) as err:

@@ -331,18 +331,22 @@ class XoFS(pyfuse3.Operations):
         listing = self.tree.children(pinode.path) if pinode is not None and not pinode.stale else None
         if listing is None:  # the directory itself vanished since opendir
             return
+        # Thousands of entries per call on a big directory: the methods are looked up once.
+        lookup, attributes, reply, forget = (self.tree.lookup_listed, self.attributes, pyfuse3.readdir_reply,
+                                             self.tree.forget)
         for index in range(start_id, len(names)):
             name = names[index]
-            inode = self.tree.lookup_listed(pinode, listing, name)
+            inode = lookup(pinode, listing, name)
             if inode is None:  # vanished since opendir
                 continue
             try:
-                attrs = self.attributes(inode)
-            except pyfuse3.FUSEError:
-                self.tree.forget(inode.ino, 1)
+                attrs = attributes(inode)
+            except (pyfuse3.FUSEError, XofsError) as err:  # vanished meanwhile: left out, as above
+                log.debug("readdir %s: %s left out: %s", self.tree.path_str(parent), name, err)
+                forget(inode.ino, 1)
                 continue
-            if not pyfuse3.readdir_reply(token, name.encode("utf-8", "surrogateescape"), attrs, index + 1):
-                self.tree.forget(inode.ino, 1)  # not delivered: the kernel took no lookup
+            if not reply(token, name.encode("utf-8", "surrogateescape"), attrs, index + 1):
+                forget(inode.ino, 1)  # not delivered: the kernel took no lookup
                 return
 
     async def releasedir(self, fh: int) -> None:
