@@ -24,6 +24,8 @@ sys.path.insert(0, str(TOP))
 from scripts.benchlib import report, rss_mb, timed  # noqa: E402
 from tests.support import MountProcess, SimProcess  # noqa: E402
 
+COLD_ROUNDS = 3  # mounts for the first ls -l (and curls of the collection), the best of each compared
+
 
 def curl(sim: SimProcess, path: str, out: str = "/dev/null") -> list[str]:
     return ["curl", "-sf", "-o", out, "-b", f"authenticationToken={sim.token}", sim.url + path]
@@ -75,9 +77,12 @@ def find_on_floor(work: Path, dirs: int, entries: int) -> float:
 
 def cold_ls_on_floor(work: Path, dirs: int, files: int) -> float:
     """The first `ls -l` of a directory of `dirs` directories and `files` files on scripts/fuse_floor.py:
-    what pyfuse3, trio, the kernel and `ls` alone cost for the listing."""
-    with floor_mounted(work, "floor-wide", "--wide", str(dirs), str(files)) as mnt:
-        return timed(["ls", "-l", str(mnt / "wide")])
+    what pyfuse3, trio, the kernel and `ls` alone cost for the listing (best of COLD_ROUNDS mounts)."""
+    times = []
+    for n in range(COLD_ROUNDS):
+        with floor_mounted(work, f"floor-wide{n}", "--wide", str(dirs), str(files)) as mnt:
+            times.append(timed(["ls", "-l", str(mnt / "wide")]))
+    return min(times)
 
 
 def bench_simulator(work: Path) -> None:
@@ -118,16 +123,27 @@ def bench_simulator(work: Path) -> None:
 def bench_mount(work: Path) -> None:
     print("== mount: metadata ==")
     big = SimProcess(args=["--seed", "5", "--vms", "10000"], log_path=work / "sim-big.log").start(timeout=120)
-    mount = MountProcess(big.url, work / "mnt", token=big.token, log_path=work / "mount.log",
-                         env={"XOFS_STATE_DIR": str(work / "state"), "XOFS_LOG_LEVEL": "WARNING"})
+    mounts: list[MountProcess] = []
     try:
-        t_curl = min(timed(curl(big, "/rest/v0/vms?fields=*&ndjson=true")) for _ in range(3))
-        start = time.perf_counter()
-        mount.start(timeout=120)
-        report("mount start with 10,000 VMs (cache filled)", f"{time.perf_counter() - start:.2f} s", "", None)
-        t_cold = timed(["ls", "-l", str(mount.mountpoint / "vms")])
-        report("cold ls -l /vms (10,000 VMs) / curl of the collection", f"{t_cold / t_curl:.2f}x "
-               f"({t_cold:.2f}/{t_curl:.2f} s)", "<= 2x", t_cold / t_curl <= 2)
+        t_curl = min(timed(curl(big, "/rest/v0/vms?fields=*&ndjson=true")) for _ in range(COLD_ROUNDS))
+        # A first listing happens once per mount: mount COLD_ROUNDS times, keep the best, as curl's is.
+        starts, colds = [], []
+        for n in range(COLD_ROUNDS):
+            if mounts:
+                mounts.pop().stop()
+            mounts.append(MountProcess(big.url, work / f"mnt{n}", token=big.token, log_path=work / f"mount{n}.log",
+                                       env={"XOFS_STATE_DIR": str(work / f"state{n}"), "XOFS_LOG_LEVEL": "WARNING"}))
+            start = time.perf_counter()
+            mounts[-1].start(timeout=120)
+            starts.append(time.perf_counter() - start)
+            colds.append(timed(["ls", "-l", str(mounts[-1].mountpoint / "vms")]))
+        mount = mounts[-1]
+        report("mount start with 10,000 VMs (cache filled), best of 3", f"{min(starts):.2f} s "
+               f"(all: {', '.join(f'{t:.2f}' for t in starts)})", "", None)
+        t_cold = min(colds)
+        report("cold ls -l /vms (10,000 VMs) / curl of the collection, best of 3 each", f"{t_cold / t_curl:.2f}x "
+               f"({t_cold:.2f}/{t_curl:.2f} s; all: {', '.join(f'{t:.2f}' for t in colds)})", "<= 2x",
+               t_cold / t_curl <= 2)
         vms = list(os.scandir(mount.mountpoint / "vms"))
         wide = (sum(e.is_dir(follow_symlinks=False) for e in vms), sum(e.is_file(follow_symlinks=False) for e in vms))
         t_warm = min(timed(["ls", "-l", str(mount.mountpoint / "vms")]) for _ in range(3))
@@ -146,13 +162,14 @@ def bench_mount(work: Path) -> None:
         report("daemon memory (RSS) after find over everything", f"{mem:.0f} MB", "< 300 MB", mem < 300)
         shape = [count(f"find {mount.mountpoint} -mindepth 1 {test}") for test in ("-type d", "")]
     finally:
-        mount.stop()
+        for mount in mounts:
+            mount.stop()
         big.stop()
     t_floor = find_on_floor(work, *shape)
     report("  find on a do-nothing pyfuse3 filesystem, same shape", f"{t_floor:.2f} s", "baseline", None)
     report("  find on the mount / on that floor", f"{t_find / t_floor:.2f}x", "", None)
     t_floor_ls = cold_ls_on_floor(work, *wide)
-    report(f"  cold ls -l of {wide[0]} dirs and {wide[1]} files on that floor / curl",
+    report(f"  cold ls -l of {wide[0]} dirs and {wide[1]} files on that floor / curl, best of 3",
            f"{t_floor_ls / t_curl:.2f}x ({t_floor_ls:.2f} s)", "baseline", None)
     report("  cold ls -l of /vms / on that floor", f"{t_cold / t_floor_ls:.2f}x", "", None)
 
