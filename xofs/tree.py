@@ -192,20 +192,19 @@ class Tree:
         pinode = self.inodes.get(parent)
         if pinode is None or pinode.stale:
             return None
-        node = self.node_at(pinode.path + (name,))
-        if node is None:
-            return None
-        inode = self._inode_for(pinode.path + (name,), node)
-        inode.lookups += 1
-        return inode
+        listing = self.children(pinode.path)
+        return None if listing is None else self.lookup_listed(pinode, listing, name)
 
     def lookup_listed(self, pinode: Inode, listing: Mapping[str, TreeNode], name: str) -> Inode | None:
         """`lookup` of `name` in `pinode`, whose listing `listing` (from `children`) is at hand: readdir's
-        loop, which answers for thousands of names of one directory at a time."""
+        loop takes the listing once for thousands of names."""
+        path = pinode.path + (name,)
         node = listing.get(name)
         if node is None:
-            return self.lookup(pinode.ino, name)
-        inode = self._inode_for(pinode.path + (name,), node)
+            node = self._unlisted(path)
+            if node is None:
+                return None
+        inode = self._inode_for(path, node)
         inode.lookups += 1
         return inode
 
