@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from enum import Enum
 
 from xofs.errors import XofsError
-from xofs.formats.vhd import BAT_UNUSED, FOOTER_COOKIE, FOOTER_SIZE, HEADER_COOKIE, HEADER_SIZE, vhd_checksum
+from xofs.formats.vhd import (
+    BAT_UNUSED,
+    FOOTER_COOKIE,
+    FOOTER_SIZE,
+    HEADER_COOKIE,
+    HEADER_SIZE,
+    bitmap_size,
+    vhd_checksum,
+)
 
 
 class ImageFormat(Enum):
@@ -103,7 +111,7 @@ def check_complete_vhd(path: str | os.PathLike[str], size: int, data_offset: int
             raise bad(f"its block table ({entries} entries at offset {table_offset}) runs past the end")
         f.seek(table_offset)
         table = f.read(4 * entries)
-    bitmap = _bitmap_size(block_size)
+    bitmap = bitmap_size(block_size)
     used = [sector for (sector,) in struct.iter_unpack(">I", table) if sector != BAT_UNUSED]
     if used and max(used) * 512 + bitmap + block_size > end:
         raise bad("a block of its table lies past the end of the file (truncated?)")
@@ -132,10 +140,5 @@ def planned_vhd_length(read: Callable[[int, int], bytes], available: int) -> int
     used = [sector for (sector,) in struct.iter_unpack(">I", read(table_offset, 4 * entries)) if sector != BAT_UNUSED]
     if not used:
         return None
-    bitmap = _bitmap_size(block_size)
+    bitmap = bitmap_size(block_size)
     return max(used) * 512 + bitmap + block_size + FOOTER_SIZE
-
-
-def _bitmap_size(block_size: int) -> int:
-    """The bytes of the sector bitmap before each block: one bit per sector, in whole sectors."""
-    return -(-block_size // (512 * 8) // 512) * 512

@@ -373,17 +373,17 @@ def _convert(reader: _Reader, dst: Path, expected_size: int | None, uncache_ever
     reader.skip_to(header.table_offset, "the BAT")
     bat_bytes = header.max_table_entries * 4
     bat = struct.unpack(f">{header.max_table_entries}I", reader.read_exactly(bat_bytes, "the BAT"))
-    bitmap_size = -(-(block_size // SECTOR) // 8 // SECTOR) * SECTOR or SECTOR
-    blocks = _check_bat(bat, header.table_offset + bat_bytes, bitmap_size + block_size)
+    bitmap = bitmap_size(block_size)
+    blocks = _check_bat(bat, header.table_offset + bat_bytes, bitmap + block_size)
 
     with open(dst, "wb") as out:
         out.truncate(size if expected_size is None else expected_size)
         since_uncached = 0
         for offset, block in blocks:
             reader.skip_to(offset, f"block {block}")
-            bitmap = reader.read_exactly(bitmap_size, f"the bitmap of block {block}")
+            present = reader.read_exactly(bitmap, f"the bitmap of block {block}")
             data = reader.read_exactly(block_size, f"block {block}")
-            _write_block(out, block * block_size, size, bitmap, data)
+            _write_block(out, block * block_size, size, present, data)
             since_uncached += block_size
             if uncache_every and since_uncached >= uncache_every:
                 out.flush()
@@ -395,6 +395,12 @@ def _convert(reader: _Reader, dst: Path, expected_size: int | None, uncache_ever
     if trailer[:8] != FOOTER_COOKIE or parse_footer(trailer).checksum != vhd_checksum(trailer, 64):
         raise VhdError("invalid VHD: the last 512 bytes are not a valid footer")
     return size
+
+
+def bitmap_size(block_size: int) -> int:
+    """The bytes of the sector bitmap before each block of a dynamic VHD: a bit per sector, in whole
+    sectors (at least one)."""
+    return -(-(block_size // SECTOR) // 8 // SECTOR) * SECTOR or SECTOR
 
 
 def _check_bat(bat: tuple[int, ...], metadata_end: int, stride: int) -> list[tuple[int, int]]:
