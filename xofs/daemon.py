@@ -26,7 +26,6 @@ from typing import IO
 
 log = logging.getLogger("xofs")
 
-
 NOISY_LOGGERS = ("httpx", "httpcore", "trio-websocket", "hpack")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
