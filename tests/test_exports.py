@@ -23,6 +23,7 @@ from xofs.cache import COLLECTIONS, ObjectCache
 from xofs.client.rest import RestClient
 from xofs.errors import XofsError
 from xofs.export_sizes import compressed_bound, vhd_bound
+from xofs.export_stream import RECEIVE
 from xofs.exports import BACK_WINDOW, ExportManager
 from xofs.views import Export
 
@@ -308,8 +309,8 @@ async def test_forward_skip_is_received_and_dropped_in_bounded_memory(xo, tmp_pa
             await trio.sleep(0)
         await f.release()
         assert len(m.spool) == 0
-        # read-ahead + back window + one receive at each end (the window holds whole receives)
-        assert peak <= 2 * MiB + BACK_WINDOW + 2 * MiB
+        # read-ahead + back window + one receive buffer at each end (the window holds whole buffers)
+        assert peak <= 2 * MiB + BACK_WINDOW + 2 * RECEIVE
 
 
 async def test_a_first_read_beyond_the_spool_limit_skips_in_memory(xo, tmp_path):
