@@ -458,6 +458,30 @@ async def test_stalled_export_times_out(nursery):
     await client.aclose()
 
 
+async def test_gathering_export_still_gets_a_small_piece_at_once_and_times_out(nursery):
+    """gather(n) sets SO_RCVLOWAT: fewer wakeups for a bulk reader, but bytes below n are not held back
+    (a first wait is 2 ms; a wait after finding nothing wakes for any byte) and a stall still fails."""
+    async def late_and_small(stream: trio.SocketStream) -> None:
+        await stream.send_all(EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        await trio.sleep(0.2)  # the reader is waiting on the socket by now
+        await stream.send_all(chunked(PAYLOAD[:1000], [1000], last=b""))
+        await trio.sleep(30)
+
+    fake = await start_fake(nursery, lambda r: late_and_small)
+    client = RestClient(fake.url, "t", read_timeout=3)
+    response = await client.open_export("vdis/x.raw")
+    response.gather(512 << 10)
+    lowat = response._raw.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+    assert lowat == 512 << 10
+    with trio.fail_after(1.5):  # well inside the read timeout: 1000 bytes do not wait for 512 KiB
+        assert await response.receive() == PAYLOAD[:1000]
+    with trio.fail_after(10), pytest.raises(XoUnreachable, match="timed out after 3 s"):
+        await response.receive()
+    assert response._raw.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 512 << 10  # set back
+    await response.aclose()
+    await client.aclose()
+
+
 async def test_export_errors_are_raised_before_any_byte_and_5xx_retried(nursery):
     replies = [answer(503, '{"error": "busy"}'), answer(404, json.dumps({"error": f"no such VDI {UUID_A}"}))]
     fake = await start_fake(nursery, lambda r: replies.pop(0))

@@ -37,6 +37,7 @@ from xofs.spool import SpoolEntry
 log = logging.getLogger(__name__)
 
 RECEIVE = 2 << 20  # one receive buffer (a huge page): a read of 1 MiB at a 1 MiB offset is a view of one
+GATHER = 512 << 10  # the socket wakes the receiving task once it holds this much (or after 2 ms with less)
 PARK_CHECK = 1.0  # how often a reader waiting for a slot looks for an idle export to park
 
 
@@ -229,6 +230,7 @@ class ExportFeed:
             self._fail(XofsError(f"export {self.label} was cancelled"))
 
     async def _receive_all(self, response: ExportResponse) -> None:
+        response.gather(GATHER)
         buffer, filled = memoryview(b""), 0
         while True:
             if self.spool is not None:
