@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.operate_support import status_of
 from tests.support import MountProcess, SimProcess, require_tool
 from tests.test_exports import MEDIUM, disk_bytes, import_raw
+from xofs.export_stream import RECEIVE
 
 pytestmark = pytest.mark.mount
 
@@ -202,6 +204,33 @@ def test_sniffing_the_start_cancels_the_export(setup):
         assert time.monotonic() < deadline, "the export was not cancelled at close"
         time.sleep(0.1)
     assert f"/vms/{sim.halted_vm}.xva measured" not in mount.log_text()
+
+
+def test_readahead_bounds_what_is_received_ahead_of_the_reader(setup, make_mount):
+    """Memory per open export file: the stream is received `readahead` past the end of the last read (default
+    8M, `--readahead`), and at most what the last receive brought to the end of its 2 MiB buffer beyond."""
+    sim, _, _ = setup
+    for readahead, flags in ((8 * MiB, ()), (3 * MiB, ("--readahead", "3M"))):
+        mount = make_mount(sim, *flags)
+        src = mount / "vdis" / f"{sim.disk}.raw"
+        _wait_for(src)
+        assert status_of(mount.mountpoint)["options"]["readahead"] == readahead
+        with open(src, "rb", buffering=0) as f:
+            assert len(f.read(MiB)) == MiB
+            received = _received_once_settled(mount, f"/vdis/{sim.disk}.raw")
+        assert MiB + readahead <= received < MiB + readahead + RECEIVE, (readahead, received)
+
+
+def _received_once_settled(mount: MountProcess, path: str) -> int:
+    """What the export of `path` received, once it stopped receiving (the same for half a second)."""
+    seen: list[int] = []
+    deadline = time.monotonic() + 20
+    while len(seen) < 5 or len(set(seen[-5:])) > 1:
+        assert time.monotonic() < deadline, f"the export of {path} never stopped receiving: {seen[-5:]}"
+        transfers = [t for t in status_of(mount.mountpoint)["transfers"] if t["path"] == path]
+        seen.append(transfers[0]["done"] if transfers else -1)
+        time.sleep(0.1)
+    return seen[-1]
 
 
 def _export_gets(sim: SimProcess, export: str) -> int:

@@ -75,6 +75,7 @@ def test_the_helper_checks_everything_before_mounting(sim, tmp_path):
         (f"token_file={token},uid=abc", "bad mount option 'uid=abc'"),
         (f"token_file={token},umask=999", "bad mount option 'umask=999'"),
         (f"token_file={token},keepalive=0", "bad mount option 'keepalive=0'"),
+        (f"token_file={token},readahead=1M", "bad mount option 'readahead=1M': 1M is less than 2M"),
         (f"token={sim.token}", "a secret on the command line is visible to every user"),
         (f"token_file={tmp_path / 'missing'}", "cannot read"),
         (f"token_file={token},attr_ttl", "-o attr_ttl needs a value"),

@@ -177,6 +177,7 @@ class MountOptions:
     fallback_ttl: float = 1.0
     read_only: bool = False
     max_exports: int = 4
+    readahead: int = 8 << 20
     max_uploads: int = 2
     import_wait: float = 30.0
     verify: bool | str = True
@@ -193,9 +194,10 @@ class MountOptions:
         umask = args.umask if args.umask is not None else 0o022 if args.allow_other else 0o077
         return cls(state_dir=state_dir(args), spool_dir=args.spool_dir, spool_size=args.spool_size,
                    attr_ttl=args.attr_ttl, fallback_ttl=args.fallback_ttl, read_only=args.read_only,
-                   max_exports=args.max_exports, max_uploads=args.max_uploads, import_wait=args.import_wait,
-                   verify=verify, events=args.events, connect_timeout=args.connect_timeout,
-                   read_timeout=args.read_timeout, keepalive=args.keepalive, uid=args.uid, gid=args.gid, umask=umask)
+                   max_exports=args.max_exports, readahead=args.readahead, max_uploads=args.max_uploads,
+                   import_wait=args.import_wait, verify=verify, events=args.events,
+                   connect_timeout=args.connect_timeout, read_timeout=args.read_timeout, keepalive=args.keepalive,
+                   uid=args.uid, gid=args.gid, umask=umask)
 
     def public(self) -> dict:
         """The options as the status file shows them (nothing secret is among them)."""
@@ -203,8 +205,8 @@ class MountOptions:
             "system CAs" if self.verify is True else f"CA file {self.verify}"
         return {"read_only": self.read_only, "uid": self.uid, "gid": self.gid, "umask": f"{self.umask:03o}",
                 "attr_ttl": self.attr_ttl, "fallback_ttl": self.fallback_ttl, "max_exports": self.max_exports,
-                "max_uploads": self.max_uploads, "spool_size": self.spool_size, "import_wait": self.import_wait,
-                "tls": tls}
+                "readahead": self.readahead, "max_uploads": self.max_uploads, "spool_size": self.spool_size,
+                "import_wait": self.import_wait, "tls": tls}
 
 
 @dataclass
@@ -288,7 +290,7 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
     # filesystem does: they get a late-bound callback.
     fs_ref: list[XoFS] = []
     exports = ExportManager(client, cache, spool_dir=spool / "exports", spool_limit=options.spool_size,
-                            max_exports=options.max_exports,
+                            max_exports=options.max_exports, readahead=options.readahead,
                             on_size_known=lambda export: fs_ref[0].export_size_known(export))
     imports = ImportManager(client, cache, state_dir=options.state_dir, spool_dir=spool / "imports",
                             server_key=server_key, max_uploads=options.max_uploads, read_only=options.read_only,

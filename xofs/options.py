@@ -53,6 +53,14 @@ def byte_size(text: str) -> int:
     return int(float(number) * units[unit])
 
 
+def readahead_size(text: str) -> int:
+    """A `byte_size` of at least 2 MiB: two of the kernel's 1 MiB reads of an export file."""
+    value = byte_size(text)
+    if value < 2 << 20:
+        raise ValueError(f"{text} is less than 2M (two of the kernel's 1 MiB reads)")
+    return value
+
+
 def choice(*allowed: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         if text not in allowed:
@@ -101,6 +109,8 @@ OPTIONS = [
            "dir>/spool)", Path, metavar="DIR"),
     Option("spool_size", "most disk the export spool may use, e.g. 20G", byte_size, 8 << 30, "SIZE", "8G"),
     Option("max_exports", "concurrent exports", int, 4, "N"),
+    Option("readahead", "how far an export is received ahead of its reader (memory per open export file: "
+           "this plus 5 MiB at most; at least 2M)", readahead_size, 8 << 20, "SIZE", "8M"),
     Option("max_uploads", "concurrent imports", int, 2, "N"),
     Option("import_wait", "at unmount, how long running imports get to finish, seconds", float, 30.0,
            "SECONDS"),
