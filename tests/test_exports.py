@@ -294,6 +294,36 @@ async def test_far_backward_seek_restarts_into_the_spool_checked(xo, tmp_path):
         assert export_gets(xo, export.path) == gets + 2
 
 
+async def settled(file) -> int:
+    """What the export of an open file received once it stopped receiving (the same for 0.3 s)."""
+    seen = [-1]
+    with trio.fail_after(20):
+        while True:
+            await trio.sleep(0.1)
+            seen.append(file.feed.received)
+            if len(seen) > 3 and len(set(seen[-3:])) == 1:
+                return seen[-1]
+
+
+async def test_exports_streaming_at_once_share_the_read_ahead(xo, tmp_path):
+    async with running(xo, tmp_path / "spool", readahead=8 * MiB) as m:
+        export = vdi_export(m, xo.medium, "raw")
+        want = get_export(xo, export.path)
+        one = await m.open(export, "/one.raw")
+        assert await one.read(0, MiB) == want[:MiB]
+        # The stream is received up to the read-ahead past the end of the last read, and at most to the end
+        # of the 2 MiB buffer the last receive went into.
+        assert MiB + 8 * MiB <= await settled(one) < MiB + 8 * MiB + RECEIVE
+        two = await m.open(export, "/two.raw")
+        assert await two.read(0, MiB) == want[:MiB]
+        assert MiB + 4 * MiB <= await settled(two) < MiB + 4 * MiB + RECEIVE  # half each
+        await one.release()
+        assert await two.read(MiB, MiB) == want[MiB:2 * MiB]
+        assert 2 * MiB + 8 * MiB <= await settled(two) < 2 * MiB + 8 * MiB + RECEIVE  # alone again
+        assert await two.read(2 * MiB, 30 * MiB) == want[2 * MiB:32 * MiB]
+        await two.release()
+
+
 async def test_forward_skip_is_received_and_dropped_in_bounded_memory(xo, tmp_path):
     async with running(xo, tmp_path / "spool", readahead=2 * MiB) as m:
         export = vdi_export(m, xo.medium, "raw")

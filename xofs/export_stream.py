@@ -6,7 +6,9 @@ the replies to the kernel.
 
 - In memory, it keeps the bytes from `back_window` before the reader's position to at most `readahead`
   after it: memory per open file is bounded and does not depend on the export's size. Reads inside that
-  window, and forward skips (received and dropped), are answered from it.
+  window, and forward skips (received and dropped), are answered from it. Exports that stream at once share
+  the read-ahead (each gets at least `MIN_READAHEAD`): when the daemon is the slower side, every window is
+  full, and bytes that wait there long leave the CPU's caches before the reply copies them out.
 - Diverted into a `SpoolEntry` (the reader jumped where the window cannot serve), it writes every byte to
   disk as fast as XO sends, and readers read the spool.
 
@@ -36,6 +38,7 @@ from xofs.spool import SpoolEntry
 
 log = logging.getLogger(__name__)
 
+MIN_READAHEAD = 2 << 20  # the least read-ahead of one export: two of the kernel's 1 MiB requests
 RECEIVE = 2 << 20  # one receive buffer (a huge page): a read of 1 MiB at a 1 MiB offset is a view of one
 GATHER = 512 << 10  # the socket wakes the receiving task once it holds this much (or after 2 ms with less)
 PARK_CHECK = 1.0  # how often a reader waiting for a slot looks for an idle export to park
@@ -78,6 +81,8 @@ class ExportSlots:
     def release(self, feed: ExportFeed) -> None:
         self.holders.remove(feed)
         self._free.release()
+        for other in self.holders:
+            other.make_room()  # its share of the read-ahead grew
 
     def _park_one(self, waiter: ExportFeed) -> None:
         now = trio.current_time()
@@ -213,6 +218,10 @@ class ExportFeed:
             assert self.error is not None
             raise self.error
 
+    def _share(self) -> int:
+        """This export's read-ahead: `readahead` shared with the other exports running at once."""
+        return max(MIN_READAHEAD, self.readahead // max(1, len(self._slots.holders)))
+
     def parkable(self, now: float, idle_after: float) -> bool:
         """A memory export, still receiving, whose reader has not read for `idle_after` seconds."""
         return (self.spool is None and self.running and not self.done and not self._reading
@@ -235,7 +244,7 @@ class ExportFeed:
         while True:
             if self.spool is not None:
                 await self._flush_pending()
-            elif self.verified and self.received >= max(self.reader_pos + self.readahead, self._wanted):
+            elif self.verified and self.received >= max(self.reader_pos + self._share(), self._wanted):
                 room = self._room
                 await room.wait()
                 continue
@@ -311,7 +320,9 @@ class ExportFeed:
         self._arrived.set()
         self._arrived = trio.Event()
 
-    def _make_room(self) -> None:
+    def make_room(self) -> None:
+        """Let the receiving task look again at how far it may receive (the reader moved on, the feed was
+        diverted, or its share of the read-ahead grew)."""
         self._room.set()
         self._room = trio.Event()
 
@@ -339,7 +350,7 @@ class ExportFeed:
         end = offset + size
         self.reader_pos = max(self.reader_pos, offset)
         self._trim()
-        self._make_room()
+        self.make_room()
         while (self.received < end or not self.verified) and self.length is None:
             if self.error is not None:
                 raise self.error
@@ -351,7 +362,7 @@ class ExportFeed:
         data = self._slice(offset, min(end, self.received))
         self.reader_pos = max(self.reader_pos, offset + len(data))
         self._trim()
-        self._make_room()
+        self.make_room()
         return data
 
     async def length_beyond(self, n: int) -> int | None:
@@ -368,7 +379,7 @@ class ExportFeed:
             if self.error is not None:
                 raise self.error
             self._wanted = n + 1
-            self._make_room()
+            self.make_room()
             await self._wait()
         self._wanted = 0
         return self.length if self.length is not None and self.length <= n else None
@@ -405,4 +416,4 @@ class ExportFeed:
         self._window.clear()
         if self.error is not None:
             entry.fail(self.error)
-        self._make_room()
+        self.make_room()

@@ -47,7 +47,7 @@ from xofs.export_sizes import (
     vm_disks,
     xva_bound,
 )
-from xofs.export_stream import ExportFeed, ExportSlots
+from xofs.export_stream import MIN_READAHEAD, ExportFeed, ExportSlots
 from xofs.files import Caller, FileAttrs, OpenInfo
 from xofs.spool import Spool, SpoolEntry
 from xofs.views import Export
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 BACK_WINDOW = 1 << 20  # bytes kept behind a reader for small backward seeks (mountpoint-s3 keeps 1 MiB too)
 SKIP_LIMIT = 16 << 20  # a later forward jump up to this far is received and dropped; further ones spool
-MIN_READAHEAD = 2 << 20  # at least two of the kernel's 1 MiB requests
 
 VM_TYPES = frozenset({"VM", "VM-snapshot"})
 VDI_TYPES = frozenset({"VDI", "VDI-snapshot"})
