@@ -124,8 +124,9 @@ class _Buffers:
 
 
 def huge_page_buffer(size: int) -> mmap.mmap:
-    """`size` bytes of private anonymous memory, starting on a 2 MiB boundary where the kernel allows it
-    (Linux 6.7 and later align anonymous mappings of whole huge pages), marked MADV_HUGEPAGE."""
+    """`size` bytes of private anonymous memory marked MADV_HUGEPAGE. Recent kernels (6.18 here) start an
+    anonymous mapping whose length is a whole number of huge pages on a huge-page boundary; where one does
+    not, the buffer straddles two and gets small pages. A shared mapping would get none here."""
     buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError, AttributeError):  # only advice: without it, small pages
         buffer.madvise(mmap.MADV_HUGEPAGE)

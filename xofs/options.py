@@ -54,7 +54,8 @@ def byte_size(text: str) -> int:
 
 
 def readahead_size(text: str) -> int:
-    """A `byte_size` of at least 2 MiB: two of the kernel's 1 MiB reads of an export file."""
+    """A `byte_size` of at least 2 MiB (export_stream.MIN_READAHEAD, not imported here: this module stays
+    free of the daemon's imports): two of the kernel's 1 MiB reads of an export file."""
     value = byte_size(text)
     if value < 2 << 20:
         raise ValueError(f"{text} is less than 2M (two of the kernel's 1 MiB reads)")

@@ -198,8 +198,8 @@ class ExportResponse:
         Woken per packet, a reader that keeps up drains the socket in small pieces, and the sender (on the
         same machine, the simulator) does the receiving side's TCP work and a wakeup for each: on the 2-vCPU
         build machine the simulator spent 7-15% more CPU (medians of 8-10 runs) on an export read by `cp`
-        from the mount than on one read by curl; gathering 512 KiB, as much as for curl, and the daemon 10%
-        less (docs/performance.md). Plain TCP only (TLS goes through the SSL stream).
+        from the mount than on one read by curl; gathering 512 KiB, as much as for curl, and the daemon
+        5-13% less (docs/performance.md). Plain TCP only (TLS goes through the SSL stream).
         """
         if self._raw is None or nbytes <= 1:
             return
