@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,28 @@ def test_signals_unmount_cleanly(sim, make_mount, signum):
     assert mount.proc.wait(15) == 0
     assert not is_mounted(mount.mountpoint)
     assert "unmounted" in mount.log_text()
+
+
+def test_a_sigterm_the_moment_the_mount_shows_unmounts_cleanly(sim, tmp_path):
+    """No window between the mount appearing and the signal handlers: a service manager (or a script that
+    waits for /proc/mounts) may send SIGTERM at once."""
+    for n in range(3):
+        mount = MountProcess(sim.url, tmp_path / f"mnt{n}", token=sim.token, log_path=tmp_path / f"mount{n}.log",
+                             env={"XOFS_STATE_DIR": str(tmp_path / "state")})
+        mount.mountpoint.mkdir()
+        env = {**os.environ, "XOFS_TOKEN": sim.token, **mount.env}
+        mount.proc = subprocess.Popen([sys.executable, "-m", "xofs", "mount", sim.url, str(mount.mountpoint),
+                                       "--foreground"], env=env, stdout=open(mount.log_path, "ab"),  # noqa: SIM115
+                                      stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mount.mountpoint):  # no sleep: signal the instant the kernel lists it
+                assert mount.proc.poll() is None and time.monotonic() < deadline, mount.log_text()
+            mount.proc.send_signal(signal.SIGTERM)
+            assert mount.proc.wait(15) == 0, mount.log_text()
+            assert not is_mounted(mount.mountpoint)
+        finally:
+            mount.stop()
 
 
 def test_a_killed_daemon_leaves_no_dead_mount(sim, make_mount):

@@ -361,15 +361,19 @@ class Mount:
             options=self.options.public()))
         async with parts.running() as nursery:
             parts.fs.warm()
+            fuse_scope = trio.CancelScope()
+            stopper = _Stopper(parts, self.options.import_wait, fuse_scope)
+            # SIGTERM and SIGINT are caught from before the mount exists: one sent as soon as the mount shows
+            # in /proc/mounts must unmount cleanly, not kill the process. (Nothing below yields until
+            # pyfuse3.main runs, so the stopper cannot act on a half-made mount.)
+            await nursery.start(stopper.run)
             try:
                 pyfuse3.init(parts.fs, str(args.mountpoint), fuse_options(args, self.fuse_flags))
             except RuntimeError as err:
                 raise StartupError(f"the kernel refused the mount on {args.mountpoint}: {err}") from None
             try:
                 parts.invalidator.start()
-                with trio.CancelScope() as fuse_scope:
-                    stopper = _Stopper(parts, self.options.import_wait, fuse_scope)
-                    nursery.start_soon(stopper.run)
+                with fuse_scope:
                     if self.logs is not None:
                         self.logs.go_live()
                     log.info("mounted %s on %s (%d objects, %s events, credentials from %s)", parts.url,
@@ -426,8 +430,9 @@ class _Stopper:
         self.deadline: float | None = None
         self.done = False
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             signum = await anext(signals)
         uploads = [t["path"] for t in self.parts.imports.transfers() if t["phase"] != "writing"]
         log.info("got %s: unmounting%s", signal.Signals(signum).name,
