@@ -219,6 +219,14 @@ def test_readahead_bounds_what_is_received_ahead_of_the_reader(setup, make_mount
             assert len(f.read(MiB)) == MiB
             received = _received_once_settled(mount, f"/vdis/{sim.disk}.raw")
         assert MiB + readahead <= received < MiB + readahead + RECEIVE, (readahead, received)
+    # Exports streaming at once share the read-ahead: a second one, while the first streams, gets 8M / 2.
+    mount = make_mount(sim)
+    raw, vhd = (mount / "vdis" / f"{sim.disk}.{fmt}" for fmt in ("raw", "vhd"))
+    _wait_for(raw)
+    with open(raw, "rb", buffering=0) as f, open(vhd, "rb", buffering=0) as g:
+        assert len(f.read(MiB)) == MiB and len(g.read(MiB)) == MiB
+        received = _received_once_settled(mount, f"/vdis/{sim.disk}.vhd")
+        assert MiB + 4 * MiB <= received < MiB + 4 * MiB + RECEIVE, received
 
 
 def _received_once_settled(mount: MountProcess, path: str) -> int:
