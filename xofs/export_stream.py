@@ -282,7 +282,8 @@ class ExportFeed:
             else:
                 self._window.append(data)
             self._trim()
-        self._wake_readers()
+        if self.received >= self._wanted:  # a reader waiting for more than this is not woken for nothing
+            self._wake_readers()
 
     def _check(self, data: bytes) -> None:
         assert self._verify is not None
