@@ -324,6 +324,21 @@ async def test_exports_streaming_at_once_share_the_read_ahead(xo, tmp_path):
         await two.release()
 
 
+async def test_a_later_export_takes_the_buffers_an_earlier_one_left(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        export = vdi_export(m, xo.medium, "raw")
+        want = get_export(xo, export.path)
+        mapped = []
+        for name in ("first", "second", "third"):
+            f = await m.open(export, f"/{name}.raw")
+            assert await f.read(0, MiB) == want[:MiB]
+            await settled(f)  # its whole read-ahead received
+            await f.release()
+            await trio.sleep(0.2)  # its receiving task ends, and with it the last views of its buffers
+            mapped.append(m.buffers.mapped)
+        assert mapped[0] > 0 and mapped[2] == mapped[1] == mapped[0]  # no new mapping after the first
+
+
 async def test_forward_skip_is_received_and_dropped_in_bounded_memory(xo, tmp_path):
     async with running(xo, tmp_path / "spool", readahead=2 * MiB) as m:
         export = vdi_export(m, xo.medium, "raw")

@@ -94,9 +94,11 @@ class ExportSlots:
             victim.park()
 
 
-class _Buffers:
-    """Receive buffers, reused once nothing refers to them any more (the window dropped every view of one,
-    and pyfuse3 copied the replies made of it): a new one would cost page faults and zeroing per MiB.
+class ReceiveBuffers:
+    """The receive buffers of one server's exports, reused once nothing refers to them any more (the window
+    dropped every view of one, and pyfuse3 copied the replies made of it): a new one costs page faults and
+    clearing 2 MiB. Shared by the exports, so a new open (rsync going through a directory of exports) takes
+    buffers the earlier ones left instead of mapping fresh ones.
 
     Each is a private mapping of its own, aligned to and as long as a huge page (2 MiB), and marked for
     transparent huge pages: both copies of every byte (the socket's into the buffer, the FUSE reply's out
@@ -110,6 +112,7 @@ class _Buffers:
         self.size = size
         self.keep = keep
         self._pool: list[mmap.mmap] = []
+        self.mapped = 0  # buffers mapped so far (a count for tests)
 
     def take(self, n: int) -> memoryview:
         """A buffer of `n` (at most `size`) bytes that no one else holds."""
@@ -118,6 +121,7 @@ class _Buffers:
             if sys.getrefcount(buffer) == 3:
                 return memoryview(buffer)[:n]
         buffer = huge_page_buffer(self.size)
+        self.mapped += 1
         if len(self._pool) < self.keep:
             self._pool.append(buffer)
         return memoryview(buffer)[:n]
@@ -137,8 +141,9 @@ class ExportFeed:
     """One GET of an export, received by `run` (started in the manager's nursery)."""
 
     def __init__(self, label: str, open_response: Callable[[], Awaitable[ExportResponse]], slots: ExportSlots,
-                 *, readahead: int, back_window: int, verify: tuple[int, bytes] | None = None,
-                 spool: SpoolEntry | None = None, resume_at: int = 0) -> None:
+                 buffers: ReceiveBuffers, *, readahead: int, back_window: int,
+                 verify: tuple[int, bytes] | None = None, spool: SpoolEntry | None = None,
+                 resume_at: int = 0) -> None:
         self.label = label  # the export's path, for log lines
         self._open_response = open_response
         self._slots = slots
@@ -166,7 +171,7 @@ class ExportFeed:
         self._room = trio.Event()  # the reader moved on, or the feed was diverted
         self._scope = trio.CancelScope()
         self.running = False
-        self._buffers = _Buffers(RECEIVE, max(4, (readahead + back_window) // RECEIVE + 3))
+        self._buffers = buffers
 
     @property
     def done(self) -> bool:

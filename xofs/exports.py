@@ -47,7 +47,7 @@ from xofs.export_sizes import (
     vm_disks,
     xva_bound,
 )
-from xofs.export_stream import MIN_READAHEAD, ExportFeed, ExportSlots
+from xofs.export_stream import MIN_READAHEAD, RECEIVE, ExportFeed, ExportSlots, ReceiveBuffers
 from xofs.files import Caller, FileAttrs, OpenInfo
 from xofs.spool import Spool, SpoolEntry
 from xofs.views import Export
@@ -80,6 +80,9 @@ class ExportManager:
         # invalidates the kernel's attributes of that file.
         self.on_size_known = on_size_known
         self.slots = ExportSlots(max_exports, park_idle_after)
+        # As many buffers as the exports' windows can span together: each read-ahead + BACK_WINDOW, and a
+        # buffer at each end and one being filled.
+        self.buffers = ReceiveBuffers(RECEIVE, max_exports * ((self.readahead + BACK_WINDOW) // RECEIVE + 3))
         self._measured: dict[str, int] = {}  # export path -> length of a complete export
         self._measured_of: dict[str, dict[str, Export]] = {}  # object id -> its exports in _measured, by path
         self._xva_bounds: dict[str, int] = {}  # VM id -> size bound of its plain XVA
@@ -252,7 +255,7 @@ class ExportManager:
             log.debug("export %s: starting", export.path)
             return await self.client.open_export(export.path)
 
-        return ExportFeed(export.path, open_response, self.slots, readahead=self.readahead,
+        return ExportFeed(export.path, open_response, self.slots, self.buffers, readahead=self.readahead,
                           back_window=BACK_WINDOW, verify=verify, spool=spool, resume_at=resume_at)
 
     async def _start(self, feed: ExportFeed) -> None:
