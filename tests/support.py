@@ -141,13 +141,18 @@ class MountProcess:
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> MountProcess:
+    def spawn(self) -> MountProcess:
+        """Start `xofs mount --foreground` without waiting for the mount (`start` waits)."""
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "XOFS_TOKEN": self.token, **self.env}
         cmd = [sys.executable, "-m", "xofs", "mount", self.url, str(self.mountpoint), "--foreground", *self.extra]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _live.append(self)
+        return self
+
+    def start(self, timeout: float = 30.0) -> MountProcess:
+        self.spawn()
         deadline = time.monotonic() + timeout
         while not is_mounted(self.mountpoint):
             if self.proc.poll() is not None:

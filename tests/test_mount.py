@@ -89,12 +89,7 @@ def test_a_sigterm_the_moment_the_mount_shows_unmounts_cleanly(sim, tmp_path):
     waits for /proc/mounts) may send SIGTERM at once."""
     for n in range(3):
         mount = MountProcess(sim.url, tmp_path / f"mnt{n}", token=sim.token, log_path=tmp_path / f"mount{n}.log",
-                             env={"XOFS_STATE_DIR": str(tmp_path / "state")})
-        mount.mountpoint.mkdir()
-        env = {**os.environ, "XOFS_TOKEN": sim.token, **mount.env}
-        mount.proc = subprocess.Popen([sys.executable, "-m", "xofs", "mount", sim.url, str(mount.mountpoint),
-                                       "--foreground"], env=env, stdout=open(mount.log_path, "ab"),  # noqa: SIM115
-                                      stderr=subprocess.STDOUT)
+                             env={"XOFS_STATE_DIR": str(tmp_path / "state")}).spawn()
         try:
             deadline = time.monotonic() + 30
             while not is_mounted(mount.mountpoint):  # no sleep: signal the instant the kernel lists it
