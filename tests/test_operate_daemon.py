@@ -39,6 +39,9 @@ def test_systemd_hears_ready_once_the_mount_is_live_and_stopping_at_the_end(sim,
         assert "STOPPING=1" in notify.receive(15).splitlines()
         assert proc.wait(15) == 0
         assert not is_mounted(mnt)
+        # On the terminal, what was logged before the mount was live comes out once it is, in order.
+        output = (tmp_path / "foreground.mount.log").read_text()
+        assert "INFO xofs.sync: XO event feed connected" in output.split("INFO xofs: mounted")[0], output
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -64,6 +67,8 @@ def test_a_failed_start_says_why_in_one_line_and_never_claims_ready(sim, tmp_pat
             assert proc.returncode != 0 and len(lines) == 1 and words in lines[0], (args, proc.stderr)
             assert_documented(lines[0])
             assert not is_mounted(mnt)
+            if not args:  # detached, logging to the state dir: the reason is in the log too
+                assert lines[0].removeprefix("xofs: ") in (tmp_path / "state" / "xofs.log").read_text()
         notify.sock.settimeout(0.3)
         with pytest.raises(socket.timeout):
             notify.sock.recv(4096)
@@ -82,7 +87,10 @@ def test_the_detached_daemon_logs_to_its_file_dumps_stacks_and_stops_with_umount
                     env={"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")})
         assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
         pid = daemon.attach()
-        assert pid != os.getpid() and "mounted" in log.read_text()
+        text = log.read_text()
+        assert pid != os.getpid() and "INFO xofs: mounted" in text
+        # Lines from before the mount was live are kept, in order.
+        assert "INFO xofs.sync: XO event feed connected" in text.split("INFO xofs: mounted")[0], text
         os.kill(pid, signal.SIGUSR1)
         wait_for(lambda: "most recent call first" in log.read_text(), 10, "the stack dump in the log")
         assert is_mounted(mnt)  # the dump did not disturb the mount

@@ -3,8 +3,10 @@
 - `detach(serve)`: fork; the child runs the mount and reports through a pipe (`ready()` once the mount is
   live, or the one line saying why it is not); the parent waits for that and exits 0, or 1 with the line.
   From then on the child's standard streams point at /dev/null: nothing reaches the terminal any more.
-- `setup_logging`: a file, syslog (the journal, under systemd), or standard error. Until `go_live()` only
-  warnings are let through, so a failed start says one line, not a log of retries.
+- `LogSetup`: a file, syslog (the journal, under systemd), or standard error. A file and syslog get every
+  line from the start (a failed start leaves its retries there; the terminal still gets one line). On
+  standard error the lines below WARNING are held back until `go_live()` and written then, so a failed
+  start in the foreground says one line, not a log of retries.
 - `notify_systemd`: `READY=1` and `STOPPING=1` on `$NOTIFY_SOCKET`, for `Type=notify` units (the protocol is
   one datagram on a Unix socket; no library needed).
 - `dump_stacks_on_sigusr1`: `kill -USR1 <pid>` writes every thread's Python stack to the log file.
@@ -20,6 +22,7 @@ import signal
 import socket
 import stat
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
@@ -93,6 +96,28 @@ def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int
         os._exit(code)
 
 
+class HeldUntilLive(logging.Filter):
+    """Holds back the records below WARNING (the last `limit` of them) until `release`."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        super().__init__()
+        self.held: deque[logging.LogRecord] = deque(maxlen=limit)
+        self.live = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.live or record.levelno >= logging.WARNING:
+            return True
+        self.held.append(record)
+        return False
+
+    def release(self, handler: logging.Handler) -> None:
+        """Let everything through from now on, and write what was held to `handler` (through its filters
+        again: they pass the records below WARNING that they passed before)."""
+        self.live = True
+        while self.held:
+            handler.handle(self.held.popleft())
+
+
 class LogSetup:
     """The daemon's log: one output handler, plus any extra handlers (the status file's recent errors)."""
 
@@ -130,13 +155,19 @@ class LogSetup:
             for f in filters():  # each handler its own: some filters keep state
                 h.addFilter(f)
             root.addHandler(h)
-        # Until the mount is live only warnings are shown, so a failed start says one line, not a retry log.
-        root.setLevel(max(self.level, logging.WARNING))
+        # On the terminal only warnings are shown until the mount is live, so that a failed start says one
+        # line, not a retry log; the rest comes out once it is live. A file or syslog gets it all at once.
+        self.held: HeldUntilLive | None = None
+        if syslog_socket is None and log_file is None:
+            self.held = HeldUntilLive()
+            handler.addFilter(self.held)
+        root.setLevel(self.level)
         for noisy in NOISY_LOGGERS:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def go_live(self) -> None:
-        logging.getLogger().setLevel(self.level)
+        if self.held is not None:
+            self.held.release(self.handler)
 
 
 def notify_systemd(message: str) -> bool:

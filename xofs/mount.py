@@ -340,7 +340,10 @@ class Mount:
             err = startup_error_in(exc)
             if err is None:
                 raise
-            reporter.failed(f"xofs: cannot mount {self.args.url}: {err}")
+            message = f"xofs: cannot mount {self.args.url}: {err}"
+            if self.logs is not None and self.logs.held is None:  # a file or syslog: the reason goes there too
+                log.error("%s", message.removeprefix("xofs: "))
+            reporter.failed(message)
             return 1
         return 0
 
