@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,6 +83,20 @@ def test_signals_unmount_cleanly(sim, make_mount, signum):
     assert mount.proc.wait(15) == 0
     assert not is_mounted(mount.mountpoint)
     assert "unmounted" in mount.log_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_twice_in_a_row_is_still_a_clean_stop(sim, make_mount, signum):
+    """Ctrl-C pressed twice, or a service manager that signals again: the second one lands while the
+    daemon stops, or after; it exited with that signal (the default action) instead of 0."""
+    for delay in (0.0, 0.01, 0.05):
+        mount = make_mount(sim)
+        mount.proc.send_signal(signum)
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):
+            mount.proc.send_signal(signum)
+        assert mount.proc.wait(15) == 0, (delay, mount.log_text())
+        assert not is_mounted(mount.mountpoint)
 
 
 def test_a_sigterm_the_moment_the_mount_shows_unmounts_cleanly(sim, tmp_path):

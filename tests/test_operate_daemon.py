@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,26 @@ async def test_a_feed_that_refuses_the_token_fails_the_start_with_one_clear_erro
             pass
     err = startup_error_in(caught.value)
     assert err is not None and str(err).startswith("the event feed refused the token from the token given: XO ")
+
+
+def test_a_second_signal_stops_at_once_and_leaves_nothing(fresh_sim, make_mount, tmp_path):
+    """The first SIGTERM (or Ctrl-C) waits for the import under way; an impatient second one cuts it now, and
+    the mount still stops cleanly (the default action of the signal would kill the daemon)."""
+    mount = make_mount(fresh_sim, "--import-wait", "20")
+    cp = start_slow_import(fresh_sim, mount, tmp_path, "impatient.raw")
+    set_faults(fresh_sim, latency_ms=None)  # the upload under way still takes its 3 s
+    mount.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "got SIGTERM: unmounting" in mount.log_text(), 10, "the first signal's log line")
+    again = time.monotonic()
+    mount.proc.send_signal(signal.SIGTERM)
+    assert mount.proc.wait(30) == 0
+    assert time.monotonic() - again < 2.5  # neither the upload's 3 s nor the 20 s wait
+    assert cp.wait(10) != 0  # the copy whose import was cut fails
+    log = mount.log_text()
+    line = next(line for line in log.splitlines() if "got SIGTERM again" in line)
+    assert "impatient.raw" in line
+    assert_documented(line)
+    assert "cancelling an unfinished import upload" in log and "unmounted" in log
+    assert not is_mounted(mount.mountpoint)
+    assert vdis(fresh_sim, name_label="impatient") == []
+    assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []

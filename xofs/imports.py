@@ -201,6 +201,8 @@ class ImportManager:
         self._unchecked: set[str] = set()  # SRs whose remembered imports were not yet checked against XO
         self._uploads: set[_Upload] = set()
         self._nursery: trio.Nursery | None = None
+        self._shutdown_scope: trio.CancelScope | None = None  # the wait for running uploads, while it runs
+        self._no_wait = False  # stop_waiting() was called
 
     # ---- life cycle -------------------------------------------------------------------------------
 
@@ -228,15 +230,24 @@ class ImportManager:
             for imp in imports.values():
                 self._stop_early(imp, "the mount is stopping while the file is being written")
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.shutdown_wait
-            if self._uploads:
-                log.info("waiting up to %.0f s for %d import upload(s) to finish", self.shutdown_wait,
-                         len(self._uploads))
+            self._shutdown_scope = scope
+            wait = 0.0 if self._no_wait else self.shutdown_wait
+            scope.deadline = trio.current_time() + wait
+            if self._uploads and wait:
+                log.info("waiting up to %.0f s for %d import upload(s) to finish", wait, len(self._uploads))
             while self._uploads:
                 await trio.sleep(0.05)
+        self._shutdown_scope = None
         for upload in list(self._uploads):
             log.warning("the mount is going away: cancelling an unfinished import upload")
             self._cancel(upload, "the mount was stopped before the upload finished")
+
+    def stop_waiting(self) -> None:
+        """No more waiting for running uploads at shutdown (a second SIGTERM or Ctrl-C): they are cancelled
+        as those still running at the end of the wait are."""
+        self._no_wait = True
+        if self._shutdown_scope is not None:
+            self._shutdown_scope.deadline = trio.current_time()
 
     def transfers(self) -> list[dict]:
         """Imports being written or uploaded, for `xofs status`: `done` is the bytes written so far, or

@@ -362,34 +362,41 @@ class Mount:
             credentials=credentials.describe(), syncer=parts.syncer, cache=parts.cache,
             transfer_sources=[parts.exports.transfers, parts.imports.transfers], errors=self.errors,
             options=self.options.public()))
-        async with parts.running() as nursery:
-            parts.fs.warm()
-            fuse_scope = trio.CancelScope()
-            stopper = _Stopper(parts, self.options.import_wait, fuse_scope)
-            # SIGTERM and SIGINT are caught from before the mount exists: one sent as soon as the mount shows
-            # in /proc/mounts must unmount cleanly, not kill the process. (Nothing below yields until
-            # pyfuse3.main runs, so the stopper cannot act on a half-made mount.)
-            await nursery.start(stopper.run)
-            try:
-                pyfuse3.init(parts.fs, str(args.mountpoint), fuse_options(args, self.fuse_flags))
-            except RuntimeError as err:
-                raise StartupError(f"the kernel refused the mount on {args.mountpoint}: {err}") from None
-            try:
-                parts.invalidator.start()
-                with fuse_scope:
-                    if self.logs is not None:
-                        self.logs.go_live()
-                    log.info("mounted %s on %s (%d objects, %s events, credentials from %s)", parts.url,
-                             args.mountpoint, len(parts.cache), parts.feeds.kind, credentials.describe())
-                    notify_systemd(f"READY=1\nMAINPID={os.getpid()}\n"
-                                   f"STATUS=mounted {parts.url} on {args.mountpoint}")
-                    reporter.ready()
-                    await pyfuse3.main()
-                stopper.fuse_done()
-            finally:
-                notify_systemd("STOPPING=1")
-                parts.invalidator.stop()
-                pyfuse3.close(unmount=True)
+        # The stopper lives in a nursery of its own, around the services: it still catches signals while they
+        # stop (a second SIGTERM or Ctrl-C then ends the waits; the default action would kill the process).
+        async with trio.open_nursery() as signals:
+            async with parts.running():
+                parts.fs.warm()
+                fuse_scope = trio.CancelScope()
+                stopper = _Stopper(parts, self.options.import_wait, fuse_scope)
+                # SIGTERM and SIGINT are caught from before the mount exists: one sent as soon as the mount
+                # shows in /proc/mounts must unmount cleanly, not kill the process. (Nothing below yields
+                # until pyfuse3.main runs, so the stopper cannot act on a half-made mount.)
+                await signals.start(stopper.run)
+                try:
+                    pyfuse3.init(parts.fs, str(args.mountpoint), fuse_options(args, self.fuse_flags))
+                except RuntimeError as err:
+                    raise StartupError(f"the kernel refused the mount on {args.mountpoint}: {err}") from None
+                try:
+                    parts.invalidator.start()
+                    with fuse_scope:
+                        if self.logs is not None:
+                            self.logs.go_live()
+                        log.info("mounted %s on %s (%d objects, %s events, credentials from %s)", parts.url,
+                                 args.mountpoint, len(parts.cache), parts.feeds.kind, credentials.describe())
+                        notify_systemd(f"READY=1\nMAINPID={os.getpid()}\n"
+                                       f"STATUS=mounted {parts.url} on {args.mountpoint}")
+                        reporter.ready()
+                        await pyfuse3.main()
+                    stopper.fuse_done()
+                finally:
+                    notify_systemd("STOPPING=1")
+                    parts.invalidator.stop()
+                    pyfuse3.close(unmount=True)
+            signals.cancel_scope.cancel()
+        # The mount is gone and the services stopped: a late signal must not make a clean stop look killed.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         status.register(None)
         log.info("unmounted %s", args.mountpoint)
 
@@ -434,20 +441,35 @@ class _Stopper:
         self.done = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Until cancelled (once the services have stopped): the first signal starts the stop, any later
+        one ends its waits at once."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             signum = await anext(signals)
-        uploads = [t["path"] for t in self.parts.imports.transfers() if t["phase"] != "writing"]
-        log.info("got %s: unmounting%s", signal.Signals(signum).name,
-                 f"; waiting up to {self.wait:g} s for {len(uploads)} import(s) to finish" if uploads else "")
-        self.deadline = trio.current_time() + self.wait
-        pyfuse3.terminate()
+            uploads = [t["path"] for t in self.parts.imports.transfers() if t["phase"] != "writing"]
+            log.info("got %s: unmounting%s", signal.Signals(signum).name,
+                     f"; waiting up to {self.wait:g} s for {len(uploads)} import(s) to finish" if uploads else "")
+            self.deadline = trio.current_time() + self.wait
+            pyfuse3.terminate()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cut_after_the_wait)
+                async for signum in signals:
+                    cut = self._under_way()
+                    log.warning("got %s again: stopping now%s", signal.Signals(signum).name,
+                                f"; imports cut: {', '.join(cut)}" if cut else "")
+                    self.fuse_scope.cancel()
+                    self.parts.imports.stop_waiting()
+
+    async def _cut_after_the_wait(self) -> None:
         await trio.sleep(self.wait)
         if not self.done:
-            cut = [t["path"] for t in self.parts.imports.transfers() if t["phase"] != "writing"]
+            cut = self._under_way()
             log.warning("stopping: requests still under way after %g s are cut%s", self.wait,
-                        f" (imports: {', '.join(sorted(cut))})" if cut else "")
+                        f" (imports: {', '.join(cut)})" if cut else "")
             self.fuse_scope.cancel()
+
+    def _under_way(self) -> list[str]:
+        return sorted(t["path"] for t in self.parts.imports.transfers() if t["phase"] != "writing")
 
     def fuse_done(self) -> None:
         """The FUSE loop ended: running uploads get what is left of the wait (all of it after an unmount)."""
