@@ -17,26 +17,59 @@ from tests.support import force_unmount, is_mounted
 TOP = Path(__file__).parent.parent
 
 
-@pytest.mark.timeout(180)
-def test_demo_mounts_tours_and_cleans_up_on_ctrl_c():
-    proc = subprocess.Popen([str(TOP / "scripts" / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env={**os.environ, "XOFS_DEMO_VMS": "6"})
-    mnt = None
-    try:
-        out = []
-        for line in proc.stdout:
-            out.append(line)
+class Demo:
+    """`scripts/demo` in a session of its own (as in a terminal, where Ctrl-C reaches its whole group), read
+    up to its tour; `stop` (a SIGKILL of the group) and an unmount whatever happened."""
+
+    def __init__(self, vms: int) -> None:
+        self.proc = subprocess.Popen([str(TOP / "scripts" / "demo")], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                     env={**os.environ, "XOFS_DEMO_VMS": str(vms)})
+        self.mnt: str | None = None
+        self.out: list[str] = []
+
+    def read_tour(self) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.out.append(line)
             match = re.search(r"is mounted on (\S+)", line)
             if match:
-                mnt = match.group(1)
+                self.mnt = match.group(1)
             if "Press Ctrl-C" in line:
                 break
-        text = "".join(out)
-        assert mnt and is_mounted(mnt), text
-        assert f"  cd {mnt}\n" in out, text
+        text = "".join(self.out)
+        assert self.mnt and is_mounted(self.mnt), text
+        return self.mnt
+
+    def ctrl_c(self) -> None:
+        with contextlib.suppress(ProcessLookupError):  # unless it is done already
+            os.killpg(self.proc.pid, signal.SIGINT)
+
+    def finish(self) -> None:
+        """What it printed after the tour says it is done, and it left no mount and no work directory."""
+        rest = self.proc.communicate(timeout=60)[0]
+        assert "demo: done" in rest, rest
+        assert self.mnt and not is_mounted(self.mnt)
+        assert not Path(self.mnt).parent.exists()  # the work directory, with the logs and the simulator's state
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.mnt:
+            force_unmount(self.mnt)
+
+
+@pytest.mark.timeout(180)
+def test_demo_mounts_tours_and_cleans_up_on_ctrl_c():
+    demo = Demo(vms=6)
+    try:
+        mnt = demo.read_tour()
+        text = "".join(demo.out)
+        assert f"  cd {mnt}\n" in demo.out, text
         # Every command of the tour works as printed, from the mount (the ones that copy whole disks and
         # import aside: the export and import tests cover those).
-        tour = [m.group(1) for line in out if (m := re.match(r"  (\S.*?)\s+# ", line))]
+        tour = [m.group(1) for line in demo.out if (m := re.match(r"  (\S.*?)\s+# ", line))]
         assert any(cmd.startswith("cat vms/") for cmd in tour) and len(tour) >= 8, text
         for cmd in tour:
             if cmd.startswith(("cp ", "qemu-img create")):
@@ -45,43 +78,20 @@ def test_demo_mounts_tours_and_cleans_up_on_ctrl_c():
             assert run.returncode == 0 and run.stdout.strip(), (cmd, run.stdout, run.stderr)
             if cmd.startswith("cat "):
                 assert run.stdout.startswith("{"), run.stdout
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        rest = proc.communicate(timeout=60)[0]
-        assert "demo: done" in rest, rest
-        assert not is_mounted(mnt)
-        assert not Path(mnt).exists()
+        demo.ctrl_c()  # what Ctrl-C in a terminal does
+        demo.finish()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if mnt:
-            force_unmount(mnt)
+        demo.stop()
 
 
 @pytest.mark.timeout(180)
 def test_an_impatient_second_ctrl_c_still_cleans_up():
-    proc = subprocess.Popen([str(TOP / "scripts" / "demo")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env={**os.environ, "XOFS_DEMO_VMS": "2"})
-    mnt = None
+    demo = Demo(vms=2)
     try:
-        for line in proc.stdout:
-            match = re.search(r"is mounted on (\S+)", line)
-            if match:
-                mnt = match.group(1)
-            if "Press Ctrl-C" in line:
-                break
-        assert mnt and is_mounted(mnt)
+        demo.read_tour()
         for _ in range(3):  # the second and third land while it cleans up
-            with contextlib.suppress(ProcessLookupError):  # unless it is done already
-                os.killpg(proc.pid, signal.SIGINT)
+            demo.ctrl_c()
             time.sleep(0.05)
-        rest = proc.communicate(timeout=60)[0]
-        assert "demo: done" in rest, rest
-        assert not is_mounted(mnt)
-        assert not Path(mnt).parent.exists()  # the work directory, with the logs and the simulator's state
+        demo.finish()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if mnt:
-            force_unmount(mnt)
+        demo.stop()
