@@ -446,7 +446,7 @@ class _Stopper:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             signum = await anext(signals)
-            uploads = [t["path"] for t in self.parts.imports.transfers() if t["phase"] != "writing"]
+            uploads = self._under_way()
             log.info("got %s: unmounting%s", signal.Signals(signum).name,
                      f"; waiting up to {self.wait:g} s for {len(uploads)} import(s) to finish" if uploads else "")
             self.deadline = trio.current_time() + self.wait
