@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -12,8 +13,10 @@ from xofs.sim.model import SimError, SimModel, TooFastError, parse_duration_ms, 
 
 
 @pytest.fixture
-def model() -> SimModel:
-    return SimModel(seed=1, vms=12)
+def model() -> Iterator[SimModel]:
+    model = SimModel(seed=1, vms=12)
+    yield model
+    model.close()  # the temporary directory of its imported disks
 
 
 def vm(model: SimModel, name: str) -> dict:
