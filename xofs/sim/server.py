@@ -14,6 +14,7 @@ to stderr. SIGTERM or SIGINT stops it cleanly (exit status 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import signal
@@ -70,9 +71,13 @@ def run(ns: argparse.Namespace) -> int:
     if not tokens:
         tokens.append(new_token())
         print(f"xofs sim: demo token {tokens[0]}", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="xofs-sim-tls-") as scratch:
+    with contextlib.ExitStack() as cleanup:
+        # Made only for --tls without a state dir: a simulator killed with SIGKILL (tests do) leaves it behind.
+        def scratch() -> Path:
+            return Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="xofs-sim-tls-")))
+
         try:
-            tls = _tls_files(ns, Path(scratch))
+            tls = _tls_files(ns, scratch)
             model = SimModel(seed=ns.seed, vms=ns.vms, state_dir=ns.state_dir, tokens=tokens, legacy=ns.legacy)
         except (StateMismatch, TlsSetupError) as error:
             print(f"xofs sim: {error}", file=sys.stderr)
@@ -80,15 +85,16 @@ def run(ns: argparse.Namespace) -> int:
         return _run_model(ns, model, tls)
 
 
-def _tls_files(ns: argparse.Namespace, scratch: Path) -> tuple[Path, Path] | None:
-    """(certificate, key) to serve HTTPS with, or None for plain HTTP."""
+def _tls_files(ns: argparse.Namespace, scratch: Callable[[], Path]) -> tuple[Path, Path] | None:
+    """(certificate, key) to serve HTTPS with, or None for plain HTTP; `scratch()` makes a temporary
+    directory for a self-signed certificate when there is no state dir."""
     if bool(ns.tls_cert) != bool(ns.tls_key):
         raise TlsSetupError("--tls-cert and --tls-key go together")
     if ns.tls_cert:
         return ns.tls_cert, ns.tls_key
     if not ns.tls:
         return None
-    cert, key = self_signed(ns.state_dir / "tls" if ns.state_dir else scratch)
+    cert, key = self_signed(ns.state_dir / "tls" if ns.state_dir else scratch())
     print(f"xofs sim: self-signed certificate {cert} (trust it with: xofs mount --ca-file {cert})",
           file=sys.stderr, flush=True)
     return cert, key
