@@ -3,7 +3,7 @@
 Run through `scripts/bench exports`. Prints one line per figure with its goal (issue 4):
 
 - `cp` of a 4 GiB `.raw` and of its `.vhd` (every block allocated) to /dev/null: at least 0.9x curl's speed;
-- the daemon's memory while it streams a 20 GiB export: flat, under 100 MB above idle;
+- the daemon's memory while it streams a 20 GiB export: flat, under 100 MB above its size at mount;
 - four concurrent readers of four different exports: together at least as fast as one reader at a time.
 
 The 4 GiB disk is imported into the simulator first (its bytes do not compress, and no block is empty),
@@ -105,7 +105,9 @@ def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
                ">= 0.9x", t_curl / t_cp >= 0.9)
 
 
-def bench_memory(sim: SimProcess, mount: MountProcess) -> None:
+def bench_memory(sim: SimProcess, mount: MountProcess, at_mount: float) -> None:
+    """The goal is on the peak above the daemon's memory at mount, before any export: the speed runs before
+    this leave their receive buffers mapped for reuse, so "above idle just before" alone would hide them."""
     vdis = sim.get_json("/rest/v0/vdis?fields=id,size")
     big = min((v for v in vdis if v["size"] >= 20 * GiB), key=lambda v: v["size"])
     src = mount.mountpoint / "vdis" / f"{big['id']}.raw"
@@ -115,7 +117,9 @@ def bench_memory(sim: SimProcess, mount: MountProcess) -> None:
     late = watch.samples[len(watch.samples) // 2 :] or [idle]
     report(f"cp of a {big['size'] / GiB:.0f} GiB .raw: time", f"{big['size'] / took / 1e6:.0f} MB/s ({took:.0f} s)", "",
            None)
-    report("  daemon memory above idle, peak", f"{watch.peak - idle:.0f} MB", "< 100 MB", watch.peak - idle < 100)
+    report("  daemon memory above its size at mount, peak", f"{watch.peak - at_mount:.0f} MB", "< 100 MB",
+           watch.peak - at_mount < 100)
+    report("  daemon memory above idle just before, peak", f"{watch.peak - idle:.0f} MB", "", None)
     report("  daemon memory, second half of the copy (min..max)", f"{min(late):.0f}..{max(late):.0f} MB",
            "flat", max(late) - min(late) < 20)
 
@@ -167,8 +171,9 @@ def main() -> int:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the imported disk never showed on the mount")
                 time.sleep(0.1)
+            at_mount = rss_mb(mount.proc.pid)
             bench_speed(sim, mount, vdi)
-            bench_memory(sim, mount)
+            bench_memory(sim, mount, at_mount)
             bench_concurrency(sim, mount, vdi)
         finally:
             mount.stop()
