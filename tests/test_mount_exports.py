@@ -127,6 +127,26 @@ def test_tools_copy_exactly_what_curl_downloads(setup, tmp_path, fmt):
     assert sha256_of(tmp_path / "rsync" / src.name) == want
 
 
+@pytest.mark.parametrize(("fmt", "chunk"), [("raw", 65536), ("vhd", 65536), ("vhd", 4093)])
+def test_exports_framed_as_a_real_xo_does_copy_exactly(setup, tmp_path, fmt, chunk):
+    """A real xo-server sends an export in HTTP chunks of at most 64 KiB (the simulator's default are
+    1 MiB or more): every one of them goes through the client's small-chunk path, whose chunks straddle
+    its receive buffers (4093 bytes: no chunk boundary meets a buffer's)."""
+    sim, mount, _ = setup
+    src = mount / "vdis" / f"{sim.disk}.{fmt}"
+    want = sha256_of(curl(sim, f"vdis/{sim.disk}.{fmt}", tmp_path / "curl.out"))
+    status, _, _ = sim.request("POST", "/_sim/faults", json.dumps({"export_chunk_bytes": chunk}).encode(),
+                               {"Content-Type": "application/json"})
+    assert status == 200
+    try:
+        assert sha256_of(curl(sim, f"vdis/{sim.disk}.{fmt}", tmp_path / "curl-small.out")) == want
+        result = run("cp", str(src), str(tmp_path / "cp.out"))
+        assert result.returncode == 0, result.stderr
+        assert sha256_of(tmp_path / "cp.out") == want
+    finally:
+        sim.request("POST", "/_sim/faults", b'{"export_chunk_bytes": null}', {"Content-Type": "application/json"})
+
+
 def test_rsync_fails_loudly_until_the_size_is_known(setup, tmp_path):
     sim, mount, base = setup
     vdi = import_raw(sim, disk_bytes(3 * MiB + 5, 8), "rsync-me")

@@ -46,8 +46,8 @@ def test_knobs_need_auth_and_take_partial_updates(fresh_sim):
     assert call(fresh_sim, "GET", "/_sim/faults", token=None, headers={"Authorization": basic(*ADMIN)}).status == 200
     defaults = call(fresh_sim, "GET", "/_sim/faults").json()
     assert defaults == {"latency_ms": 0, "cut_export_after_bytes": None, "stall_export_after_bytes": None,
-                        "fail_next_import": 0, "import_bytes_per_second": None, "http_5xx_next": 0,
-                        "http_5xx_status": 503, "reset_next_gets": 0, "corrupt_listing": None,
+                        "export_chunk_bytes": None, "fail_next_import": 0, "import_bytes_per_second": None,
+                        "http_5xx_next": 0, "http_5xx_status": 503, "reset_next_gets": 0, "corrupt_listing": None,
                         "silent_websockets": False}
     assert set_faults(fresh_sim, latency_ms=5)["latency_ms"] == 5
     after = set_faults(fresh_sim, http_5xx_status=502)
@@ -87,6 +87,47 @@ def test_cut_export_drops_the_connection_mid_body(fresh_sim):
     set_faults(fresh_sim, cut_export_after_bytes=None)
     whole = call(fresh_sim, "GET", f"/rest/v0/vdis/{vdi['id']}.vhd")
     assert whole.complete and whole.body[-512:-504] == b"conectix"
+
+
+def chunk_sizes(sim: SimProcess, path: str, limit: int) -> tuple[list[int], bytes]:
+    """The sizes of the HTTP chunks of an export's first `limit` body bytes (or more), and those bytes."""
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\nCookie: authenticationToken={sim.token}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=10) as sock:
+        sock.sendall(request)
+        wire = b""
+        while b"\r\n\r\n" not in wire:
+            wire += sock.recv(1 << 16)
+        head, _, wire = wire.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+        sizes, body = [], b""
+        while len(body) < limit:
+            while b"\r\n" not in wire:
+                wire += sock.recv(1 << 16)
+            line, _, wire = wire.partition(b"\r\n")
+            size = int(line, 16)
+            while len(wire) < size + 2:
+                wire += sock.recv(1 << 16)
+            assert wire[size:size + 2] == b"\r\n"
+            sizes.append(size)
+            body, wire = body + wire[:size], wire[size + 2:]
+            if size == 0:
+                break
+    return sizes, body
+
+
+def test_export_chunk_bytes_frames_exports_as_small_as_a_real_xo(fresh_sim):
+    vdi = find(fresh_sim, "vdis", "spare disk")
+    path = f"/rest/v0/vdis/{vdi['id']}.vhd"
+    sizes, body = chunk_sizes(fresh_sim, path, 3 * MiB)
+    assert min(sizes) >= MiB  # the simulator's own framing: big chunks
+    set_faults(fresh_sim, export_chunk_bytes=65536)
+    small_sizes, small_body = chunk_sizes(fresh_sim, path, 3 * MiB)
+    assert max(small_sizes) == 65536 and len(small_sizes) >= 48
+    n = min(len(body), len(small_body))
+    assert small_body[:n] == body[:n]  # the same bytes, framed differently
+    bad = call(fresh_sim, "POST", "/_sim/faults", b'{"export_chunk_bytes": 0}', {"Content-Type": "application/json"})
+    assert bad.status == 400 and "export_chunk_bytes" in bad.json()["error"]
+    assert set_faults(fresh_sim, export_chunk_bytes=None)["export_chunk_bytes"] is None
 
 
 def test_stalled_export_sends_nothing_more_until_the_client_leaves(fresh_sim):

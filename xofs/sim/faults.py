@@ -9,6 +9,10 @@ No real XO has any of this. The REST app serves it under `/_sim/` (same authenti
     mid-body (the client sees an incomplete chunked response);
   - `stall_export_after_bytes`: every export sends this many body bytes, then sends nothing more until
     the client gives up;
+  - `export_chunk_bytes`: every export's body goes out in HTTP chunks of at most this many bytes. A real
+    xo-server pipes XAPI's answer through, one chunk per piece its socket read: 64 KiB at most. Without
+    the knob the simulator sends chunks of 1 MiB or more, which its Python HTTP stack needs to keep up
+    with curl above 1 GB/s (with 64 KiB it serves about a third as fast);
   - `fail_next_import`: `true` or a count: the next import(s) fail on the "XAPI" side after the VDI was
     created, as `import-raw-xapi-500` recorded: 500 `{"error": "500 Internal Server Error"}`, VDI destroyed;
   - `import_bytes_per_second`: imports read their body at most this fast (a slow XAPI), so that an upload
@@ -68,9 +72,9 @@ class Stats:
         self.exports_stalled = 0
 
 
-_KNOBS = ("latency_ms", "cut_export_after_bytes", "stall_export_after_bytes", "fail_next_import",
-          "import_bytes_per_second", "http_5xx_next", "http_5xx_status", "reset_next_gets", "corrupt_listing",
-          "silent_websockets")
+_KNOBS = ("latency_ms", "cut_export_after_bytes", "stall_export_after_bytes", "export_chunk_bytes",
+          "fail_next_import", "import_bytes_per_second", "http_5xx_next", "http_5xx_status", "reset_next_gets",
+          "corrupt_listing", "silent_websockets")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class Faults:
     latency_ms: float = 0.0
     cut_export_after_bytes: int | None = None
     stall_export_after_bytes: int | None = None
+    export_chunk_bytes: int | None = None
     fail_next_import: int = 0
     import_bytes_per_second: int | None = None
     http_5xx_next: int = 0
@@ -204,8 +209,8 @@ def _check(name: str, value: Any) -> Any:
         raise FaultsError(f"{name} must be a non-negative number, not {value!r}")
     if name == "latency_ms":
         return float(value)
-    if name == "import_bytes_per_second" and value == 0:
-        raise FaultsError("import_bytes_per_second must be positive (null for no limit)")
+    if name in ("import_bytes_per_second", "export_chunk_bytes") and value == 0:
+        raise FaultsError(f"{name} must be positive (null for no limit)")
     if value != int(value):
         raise FaultsError(f"{name} must be a whole number, not {value!r}")
     if name == "http_5xx_status" and not 500 <= value <= 599:

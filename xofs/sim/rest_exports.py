@@ -14,7 +14,8 @@ the recorded `Vary: Accept-Encoding`: a client that sends `Accept-Encoding: gzip
 gzip-encoded on the fly, as from a real XO. HEAD runs the whole export (snapshot included) and sends only
 the headers, as a real XO does.
 
-Fault knobs (`faults.py`) cut or stall an export after a number of body bytes.
+Fault knobs (`faults.py`) cut or stall an export after a number of body bytes, or send it in chunks as small
+as a real XO's (`export_chunk_bytes`).
 """
 
 from __future__ import annotations
@@ -174,15 +175,24 @@ class Exporter:
                     await out.end()
                 return True
             assert isinstance(chunk, bytes)
-            if stop is not None and out.sent + len(chunk) >= stop:
-                await out.write(chunk[: stop - out.sent])
-                self.faults.note_export_fault(cut is not None and stop == cut)
-                if stop == stall and stop != cut:
-                    await trio.sleep_forever()  # until the client gives up (the disconnect watcher)
-                return False  # returning without ending the body makes the server drop the connection
-            await out.write(chunk)
+            for piece in _pieces(chunk, self.faults.export_chunk_bytes):
+                if stop is not None and out.sent + len(piece) >= stop:
+                    await out.write(piece[: stop - out.sent])
+                    self.faults.note_export_fault(cut is not None and stop == cut)
+                    if stop == stall and stop != cut:
+                        await trio.sleep_forever()  # until the client gives up (the disconnect watcher)
+                    return False  # returning without ending the body makes the server drop the connection
+                await out.write(piece)
             if req.method == "HEAD":
                 await trio.sleep(0)  # nothing is sent, so let the rest of the server run between chunks
+
+
+def _pieces(chunk: bytes, size: int | None) -> list[bytes]:
+    """`chunk` as the HTTP chunks to send: itself, or pieces of at most `size` bytes (the
+    `export_chunk_bytes` knob: a real xo-server's chunks are those of its socket reads, 64 KiB at most)."""
+    if size is None or len(chunk) <= size:
+        return [chunk]
+    return [chunk[at:at + size] for at in range(0, len(chunk), size)]
 
 
 async def _cancel_on_disconnect(req: Request, scope: trio.CancelScope) -> None:
