@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import signal
 import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -97,3 +99,46 @@ def test_an_impatient_second_ctrl_c_still_cleans_up():
         demo.finish()
     finally:
         demo.stop()
+
+
+@pytest.mark.timeout(180)
+def test_closing_its_terminal_cleans_up():
+    """The terminal goes away (a window closed, an ssh session dropped): the kernel sends SIGHUP to the
+    demo and every process of its group, and each later write to the terminal fails. It used to die of the
+    SIGHUP, leaving the simulator, the mount and the work directory behind."""
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:  # runs in the child after setsid(): the pty becomes its terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([str(TOP / "scripts" / "demo")], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True, preexec_fn=controlling_terminal,
+                            env={**os.environ, "XOFS_DEMO_VMS": "2"})
+    os.close(slave)
+    mnt = None
+    try:
+        out = b""
+        while b"Press Ctrl-C" not in out:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the demo's side of the terminal closed
+                data = b""
+            assert data, out.decode(errors="replace")
+            out += data
+        match = re.search(rb"is mounted on (\S+)", out)
+        assert match, out.decode(errors="replace")
+        mnt = match.group(1).decode()
+        assert is_mounted(mnt)
+        os.close(master)  # the hang-up
+        master = -1
+        proc.wait(timeout=60)
+        assert not is_mounted(mnt)
+        assert not Path(mnt).parent.exists()  # the work directory, with the logs and the simulator's state
+    finally:
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if mnt:
+            force_unmount(mnt)

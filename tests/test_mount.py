@@ -76,7 +76,7 @@ def test_fusermount_unmounts_and_the_daemon_exits_0(sim, make_mount):
     assert not is_mounted(mount.mountpoint)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signals_unmount_cleanly(sim, make_mount, signum):
     mount = make_mount(sim)
     mount.proc.send_signal(signum)
@@ -85,7 +85,7 @@ def test_signals_unmount_cleanly(sim, make_mount, signum):
     assert "unmounted" in mount.log_text()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_twice_in_a_row_is_still_a_clean_stop(sim, make_mount, signum):
     """Ctrl-C pressed twice, or a service manager that signals again: the second one lands while the
     daemon stops, or after; it exited with that signal (the default action) instead of 0."""

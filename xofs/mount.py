@@ -6,7 +6,8 @@ and one trio nursery owns every background task (event feed, export and import w
 `--foreground` the daemon detaches once the mount is live (`xofs.daemon`) and the command exits 0, or
 non-zero with the reason; under systemd (`Type=notify`) READY=1 goes out once mounted.
 
-SIGTERM, SIGINT, `fusermount3 -u` or `umount` end it: the mount goes away first, so no new work can come;
+SIGTERM, SIGINT, SIGHUP (the terminal of `--foreground` closed; libfuse's filesystems stop on it too),
+`fusermount3 -u` or `umount` end it: the mount goes away first, so no new work can come;
 running imports get `--import-wait` seconds to finish (what is cut is logged), exports are cancelled, the
 spools cleaned. SIGUSR1 writes every thread's stack to the log. Options are in `xofs.options`, where the
 credentials come from in `xofs.credentials`, the status file in `xofs.status`.
@@ -369,7 +370,7 @@ class Mount:
                 parts.fs.warm()
                 fuse_scope = trio.CancelScope()
                 stopper = _Stopper(parts, self.options.import_wait, fuse_scope)
-                # SIGTERM and SIGINT are caught from before the mount exists: one sent as soon as the mount
+                # The stop signals are caught from before the mount exists: one sent as soon as the mount
                 # shows in /proc/mounts must unmount cleanly, not kill the process. (Nothing below yields
                 # until pyfuse3.main runs, so the stopper cannot act on a half-made mount.)
                 await signals.start(stopper.run)
@@ -395,8 +396,8 @@ class Mount:
                     pyfuse3.close(unmount=True)
             signals.cancel_scope.cancel()
         # The mount is gone and the services stopped: a late signal must not make a clean stop look killed.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         status.register(None)
         log.info("unmounted %s", args.mountpoint)
 
@@ -429,8 +430,13 @@ async def _check_server(parts: Parts) -> None:
         raise StartupError(words) from None
 
 
+# SIGHUP too: `--foreground` in a terminal that closes (an ssh session that drops) would otherwise die of
+# it, cutting the uploads under way instead of giving them the import wait.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class _Stopper:
-    """SIGTERM or SIGINT: end the FUSE loop, giving the requests under way (a `cp` waiting in close() for
+    """SIGTERM, SIGINT or SIGHUP: end the FUSE loop, giving the requests under way (a `cp` waiting in close() for
     its upload) the import wait; then whatever is left of that wait goes to the uploads themselves."""
 
     def __init__(self, parts: Parts, wait: float, fuse_scope: trio.CancelScope) -> None:
@@ -443,7 +449,7 @@ class _Stopper:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled (once the services have stopped): the first signal starts the stop, any later
         one ends its waits at once."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             task_status.started()
             signum = await anext(signals)
             uploads = self._under_way()
