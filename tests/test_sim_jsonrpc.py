@@ -446,8 +446,9 @@ async def test_churn_sends_vm_updates_to_signed_in_sockets(tmp_path):
         churning.stop()
 
 
-def test_sigint_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_sigint_and_sighup_stop_cleanly(tmp_path, signum):
     proc = SimProcess(args=["--seed", "2"], log_path=tmp_path / "sim.log").start()
-    proc.proc.send_signal(signal.SIGINT)
+    proc.proc.send_signal(signum)
     assert proc.proc.wait(10) == 0
     proc.stop()

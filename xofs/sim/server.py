@@ -8,7 +8,7 @@ HTTP requests under `/rest/v0/events` go to the REST event stream (`xofs.sim.sse
 and `--tls-key`, or `--tls` (a self-signed certificate, see `xofs.sim.tls`), it serves HTTPS and `wss:`.
 
 When it is ready the process prints one line on stdout, `xofs sim listening on http(s)://HOST:PORT`; logs go
-to stderr. SIGTERM or SIGINT stops it cleanly (exit status 0).
+to stderr. SIGTERM, SIGINT or SIGHUP (its terminal closed) stops it cleanly (exit status 0).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ async def serve(model: SimModel, host: str, port: int, churn: float,
     async def shutdown_trigger() -> None:
         await stop.wait()
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: model.run(churn=churn, task_status=task_status))
             app = make_app(model, load_rest_app(model))
