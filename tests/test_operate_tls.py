@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 
@@ -50,6 +52,22 @@ def test_the_simulator_serves_https_with_the_certificate_it_made(tls_sim):
     with pytest.raises(urllib.error.URLError) as refused:  # and nobody trusts it by default
         urllib.request.urlopen(tls_sim.url + "/rest/v0/ping", timeout=10)
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+
+
+def test_the_simulator_speaks_http_1_1_only_as_xo_does(tls_sim):
+    """xo-server's HTTPS is Node's `https` module: no ALPN, so a client that offers h2 (curl does) gets
+    HTTP/1.1. The simulator's server offered h2, and curl's exports went through HTTP/2 there."""
+    context = ssl.create_default_context(cafile=tls_sim.cafile)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", tls_sim.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.selected_alpn_protocol() is None
+            tls.sendall(b"GET /rest/v0/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert tls.recv(64).startswith(b"HTTP/1.1 200")
+    curl = require_tool("curl")
+    out = subprocess.run([curl, "-sS", "--cacert", tls_sim.cafile, "-o", "/dev/null", "-w", "%{http_version}",
+                          f"{tls_sim.url}/rest/v0/ping"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == "1.1", out.stdout + out.stderr
 
 
 def test_an_unknown_certificate_is_refused_with_the_way_out(tls_sim, tmp_path):

@@ -156,6 +156,9 @@ async def serve(model: SimModel, host: str, port: int, churn: float,
         config.certfile, config.keyfile = str(tls[0]), str(tls[1])
     config.accesslog = None
     config.include_server_header = False  # xo-server (Express) sends no Server header
+    # xo-server listens with Node's `https.createServer` (@vates/http-server-plus): HTTP/1.1 only, and no
+    # ALPN answer. Hypercorn would offer h2, which curl takes: a client would then meet HTTP/2 here only.
+    config.alpn_protocols = []
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
     config.websocket_ping_interval = None
