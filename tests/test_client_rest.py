@@ -735,6 +735,43 @@ async def test_tls_listing_and_export_with_a_ca_file_or_no_verification(nursery,
         await client.aclose()
 
 
+@pytest.mark.parametrize("framing", ["length", "close", "chunked-64k", "chunked-big", "chunked-odd"])
+async def test_tls_exports_read_whole_in_every_framing(nursery, self_signed, framing):
+    """Over TLS an export is read through an `ssl.SSLSocket`, every record at hand per receive (a record is
+    16 KiB at most): the bytes come out whole, in 2 MiB receives as in 1 KiB ones, and the end is the
+    framing's (the server closes without TLS's close_notify, as https servers may)."""
+    cafile, server = self_signed
+    body = {"length": b"Content-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD,
+            "close": b"Connection: close\r\n\r\n" + PAYLOAD,
+            "chunked-64k": b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [65536]),
+            "chunked-big": b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [3 << 20, 1 << 20]),
+            "chunked-odd": b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [4093, 70000, 1])}[framing]
+    fake = await start_fake(nursery, lambda r: writer(EXPORT_HEAD + body), tls=server)
+    client = RestClient(fake.url, "t", verify=cafile)
+    for size in (2 << 20, 1000):
+        assert await read_export(client, "vdis/x.raw", size) == PAYLOAD
+    await client.aclose()
+
+
+@pytest.mark.parametrize("body", [
+    EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [65536], last=b""),  # no last chunk
+    EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [65536])[:3_000_000],  # mid-chunk
+    EXPORT_HEAD + b"Content-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD[:-1],  # one byte short
+])
+async def test_tls_cut_export_raises_instead_of_ending_cleanly(nursery, self_signed, body):
+    cafile, server = self_signed
+    fake = await start_fake(nursery, lambda r: writer(body), tls=server)
+    client = RestClient(fake.url, "t", verify=cafile)
+    response = await client.open_export("vdis/x.raw")
+    received = 0
+    with pytest.raises(XoUnreachable, match="ended early"):
+        while data := await response.receive():
+            received += len(data)
+    await response.aclose()
+    await client.aclose()
+    assert 0 < received <= len(PAYLOAD)
+
+
 async def test_tls_untrusted_certificate_is_unreachable_with_the_reason_and_not_retried(nursery, self_signed,
                                                                                       caplog):
     fake = await start_fake(nursery, lambda r: answer(200, b""), tls=self_signed[1])

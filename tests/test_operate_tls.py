@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import ssl
@@ -13,6 +15,7 @@ import pytest
 
 from tests.operate_support import assert_documented, halted_vm, meta, rename_vm, status_of, wait_for, xofs
 from tests.support import SimProcess, is_mounted, require_tool
+from tests.test_exports import disk_bytes, import_raw
 from xofs.sim.tls import self_signed
 
 
@@ -98,6 +101,32 @@ def test_with_its_ca_file_everything_works_over_tls(tls_sim, make_mount):
         assert len(data) == 4 << 20 and data == resp.read(4 << 20)
     rename_vm(tls_sim, vm, "renamed-over-wss")  # the event feed over wss://
     wait_for(lambda: meta(mount.mountpoint, f"vms/{vm}")["name_label"] == "renamed-over-wss", 10, "the event")
+
+
+def test_whole_exports_over_tls_copy_exactly(tls_sim, make_mount, tmp_path):
+    """`cp` of whole exports over HTTPS (the client reads them through an `ssl.SSLSocket`), in the
+    simulator's framing and in a real XO's 64 KiB chunks, byte for byte what curl downloads."""
+    curl = require_tool("curl")
+    vdi = import_raw(tls_sim, disk_bytes(12 << 20 | 4096, 5), "over-tls")
+    mount = make_mount(tls_sim, "--ca-file", tls_sim.cafile)
+    wait_for(lambda: (mount.mountpoint / "vdis" / f"{vdi}.vhd").exists(), 10, "the imported disk")
+
+    def sha(path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    for fmt, chunk in (("raw", None), ("vhd", None), ("vhd", 65536)):
+        status, _, body = tls_sim.request("POST", "/_sim/faults", json.dumps({"export_chunk_bytes": chunk}).encode(),
+                                          {"Content-Type": "application/json"})
+        assert status == 200, body
+        want = tmp_path / f"curl.{fmt}"
+        subprocess.run([curl, "-sSf", "--cacert", tls_sim.cafile, "-b", f"authenticationToken={tls_sim.token}",
+                        "-o", str(want), f"{tls_sim.url}/rest/v0/vdis/{vdi}.{fmt}"], check=True, timeout=60)
+        got = tmp_path / f"cp.{fmt}"
+        result = subprocess.run(["cp", str(mount.mountpoint / "vdis" / f"{vdi}.{fmt}"), str(got)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert sha(got) == sha(want), (fmt, chunk)
+    tls_sim.request("POST", "/_sim/faults", b'{"export_chunk_bytes": null}', {"Content-Type": "application/json"})
 
 
 def test_the_sse_feed_over_tls(tls_sim, make_mount):
