@@ -772,6 +772,22 @@ async def test_tls_cut_export_raises_instead_of_ending_cleanly(nursery, self_sig
     assert 0 < received <= len(PAYLOAD)
 
 
+@pytest.mark.parametrize("reply", [b"", b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+async def test_tls_handshake_cut_by_the_server_is_unreachable_with_the_reason(nursery, reply):
+    """A server that closes the connection (or answers plain HTTP) instead of doing TLS's handshake."""
+    async def handle(stream: trio.SocketStream) -> None:
+        await stream.receive_some(1 << 16)
+        await stream.send_all(reply)
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    client = RestClient(f"https://127.0.0.1:{port}", "t")
+    with pytest.raises(XoUnreachable, match=f"cannot reach XO at https://127.0.0.1:{port}.*: TLS error"):
+        await client.open_export("vdis/x.raw")
+    await client.aclose()
+
+
 async def test_tls_untrusted_certificate_is_unreachable_with_the_reason_and_not_retried(nursery, self_signed,
                                                                                       caplog):
     fake = await start_fake(nursery, lambda r: answer(200, b""), tls=self_signed[1])

@@ -15,11 +15,11 @@ with `Connection: close` and parses the response head itself. Then:
   the read timeout (a cancel scope) is only entered when the socket is empty, and a stream that always has
   data yields to other tasks every 8 MiB (cancellation is still checked on every call). A bulk reader asks
   the socket to wake it only for 512 KiB at a time (`gather`);
-- over TLS that socket is an `ssl.SSLSocket` (OpenSSL does the handshake, the reading and the decrypting
-  in C), and one receive takes every TLS record at hand, up to the caller's buffer. Through
-  `trio.SSLStream` each receive returned at most one 16 KiB record, after a pass through its Python
-  machinery and our read timeout's cancel scope: the daemon spent 3.7-4.1 s of CPU per GiB and read an
-  export from the simulator at 250-275 MB/s (2026-11-27, this machine).
+- over TLS (`TlsPipe`) the same socket's bytes go into OpenSSL's memory buffer, up to 1 MiB per receive,
+  and one receive decrypts every record at hand, up to the caller's buffer. Through `trio.SSLStream` each
+  receive returned at most one 16 KiB record, after a pass through its Python machinery and our read
+  timeout's cancel scope: the daemon spent 3.7-4.1 s of CPU per GiB and read an export from the simulator
+  at 250-275 MB/s (2026-11-27, this machine; docs/performance.md has what replaced it).
 
 Measured 2026-11-26 on the 2-core build machine, `xofs sim` on 127.0.0.1, the `receive(1 MiB)` loop timed
 in-process (bytes discarded) against `curl -o /dev/null` of the same URL, runs alternating:
@@ -89,7 +89,7 @@ async def open_stream(target: HttpTarget, *, ssl_context: ssl.SSLContext | None,
     the connection fails and `XoProtocolError` when the answer is not HTTP/1.x.
     """
     if target.scheme == "https":
-        stream, tls = await connect_tls_socket(target, ssl_context, connect_timeout)
+        stream, tls = await connect_tls(target, ssl_context, connect_timeout)
         response = ExportResponse(stream, target.url, read_timeout, tls=tls)
     else:
         stream = await connect(target, ssl_context, connect_timeout)
@@ -118,43 +118,127 @@ async def connect(target: HttpTarget, ssl_context: ssl.SSLContext | None, timeou
     return stream
 
 
-async def connect_tls_socket(target: HttpTarget, ssl_context: ssl.SSLContext | None,
-                             timeout: float) -> tuple[trio.SocketStream, ssl.SSLSocket]:
-    """A TCP connection and, on a duplicate of its descriptor, a non-blocking `ssl.SSLSocket` that has done
-    its handshake: every byte of the exchange goes through the latter. XoUnreachable (saying why) when the
-    connection or the handshake fails."""
-    context = ssl_context or ssl.create_default_context()
+async def connect_tls(target: HttpTarget, ssl_context: ssl.SSLContext | None,
+                      timeout: float) -> tuple[trio.SocketStream, TlsPipe]:
+    """A TCP connection and a `TlsPipe` on a duplicate of its descriptor that has done its handshake: every
+    byte of the exchange goes through the latter. XoUnreachable (saying why) when the connection or the
+    handshake fails."""
     stream: trio.SocketStream | None = None
-    tls: ssl.SSLSocket | None = None
+    pipe: TlsPipe | None = None
     try:
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(target.host, target.port)
-            raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
-            try:
-                tls = context.wrap_socket(raw, server_hostname=target.host, do_handshake_on_connect=False)
-            except BaseException:
-                raw.close()
-                raise
-            tls.setblocking(False)
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    await trio.lowlevel.wait_readable(tls)
-                except ssl.SSLWantWriteError:
-                    await trio.lowlevel.wait_writable(tls)
+            sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            sock.setblocking(False)
+            pipe = TlsPipe(sock, ssl_context or ssl.create_default_context(), target.host)
+            await pipe.handshake()
     except BaseException as exc:
-        if tls is not None:
-            trio.lowlevel.notify_closing(tls)
-            tls.close()
+        if pipe is not None:
+            pipe.close()
         if stream is not None:
             await trio.aclose_forcefully(stream)
         if isinstance(exc, OSError | trio.TooSlowError):  # ssl.SSLError is an OSError
             raise XoUnreachable(f"cannot reach XO at {target.url}: "
                                 f"{connection_failure_reason(exc, timeout)}") from exc
         raise
-    return stream, tls
+    return stream, pipe
+
+
+class TlsPipe:
+    """TLS over a non-blocking socket, with OpenSSL working on memory buffers (`ssl.MemoryBIO`): the socket
+    is read a lot at a time (a receive takes what is there, up to 1 MiB) and the records are decrypted from
+    memory, where an `ssl.SSLSocket` reads each 16 KiB record with two system calls (its header, then its
+    body): 131 reads per MiB under strace.
+
+    `read_into` is what the body's receives call; it never waits (BlockingIOError when there is nothing).
+    A connection that ends without TLS's close_notify ends the stream as one that has it (an https
+    server may drop it so, as `trio.SSLStream(https_compatible=True)` accepts): the HTTP framing tells a
+    complete body from a cut one.
+    """
+
+    CIPHERTEXT = 1 << 20  # the most one socket receive takes
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, host: str) -> None:
+        self.sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_hostname=host)
+        self._cipher = memoryview(bytearray(self.CIPHERTEXT))
+        self._unsent = b""  # TLS's own bytes the socket could not take yet
+        self._eof = False
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self._ssl.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if self._eof:
+                    raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF,
+                                          "the server closed the connection in the handshake") from None
+                await self._send_pending()
+                while not self._pull_nowait():
+                    await trio.lowlevel.wait_readable(self.sock)
+        await self._send_pending()
+
+    async def send_all(self, data: bytes) -> None:
+        self._ssl.write(data)
+        await self._send_pending()
+
+    def read_into(self, view: memoryview) -> int:
+        """Decrypted bytes into `view` (up to its length), 0 at the end; BlockingIOError if none are at hand."""
+        got, want = 0, len(view)
+        while got < want:
+            try:
+                n = self._ssl.read(want - got, view[got:])
+            except ssl.SSLWantReadError:
+                if self._eof:
+                    break  # the connection ended in the middle of a record: the framing says it was cut
+                if not self._pull_nowait():
+                    if got:
+                        break
+                    raise BlockingIOError from None
+                continue
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                break  # the end, with or without close_notify
+            if not n:
+                break
+            got += n
+        if self._unsent or self._outgoing.pending:  # a TLS message to answer (a key update)
+            self._send_nowait()
+        return got
+
+    def _pull_nowait(self) -> bool:
+        """Move what the socket holds into OpenSSL's input (its end too); False if it held nothing."""
+        try:
+            n = self.sock.recv_into(self._cipher)
+        except BlockingIOError:
+            return False
+        if n:
+            self._incoming.write(self._cipher[:n])
+        else:
+            self._eof = True
+            self._incoming.write_eof()
+        return True
+
+    def _send_nowait(self) -> None:
+        self._unsent += self._outgoing.read()
+        while self._unsent:
+            try:
+                n = self.sock.send(self._unsent)
+            except BlockingIOError:
+                return
+            self._unsent = self._unsent[n:]
+
+    async def _send_pending(self) -> None:
+        self._send_nowait()
+        while self._unsent:
+            await trio.lowlevel.wait_writable(self.sock)
+            self._send_nowait()
 
 
 def connection_failure_reason(exc: BaseException, timeout: float) -> str:
@@ -177,16 +261,16 @@ class ExportResponse:
     headers: httpx.Headers
 
     def __init__(self, stream: trio.abc.Stream, url: str, read_timeout: float, *,
-                 tls: ssl.SSLSocket | None = None) -> None:
+                 tls: TlsPipe | None = None) -> None:
         self.url = url
         self.bytes_received = 0
         self.content_length: int | None = None
         self._stream = stream
         # The exchange goes through a non-blocking stdlib socket on a duplicate of the connection's file
-        # descriptor (see _raw_receive): `tls` (from connect_tls_socket), or a plain one made here. Another
-        # trio stream (an upload's `trio.SSLStream`) is read through its receive_some.
-        self._raw: socket.socket | None = tls
-        self._tls = tls is not None
+        # descriptor (see _raw_receive): TLS's (from connect_tls), or a plain one made here. Another trio
+        # stream (an upload's `trio.SSLStream`) is read through its receive_some.
+        self._tls = tls
+        self._raw: socket.socket | None = tls.sock if tls is not None else None
         if tls is None and isinstance(stream, trio.SocketStream):
             self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
             self._raw.setblocking(False)
@@ -383,26 +467,9 @@ class ExportResponse:
             data = await self._guarded(self._stream.receive_some, len(view))
             view[:len(data)] = data
             return len(data)
-        if self._tls:
-            return await self._raw_receive(self._tls_read_into, view)
+        if self._tls is not None:
+            return await self._raw_receive(self._tls.read_into, view)
         return await self._raw_receive(self._raw.recv_into, view)
-
-    def _tls_read_into(self, view: memoryview) -> int:
-        """Every TLS record at hand, decrypted into `view` (up to its length; 0 at the end): one `recv_into`
-        of an SSLSocket gives at most one record, 16 KiB. SSLWantReadError only when there was none."""
-        assert self._raw is not None
-        got, want = 0, len(view)
-        while got < want:
-            try:
-                n = self._raw.recv_into(view[got:])
-            except ssl.SSLWantReadError:
-                if got:
-                    break
-                raise
-            if not n:
-                break
-            got += n
-        return got
 
     async def _raw_receive(self, op: Callable[[Any], T], arg: Any) -> T:
         """`op` on the non-blocking socket, waiting (with the read timeout) only when nothing is there.
@@ -418,13 +485,10 @@ class ExportResponse:
                 try:
                     result = op(arg)
                     break
-                except (BlockingIOError, ssl.SSLWantReadError):
+                except BlockingIOError:
                     await self._wait_readable(any_byte=found_nothing)
                     found_nothing = True
                     self._unyielded = 0
-                except ssl.SSLWantWriteError:  # TLS wants to write first (a key update's answer)
-                    with trio.fail_after(self.read_timeout):
-                        await trio.lowlevel.wait_writable(self._raw)
         except (OSError, trio.TooSlowError, trio.ClosedResourceError) as exc:
             raise self._broken(exc) from exc
         self._unyielded += result if isinstance(result, int) else len(result)
@@ -487,24 +551,13 @@ class ExportResponse:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
             with trio.fail_after(self.read_timeout):
-                if self._tls:
-                    await self._tls_send_all(head)
+                if self._tls is not None:
+                    await self._tls.send_all(head)
                 else:
                     await self._stream.send_all(head)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
             raise XoUnreachable(f"cannot send the request to {self.url}: "
                                 f"{connection_failure_reason(exc, self.read_timeout)}") from exc
-
-    async def _tls_send_all(self, data: bytes) -> None:
-        assert self._raw is not None
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self._raw.send(view):]
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self._raw)
-            except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self._raw)
 
     async def read_head(self) -> None:
         """Read the status line and headers of the answer (1xx interim answers skipped); the body stays."""
