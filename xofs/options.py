@@ -111,7 +111,8 @@ OPTIONS = [
     Option("spool_size", "most disk the export spool may use, e.g. 20G", byte_size, 8 << 30, "SIZE", "8G"),
     Option("max_exports", "concurrent exports", int, 4, "N"),
     Option("readahead", "how far an export is received ahead of its reader, shared among the exports "
-           "streaming at once (each gets at least 2M); memory per open export file: this plus 7 MiB at most",
+           "streaming at once (each gets at least 2M); memory per open export file: this plus 7 MiB at most "
+           "(9 over HTTPS)",
            readahead_size, 8 << 20, "SIZE", "8M"),
     Option("max_uploads", "concurrent imports", int, 2, "N"),
     Option("import_wait", "at unmount, how long running imports get to finish, seconds", float, 30.0,
