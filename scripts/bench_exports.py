@@ -83,29 +83,39 @@ class PeakRss(Sampler):
         self.peak = max(self.peak, rss)
 
 
+def take_turns(rounds: int, curl: list[str], cp: list[str]) -> tuple[list[float], list[float]]:
+    """The seconds of `rounds` runs each of curl and cp, the order swapped every round."""
+    curls: list[float] = []
+    cps: list[float] = []
+    for n in range(rounds):
+        for turn in ("curl", "cp") if n % 2 == 0 else ("cp", "curl"):
+            (curls if turn == "curl" else cps).append(timed(curl if turn == "curl" else cp))
+    return curls, cps
+
+
+def report_turns(size: int, curls: list[float], cps: list[float], curl_name: str, cp_name: str, ratio_name: str,
+                 *, medians: bool = False) -> None:
+    """Both speeds (the best run, every run listed) and the goal on the ratio of the best runs."""
+    t_curl, t_cp = min(curls), min(cps)
+    report(curl_name, f"{size / t_curl / 1e6:.0f} MB/s ({t_curl:.2f} s; all: {', '.join(f'{t:.2f}' for t in curls)})",
+           "baseline", None)
+    report(cp_name, f"{size / t_cp / 1e6:.0f} MB/s ({t_cp:.2f} s; all: {', '.join(f'{t:.2f}' for t in cps)})", "",
+           None)
+    ratio = f"{t_curl / t_cp:.2f}x"
+    if medians:
+        ratio += f" (medians: {statistics.median(curls) / statistics.median(cps):.2f}x)"
+    report(ratio_name, ratio, ">= 0.9x", t_curl / t_cp >= 0.9)
+
+
 def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
     for fmt in ("raw", "vhd"):
         export = f"vdis/{vdi}.{fmt}"
         src = mount.mountpoint / export
         timed(curl_cmd(sim, export))  # warm-up: the simulator's disk file into the page cache
-        curls: list[float] = []
-        cps: list[float] = []
-        for n in range(ROUNDS):
-            for turn in ("curl", "cp") if n % 2 == 0 else ("cp", "curl"):
-                if turn == "curl":
-                    curls.append(timed(curl_cmd(sim, export)))
-                else:
-                    cps.append(timed(["cp", str(src), "/dev/null"]))
-        t_curl, t_cp = min(curls), min(cps)
-        median = statistics.median(curls) / statistics.median(cps)
-        size = src.stat().st_size
-        report(f"curl of the {fmt} export (4 GiB disk) to /dev/null",
-               f"{size / t_curl / 1e6:.0f} MB/s ({t_curl:.2f} s; all: {', '.join(f'{t:.2f}' for t in curls)})",
-               "baseline", None)
-        report(f"cp of {src.name[-12:]} from the mount to /dev/null",
-               f"{size / t_cp / 1e6:.0f} MB/s ({t_cp:.2f} s; all: {', '.join(f'{t:.2f}' for t in cps)})", "", None)
-        report(f"  cp speed / curl speed ({fmt}), best runs", f"{t_curl / t_cp:.2f}x (medians: {median:.2f}x)",
-               ">= 0.9x", t_curl / t_cp >= 0.9)
+        curls, cps = take_turns(ROUNDS, curl_cmd(sim, export), ["cp", str(src), "/dev/null"])
+        report_turns(src.stat().st_size, curls, cps, f"curl of the {fmt} export (4 GiB disk) to /dev/null",
+                     f"cp of {src.name[-12:]} from the mount to /dev/null",
+                     f"  cp speed / curl speed ({fmt}), best runs", medians=True)
 
 
 def bench_real_framing(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
@@ -119,25 +129,11 @@ def bench_real_framing(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
     if status != 200:
         raise RuntimeError(f"the simulator refused the export_chunk_bytes knob: {status} {body[:200]!r}")
     try:
-        curls: list[float] = []
-        cps: list[float] = []
-        for n in range(REAL_FRAMING_ROUNDS):
-            for turn in ("curl", "cp") if n % 2 == 0 else ("cp", "curl"):
-                if turn == "curl":
-                    curls.append(timed(curl_cmd(sim, export)))
-                else:
-                    cps.append(timed(["cp", str(src), "/dev/null"]))
+        curls, cps = take_turns(REAL_FRAMING_ROUNDS, curl_cmd(sim, export), ["cp", str(src), "/dev/null"])
     finally:
         sim.request("POST", "/_sim/faults", b'{"export_chunk_bytes": null}', {"Content-Type": "application/json"})
-    t_curl, t_cp = min(curls), min(cps)
-    size = src.stat().st_size
-    report("curl of the raw export in 64 KiB chunks, as a real XO sends",
-           f"{size / t_curl / 1e6:.0f} MB/s ({t_curl:.2f} s; all: {', '.join(f'{t:.2f}' for t in curls)})",
-           "baseline", None)
-    report("cp of it from the mount",
-           f"{size / t_cp / 1e6:.0f} MB/s ({t_cp:.2f} s; all: {', '.join(f'{t:.2f}' for t in cps)})", "", None)
-    report("  cp speed / curl speed (raw, 64 KiB chunks), best runs", f"{t_curl / t_cp:.2f}x", ">= 0.9x",
-           t_curl / t_cp >= 0.9)
+    report_turns(src.stat().st_size, curls, cps, "curl of the raw export in 64 KiB chunks, as a real XO sends",
+                 "cp of it from the mount", "  cp speed / curl speed (raw, 64 KiB chunks), best runs")
 
 
 def bench_tls(work: Path) -> None:
@@ -155,27 +151,13 @@ def bench_tls(work: Path) -> None:
                                          capture_output=True, text=True).stdout)
         vdi = min((v for v in vdis if v["size"] >= 2 * GiB), key=lambda v: v["size"])
         export = f"vdis/{vdi['id']}.raw"
-        src = mount.mountpoint / export
-        curls: list[float] = []
-        cps: list[float] = []
-        for n in range(TLS_ROUNDS):
-            for turn in ("curl", "cp") if n % 2 == 0 else ("cp", "curl"):
-                if turn == "curl":
-                    curls.append(timed([*curl, "-o", "/dev/null", f"{sim.url}/rest/v0/{export}"]))
-                else:
-                    cps.append(timed(["cp", str(src), "/dev/null"]))
+        curls, cps = take_turns(TLS_ROUNDS, [*curl, "-o", "/dev/null", f"{sim.url}/rest/v0/{export}"],
+                                ["cp", str(mount.mountpoint / export), "/dev/null"])
     finally:
         mount.stop()
         sim.stop()
-    t_curl, t_cp = min(curls), min(cps)
-    size = vdi["size"]
-    report("curl of a 2 GiB raw export over HTTPS",
-           f"{size / t_curl / 1e6:.0f} MB/s ({t_curl:.2f} s; all: {', '.join(f'{t:.2f}' for t in curls)})",
-           "baseline", None)
-    report("cp of it from a mount over HTTPS",
-           f"{size / t_cp / 1e6:.0f} MB/s ({t_cp:.2f} s; all: {', '.join(f'{t:.2f}' for t in cps)})", "", None)
-    report("  cp speed / curl speed (raw over HTTPS), best runs", f"{t_curl / t_cp:.2f}x", ">= 0.9x",
-           t_curl / t_cp >= 0.9)
+    report_turns(vdi["size"], curls, cps, "curl of a 2 GiB raw export over HTTPS", "cp of it from a mount over HTTPS",
+                 "  cp speed / curl speed (raw over HTTPS), best runs")
 
 
 def bench_memory(sim: SimProcess, mount: MountProcess, at_mount: float) -> None:
