@@ -120,7 +120,7 @@ def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
 
 def bench_real_framing(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
     """The same comparison with the export framed as a real XO frames it: HTTP chunks of 64 KiB (the
-    simulator's own are 1-4 MiB). The simulator serves that framing about three times slower, so it is the
+    simulator's own are 1-4 MiB). The simulator serves that framing at 35-45% of its speed, so it is the
     bottleneck for both; what this shows is that the client's small-chunk path keeps up."""
     export = f"vdis/{vdi}.raw"
     src = mount.mountpoint / export

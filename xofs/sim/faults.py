@@ -12,7 +12,7 @@ No real XO has any of this. The REST app serves it under `/_sim/` (same authenti
   - `export_chunk_bytes`: every export's body goes out in HTTP chunks of at most this many bytes. A real
     xo-server pipes XAPI's answer through, one chunk per piece its socket read: 64 KiB at most. Without
     the knob the simulator sends chunks of 1 MiB or more, which its Python HTTP stack needs to keep up
-    with curl above 1 GB/s (with 64 KiB it serves about a third as fast);
+    with curl above 1 GB/s (with 64 KiB it serves an export at 35-45% of that speed);
   - `fail_next_import`: `true` or a count: the next import(s) fail on the "XAPI" side after the VDI was
     created, as `import-raw-xapi-500` recorded: 500 `{"error": "500 Internal Server Error"}`, VDI destroyed;
   - `import_bytes_per_second`: imports read their body at most this fast (a slow XAPI), so that an upload
