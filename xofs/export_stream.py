@@ -8,7 +8,7 @@ the replies to the kernel.
   after it: memory per open file is bounded and does not depend on the export's size. Reads inside that
   window, and forward skips (received and dropped), are answered from it. Exports that stream at once share
   the read-ahead (each gets at least `MIN_READAHEAD`): together they hold about what one would, and four
-  readers measured a little faster so than with the whole read-ahead each (docs/performance.md).
+  readers measured a little faster that way than with the whole read-ahead each (docs/performance.md).
 - Diverted into a `SpoolEntry` (the reader jumped where the window cannot serve), it writes every byte to
   disk as fast as XO sends, and readers read the spool.
 

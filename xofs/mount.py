@@ -57,6 +57,9 @@ from xofs.views import load_views
 
 log = logging.getLogger("xofs")
 
+# SIGHUP too: `--foreground` in a terminal that closes (an ssh session that drops) would otherwise die of
+# it, cutting the uploads under way instead of giving them the import wait.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FEED_START_WAIT = 15.0  # seconds the event feed gets at start before the mount is served from a plain load
 INSECURE_WARNING = ("WARNING: --insecure: the TLS certificate of {url} is NOT checked; anyone between this "
                     "machine and XO can read the token and every byte of data (use --ca-file instead)")
@@ -364,7 +367,7 @@ class Mount:
             transfer_sources=[parts.exports.transfers, parts.imports.transfers], errors=self.errors,
             options=self.options.public()))
         # The stopper lives in a nursery of its own, around the services: it still catches signals while they
-        # stop (a second SIGTERM or Ctrl-C then ends the waits; the default action would kill the process).
+        # stop (a second stop signal then ends the waits; the default action would kill the process).
         async with trio.open_nursery() as signals:
             async with parts.running():
                 parts.fs.warm()
@@ -428,11 +431,6 @@ async def _check_server(parts: Parts) -> None:
         if "certificate verification failed" in words:
             words += " (for a private CA or XOA's self-signed certificate: --ca-file FILE)"
         raise StartupError(words) from None
-
-
-# SIGHUP too: `--foreground` in a terminal that closes (an ssh session that drops) would otherwise die of
-# it, cutting the uploads under way instead of giving them the import wait.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class _Stopper:
