@@ -339,6 +339,27 @@ async def test_a_later_export_takes_the_buffers_an_earlier_one_left(xo, tmp_path
         assert mapped[0] > 0 and mapped[2] == mapped[1] == mapped[0]  # no new mapping after the first
 
 
+async def test_receive_buffers_are_unmapped_once_no_export_runs_for_a_while(xo, tmp_path):
+    async with running(xo, tmp_path / "spool", buffers_idle=0.5) as m:
+        export = vdi_export(m, xo.medium, "raw")
+        want = get_export(xo, export.path)
+        f = await m.open(export, "/first.raw")
+        assert await f.read(0, MiB) == want[:MiB]
+        await settled(f)
+        await trio.sleep(1.5)  # three idle periods, but the export still holds its slot
+        assert m.buffers.pooled > 0
+        assert await f.read(MiB, MiB) == want[MiB:2 * MiB]
+        await f.release()
+        with trio.fail_after(10):
+            while m.buffers.pooled:
+                await trio.sleep(0.1)
+        before = m.buffers.mapped
+        again = await m.open(export, "/again.raw")
+        assert await read_all(again) == want  # fresh buffers, the same bytes
+        await again.release()
+        assert m.buffers.mapped > before
+
+
 async def test_forward_skip_is_received_and_dropped_in_bounded_memory(xo, tmp_path):
     async with running(xo, tmp_path / "spool", readahead=2 * MiB) as m:
         export = vdi_export(m, xo.medium, "raw")

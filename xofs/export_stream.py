@@ -62,6 +62,7 @@ class ExportSlots:
         self.idle_after = idle_after
         self._free = trio.Semaphore(limit)
         self.holders: set[ExportFeed] = set()
+        self.quiet_since = trio.current_time()  # when the last export ended (or the slots were made)
 
     @property
     def free(self) -> int:
@@ -81,6 +82,8 @@ class ExportSlots:
     def release(self, feed: ExportFeed) -> None:
         self.holders.remove(feed)
         self._free.release()
+        if not self.holders:
+            self.quiet_since = trio.current_time()
         for other in self.holders:
             other.make_room()  # its share of the read-ahead grew
 
@@ -98,7 +101,8 @@ class ReceiveBuffers:
     """The receive buffers of one server's exports, reused once nothing refers to them any more (the window
     dropped every view of one, and pyfuse3 copied the replies made of it): a new one costs page faults and
     clearing 2 MiB. Shared by the exports, so a new open (rsync going through a directory of exports) takes
-    buffers the earlier ones left instead of mapping fresh ones.
+    buffers the earlier ones left instead of mapping fresh ones; `unmap_free` gives them back to the system
+    once exports have stopped for a while.
 
     Each is a private mapping of its own, aligned to and as long as a huge page (2 MiB), and marked for
     transparent huge pages: both copies of every byte (the socket's into the buffer, the FUSE reply's out
@@ -125,6 +129,23 @@ class ReceiveBuffers:
         if len(self._pool) < self.keep:
             self._pool.append(buffer)
         return memoryview(buffer)[:n]
+
+    @property
+    def pooled(self) -> int:
+        """How many buffers the pool keeps mapped."""
+        return len(self._pool)
+
+    def unmap_free(self) -> int:
+        """Unmap the pooled buffers that no one holds; returns how many."""
+        kept = []
+        for buffer in self._pool:
+            try:
+                buffer.close()  # refused while a memoryview of it is alive
+            except BufferError:
+                kept.append(buffer)
+        unmapped = len(self._pool) - len(kept)
+        self._pool = kept
+        return unmapped
 
 
 def huge_page_buffer(size: int) -> mmap.mmap:

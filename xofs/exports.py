@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 BACK_WINDOW = 1 << 20  # bytes kept behind a reader for small backward seeks (mountpoint-s3 keeps 1 MiB too)
 SKIP_LIMIT = 16 << 20  # a later forward jump up to this far is received and dropped; further ones spool
+BUFFERS_IDLE = 60.0  # seconds without a running export after which the receive buffers are unmapped
 
 VM_TYPES = frozenset({"VM", "VM-snapshot"})
 VDI_TYPES = frozenset({"VDI", "VDI-snapshot"})
@@ -70,7 +71,8 @@ class ExportManager:
 
     def __init__(self, client: RestClient, cache: ObjectCache, *, spool_dir: Path, spool_limit: int = 8 << 30,
                  max_exports: int = 4, readahead: int = 8 << 20,
-                 on_size_known: Callable[[Export], None] | None = None, park_idle_after: float = 10.0) -> None:
+                 on_size_known: Callable[[Export], None] | None = None, park_idle_after: float = 10.0,
+                 buffers_idle: float = BUFFERS_IDLE) -> None:
         self.client = client
         self.cache = cache
         self.spool = Spool(spool_dir, spool_limit)
@@ -83,6 +85,7 @@ class ExportManager:
         # As many buffers as the exports' windows can span together: each read-ahead + BACK_WINDOW, and a
         # buffer at each end and one being filled.
         self.buffers = ReceiveBuffers(RECEIVE, max_exports * ((self.readahead + BACK_WINDOW) // RECEIVE + 3))
+        self.buffers_idle = buffers_idle
         self._measured: dict[str, int] = {}  # export path -> length of a complete export
         self._measured_of: dict[str, dict[str, Export]] = {}  # object id -> its exports in _measured, by path
         self._xva_bounds: dict[str, int] = {}  # VM id -> size bound of its plain XVA
@@ -101,10 +104,23 @@ class ExportManager:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                await trio.sleep_forever()
+                await self._unmap_idle_buffers()
         finally:
             self._nursery = None
             self.spool.close()
+
+    async def _unmap_idle_buffers(self) -> None:
+        """Give the receive buffers back to the system once no export has run for `buffers_idle` seconds:
+        kept, they would hold the daemon up to 56 MiB larger for good after a burst of exports."""
+        while True:
+            quiet_for = trio.current_time() - self.slots.quiet_since
+            if self.slots.holders or quiet_for < self.buffers_idle:
+                await trio.sleep(max(self.buffers_idle - quiet_for, 0) + self.buffers_idle / 10)
+                continue
+            unmapped = self.buffers.unmap_free()
+            if unmapped:
+                log.debug("unmapped %d idle receive buffers (%d MiB)", unmapped, unmapped * RECEIVE >> 20)
+            await trio.sleep(self.buffers_idle)
 
     def on_changes(self, changes: list[Change]) -> None:
         """Forget what XO's events say may be out of date: for a VM its disks too, for a disk its VMs."""
