@@ -11,17 +11,21 @@ import errno
 import json
 import logging
 import os
+import re
+import signal
 import subprocess
+import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
 from tests.support import MountProcess, SimProcess, wait_for
+from xofs.budget import CpuBudget, OverBudget
 from xofs.cache import ObjectCache
 from xofs.matcher import MatcherSyntaxError, parse
 from xofs.names import unique_names
-from xofs.views import Dir, Link, ViewContext
+from xofs.views import Dir, Link, ViewContext, search
 from xofs.views.search import SearchView, read_saved_searches, saved_searches_file, watched_fields
 
 RECORDED = Path("/work/shared/reference/real-xo/rest")
@@ -30,14 +34,18 @@ SHOWN = ["vms", "vm-snapshots", "vdis", "vdi-snapshots", "srs", "hosts", "pools"
 ALL_COLLECTIONS = [*SHOWN, "vbds"]
 
 
-def recorded_cache() -> ObjectCache:
-    cache = ObjectCache()
+def recorded_objects() -> list[dict]:
     objects = []
     for coll in ALL_COLLECTIONS:
         for obj in json.loads((RECORDED / f"{coll}.fields-star.body").read_text()):
             obj.pop("href", None)
             objects.append(obj)
-    cache.replace_all(objects)
+    return objects
+
+
+def recorded_cache(objects: list[dict] | None = None) -> ObjectCache:
+    cache = ObjectCache()
+    cache.replace_all(recorded_objects() if objects is None else objects)
     return cache
 
 
@@ -203,6 +211,71 @@ def test_ls_readlink_and_find_on_a_search_directory(sim, make_mount, tmp_path):
     # Unsaved searches exist when looked up, but /search lists none of them.
     assert os.listdir(mount.mountpoint / "search") == []
     assert os.path.isdir(directory)
+
+
+BACKTRACKING = "name_label:／^(a|a)+$／"  # exponential in Python's re (and in V8) against "aaa…a!"
+
+
+def test_a_search_that_backtracks_is_stopped_and_becomes_no_directory(caplog, monkeypatch):
+    monkeypatch.setattr(search, "SEARCH_BUDGET", 0.3)
+    objects = recorded_objects()
+    vm = next(obj for obj in objects if obj["type"] == "VM")
+    cache = recorded_cache([*objects, {**vm, "id": "backtracking", "name_label": "a" * 40 + "!"}])
+    view = SearchView()
+    caplog.set_level(logging.WARNING, "xofs.views.search")
+    assert view.lookup(ViewContext(cache), (), BACKTRACKING) == Dir()
+    started = time.process_time()
+    assert view.children(ViewContext(cache), (BACKTRACKING,)) is None
+    assert time.process_time() - started < 3  # 2**40 steps otherwise
+    assert view.lookup(ViewContext(cache), (), BACKTRACKING) is None
+    assert view.children(ViewContext(cache), (BACKTRACKING,)) is None  # not tried again
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and f"/search/{BACKTRACKING}" in lines[0] and "0.3 s of CPU" in lines[0], lines
+    # Other searches keep working, each with its own budget.
+    assert view.children(ViewContext(cache), (f"name_label:{vm['name_label']}",))
+
+
+def test_a_cpu_budget_ends_a_regex_and_leaves_other_timers_alone():
+    before = signal.getsignal(signal.SIGVTALRM)
+    signal.setitimer(signal.ITIMER_REAL, 100)  # as pytest-timeout's own timer
+    try:
+        with CpuBudget(0.2) as budget:
+            assert budget.run(re.fullmatch, r"(a|a)+", "aa") is not None
+            with pytest.raises(OverBudget):
+                budget.run(re.search, r"^(a|a)+$", "a" * 40 + "!")
+            with pytest.raises(OverBudget):  # spent: every later run fails at once
+                budget.run(len, "x")
+        assert 99 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    assert signal.getsignal(signal.SIGVTALRM) == before
+    assert signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)
+
+
+def test_a_search_that_backtracks_costs_its_directory_not_the_mount(fresh_sim, make_mount):
+    mount = make_mount(fresh_sim)
+    vms = fresh_sim.get_json("/rest/v0/vms?fields=id,name_label")
+    status, _, body = fresh_sim.request("PATCH", f"/rest/v0/vms/{vms[0]['id']}",
+                                        json.dumps({"nameLabel": "a" * 40 + "!"}).encode(),
+                                        {"Content-Type": "application/json"})
+    assert status == 204, body
+    wait_for(lambda: os.path.lexists(mount.mountpoint / "by-name" / "vms" / ("a" * 40 + "!")),
+             what="the rename to show")
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        os.listdir(mount.mountpoint / "search" / BACKTRACKING)
+    assert time.monotonic() - started < 30
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):  # not tried again
+        os.listdir(mount.mountpoint / "search" / BACKTRACKING)
+    assert time.monotonic() - started < 1
+    lines = [line for line in mount.log_text().splitlines() if f"/search/{BACKTRACKING}" in line]
+    assert len(lines) == 1 and "of CPU" in lines[0], lines
+    # The mount goes on answering, and a later rename is not held up by the search.
+    fresh_sim.request("PATCH", f"/rest/v0/vms/{vms[1]['id']}", json.dumps({"nameLabel": "okapi"}).encode(),
+                      {"Content-Type": "application/json"})
+    wait_for(lambda: os.path.lexists(mount.mountpoint / "by-name" / "vms" / "okapi"), timeout=5,
+             what="a later rename to show at once")
 
 
 def test_a_rename_in_xo_moves_a_vm_in_and_out_of_search_directories(fresh_sim, make_mount):

@@ -315,8 +315,8 @@ class XoFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         entry = self._inode(inode)
         names = self.tree.sorted_names(entry.path)
-        if names is None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if names is None:  # a directory that is none any more (its object went) is gone
+            raise pyfuse3.FUSEError(errno.ENOENT if isinstance(entry.node, Dir) else errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
         # A snapshot taken at opendir (listings are replaced, never changed in place): offsets stay valid

@@ -18,7 +18,10 @@ names (`name_label:web` is recomputed only when some object's `name_label` chang
 go); an expression with a bare term (`web`, `/^web/`, `>2`) searches every value of every object, so
 its listing depends on every field and is recomputed whenever any object of a shown type changes.
 
-A name that does not parse is no directory (ENOENT); the parser's message is logged once per name.
+A name that does not parse is no directory (ENOENT); the parser's message is logged once per name. So is
+an expression whose evaluation over all objects takes more than SEARCH_BUDGET seconds of CPU (a regular
+expression that backtracks, such as `name_label:／^(a|a)+$／` against a long name): the daemon answers
+every request from one thread, and such a search would stop the whole mount (xofs.budget).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import cachetools
 
+from xofs.budget import CpuBudget, OverBudget
 from xofs.matcher import And, MatcherSyntaxError, Node, Not, Null, Or, Property, TruthyProperty, parse
 from xofs.names import NAME_MAX, unique_names
 from xofs.views import Dir, Link, ViewContext
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # XO type -> the view its objects' directories are in (the types /by-name shows, so no VBDs).
 TYPE_VIEWS: dict[str, str] = dict(KINDS.values())
+
+SEARCH_BUDGET = 5.0  # seconds of CPU one evaluation over all objects may take (10,000 VMs: about 0.4 s)
 
 SLASH = "／"  # U+FF0F FULLWIDTH SOLIDUS: stands for `/` in a directory name, as in xofs.names
 
@@ -134,8 +140,18 @@ class SearchView:
             return self.saved_entries()
         if len(path) != 1:
             return None
-        node = self.expression(path[0])
-        return None if node is None else self.results(ctx, node)
+        name = path[0]
+        node = self.expression(name)
+        if node is None:
+            return None
+        try:
+            with CpuBudget(SEARCH_BUDGET) as budget:
+                return self.results(ctx, node, budget)
+        except OverBudget:
+            log.warning("/search/%s: matching it against the objects took more than %g s of CPU (a regular "
+                        "expression that backtracks?), so it is no directory any more", name, SEARCH_BUDGET)
+            self._expressions[name] = None
+            return None
 
     def saved_entries(self) -> dict[str, TreeNode]:
         path = saved_searches_file()
@@ -148,8 +164,9 @@ class SearchView:
                 entries[name] = Dir()
         return entries
 
-    def results(self, ctx: ViewContext, node: Node) -> dict[str, TreeNode]:
-        """Links to the objects `node` matches, named after them; their names depend on `name_label`."""
+    def results(self, ctx: ViewContext, node: Node, budget: CpuBudget) -> dict[str, TreeNode]:
+        """Links to the objects `node` matches, named after them; their names depend on `name_label`. Each
+        match runs on `budget`."""
         fields = watched_fields(node)
         watch = tuple(sorted((fields or frozenset()) | {"name_label"}))
         found: list[tuple[str, object]] = []
@@ -158,7 +175,7 @@ class SearchView:
             for obj_id, obj in ctx.of_type(type_, watch).items():
                 if fields is None:
                     ctx.get(obj_id)  # a bare term reads every field: any change of the object counts
-                if _matches(node, obj):
+                if budget.run(_matches, node, obj):
                     found.append((obj_id, obj.get("name_label")))
                     view_of[obj_id] = view
         return {name: Link(f"../../{view_of[obj_id]}/{obj_id}", obj_id)
