@@ -160,6 +160,7 @@ async def test_changes_in_xo_reach_the_mount_without_waiting_for_a_ttl(fresh_sim
     by_name = mount.mountpoint / "by-name" / "vms"
     assert meta(mount, vm_dir)["name_label"] == vm["name_label"]
     assert vm["name_label"] in os.listdir(by_name)
+    dir_mtime = os.stat(mount.mountpoint / vm_dir).st_mtime_ns
 
     # A rename through REST.
     status, _, body = fresh_sim.request("PATCH", f"/rest/v0/vms/{vm['id']}",
@@ -170,6 +171,9 @@ async def test_changes_in_xo_reach_the_mount_without_waiting_for_a_ttl(fresh_sim
     wait_for(lambda: "renamed-1" in os.listdir(by_name), what="the new name in /by-name")
     assert vm["name_label"] not in os.listdir(by_name)
     assert os.readlink(by_name / "renamed-1") == f"../../vms/{vm['id']}"
+    # The VM's directory carries the time of the change, like its meta.json (the kernel's copy too).
+    changed = os.stat(mount.mountpoint / vm_dir / "meta.json").st_mtime_ns
+    assert os.stat(mount.mountpoint / vm_dir).st_mtime_ns == changed > dir_mtime
 
     # A rename and a power change through JSON-RPC.
     await rpc(fresh_sim, "vm.set", {"id": vm["id"], "name_label": "renamed-2"})

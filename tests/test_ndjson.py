@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -131,6 +132,29 @@ def test_a_change_in_xo_changes_the_file(fresh_sim, make_mount):
     wait_for(lambda: spare["id"].encode() not in (mount.mountpoint / "vdis.ndjson").read_bytes(),
              what="the deleted VDI to leave vdis.ndjson")
     assert int(run("wc", "-l", str(mount.mountpoint / "vdis.ndjson")).split()[0]) == len(vdis) - 1
+
+
+def test_rsync_sees_a_change_that_keeps_the_size(fresh_sim, make_mount, tmp_path):
+    require_tool("rsync")
+    # rsync -a skips a file whose size and mtime match the copy's: the file's mtime must move with XO's
+    # changes of its type, even when its size does not.
+    mount = make_mount(fresh_sim, "--attr-ttl", "300")
+    path = mount.mountpoint / "vms.ndjson"
+    backup = tmp_path / "backup"
+    run("rsync", "-a", str(path), f"{backup}/")
+    before = os.stat(path)
+    vm = json.loads(path.read_bytes().splitlines()[0])
+    time.sleep(1.1)  # rsync compares whole seconds
+    same_length = vm["name_label"][:-1] + ("X" if vm["name_label"][-1] != "X" else "Y")
+    status, _, body = fresh_sim.request("PATCH", f"/rest/v0/vms/{vm['id']}",
+                                        json.dumps({"nameLabel": same_length}).encode(),
+                                        {"Content-Type": "application/json"})
+    assert status == 204, body
+    wait_for(lambda: json.dumps(same_length).encode() in path.read_bytes(), what="the rename in vms.ndjson")
+    after = os.stat(path)
+    assert after.st_size == before.st_size and after.st_mtime_ns > before.st_mtime_ns
+    run("rsync", "-a", str(path), f"{backup}/")
+    assert (backup / "vms.ndjson").read_bytes() == path.read_bytes()
 
 
 @pytest.mark.timeout(60)

@@ -118,6 +118,7 @@ class ObjectCache:
         self._containers: dict[bytes, dict | list] = {}  # fields several objects of it held, by their JSON
         self._by_type: dict[str, dict[str, dict]] = {t: {} for t in KEPT_TYPES}
         self.changed_at: dict[str, float] = {}  # last time each object changed, for st_mtime
+        self.type_changed_at: dict[str, float] = {}  # last time an object of each type changed, came or went
         self.type_version: dict[str, int] = dict.fromkeys(KEPT_TYPES, 0)  # bumped on every change of a type
         self.loaded = False
         self.last_event = 0.0
@@ -237,6 +238,7 @@ class ObjectCache:
 
     def _store(self, change: Change) -> None:
         self.type_version[change.type] += 1
+        self.type_changed_at[change.type] = time.time()
         if change.new is None:
             self._objects.pop(change.obj_id, None)
             self._by_type[change.type].pop(change.obj_id, None)

@@ -212,7 +212,11 @@ class XoFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return attrs
         assert isinstance(node, File)
-        if isinstance(node.content, Rendered | TypeSnapshot):
+        if isinstance(node.content, TypeSnapshot):
+            changed = self.tree.cache.type_changed_at.get(node.content.type_)
+            return FileAttrs(self.rendered_size(node.content), int(changed * 1e9) if changed else self.started_ns,
+                             0o400)
+        if isinstance(node.content, Rendered):
             return FileAttrs(self.rendered_size(node.content), self._obj_mtime_ns(node.obj_id), 0o400)
         if isinstance(node.content, Live):
             return FileAttrs(len(node.content.render()), time.time_ns(), 0o400)

@@ -110,7 +110,9 @@ class Tree:
         self._listings: dict[Path, _Listing] = {}
         self._dep_ids: dict[str, Path | set[Path]] = {}
         self._dep_types: dict[str, dict[Path, frozenset[str]]] = {}
-        self._files_of: dict[str, int | set[int]] = {}  # object id -> inodes of files rendered from it
+        # object id -> inodes of the files rendered from it and of the directories standing for it (whose
+        # st_mtime is the object's)
+        self._files_of: dict[str, int | set[int]] = {}
         self._files_of_type: dict[str, int | set[int]] = {}  # XO type -> inodes of files rendered from all of it
 
     # ---- reading the tree -------------------------------------------------------------------------
@@ -346,6 +348,8 @@ class Tree:
 
     def _file_index(self, inode: Inode) -> tuple[dict[str, int | set[int]], str] | None:
         node = inode.node
+        if isinstance(node, Dir):
+            return (self._files_of, node.obj_id) if node.obj_id else None
         if not isinstance(node, File):
             return None
         if isinstance(node.content, TypeSnapshot):
