@@ -270,6 +270,20 @@ def test_everyday_tools_work_on_the_mount(sim, make_mount):
     assert "standard::size" in info and "xattr::xo.id" in info or "standard::type: 1" in info
 
 
+def test_rsync_copies_extended_attributes_and_links(sim, make_mount, tmp_path):
+    require_tool("rsync")
+    mount = make_mount(sim)
+    vm = first_vm(sim)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    # -X copies the attributes of every file and directory, and asks for none a symlink cannot have.
+    run("rsync", "-aX", f"{mount.mountpoint / 'by-name'}/", f"{copy / 'by-name'}/")
+    run("rsync", "-aX", f"{mount.mountpoint / 'vms' / vm['id']}/", f"{copy / 'vm'}/")
+    assert os.readlink(copy / "by-name" / "vms" / vm["name_label"]) == f"../../vms/{vm['id']}"
+    assert os.getxattr(copy / "vm" / "meta.json", "user.xo.id") == vm["id"].encode()
+    assert os.getxattr(copy / "vm", "user.xo.type") == b"VM"
+
+
 def test_a_third_party_view_plugin_joins_the_tree(sim, make_mount, tmp_path):
     """The example plugin of docs/views.md, registered through a real `xofs.views` entry point."""
     site = tmp_path / "site"

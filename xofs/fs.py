@@ -30,7 +30,6 @@ from xofs.views import Dir, Export, File, Link, Live, Rendered, TypeSnapshot
 log = logging.getLogger(__name__)
 
 EXPORT_BLKSIZE = 1 << 20  # readers of streamed exports then ask for 1 MiB at a time (fuse-lessons §7)
-XATTR_PREFIX = "user.xo."
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -364,6 +363,11 @@ class XoFS(pyfuse3.Operations):
         obj_id = getattr(node, "obj_id", None)
         if isinstance(node, ImportEntry):
             return self.imports.xattrs(node) if self.imports else {}
+        if isinstance(node, Link):
+            # Linux serves `user.*` attributes on regular files and directories only: on a symlink the
+            # kernel answers ENODATA without asking, so listing them there would make `rsync -aX` and
+            # `getfattr -h -d` fail on names that cannot be read.
+            return out
         obj = self.tree.cache.get(obj_id) if obj_id else None
         if obj is not None:
             out["user.xo.id"] = obj["id"].encode()
@@ -381,10 +385,11 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if not name.startswith(XATTR_PREFIX.encode()):
+        if not name.startswith(b"user."):
             # security.*, system.* (SELinux labels, POSIX ACLs): not supported on this filesystem. ENOTSUP
             # rather than ENODATA lets `ls -l` remember that per device instead of asking for every entry
-            # (two FUSE round trips per entry otherwise).
+            # (two FUSE round trips per entry otherwise). A `user.*` name the node lacks is ENODATA below:
+            # ENOTSUP there would tell tools that this filesystem has no extended attributes at all.
             raise pyfuse3.FUSEError(errno.ENOTSUP)
         value = self._xattrs(self._inode(inode)).get(name.decode("utf-8", "replace"))
         if value is None:
