@@ -317,3 +317,18 @@ def test_listing_ten_thousand_vms_costs_a_constant_number_of_requests(tmp_path, 
         assert after - before <= 2, (before, after)
     finally:
         big.stop()
+
+
+def test_refused_changes_log_both_paths_of_a_rename_and_the_attribute(sim, make_mount):
+    mount = make_mount(sim)
+    vm = first_vm(sim)
+    sr = sim.get_json("/rest/v0/srs?fields=id&filter=content_type:user")[0]["id"]
+    sr_dir = mount.mountpoint / "srs" / sr
+    with pytest.raises(PermissionError):
+        os.rename(sr_dir / "meta.json", sr_dir / "import" / "x.raw")
+    with pytest.raises(PermissionError):
+        os.setxattr(mount.mountpoint / "vms" / vm["id"], "user.xo.name_label", b"x")
+    log = mount.log_text()
+    assert (f"rename /srs/{sr}/meta.json -> /srs/{sr}/import/x.raw: only files in import directories can be "
+            "renamed") in log, log
+    assert f"setxattr /vms/{vm['id']} (attribute user.xo.name_label): " in log, log

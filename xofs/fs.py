@@ -72,6 +72,12 @@ class RenderedFile:
         return None
 
 
+# How an operation names what it is about (`XoFS.describe`): by file handle, by parent and name.
+_HANDLE_OPS = frozenset({"read", "write", "flush", "fsync", "release", "readdir", "releasedir", "fsyncdir"})
+_NAMED_OPS = frozenset({"lookup", "create", "unlink", "mkdir", "rmdir", "symlink", "mknod"})
+_XATTR_OPS = frozenset({"getxattr", "setxattr", "removexattr"})
+
+
 def _op(fn: F) -> F:
     """Turn what a handler raises into a FUSEError, with one log line for every failure."""
 
@@ -81,13 +87,13 @@ def _op(fn: F) -> F:
             return await fn(self, *args)
         except pyfuse3.FUSEError as err:
             if err.errno not in (errno.ENOENT, errno.ENODATA, errno.ENOTSUP):
-                log.debug("%s %s: %s", fn.__name__, self.describe(args), os.strerror(err.errno))
+                log.debug("%s %s: %s", fn.__name__, self.describe(fn.__name__, args), os.strerror(err.errno))
             raise
         except XofsError as err:
-            log.warning("%s %s: %s", fn.__name__, self.describe(args), err.describe())
+            log.warning("%s %s: %s", fn.__name__, self.describe(fn.__name__, args), err.describe())
             raise pyfuse3.FUSEError(err.errno) from None
         except Exception:
-            log.exception("%s %s: unexpected failure", fn.__name__, self.describe(args))
+            log.exception("%s %s: unexpected failure", fn.__name__, self.describe(fn.__name__, args))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
@@ -131,17 +137,30 @@ class XoFS(pyfuse3.Operations):
 
     # ---- helpers ----------------------------------------------------------------------------------
 
-    def describe(self, args: tuple) -> str:
-        """The path an operation was about, for log lines (handlers get inodes or file handles)."""
-        if args and isinstance(args[0], int):
+    def describe(self, op: str, args: tuple) -> str:
+        """What operation `op` was about, for log lines: a path (handlers get inodes, or file handles), both
+        paths of a rename or link, the attribute of an xattr operation."""
+        if not args or not isinstance(args[0], int):
+            return "?"
+        if op in _HANDLE_OPS:
             handle = self._handles.get(args[0])
             if handle is not None:
                 return self.tree.path_str(handle.ino)
-            path = self.tree.path_str(args[0])
-            if len(args) > 1 and isinstance(args[1], bytes):
-                return path.rstrip("/") + "/" + args[1].decode("utf-8", "replace")
-            return path
-        return "?"
+            dir_handle = self._dir_handles.get(args[0])
+            return "?" if dir_handle is None else self.tree.path_str(dir_handle[0])
+        path = self.tree.path_str(args[0])
+        if op in _NAMED_OPS:
+            return self._child_path(args[0], args[1])
+        if op == "rename":
+            return f"{self._child_path(args[0], args[1])} -> {self._child_path(args[2], args[3])}"
+        if op == "link":
+            return f"{path} -> {self._child_path(args[1], args[2])}"
+        if op in _XATTR_OPS:
+            return f"{path} (attribute {args[1].decode('utf-8', 'replace')})"
+        return path
+
+    def _child_path(self, parent: int, name: bytes) -> str:
+        return self.tree.path_str(parent).rstrip("/") + "/" + name.decode("utf-8", "replace")
 
     def apply_invalidations(self, items: list[Invalidation]) -> None:
         """Queue kernel invalidations (never run inside a handler: see xofs.invalidator)."""
@@ -267,12 +286,17 @@ class XoFS(pyfuse3.Operations):
 
     def _import_entry(self, parent: int, name: bytes) -> ImportEntry:
         """The import-directory entry `name` in `parent`, or EPERM when `parent` is no import directory."""
-        pnode = self._inode(parent).node
-        if not (isinstance(pnode, Dir) and pnode.kind == "import" and pnode.obj_id and self.imports):
+        if not self._is_import_dir(parent):
             raise XofsError("only import directories (/srs/<uuid>/import/) can be written to", errno_=errno.EPERM)
         if self.read_only:
             raise XofsError("the mount is read-only (--read-only)", errno_=errno.EROFS)
+        pnode = self._inode(parent).node
+        assert isinstance(pnode, Dir) and pnode.obj_id
         return ImportEntry(pnode.obj_id, name.decode("utf-8", "surrogateescape"))
+
+    def _is_import_dir(self, ino: int) -> bool:
+        node = self._inode(ino).node
+        return isinstance(node, Dir) and node.kind == "import" and bool(node.obj_id) and self.imports is not None
 
     @staticmethod
     def _check_length(name: bytes) -> None:
@@ -469,7 +493,7 @@ class XoFS(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_length(name)
         entry = self._import_entry(parent_inode, name)
-        file = await self.imports.create(entry, mode, self._caller(ctx), self.describe((parent_inode, name)))
+        file = await self.imports.create(entry, mode, self._caller(ctx), self._child_path(parent_inode, name))
         inode = self.tree.lookup(parent_inode, entry.name)
         if inode is None:
             await file.release()
@@ -501,12 +525,15 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         entry = self._import_entry(parent_inode, name)
-        await self.imports.unlink(entry, self.describe((parent_inode, name)))
+        await self.imports.unlink(entry, self._child_path(parent_inode, name))
 
     @_op
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         self._check_length(name_new)
+        if not self._is_import_dir(parent_inode_old):
+            raise XofsError("only files in import directories can be renamed (to import a file, copy it into "
+                            "/srs/<uuid>/import/)", errno_=errno.EPERM)
         entry = self._import_entry(parent_inode_old, name_old)
         if parent_inode_new != parent_inode_old:
             self._import_entry(parent_inode_new, name_new)  # EPERM when the target is no import directory
@@ -515,7 +542,7 @@ class XoFS(pyfuse3.Operations):
             raise XofsError("rename flags (RENAME_NOREPLACE, RENAME_EXCHANGE) are not supported",
                             errno_=errno.EINVAL)
         new_name = name_new.decode("utf-8", "surrogateescape")
-        await self.imports.rename(entry, new_name, self.describe((parent_inode_old, name_old)))
+        await self.imports.rename(entry, new_name, self._child_path(parent_inode_old, name_old))
         self.tree.rename_import(parent_inode_old, entry.name, new_name)
 
     @_op
