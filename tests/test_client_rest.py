@@ -766,8 +766,10 @@ async def test_tls_handshake_cut_by_the_server_is_unreachable_with_the_reason(nu
     listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
     client = RestClient(f"https://127.0.0.1:{port}", "t")
-    with pytest.raises(XoUnreachable, match=f"cannot reach XO at https://127.0.0.1:{port}.*: TLS error"):
+    with pytest.raises(XoUnreachable, match=f"cannot reach XO at https://127.0.0.1:{port}.*: TLS error") as err:
         await client.open_export("vdis/x.raw")
+    if reply:  # plain HTTP where TLS was expected: the message says so
+        assert "does not speak TLS there: is the URL http://?" in str(err.value)
     await client.aclose()
 
 

@@ -96,3 +96,6 @@ def test_xofs_status_says_what_is_wrong(tmp_path):
     proc = xofs("status", str(tmp_path))
     assert proc.returncode == 1 and f"{tmp_path} is not an xofs mount" in proc.stderr
     assert_documented(proc.stderr.strip())
+    proc = xofs("status", str(tmp_path / "nope"))
+    assert proc.returncode == 1 and f"{tmp_path / 'nope'} does not exist or is not a directory" in proc.stderr
+    assert_documented(proc.stderr.strip())

@@ -146,6 +146,8 @@ def describe_connection_error(exc: BaseException) -> str:
             return f"TLS certificate verification failed: {e.verify_message or e.reason}"
     for e in seen:
         if isinstance(e, ssl.SSLError):
+            if e.reason == "WRONG_VERSION_NUMBER":  # what OpenSSL makes of an answer in plain HTTP
+                return f"TLS error: {e.reason} (the server does not speak TLS there: is the URL http://?)"
             return f"TLS error: {e.reason or e}"
         if isinstance(e, socket.gaierror):
             return f"cannot resolve the host name ({e.strerror})"

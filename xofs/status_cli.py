@@ -53,6 +53,8 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_bytes())
     except FileNotFoundError:
+        if not mountpoint.is_dir():
+            raise StatusError(f"{mountpoint} does not exist or is not a directory") from None
         raise StatusError(f"{mountpoint} is not an xofs mount (it has no .xofs/status.json)") from None
     except OSError as err:
         if err.errno == errno.ENOTCONN:
