@@ -211,6 +211,13 @@ def test_each_collection_holds_one_type_with_hrefs(sim, coll):
     ("vms.single.web-01", "vms", "web-01"), ("vms.single.db-01", "vms", "db-01"),
     ("vms.single.app-01", "vms", "app-01"), ("vms.single.test-01", "vms", "test-01"),
     ("srs.single", "srs", "nfs-vms"), ("hosts.single", "hosts", "xcp-01"),
+    # a default template's pool-scoped `id` comes before `isDefaultTemplate`, a custom one's at the end
+    ("vm-templates.single.Other", "vm-templates", "Other install media"),
+    ("vm-templates.single.Debian", "vm-templates", "Debian 12 cloud-init (custom)"),
+    ("vm-snapshots.single", "vm-snapshots", "web-01 before upgrade"),
+    ("vm-controllers.single", "vm-controllers", "Control domain on host: xcp-01"),
+    ("vdis.single", "vdis", "web-01 root"), ("vdi-snapshots.single", "vdi-snapshots", "web-01 root"),
+    ("networks.single", "networks", "Pool-wide network associated with eth0"),
 ])
 def test_objects_have_the_recorded_key_sets_and_types(sim, name, coll, label):
     _, body = recorded(f"rest/{name}")
@@ -219,6 +226,32 @@ def test_objects_have_the_recorded_key_sets_and_types(sim, name, coll, label):
     del ours["href"]
     assert same_shape(ours, real), sorted(set(ours) ^ set(real))
     assert list(ours) == list(real)  # xo-server's key order
+
+
+def key_order_problems(ours: object, real: object, path: str) -> list[str]:
+    """Where two JSON values with the same keys list them in another order (recursively)."""
+    if isinstance(ours, list) and isinstance(real, list) and ours and real:
+        return key_order_problems(ours[0], real[0], f"{path}[0]")
+    if not (isinstance(ours, dict) and isinstance(real, dict)) or set(ours) != set(real):
+        return []
+    problems = [f"{path}: {list(ours)} != {list(real)}"] if list(ours) != list(real) else []
+    for key in real:
+        problems += key_order_problems(ours[key], real[key], f"{path}.{key}")
+    return problems
+
+
+@pytest.mark.parametrize("coll", sorted(COLLECTIONS))
+def test_every_recorded_object_has_xo_key_order(sim, coll):
+    """Each object of `rest/<coll>.fields-star.body` against the simulated ones of the same key set (and the
+    same name, where it has one): same keys in the same order, down to nested objects with the same keys."""
+    _, body = recorded(f"rest/{coll}.fields-star")
+    ours = call(sim, "GET", f"/rest/v0/{coll}?fields=*").json()
+    for real in json.loads(body):
+        same_keys = [o for o in ours if set(o) == set(real)]
+        named = [o for o in same_keys if "name_label" in real and o["name_label"] == real["name_label"]]
+        assert same_keys, (real.get("name_label"), sorted(set(ours[0]) ^ set(real)))
+        for obj in named or same_keys:
+            assert key_order_problems(obj, real, coll) == [], real.get("name_label", real["id"])
 
 
 def test_fields_pick_dotted_paths_and_skip_unknown_names(sim):

@@ -66,11 +66,16 @@ VM_KEY_ORDER = [
     "snapshot_time", "$snapshot_of", "suspendVdi", "isDefaultTemplate", "template_info", "cpuWeight",
     "PV_args", "id", "uuid", "$pool", "$poolId", "_xapiRef",
 ]
+# A default template gets its pool-scoped id where XO computes it, just before `isDefaultTemplate`; every
+# other VM-ish object gets `id` with the common keys at the end (`rest/vm-templates.single.Other.body`).
+DEFAULT_TEMPLATE_KEY_ORDER = [k for k in VM_KEY_ORDER if k != "id"]
+DEFAULT_TEMPLATE_KEY_ORDER.insert(DEFAULT_TEMPLATE_KEY_ORDER.index("isDefaultTemplate"), "id")
 
 
 def order_vm_keys(vm: dict[str, Any]) -> dict[str, Any]:
     """The same VM with its keys in XO's order (unknown keys last)."""
-    ordered = {k: vm[k] for k in VM_KEY_ORDER if k in vm}
+    order = DEFAULT_TEMPLATE_KEY_ORDER if vm.get("isDefaultTemplate") else VM_KEY_ORDER
+    ordered = {k: vm[k] for k in order if k in vm}
     if len(ordered) != len(vm):
         ordered.update(vm)
     return ordered
