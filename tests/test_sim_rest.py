@@ -254,6 +254,26 @@ def test_every_recorded_object_has_xo_key_order(sim, coll):
             assert key_order_problems(obj, real, coll) == [], real.get("name_label", real["id"])
 
 
+def test_pool_carries_the_mark_xo_leaves_when_it_connects(sim):
+    """xo-server's `markPool` writes `xo:clientInfo:<appliance id>` into the pool's other_config when it
+    connects (REPORT.md; `rest/pools.single.body`): a JSON string of lastConnected (ms) and the network
+    interfaces of the XO host (Node's `os.networkInterfaces()`, without `lo`)."""
+    _, body = recorded("rest/pools.single")
+    real = json.loads(body)["otherConfig"]
+    ours = by_name(sim, "pools", "lab-pool")["otherConfig"]
+    (real_key,) = [k for k in real if k.startswith("xo:clientInfo:")]
+    (our_key,) = [k for k in ours if k.startswith("xo:clientInfo:")]
+    assert list(ours) == [*[k for k in real if k != real_key], our_key]  # the mark is added last
+    assert re.fullmatch(r"xo:clientInfo:[0-9a-z]{8,12}", our_key), our_key
+    real_info, our_info = json.loads(real[real_key]), json.loads(ours[our_key])
+    assert same_shape(our_info, real_info) and list(our_info) == list(real_info) == ["lastConnected",
+                                                                                    "networkInterfaces"]
+    assert ours[our_key] == json.dumps(our_info, separators=(",", ":"))  # JSON.stringify's compact form
+    real_entries = [e for entries in real_info["networkInterfaces"].values() for e in entries]
+    for entry in [e for entries in our_info["networkInterfaces"].values() for e in entries]:
+        assert any(list(entry) == list(r) and same_shape(entry, r) for r in real_entries), entry
+
+
 def test_fields_pick_dotted_paths_and_skip_unknown_names(sim):
     items = call(sim, "GET", "/rest/v0/vms?fields=name_label,memory.size,no_such_field,CPUs.number").json()
     for item in items:

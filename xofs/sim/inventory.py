@@ -16,6 +16,7 @@ content is generated (`Inventory.guests`, `.suspend_vdis`, `.disks`).
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -227,12 +228,28 @@ class _Builder:
             "default_SR": self.nfs_id, "HA_enabled": False, "haRebootVmOnInternalShutdown": True, "haSrs": [],
             "master": self.hosts[0], "tags": [], "name_description": "", "name_label": "lab-pool",
             "migrationCompression": False,
-            "otherConfig": {"memory-ratio-hvm": "0.25", "memory-ratio-pv": "0.25", "auto_poweron": "false"},
+            "otherConfig": {"memory-ratio-hvm": "0.25", "memory-ratio-pv": "0.25", "auto_poweron": "false",
+                            **self.xo_client_info()},
             "cpus": {"cores": 16 * len(self.hosts), "sockets": len(self.hosts)}, "suspendSr": self.nfs_id,
             "zstdSupported": True, "vtpmSupported": True, "platform_version": "3.4.0",
             "id": self.pool_id, "type": "pool", "uuid": self.pool_id, "$pool": self.pool_id,
             "$poolId": self.pool_id, "_xapiRef": self.ids.ref("pool"),
         })
+
+    def xo_client_info(self) -> dict[str, str]:
+        """The mark xo-server leaves on every pool it connects to (`markPool` in `xo-mixins/xen-servers.mjs`):
+        `xo:clientInfo:<its appliance id>` → JSON of when it last connected and its network interfaces."""
+        rng = self.rng("xo-appliance")
+        appliance_id = "".join(rng.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(11))
+        mac = "02:fc:00:00:00:0a"
+        interfaces = {"eth0": [
+            {"address": "192.168.10.10", "netmask": "255.255.255.0", "family": "IPv4", "mac": mac,
+             "internal": False, "cidr": "192.168.10.10/24"},
+            {"address": "fe80::fc:ff:fe00:a", "netmask": "ffff:ffff:ffff:ffff::", "family": "IPv6", "mac": mac,
+             "internal": False, "cidr": "fe80::fc:ff:fe00:a/64", "scopeid": 2},
+        ]}
+        info = {"lastConnected": BASE_TIME * 1000 - rng.randrange(3_600_000), "networkInterfaces": interfaces}
+        return {f"xo:clientInfo:{appliance_id}": json.dumps(info, separators=(",", ":"))}
 
     def add_host(self, h: int) -> None:
         name = f"xcp-{h + 1:02d}"
