@@ -82,8 +82,13 @@ class DirectDriver:
                             break
                         for name, entry_ino, _ in piece:
                             inode = self.fs.tree.inode(entry_ino)
+                            if name in (".", ".."):  # first, and no lookup counted (os.listdir skips them)
+                                dir_inode = self.fs.tree.inode(ino)
+                                assert inode is not None and not names and inode.path == (
+                                    dir_inode.path if name == "." else dir_inode.path[:-1]), name
+                                continue
                             assert inode is not None and inode.path[-1] == name and inode.lookups > 0, name
-                        names += [name for name, _, _ in piece]
+                            names.append(name)
                         offset = piece[-1][2]
             finally:
                 await self.fs.releasedir(fh)

@@ -332,3 +332,16 @@ def test_refused_changes_log_both_paths_of_a_rename_and_the_attribute(sim, make_
     assert (f"rename /srs/{sr}/meta.json -> /srs/{sr}/import/x.raw: only files in import directories can be "
             "renamed") in log, log
     assert f"setxattr /vms/{vm['id']} (attribute user.xo.name_label): " in log, log
+
+
+def test_listings_start_with_dot_and_dot_dot(sim, make_mount):
+    mount = make_mount(sim)
+    vm = first_vm(sim)
+    for directory, parent in ((mount.mountpoint, mount.mountpoint.parent),  # ls stats the root's `..`
+                              (mount.mountpoint / "vms" / vm["id"], mount.mountpoint / "vms")):
+        lines = run("ls", "-a1i", "--sort=none", str(directory)).splitlines()
+        entries = [line.split(maxsplit=1) for line in lines]
+        assert [name for _, name in entries[:2]] == [".", ".."], lines
+        assert int(entries[0][0]) == os.stat(directory).st_ino
+        assert int(entries[1][0]) == os.stat(parent).st_ino
+        assert sorted(name for _, name in entries[2:]) == sorted(os.listdir(directory))

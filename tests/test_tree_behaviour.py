@@ -136,7 +136,7 @@ async def test_an_entry_whose_attributes_fail_is_left_out_of_the_listing(sim, tm
         real_attributes = parts.fs.attributes
 
         def attributes(inode):
-            if inode.path[-1] == doomed:
+            if inode.path[-1:] == (doomed,):
                 raise XofsError(f"{doomed}: XO has no object any more", errno_=errno.ENOENT)
             return real_attributes(inode)
 

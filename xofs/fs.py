@@ -358,10 +358,16 @@ class XoFS(pyfuse3.Operations):
         listing = self.tree.children(pinode.path) if pinode is not None and not pinode.stale else None
         if listing is None:  # the directory itself vanished since opendir
             return
+        # `.` and `..` first (offsets 0 and 1), as ls -a and sshfs users expect; the kernel takes no lookup
+        # of them, so none is counted.
+        for offset in range(start_id, 2):
+            dot = pinode if offset == 0 else self.tree.inode(self.tree.parent_ino(pinode)) or pinode
+            if not pyfuse3.readdir_reply(token, b"." * (offset + 1), self.attributes(dot), offset + 1):
+                return
         # Thousands of entries per call on a big directory: the methods are looked up once.
         lookup, attributes, reply, forget = (self.tree.lookup_listed, self.attributes, pyfuse3.readdir_reply,
                                              self.tree.forget)
-        for index in range(start_id, len(names)):
+        for index in range(max(start_id - 2, 0), len(names)):
             name = names[index]
             inode = lookup(pinode, listing, name)
             if inode is None:  # vanished since opendir
@@ -372,7 +378,7 @@ class XoFS(pyfuse3.Operations):
                 log.debug("readdir %s: %s left out: %s", self.tree.path_str(parent), name, err)
                 forget(inode.ino, 1)
                 continue
-            if not reply(token, name.encode("utf-8", "surrogateescape"), attrs, index + 1):
+            if not reply(token, name.encode("utf-8", "surrogateescape"), attrs, index + 3):
                 forget(inode.ino, 1)  # not delivered: the kernel took no lookup
                 return
 

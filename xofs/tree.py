@@ -276,6 +276,10 @@ class Tree:
             inode.node = ImportEntry(inode.node.sr_id, new)
         self._by_path[new_path] = ino
 
+    def parent_ino(self, inode: Inode) -> int:
+        """The inode of the directory holding `inode` (the root's own for the root, as for `/..`)."""
+        return self._by_path.get(inode.path[:-1], ROOT_INODE) if inode.path else ROOT_INODE
+
     def files_with(self, content: object) -> list[int]:
         """The live inodes of files showing `content` (an Export or a Rendered)."""
         obj_id = getattr(content, "obj_id", None)
