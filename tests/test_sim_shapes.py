@@ -244,6 +244,33 @@ def test_the_inventory_mirrors_the_recorded_pool(inventory):
     assert halted["os_version"] is None and halted["addresses"] == {} and halted["startTime"] is None
 
 
+def recorded_vm_layout(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Where the recorded pool's VMs and snapshot live: each one's `$container` (a host's name, or "pool"),
+    its drives (device, disk name, SR name, the SR's container) in order, and how many snapshots each of
+    their disks has."""
+    def place(obj_id: str) -> str:
+        return objects[obj_id]["name_label"] if objects[obj_id]["type"] == "host" else objects[obj_id]["type"]
+
+    layout: dict[str, Any] = {}
+    for name in ("web-01", "db-01", "app-01", "test-01", "web-01 before upgrade"):
+        (vm,) = [o for o in objects.values() if o["type"] in ("VM", "VM-snapshot") and o["name_label"] == name]
+        drives = []
+        for vbd in (objects[i] for i in vm["$VBDs"]):
+            vdi = objects.get(vbd.get("VDI", ""))
+            sr = objects[vdi["$SR"]] if vdi is not None else None
+            drives.append((vbd["device"], vdi and vdi["name_label"], sr and sr["name_label"],
+                           sr and place(sr["$container"]), vdi and len(vdi["snapshots"])))
+        layout[name] = (place(vm["$container"]), drives)
+    return layout
+
+
+def test_the_first_vms_sit_where_the_recorded_ones_do(inventory):
+    """db-01's disk is on xcp-01's local storage, so its `$container` is xcp-01; web-01's snapshot holds its
+    root disk only (2 VBDs; `web-01 data` has no snapshot): `jsonrpc/xo.getAllObjects.response.json`."""
+    recorded = json.loads(RECORDED_OBJECTS.read_text())["result"]
+    assert recorded_vm_layout(inventory) == recorded_vm_layout(recorded)
+
+
 def test_same_seed_same_inventory_other_seed_other_ids():
     first = build_inventory(5, 12)
     assert json.dumps(first) == json.dumps(build_inventory(5, 12))

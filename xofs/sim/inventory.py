@@ -443,9 +443,9 @@ class _Builder:
         sizes = [[10, 20], [8], [4], [1]][i] if i < 4 else (
             [rng.randint(1, 100)] + ([rng.randint(1, 100)] if rng.random() < 0.4 else []))
         local = i == 1 or (i >= 4 and state == "Halted" and rng.random() < 0.3)
-        sr = self.local_srs[i % len(self.hosts)] if local else self.nfs_id
-        if local:
-            host = self.hosts[i % len(self.hosts)]
+        if local:  # db-01's disk is on xcp-01's local storage, as recorded; the others' on their host's
+            host = self.hosts[0 if i == 1 else i % len(self.hosts)]
+        sr = self.local_srs[self.hosts.index(host)] if local else self.nfs_id
         attached = state in ("Running", "Paused")
         disks = []
         for n, gib in enumerate(sizes):
@@ -479,7 +479,8 @@ class _Builder:
         vm = self.put(order_vm_keys(vm))
         if i == 0 or (i >= 4 and rng.random() < 0.2):
             label = f"{name} before upgrade" if i == 0 else f"{name} {rng.choice(['pre-patch', 'nightly'])}"
-            self.add_snapshot(vm, disks, cd, label, BASE_TIME - rng.randint(1, 20) * 86400)
+            # web-01's snapshot predates its data disk: it holds the root disk only, as recorded
+            self.add_snapshot(vm, disks[:1] if i == 0 else disks, cd, label, BASE_TIME - rng.randint(1, 20) * 86400)
 
     def set_running(self, vm: dict[str, Any], host: str, state: str, rng: random.Random) -> None:
         guest = self.inv.guests[vm["id"]]
