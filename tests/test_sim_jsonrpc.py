@@ -25,6 +25,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from tests.support import DEFAULT_TOKEN, SimProcess
 from tests.test_sim_shapes import SHARED, shape_problems
+from xofs.sim import jsonrpc_protocol as protocol
 from xofs.sim.inventory import build_inventory
 from xofs.sim.model import SimModel
 from xofs.sim.server import load_rest_app, make_app
@@ -128,17 +129,97 @@ async def test_frames_echo_ids_and_use_xo_key_order(sim):
                                '"id":3,"jsonrpc":"2.0"}')
 
 
-async def test_malformed_messages(sim):
+# What json-rpc-protocol 0.13.2's `parse` (src/parse.ts; the version xo-server 5.207.2's yarn.lock pins)
+# makes of a frame: the kind of message, or the code and message of the error it throws. json-rpc-peer 0.17.0
+# would answer that error with id null, but hands it to an `error` event instead of sending it (`write`).
+PARSED = [
+    ("{not json", (-32700, "invalid JSON")),
+    ("NaN", (-32700, "invalid JSON")),
+    ('{"jsonrpc":"1.0","id":1,"method":"m"}', (-32600, "invalid version: string instead of undefined or '2.0'")),
+    ('{"jsonrpc":2,"id":1,"method":"m"}', (-32600, "invalid version: number instead of undefined or '2.0'")),
+    ('{"jsonrpc":"2.0","id":null,"method":"m"}', (-32600, "invalid identifier: null instead of number or string")),
+    ('{"jsonrpc":"2.0","id":{},"method":"m"}', (-32600, "invalid identifier: object instead of number or string")),
+    ('{"jsonrpc":"2.0","id":true,"method":"m"}', (-32600, "invalid identifier: boolean instead of number or string")),
+    ('{"jsonrpc":"2.0","id":1e400,"method":"m"}', (-32600, "invalid identifier: number instead of number or string")),
+    ('{"jsonrpc":"2.0","id":1,"method":"m","params":5}',
+     (-32600, "invalid params: number instead of undefined, array or object")),
+    ('{"jsonrpc":"2.0","id":1,"method":"m","params":null}',
+     (-32600, "invalid params: null instead of undefined, array or object")),
+    ('{"id":1,"method":"m"}', (-32600, "invalid params: undefined instead of array")),  # JSON-RPC 1.0
+    ('{"id":1,"method":"m","params":{}}', (-32600, "invalid params: object instead of array")),
+    ('{"jsonrpc":"2.0"}', (-32600, "invalid identifier: undefined instead of number or string")),
+    ("5", (-32600, "invalid identifier: undefined instead of number or string")),
+    ('{"id":3}', (-32600, "invalid error undefined")),  # 1.0: no method and no null error: an error
+    ('{"jsonrpc":"2.0","id":3,"error":{"code":1.5,"message":"m"}}',
+     (-32600, "invalid error: object instead of {code, message}")),
+    ("null", (-32000, "unknown error from the peer")),  # a TypeError, which the library does not name
+    ('{"id":1,"method":"m","params":[]}', "request"),  # JSON-RPC 1.0
+    ('{"jsonrpc":"2.0","id":"a","method":"m","params":[1]}', "request"),
+    ('{"id":null,"method":"m","params":[]}', "notification"),  # 1.0: a null id makes a notification
+    ('{"jsonrpc":"2.0","method":"m"}', "notification"),
+    ('{"jsonrpc":"2.0","id":10}', "response"),
+    ('{"jsonrpc":"2.0","id":1,"method":5}', "response"),  # no string method, no error
+    ('{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"m"}}', "error"),
+    ('[{"jsonrpc":"2.0","id":1,"method":"m"},{"jsonrpc":"2.0","method":"n"}]', ["request", "notification"]),
+    ('[{"jsonrpc":"2.0","id":1,"method":"m"},{"jsonrpc":"2.0","id":null,"method":"n"}]',
+     (-32600, "invalid identifier: null instead of number or string")),  # one bad item refuses the batch
+]
+
+
+@pytest.mark.parametrize("frame, parsed", PARSED)
+def test_frames_parse_as_json_rpc_protocol_parses_them(frame, parsed):
+    def kinds(message: protocol.Parsed) -> Any:
+        return [kinds(m) for m in message] if isinstance(message, list) else message.kind
+
+    try:
+        assert kinds(protocol.parse(protocol.decode(frame))) == parsed
+    except protocol.Rejected as error:
+        assert (error.code, error.message) == parsed
+
+
+async def test_only_requests_are_answered(sim):
+    """xo-server answers nothing to a frame the protocol refuses, to a response or an error (it sent no
+    request), or to a notification; a JSON-RPC 1.0 request (no "jsonrpc", array params) is answered in 2.0
+    form, its array params spread into an object as XO does."""
     async with open_websocket_url(sim.url.replace("http", "ws") + "/api/") as ws:
-        await ws.send_message("{not json")
-        assert json.loads(await ws.get_message()) == {
-            "error": {"code": -32700, "message": "invalid JSON"}, "id": None, "jsonrpc": "2.0"}
-        await ws.send_message(json.dumps({"id": 1, "method": "system.getServerVersion"}))  # no "jsonrpc"
-        assert json.loads(await ws.get_message())["error"]["code"] == -32600
-        # a notification (no id) gets no answer; the next request still does
-        await ws.send_message(json.dumps({"jsonrpc": "2.0", "method": "system.getServerVersion"}))
-        await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "system.getServerVersion"}))
-        assert json.loads(await ws.get_message())["id"] == 2
+        for frame, parsed in PARSED:
+            if parsed != "request" and not isinstance(parsed, list):
+                await ws.send_message(frame)
+        await ws.send_message('{"jsonrpc":"2.0","id":3,"error":{"code":1,"message":"m"}}')
+        await ws.send_message(json.dumps({"id": 7, "method": "system.getServerVersion", "params": []}))
+        with trio.fail_after(5):
+            assert await ws.get_message() == '{"id":7,"jsonrpc":"2.0","result":"5.207.2"}'
+        await ws.send_message(json.dumps({"id": 8, "method": "system.getServerVersion", "params": ["x"]}))
+        with trio.fail_after(5):
+            assert await ws.get_message() == '{"id":8,"jsonrpc":"2.0","result":"5.207.2"}'
+        await ws.send_message(json.dumps({"id": 9, "method": "xo.getAllObjects", "params": ["x"]}))
+        with trio.fail_after(5):
+            answer = json.loads(await ws.get_message())
+        assert (answer["id"], answer["error"]["code"]) == (9, 2)  # {"0": "x"}: checked after the permission
+        with trio.move_on_after(0.5):
+            extra = await ws.get_message()
+            pytest.fail(f"unexpected frame {extra!r}")
+
+
+async def test_a_batch_is_answered_with_a_zero_byte_per_answer(sim):
+    """json-rpc-peer answers a batch with the array of its answers, and ws 8's `send` makes an array a binary
+    frame of one zero byte per item (checked with json-rpc-peer 0.17.0 and ws 8.21.0 under Node 20)."""
+    async with open_websocket_url(sim.url.replace("http", "ws") + "/api/") as ws:
+        version = {"jsonrpc": "2.0", "method": "system.getServerVersion"}
+        await ws.send_message(json.dumps([{**version, "id": 1}, version, {**version, "id": 2}, []]))
+        with trio.fail_after(5):
+            assert await ws.get_message() == b"\0\0\0"  # two answers and the empty batch's (empty) array
+        await ws.send_message("[]")
+        with trio.fail_after(5):
+            assert await ws.get_message() == b""
+        # an answer to no request fails the whole batch, after its requests ran: nothing is sent
+        await ws.send_message(json.dumps([{**version, "id": 3}, {"jsonrpc": "2.0", "id": 4, "result": 1}]))
+        await ws.send_message(json.dumps({**version, "id": 5}))
+        with trio.fail_after(5):
+            assert json.loads(await ws.get_message())["id"] == 5
+        with trio.move_on_after(0.5):
+            extra = await ws.get_message()
+            pytest.fail(f"unexpected frame {extra!r}")
 
 
 async def test_only_the_exact_api_path_is_upgraded(sim):

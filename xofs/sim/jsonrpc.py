@@ -1,6 +1,8 @@
 """XO's JSON-RPC 2.0 API over a websocket at `/api/`, as xo-server 5.207.2 serves it.
 
-One JSON-RPC message per text frame; requests run concurrently and their answers may come back out of order.
+One JSON-RPC message per frame, parsed and answered as json-rpc-peer does it for XO (`jsonrpc_protocol`): only
+requests get an answer, and a message the protocol refuses gets none. Requests run concurrently and their
+answers may come back out of order.
 A call goes through XO's pipeline (`xo-mixins/api.mjs`), in XO's order: unknown method (-32601), permission
 (code 2 before sign-in), parameter validation against the method's XO schema (code 10 with ajv-style errors),
 object lookup (code 1), then the method. A method that returns nothing answers `true`. Errors that are not XO
@@ -28,6 +30,7 @@ from typing import Any
 
 import trio
 
+from xofs.sim import jsonrpc_protocol as protocol
 from xofs.sim.model import SimError, SimModel, iter_ndjson
 
 log = logging.getLogger(__name__)
@@ -201,8 +204,10 @@ class Connection:
                 raise SimError.unauthorized(None if permission == "<user>" else permission)
             if permission == "admin" and self.user["permission"] != "admin":
                 raise SimError.unauthorized(permission)
-        if params is None:
+        if params is protocol.MISSING:
             params = {}
+        elif isinstance(params, list):  # XO spreads the params into an object: `{ _log, ...params }`
+            params = {str(i): value for i, value in enumerate(params)}
         spec = info.get("params", {})
         if isinstance(params, dict) and "id" not in params and "id" in spec:
             # XO accepts the namespace as the id parameter: `vm.start {vm: …}`.
@@ -377,16 +382,16 @@ async def serve(model: SimModel, methods_info: dict[str, dict[str, Any]], receiv
         return
     await send({"type": "websocket.accept"})
     conn = Connection(model, methods_info)
-    outgoing, to_send = trio.open_memory_channel[str](math.inf)
+    outgoing, to_send = trio.open_memory_channel[str | bytes](math.inf)
     events = model.subscribe()
     closed = False
 
     async def write() -> None:
         try:
-            async for text in to_send:
+            async for frame in to_send:
                 if model.socket_faults.silent:  # fault knob: the socket stays open and says nothing
                     continue
-                await send({"type": "websocket.send", "text": text})
+                await send({"type": "websocket.send", "bytes" if isinstance(frame, bytes) else "text": frame})
         except Exception:  # noqa: BLE001 - the peer went away while we wrote: the socket is over
             log.debug("websocket send failed", exc_info=True)
             nursery.cancel_scope.cancel()
@@ -437,27 +442,67 @@ async def serve(model: SimModel, methods_info: dict[str, dict[str, Any]], receiv
                     pass
 
 
-async def answer_message(conn: Connection, text: str) -> str | None:
-    """The frame answering one incoming frame (None for a notification)."""
+async def answer_message(conn: Connection, text: str) -> str | bytes | None:
+    """The frame answering one incoming frame: text for a request, binary for a batch, None when XO sends
+    nothing (see `jsonrpc_protocol`)."""
     try:
-        message = json.loads(text)
-    except ValueError:
-        return error_response(None, rpc_error(-32700, "invalid JSON"))
-    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(
-            message.get("method"), str) or not isinstance(message.get("params", {}), dict | list | None):
-        request_id = message.get("id") if isinstance(message, dict) else None
-        return error_response(request_id, rpc_error(-32600, "invalid JSON-RPC request"))
-    if "id" not in message:
-        return None  # a notification: XO only answers requests
-    request_id = message["id"]
+        return await execute(conn, protocol.parse(protocol.decode(text)))
+    except protocol.Rejected as error:
+        log.info("no answer to a message json-rpc-protocol refuses: %s %s", error.code, error.message)
+    except Unanswerable as error:
+        log.info("no answer to a JSON-RPC %s", error)
+    return None
+
+
+class Unanswerable(Exception):
+    """A message that makes json-rpc-peer's `exec` fail after parsing: XO answers nothing."""
+
+
+async def execute(conn: Connection, message: protocol.Parsed) -> str | bytes | None:
+    """json-rpc-peer's `exec`: the answer to a request, a batch's zero bytes, or None."""
+    if isinstance(message, list):
+        return await execute_batch(conn, message)
+    if message.kind == "request":
+        return await answer_request(conn, message)
+    if message.kind == "response" or (message.kind == "error" and message.id is not None):
+        # the peer looks up the request this answers: the server sent none, and the lookup throws
+        raise Unanswerable(f"{message.kind} with id {message.id!r}, which answers no request of the server")
+    return None  # a notification (xo-server runs only requests), or an error with id null (dropped)
+
+
+async def execute_batch(conn: Connection, messages: list[protocol.Parsed]) -> bytes:
+    """Every item runs (concurrently); if one fails there is no answer, else ws turns the array of answers
+    into a binary frame of one zero byte per answer (`Buffer.from` of an array of strings)."""
+    answers: list[object] = []
+    failures: list[Unanswerable] = []
+
+    async def run(message: protocol.Parsed) -> None:
+        try:
+            answer = await execute(conn, message)
+        except Unanswerable as error:
+            failures.append(error)
+        else:
+            if answer is not None:
+                answers.append(answer)
+
+    async with trio.open_nursery() as nursery:
+        for message in messages:
+            nursery.start_soon(run, message)
+    if failures:
+        raise failures[0]
+    return bytes(len(answers))
+
+
+async def answer_request(conn: Connection, message: protocol.Message) -> str:
+    request_id = message.id
     try:
-        result = await conn.call(message["method"], message.get("params"))
+        result = await conn.call(message.method, message.params)
     except MethodNotFound as error:
         return error_response(request_id, rpc_error(-32601, str(error), error.name))
     except SimError as error:
         return error_response(request_id, error.to_json())
     except Exception as error:  # noqa: BLE001 - any other failure is XO's "unknown error"
-        log.debug("JSON-RPC %s failed", message["method"], exc_info=True)
+        log.debug("JSON-RPC %s failed", message.method, exc_info=True)
         return error_response(request_id, unknown_error(conn, error))
     return response(request_id, result)
 
