@@ -301,6 +301,42 @@ async def test_token_create(sim):
         assert (await other.call("session.getUser"))["email"] == "admin@admin.net"
 
 
+async def test_an_admin_gets_xos_serialised_error_without_local_paths(sim):
+    """An admin's non-XO error carries `serializeError(error)` (xo-server's `utils.mjs`, `xo-mixins/api.mjs`):
+    message, name and a Node stack of XO's own code, here complex-matcher's parse error thrown in
+    `xo.getAllObjects` (frames as Node 20 prints them for 5.207.2's sources; 10 frames at most)."""
+    async with rpc(sim.url, token=sim.token) as peer:
+        answer = await peer.request("xo.getAllObjects", {"filter": "name_label:(", "limit": 1})
+        raw = peer.raw[answer["id"]]
+        assert raw.startswith('{"error":{"code":-32000,"data":{"message":"parse error: expected end of input at '
+                              'position 10","name":"Error","stack":"Error: parse error')
+        xo, api = "/opt/xen-orchestra", "file:///opt/xen-orchestra/packages/xo-server/src/xo-mixins/api.mjs"
+        assert error_of(answer)["data"]["stack"].split("\n") == [
+            "Error: parse error: expected end of input at position 10",
+            f"    at get value [as value] ({xo}/packages/complex-matcher/index.js:328:11)",
+            f"    at P.parse ({xo}/packages/complex-matcher/index.js:416:40)",
+            f"    at Xo.getAllObjects (file://{xo}/packages/xo-server/src/api/xo.mjs:64:17)",
+            f"    at Xo.apiWrapper ({api}:269:25)",
+            f"    at {api}:426:33",
+            "    at AsyncLocalStorage.run (node:async_hooks:346:14)",
+            f"    at Task.runInside ({xo}/@vates/task/index.js:204:41)",
+            f"    at Task.run ({xo}/@vates/task/index.js:188:31)",
+            f"    at run ({api}:426:16)",
+            f"    at #callApiMethod ({api}:475:24)",
+        ]
+        regexp = error_of(await peer.request("xo.getAllObjects", {"filter": "name_label:/(/"}))
+        assert regexp["message"] == "Invalid regular expression: /(/: Unterminated group"
+        assert regexp["data"]["name"] == "SyntaxError"  # `new RegExp` throws a SyntaxError
+        assert regexp["data"]["stack"].startswith("SyntaxError: Invalid regular expression: /(/: Unterminated "
+                                                  "group\n    at new RegExp (<anonymous>)\n")
+        too_short = error_of(await peer.request("token.create", {"expiresIn": 1000}))
+        for data in (error_of(answer)["data"], regexp["data"], too_short["data"]):
+            assert list(data) == ["message", "name", "stack"]
+            lines = data["stack"].split("\n")
+            assert len(lines) <= 11 and all(line.startswith("    at ") for line in lines[1:])
+            assert ".py" not in data["stack"] and "/work" not in data["stack"] and "xofs" not in data["stack"]
+
+
 async def test_system_methods(sim):
     reference = json.loads((SHARED / "reference/xo-jsonrpc-methods.json").read_text())
     async with rpc(sim.url) as peer:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import trio
 
 from xofs.sim import jsonrpc_protocol as protocol
+from xofs.sim.jsonrpc_errors import serialize_error
 from xofs.sim.model import SimError, SimModel, iter_ndjson
 
 log = logging.getLogger(__name__)
@@ -359,14 +359,6 @@ def select(objects: dict[str, dict[str, Any]], predicate: Callable[[dict[str, An
                 return
             remaining -= 1
             yield obj
-
-
-def serialize_error(error: BaseException) -> dict[str, Any]:
-    """XO's `serializeError` of a plain JS error, as an admin receives it in `data`."""
-    name = "TypeError" if isinstance(error, TypeError) else "Error"
-    stack = f"{name}: {error}\n" + "".join(f"    at {line.strip()}\n" for line in
-                                           traceback.format_tb(error.__traceback__)[-3:]).rstrip("\n")
-    return {"message": str(error), "name": name, "stack": stack}
 
 
 # -- the websocket ------------------------------------------------------------------------------------------
