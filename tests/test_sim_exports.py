@@ -17,8 +17,9 @@ from urllib.parse import quote
 import pytest
 import trio
 import xxhash
+from trio_websocket import open_websocket_url
 
-from tests.sim_rest_support import call, recorded, recorded_header, recorded_names, watch_events
+from tests.sim_rest_support import REFERENCE, call, recorded, recorded_header, recorded_names, watch_events
 from tests.support import SimProcess, require_tool
 from xofs.sim.model import SimModel
 
@@ -276,3 +277,70 @@ async def test_watchers_see_the_export_snapshot_come_and_go(sim):
     assert vdi_snapshots and {v["id"] for v in vdi_snapshots} <= watcher.exited()
     tasks = watcher.entered(lambda o: o["type"] == "task" and o["name_label"] == "[XO] VM export")
     assert {t["status"] for t in tasks} >= {"pending", "success"}
+
+
+def frame_sequence(frames: list[tuple[float, dict]]) -> list[tuple[str, list[str]]]:
+    """(kind, item types in order) of each `all` frame, objects that exit named by the type they entered
+    with. Task exits are left out: a finished task lingers for a while, so where its exit falls depends on
+    how long the export took."""
+    types: dict[str, str] = {}
+    out = []
+    for _, params in frames:
+        items = []
+        for obj_id, obj in params["items"].items():
+            if obj != 0:
+                types[obj_id] = obj["type"]
+                items.append(obj["type"])
+            elif types[obj_id] != "task":
+                items.append(types[obj_id])
+        if items:
+            out.append((params["type"], items))
+    return out
+
+
+async def test_export_events_follow_the_recorded_sequence(fresh_sim):
+    """`exports/vm-xva.running.web-01.with-ws.ws-frames.jsonl`: the pending `[XO] VM export` task enters
+    alone; ~220 ms later the snapshot's objects enter with `Async.VM.snapshot` (no network); at the end the
+    VM-snapshot and its devices exit while its VDI-snapshots enter again without VBDs; ~200 ms later they
+    exit and their source disks and SR enter with two `Async.VDI.destroy` tasks."""
+    recording = [json.loads(line) for line in
+                 (REFERENCE / "exports/vm-xva.running.web-01.with-ws.ws-frames.jsonl").read_text().splitlines()]
+    real = [(r["t_rel_s"], json.loads(r["raw"])["params"]) for r in recording]
+    vm = await trio.to_thread.run_sync(find, fresh_sim, "vms", "web-01")
+    ours: list[tuple[float, dict]] = []
+    async with open_websocket_url(fresh_sim.url.replace("http://", "ws://") + "/api/") as ws:
+        await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "session.signIn",
+                                          "params": {"token": fresh_sim.token}}))
+        assert "result" in json.loads(await ws.get_message())
+        start = time.monotonic()
+
+        async def read() -> None:
+            while True:
+                message = json.loads(await ws.get_message())
+                ours.append((time.monotonic() - start, message["params"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            ans = await trio.to_thread.run_sync(lambda: call(fresh_sim, "GET", f"/rest/v0/vms/{vm['id']}.xva"))
+            assert ans.status == 200 and ans.complete
+            await trio.sleep(1)  # the disks leave 200 ms after the snapshot, their tasks 200 ms later
+            nursery.cancel_scope.cancel()
+    assert frame_sequence(ours) == frame_sequence(real) == [
+        ("enter", ["task"]),
+        ("enter", ["task", "VDI-snapshot", "VBD", "VDI-snapshot", "VBD", "VBD", "VIF", "VM-snapshot", "VDI", "SR",
+                   "VDI", "VM"]),
+        ("enter", ["task", "task", "VDI-snapshot", "VDI-snapshot", "VM"]),
+        ("exit", ["VM-snapshot", "VBD", "VBD", "VBD", "VIF"]),
+        ("enter", ["task", "task", "SR", "VDI", "VDI"]),
+        ("exit", ["VDI-snapshot", "VDI-snapshot"]),
+    ]
+    enters = [(t, p["items"]) for t, p in ours if p["type"] == "enter"]
+    (export_task,) = enters[0][1].values()
+    assert (export_task["name_label"], export_task["status"]) == ("[XO] VM export", "pending")
+    snapshot_task = next(iter(enters[1][1].values()))
+    assert (snapshot_task["name_label"], snapshot_task["status"]) == ("Async.VM.snapshot", "success")
+    assert enters[1][0] - enters[0][0] >= 0.15  # XO waited for XAPI's snapshot
+    gone = [o for o in enters[2][1].values() if o["type"] == "VDI-snapshot"]
+    assert [o["$VBDs"] for o in gone] == [[], []]
+    assert enters[3][0] - enters[2][0] >= 0.15
+    assert {o["name_label"] for o in enters[3][1].values() if o["type"] == "task"} == {"Async.VDI.destroy"}

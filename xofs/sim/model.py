@@ -201,7 +201,7 @@ class SimModel:
         self._sockets: set[Callable[[], None]] = set()
         self.socket_faults = SocketFaults()  # the websocket fault knobs (silence, raw frames)
         self._downloads: dict[str, Callable[[], Iterable[bytes]]] = {}
-        self._expiring: list[tuple[float, str]] = []  # (monotonic deadline, task id) of finished tasks
+        self._timers: list[tuple[float, Callable[[], None]]] = []  # (monotonic deadline, what to do then)
         self._dirty: trio.Event | None = None
         self._temp_dir: Path | None = None
         self._store: StateStore | None = None
@@ -348,8 +348,8 @@ class SimModel:
         if persist:
             self._journal({"op": "add", "obj": obj})
 
-    def update(self, obj_id: str, changes: dict[str, Any], *, persist: bool = True) -> None:
-        """Merge `changes` into the object's top level; queues an `enter`.
+    def update(self, obj_id: str, changes: dict[str, Any], *, persist: bool = True, announce: bool = True) -> None:
+        """Merge `changes` into the object's top level; queues an `enter` (unless not `announce`d).
 
         A value of None removes the key (XO omits undefined values); `NULL` sets it to JSON null."""
         old = self._objects.get(obj_id)
@@ -357,18 +357,19 @@ class SimModel:
             raise SimError.no_such_object(obj_id)
         values = {k: None if v is NULL else v for k, v in changes.items() if v is not None}
         unset = [k for k, v in changes.items() if v is None]
-        self._apply_update(obj_id, values, unset)
+        self._apply_update(obj_id, values, unset, announce=announce)
         if persist:
             self._journal({"op": "update", "id": obj_id, "set": values, "unset": unset})
 
-    def _apply_update(self, obj_id: str, values: dict[str, Any], unset: list[str]) -> None:
+    def _apply_update(self, obj_id: str, values: dict[str, Any], unset: list[str], *, announce: bool = True) -> None:
         new = {**self._objects[obj_id], **values}
         for key in unset:
             new.pop(key, None)
         if new["type"] in VM_TYPES:
             new = order_vm_keys(new)
         self._objects[obj_id] = new
-        self._queue(obj_id, "update")
+        if announce:
+            self._queue(obj_id, "update")
 
     def touch(self, obj_id: str) -> None:
         """Re-emit an unchanged object, as XO does when a VM's metrics object changes."""
@@ -386,19 +387,19 @@ class SimModel:
         if persist:
             self._journal({"op": "remove", "id": obj_id})
 
-    def _edit(self, obj_id: str, key: str, fn: Callable[[Any], Any]) -> None:
+    def _edit(self, obj_id: str, key: str, fn: Callable[[Any], Any], *, announce: bool = True) -> None:
         """Replace one key by `fn(old value)` (for list fields such as `VDIs` or `$VBDs`)."""
         obj = self._objects.get(obj_id)
         if obj is not None:
-            self.update(obj_id, {key: fn(obj.get(key))})
+            self.update(obj_id, {key: fn(obj.get(key))}, announce=announce)
 
-    def _link(self, obj_id: str, key: str, item: str) -> None:
-        self._edit(obj_id, key, lambda ids: [*(ids or []), item])
+    def _link(self, obj_id: str, key: str, item: str, *, announce: bool = True) -> None:
+        self._edit(obj_id, key, lambda ids: [*(ids or []), item], announce=announce)
 
-    def _unlink(self, obj_id: str, key: str, item: str) -> None:
+    def _unlink(self, obj_id: str, key: str, item: str, *, announce: bool = True) -> None:
         obj = self._objects.get(obj_id)
         if obj is not None and item in (obj.get(key) or ()):
-            self._edit(obj_id, key, lambda ids: [i for i in ids if i != item])
+            self._edit(obj_id, key, lambda ids: [i for i in ids if i != item], announce=announce)
 
     def new_ids(self) -> tuple[str, str]:
         """(uuid, OpaqueRef) for a new object: random, like XAPI's."""
@@ -427,7 +428,11 @@ class SimModel:
             return
         self.update(task_id, {"allowedOperations": [], "finished": now_s(), "progress": 1, "result": result,
                               "status": status}, persist=False)
-        self._expiring.append((time.monotonic() + TASK_LINGER_S, task_id))
+        self.call_later(TASK_LINGER_S, lambda: self.remove(task_id, persist=False))
+
+    def call_later(self, delay: float, action: Callable[[], None]) -> None:
+        """Run `action` about `delay` seconds from now, from the model's `run` loop (XAPI work XO waits for)."""
+        self._timers.append((time.monotonic() + delay, action))
 
     def _async_task(self, name_label: str, result: str = "") -> None:
         """The `Async.<class>.<call>` task XO's XAPI calls leave behind, already finished."""
@@ -491,7 +496,7 @@ class SimModel:
         async with trio.open_nursery() as nursery:
             if churn > 0:
                 nursery.start_soon(self._churn, churn)
-            nursery.start_soon(self._retire_tasks)
+            nursery.start_soon(self._run_timers)
             task_status.started()
             while True:
                 await self._dirty.wait()
@@ -499,14 +504,17 @@ class SimModel:
                 await trio.sleep(0)  # one tick: changes made together go out together
                 self.flush_events()
 
-    async def _retire_tasks(self) -> None:
-        """Remove finished tasks once they have lingered (checked every 50 ms: precision is not needed)."""
+    async def _run_timers(self) -> None:
+        """Run the `call_later` actions that are due (checked every 50 ms: precision is not needed)."""
         while True:
             await trio.sleep(0.05)
-            now = time.monotonic()
-            for deadline, task_id in [e for e in self._expiring if e[0] <= now]:
-                self._expiring.remove((deadline, task_id))
-                self.remove(task_id, persist=False)
+            self._fire_timers(time.monotonic())
+
+    def _fire_timers(self, until: float) -> None:
+        due = [timer for timer in self._timers if timer[0] <= until]
+        self._timers = [timer for timer in self._timers if timer[0] > until]
+        for _, action in due:
+            action()
 
     async def _churn(self, rate: float) -> None:
         rng = random.Random(self.seed)
@@ -566,6 +574,7 @@ class SimModel:
             self._set_suspend_vdi(entry["id"], entry["vdi"], persist=False)
 
     def close(self) -> None:
+        self._fire_timers(math.inf)  # what XO still had to do (a disk to destroy) is done before the journal closes
         if self._store is not None:
             self._store.close()
         if self._temp_dir is not None:  # imported disks of a run without --state-dir
@@ -692,8 +701,9 @@ class SimModel:
                 raise SimError.vdi_in_use(vdi["id"], "destroy")
         self._destroy_vdi(vdi)
 
-    def _destroy_vdi(self, vdi: dict[str, Any]) -> None:
-        self._async_task("Async.VDI.destroy")
+    def _destroy_vdi(self, vdi: dict[str, Any], *, task: bool = True) -> None:
+        if task:
+            self._async_task("Async.VDI.destroy")
         for vbd_id in vdi["$VBDs"]:
             vbd = self._objects.get(vbd_id)
             if vbd is not None:
@@ -827,6 +837,10 @@ class SimModel:
         if description is not None:
             snap["name_description"] = description
         self._async_task("Async.VM.snapshot", f"<value>{snap['_xapiRef']}</value>")
+        # The new objects enter first, then those they change (each source disk and its SR, an ISO, the VM),
+        # in the order of the recorded export frames.
+        copies: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        isos: list[tuple[str, str]] = []
         for vbd_id in vm["$VBDs"]:
             vbd = self._objects.get(vbd_id)
             if vbd is None:
@@ -838,8 +852,9 @@ class SimModel:
                 new_vbd["VDI"] = copy["id"]
                 copy["$VBDs"] = [new_vbd["id"]]
                 self.add(copy)
+                copies.append((source, copy))
             elif source is not None:
-                self._link(source["id"], "$VBDs", new_vbd["id"])
+                isos.append((source["id"], new_vbd["id"]))
             self.add(new_vbd)
             snap["$VBDs"].append(new_vbd["id"])
         for vif_id in vm["VIFs"]:
@@ -847,32 +862,50 @@ class SimModel:
             if vif is not None:
                 new_vif = {**vif, **self._common(), "attached": False, "$VM": snap_id}
                 self.add(new_vif)
-                self._link(vif["$network"], "VIFs", new_vif["id"])
+                # XO does not re-emit the network when a VIF comes or goes (recorded export frames)
+                self._link(vif["$network"], "VIFs", new_vif["id"], announce=False)
                 snap["VIFs"].append(new_vif["id"])
         self.add(order_vm_keys(snap))
+        for source, copy in copies:
+            self._count_vdi_snapshot(source, copy)
+        for iso_id, vbd_id in isos:
+            self._link(iso_id, "$VBDs", vbd_id)
         self._link(vm["id"], "snapshots", snap_id)
         return snap_id
 
     def _snapshot_vdi(self, source: dict[str, Any], when: int) -> dict[str, Any]:
+        """A VDI-snapshot of `source`, not added yet; it reads what the disk holds now."""
         # Keys in XO's order: the VDI's own, then snapshot_time and $snapshot_of, then the common ones.
         copy = {k: v for k, v in source.items() if k not in COMMON_KEYS and k != "chainPhysicalUsage"}
         copy.update({"type": "VDI-snapshot", "snapshots": [], "tags": list(source["tags"]), "other_config": {},
                      "snapshot_time": when, "$snapshot_of": source["id"], **self._common()})
         spec = self._disk_specs.get(source["id"])
         if spec is not None:
-            self._set_disk_spec(copy["id"], spec)  # the snapshot reads what the disk held when it was taken
+            self._set_disk_spec(copy["id"], spec)
+        return copy
+
+    def _count_vdi_snapshot(self, source: dict[str, Any], copy: dict[str, Any]) -> None:
+        """Link a new VDI-snapshot to its source and its SR."""
         self._link(source["id"], "snapshots", copy["id"])
         sr = self._objects[source["$SR"]]
         # The copy's usage counts on the SR as long as the copy exists (destroying it gives it back).
         self.update(sr["id"], {"VDIs": [*sr["VDIs"], copy["id"]], "usage": sr["usage"] + source["size"],
                                "physical_usage": sr["physical_usage"] + copy["usage"]})
-        return copy
 
     def vm_delete(self, vm_id: str, *, force: bool = False, delete_disks: bool = True,
                   bypass_blocked: bool | None = None, force_default_template: bool | None = None) -> None:
         """`vm.delete` (`VM_destroy`): hard shutdown if needed, then the VM, its snapshots and its disks
         (except disks another non-dom0 VM also uses). Blocked destroy → forbiddenOperation; a default
         template → incorrectState. `force` implies both bypasses, as in XO."""
+        disks = self.vm_destroy(vm_id, force=force, bypass_blocked=bypass_blocked,
+                                force_default_template=force_default_template)
+        if delete_disks:
+            self.destroy_vdis(disks)
+
+    def vm_destroy(self, vm_id: str, *, force: bool = False, bypass_blocked: bool | None = None,
+                   force_default_template: bool | None = None) -> list[str]:
+        """`vm_delete` up to XAPI's `VM.destroy`: the VM, its VBDs, VIFs and snapshots (with their disks) go;
+        returns the ids of its own disks, for `destroy_vdis` (XO destroys them once `VM.destroy` returned)."""
         vm = self.get_typed(vm_id, ("VM", "VM-snapshot", "VM-template"))
         blocked = vm["blockedOperations"].get("destroy")
         if blocked is not None and not (force if bypass_blocked is None else bypass_blocked):
@@ -883,8 +916,9 @@ class SimModel:
         if vm["power_state"] != "Halted":
             self._shutdown(vm, hard=True)
             vm = self._objects[vm["id"]]
-        disks = [self._objects[vbd["VDI"]] for vbd in self._disk_vbds(vm)]
+        disks = [vbd["VDI"] for vbd in self._disk_vbds(vm)]
         self._async_task("Async.VM.destroy")
+        self.remove(vm["id"])  # the recorded export frames list the VM first, then its devices
         for vbd_id in vm["$VBDs"]:
             vbd = self._objects.get(vbd_id)
             if vbd is not None:
@@ -894,19 +928,23 @@ class SimModel:
         for vif_id in vm["VIFs"]:
             vif = self._objects.get(vif_id)
             if vif is not None:
-                self._unlink(vif["$network"], "VIFs", vif_id)
+                self._unlink(vif["$network"], "VIFs", vif_id, announce=False)
                 self.remove(vif_id)
         if "$snapshot_of" in vm:
             self._unlink(vm["$snapshot_of"], "snapshots", vm["id"])
         for snap_id in vm["snapshots"]:
             if snap_id in self._objects:
                 self.vm_delete(snap_id, force=True)
-        self.remove(vm["id"])
-        if delete_disks:
-            for vdi in disks:
-                vdi = self._objects.get(vdi["id"])
-                if vdi is not None and not self._used_elsewhere(vdi):
-                    self._destroy_vdi(vdi)
+        return disks
+
+    def destroy_vdis(self, vdi_ids: list[str]) -> None:
+        """XO's clean-up after `VM.destroy`: each of these disks that no other VM uses is destroyed (XO calls
+        `Async.VDI.destroy` for all of them at once)."""
+        vdis = [vdi for vdi in map(self._objects.get, vdi_ids) if vdi is not None and not self._used_elsewhere(vdi)]
+        for _ in vdis:
+            self._async_task("Async.VDI.destroy")
+        for vdi in vdis:
+            self._destroy_vdi(vdi, task=False)
 
     def _disk_vbds(self, vm: dict[str, Any]) -> list[dict[str, Any]]:
         """A VM's VBDs that hold a disk (not CD drives)."""

@@ -6,8 +6,10 @@ and `content-type: application/octet-stream`, no length (chunked), Range ignored
 once "XAPI answered", here once the first chunk of the body is ready. The unknown id is checked first (404
 even with a bad format), then tsoa's checks (422). A Running or Paused VM is snapshotted first as
 `[XO Export] <name_label>`; that snapshot is what is exported, and it is destroyed when the stream ends or
-the client goes away, so event watchers see it come and go. XAPI `task` objects come and go around every
-export, as in the recorded event frames.
+the client goes away, so event watchers see it come and go, in the recorded sequence of frames: the pending
+export task alone, the snapshot's objects about 200 ms later, then at the end the snapshot and its devices
+leave while its VDI-snapshots are sent again without VBDs, and those leave about 200 ms later. XAPI `task`
+objects come and go around every export, as in the recorded event frames.
 
 `application/octet-stream` counts as compressible for Express's `compression()` (mime-db says so), hence
 the recorded `Vary: Accept-Encoding`: a client that sends `Accept-Encoding: gzip` gets the export
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 RAW_CHUNK = 4 << 20  # bytes per chunk of a raw export: big chunks keep loopback above 1 GB/s
 VHD_TIMESTAMP = 1_795_000_000  # a fixed VHD footer time, so that exporting twice gives the same bytes
 VM_FORMATS = ("ova", "xva")
+# XO learns what XAPI did through `event.from`, which returned about every 200 ms in the recorded export of a
+# running VM (`exports/vm-xva.running.web-01.with-ws.ws-frames.jsonl`): the snapshot's objects entered about
+# 220 ms after the export task, and its disks left about 200 ms after the snapshot itself.
+XAPI_EVENT_S = 0.2
 VDI_FORMATS = ("raw", "vhd")
 COMPRESS_VALUES = ("zstd", "gzip")
 
@@ -86,19 +92,30 @@ class Exporter:
         task = self.model.start_task("[XO] VM export", vm["name_label"])
         exported = vm
         snapshot_id = None
-        if vm["power_state"] in ("Running", "Paused"):
-            snapshot_id = self.model.vm_snapshot(vm["id"], f"[XO Export] {vm['name_label']}")
-            self.model.flush_events()  # XO waits for the snapshot task: watchers see it before it goes
-            exported = self.model.get_typed(snapshot_id, "VM-snapshot")
 
         def cleanup(ok: bool) -> None:
             self.model.finish_task(task, status="success" if ok else "failure")
-            if snapshot_id is not None:
-                try:
-                    self.model.vm_delete(snapshot_id)
-                except SimError as error:  # XO only logs a failed clean-up (a destroy-blocked VM, say)
-                    log.warning("could not destroy export snapshot %s: %s", snapshot_id, error.message)
+            if snapshot_id is None:
+                return
+            try:
+                disks = self.model.vm_destroy(snapshot_id)
+            except SimError as error:  # XO only logs a failed clean-up (a destroy-blocked VM, say)
+                log.warning("could not destroy export snapshot %s: %s", snapshot_id, error.message)
+                return
+            # XO destroys the VDI-snapshots once XAPI has told it the snapshot is gone: watchers first see
+            # them again without their VBDs, then leave a batch later.
+            self.model.call_later(XAPI_EVENT_S, lambda: self.model.destroy_vdis(disks))
 
+        if vm["power_state"] in ("Running", "Paused"):
+            try:
+                self.model.flush_events()  # the pending export task enters alone
+                await trio.sleep(XAPI_EVENT_S)  # then XO waits for `Async.VM.snapshot`, through XAPI's events
+                snapshot_id = self.model.vm_snapshot(vm["id"], f"[XO Export] {vm['name_label']}")
+            except BaseException:
+                cleanup(False)
+                raise
+            self.model.flush_events()  # watchers see the snapshot before the stream starts
+            exported = self.model.get_typed(snapshot_id, "VM-snapshot")
         try:
             chunks = self._xva_chunks(exported)
             if compression is not None:
