@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -572,10 +573,30 @@ async def test_reading_past_the_end_gives_eof(xo, tmp_path):
         f = await m.open(export, "/x.vhd")
         assert len(await f.read(0, MiB)) == MiB
         real = len(get_export(xo, export.path))
-        assert await f.read(real, MiB) == b""
-        assert await f.read(bound - 10, 10) == b""
+        assert await f.read(real, MiB) == b""  # where a sequential reader ends
+        # A read that starts beyond the end, where the size shown at open said there were bytes (`tail -c
+        # 10`): an empty answer would be a silent wrong result.
+        with pytest.raises(XofsError) as err:
+            await f.read(bound - 10, 10)
+        assert err.value.errno == errno.EIO and f"beyond the end of the export ({real} bytes)" in str(err.value)
         await f.release()
         assert m.attrs(export).size == real
+        # Opened again, the size shown is the length: past it is the end, as on any file.
+        again = await m.open(export, "/x.vhd")
+        assert await again.read(bound - 10, 10) == b""
+        assert (await again.read(real - 10, 10)) == get_export(xo, export.path)[-10:]
+        await again.release()
+
+
+async def test_reading_past_the_end_of_an_exact_size_starts_no_export(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        export = vdi_export(m, xo.medium, "raw")
+        gets = export_gets(xo, export.path)
+        f = await m.open(export, "/x.raw")
+        assert await f.read(m.attrs(export).size, 4096) == b""
+        assert await f.read(m.attrs(export).size + MiB, 4096) == b""
+        await f.release()
+        assert export_gets(xo, export.path) == gets and len(m.spool) == 0
 
 
 async def test_writes_are_refused(xo, tmp_path):
@@ -635,3 +656,74 @@ def test_bounds_cover_fully_allocated_exports(xo, tmp_path, size):
     assert len(zstandard.ZstdCompressor(level=19).compress(noise)) <= compressed_bound(size, "zstd")
     packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     assert len(packer.compress(noise) + packer.flush()) <= compressed_bound(size, "gzip")
+
+
+def running_vm_disk(m: ExportManager) -> str:
+    """A disk plugged into a running VM: its bytes may change without an event."""
+    for vdi_id, vdi in m.cache.of_type("VDI").items():
+        for vbd_id in vdi.get("$VBDs", []):
+            vm = m.cache.get(m.cache.get(vbd_id)["VM"])
+            if vm["type"] == "VM" and vm["power_state"] == "Running" and vdi["size"] <= 2 << 30:
+                return vdi_id
+    raise AssertionError("the seeded inventory has no running VM with a disk")
+
+
+async def test_a_live_disk_is_never_served_from_an_earlier_spool_copy(xo, tmp_path):
+    async with running(xo, tmp_path / "spool") as m:
+        live = vdi_export(m, running_vm_disk(m), "vhd")
+        still = vdi_export(m, xo.small, "vhd")
+        assert m.live(live) and not m.live(still)
+        for export in (live, still):
+            first = await m.open(export, "/first")
+            await first.read(MiB, 100)  # out of order: into the spool
+            whole = await read_all(first, 0)
+            await first.release()
+            gets = export_gets(xo, export.path)
+            again = await m.open(export, "/again")
+            assert await again.read(len(whole) - 100, 100) == whole[-100:]  # random access: the spool
+            await again.release()
+            # A still disk's complete copy serves the second open; a running VM's disk is exported again.
+            assert export_gets(xo, export.path) == gets + (1 if export is live else 0), export.path
+
+
+async def test_a_reader_going_through_more_files_than_slots_in_turn_gets_through(xo, tmp_path):
+    # As `cmp a b`, or a program reading several exports in turn, with fewer slots than files: each is
+    # parked at most once, and comes back beyond the limit instead of parking the next one.
+    async with running(xo, tmp_path / "spool", max_exports=1, park_idle_after=0.3, readahead=2 * MiB) as m:
+        exports = [vdi_export(m, xo.medium, "raw"), vdi_export(m, xo.medium, "vhd"),
+                   vdi_export(m, xo.small, "raw")]
+        want = [get_export(xo, e.path) for e in exports]
+        gets = [export_gets(xo, e.path) for e in exports]
+        files = [await m.open(e, f"/{i}") for i, e in enumerate(exports)]
+        with trio.fail_after(30):
+            for offset in range(0, 6 * MiB, MiB):
+                for f, data in zip(files, want, strict=True):
+                    assert await f.read(offset, MiB) == data[offset : offset + MiB]
+        for f in files:
+            await f.release()
+        # medium.raw and medium.vhd share the object: count the exports of each path.
+        assert [export_gets(xo, e.path) - g for e, g in zip(exports, gets, strict=True)] in (
+            [2, 2, 1], [1, 2, 2], [2, 1, 2], [2, 2, 2]), "a restart for each parked export at most"
+
+
+async def test_an_idle_live_export_is_not_parked_and_a_waiter_goes_beyond_the_limit(xo, tmp_path, caplog):
+    caplog.set_level(logging.INFO, "xofs.export_stream")
+    async with running(xo, tmp_path / "spool", max_exports=1, park_idle_after=0.3, readahead=2 * MiB) as m:
+        live = vdi_export(m, running_vm_disk(m), "raw")
+        other = vdi_export(m, xo.small, "raw")
+        gets = export_gets(xo, live.path)
+        a = await m.open(live, "/live")
+        want = await a.read(0, MiB)
+        b = await m.open(other, "/other")
+        with trio.fail_after(10):
+            assert await b.read(0, MiB) == get_export(xo, other.path)[:MiB]
+        assert not a.feed.parked  # its restart could not give the same bytes
+        assert len(await a.read(MiB, MiB)) == MiB and export_gets(xo, live.path) == gets + 1
+        assert any("goes beyond the limit of 1 exports at once: every slot is held by an idle export that "
+                   "could not be restarted" in r.getMessage() for r in caplog.records)
+        assert want
+        await a.release()
+        await b.release()
+        with trio.fail_after(5):  # the slots come back once the cancelled exports' tasks end
+            while m.slots.free != 1 or m.slots.holders:
+                await trio.sleep(0.05)

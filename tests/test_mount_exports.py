@@ -170,6 +170,21 @@ def test_rsync_fails_loudly_until_the_size_is_known(setup, tmp_path):
     assert sha256_of(tmp_path / "second" / src.name) == want
 
 
+def test_tail_of_a_size_that_is_a_bound_fails_then_gives_the_right_bytes(setup, tmp_path):
+    sim, mount, base = setup
+    vdi = import_raw(sim, disk_bytes(3 * MiB + 5, 9), "tail-me")
+    src = mount / "vdis" / f"{vdi}.vhd"
+    _wait_for(src)
+    want = curl(sim, f"vdis/{vdi}.vhd", tmp_path / "curl.vhd").read_bytes()[-1000:]
+    assert xattr(src, "user.xo.size_exact") == b"false"
+    first = subprocess.run(["tail", "-c", "1000", str(src)], capture_output=True, timeout=60)
+    # The last 1000 bytes of the size shown lie beyond the real end: an error, never empty output and 0.
+    assert first.returncode != 0 and b"Input/output error" in first.stderr, first
+    assert xattr(src, "user.xo.size_exact") == b"true"
+    second = subprocess.run(["tail", "-c", "1000", str(src)], capture_output=True, timeout=60)
+    assert second.returncode == 0 and second.stdout == want, second.stderr
+
+
 def test_qemu_img_reads_the_vhd_on_the_mount(setup, tmp_path):
     require_tool("qemu-img")
     sim, mount, _ = setup

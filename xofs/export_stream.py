@@ -61,6 +61,7 @@ class ExportSlots:
         self.limit = limit
         self.idle_after = idle_after
         self._free = trio.Semaphore(limit)
+        self._over = 0  # exports running beyond the limit (see `acquire`)
         self.holders: set[ExportFeed] = set()
         self.quiet_since = trio.current_time()  # when the last export ended (or the slots were made)
 
@@ -69,32 +70,58 @@ class ExportSlots:
         return self._free.value
 
     async def acquire(self, feed: ExportFeed) -> None:
+        """Take a slot for `feed`, waiting for one if need be. Two kinds of export go beyond the limit rather
+        than wait: one resuming after it was parked (its reader only paused, as `cmp a b` or a program
+        reading several files in turn does: parking it again for the next would restart exports over and
+        over), and one whose wait would never end, every slot being held by an idle export that cannot be
+        restarted (a running VM's: each export of it is another snapshot), most likely by the very program
+        that now waits."""
         if self._free.value == 0:
+            if feed.resuming:
+                self._go_over(feed, "it resumes after being parked")
+                return
             log.info("export %s waits: all %d export slots are in use (%s)", feed.label, self.limit,
-                     ", ".join(sorted(f.label for f in self.holders)))
+                     ", ".join(sorted(f.label for f in self.holders if not f.cancelled)))
         while True:
             with trio.move_on_after(PARK_CHECK):
                 await self._free.acquire()
                 self.holders.add(feed)
                 return
-            self._park_one(feed)
+            if not self._park_one(feed) and self._all_held_by_idle_unrepeatable():
+                self._go_over(feed, "every slot is held by an idle export that could not be restarted")
+                return
+
+    def _go_over(self, feed: ExportFeed, why: str) -> None:
+        self._over += 1
+        self.holders.add(feed)
+        log.info("export %s goes beyond the limit of %d exports at once: %s", feed.label, self.limit, why)
 
     def release(self, feed: ExportFeed) -> None:
         self.holders.remove(feed)
-        self._free.release()
+        if self._over:
+            self._over -= 1
+        else:
+            self._free.release()
         if not self.holders:
             self.quiet_since = trio.current_time()
         for other in self.holders:
             other.make_room()  # its share of the read-ahead grew
 
-    def _park_one(self, waiter: ExportFeed) -> None:
+    def _park_one(self, waiter: ExportFeed) -> bool:
         now = trio.current_time()
         idle = [f for f in self.holders if f.parkable(now, self.idle_after)]
-        if idle:
-            victim = min(idle, key=lambda f: f.last_read)
-            log.info("export %s parked after %.0f s without a read, for %s; it restarts at its next read",
-                     victim.label, now - victim.last_read, waiter.label)
-            victim.park()
+        if not idle:
+            return False
+        victim = min(idle, key=lambda f: f.last_read)
+        log.info("export %s parked after %.0f s without a read, for %s; it restarts at its next read",
+                 victim.label, now - victim.last_read, waiter.label)
+        victim.park()
+        return True
+
+    def _all_held_by_idle_unrepeatable(self) -> bool:
+        now = trio.current_time()
+        held = [f for f in self.holders if not f.cancelled]
+        return bool(held) and all(f.idle(now, self.idle_after) and not f.repeatable for f in held)
 
 
 class ReceiveBuffers:
@@ -164,8 +191,12 @@ class ExportFeed:
     def __init__(self, label: str, open_response: Callable[[], Awaitable[ExportResponse]], slots: ExportSlots,
                  buffers: ReceiveBuffers, *, readahead: int, back_window: int,
                  verify: tuple[int, bytes] | None = None, spool: SpoolEntry | None = None,
-                 resume_at: int = 0) -> None:
+                 resume_at: int = 0, repeatable: bool = True, resuming: bool = False) -> None:
         self.label = label  # the export's path, for log lines
+        # Whether a second export would give the same bytes (false for a running VM and its disks): only
+        # then may the export be parked, since its restart must match what it delivered.
+        self.repeatable = repeatable
+        self.resuming = resuming  # it restarts an export that was parked (ExportSlots.acquire)
         self._open_response = open_response
         self._slots = slots
         self.readahead = readahead
@@ -197,6 +228,11 @@ class ExportFeed:
     @property
     def done(self) -> bool:
         return self.length is not None or self.error is not None
+
+    @property
+    def cancelled(self) -> bool:
+        """Cancelled or parked: it gives its slot back as soon as its task ends."""
+        return self._scope.cancel_called
 
     def digest(self) -> tuple[int, bytes]:
         """How many bytes were received and their hash, for checking a restarted export."""
@@ -249,10 +285,14 @@ class ExportFeed:
         """This export's read-ahead: `readahead` shared with the other exports running at once."""
         return max(MIN_READAHEAD, self.readahead // max(1, len(self._slots.holders)))
 
-    def parkable(self, now: float, idle_after: float) -> bool:
+    def idle(self, now: float, idle_after: float) -> bool:
         """A memory export, still receiving, whose reader has not read for `idle_after` seconds."""
         return (self.spool is None and self.running and not self.done and not self._reading
                 and now - self.last_read >= idle_after)
+
+    def parkable(self, now: float, idle_after: float) -> bool:
+        """Idle, and restartable with the same bytes."""
+        return self.repeatable and self.idle(now, idle_after)
 
     def park(self) -> None:
         """Give up the slot; the reader's next read restarts the export (`Parked` tells it to)."""

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 BACK_WINDOW = 1 << 20  # bytes kept behind a reader for small backward seeks (mountpoint-s3 keeps 1 MiB too)
 SKIP_LIMIT = 16 << 20  # a later forward jump up to this far is received and dropped; further ones spool
+LIVE_POWER_STATES = frozenset({"Running", "Paused"})  # a VM in these may change its disks without an event
 BUFFERS_IDLE = 60.0  # seconds without a running export after which the receive buffers are unmapped
 
 VM_TYPES = frozenset({"VM", "VM-snapshot"})
@@ -216,6 +217,28 @@ class ExportManager:
         ids = sorted({export.obj_id} | self._related(type_, obj))
         return tuple(self._generation.get(i, 0) for i in ids)
 
+    def live(self, export: Export) -> bool:
+        """Whether the export's bytes may change without an XO event: a running or paused VM's export (each
+        one is of a new snapshot), or a disk such a VM has plugged in (written to as it runs). Such an
+        export is never parked (its restart could not match) and a complete spool copy of it is never
+        served to a later open (it could be arbitrarily old)."""
+        obj = self.cache.get(export.obj_id) or {}
+        if obj.get("type") == "VM":
+            return obj.get("power_state") in LIVE_POWER_STATES
+        if obj.get("type") != "VDI":
+            return False  # snapshots do not change
+        vbds = obj.get("$VBDs")
+        for vbd_id in vbds if isinstance(vbds, list) else []:
+            vbd = self.cache.get(vbd_id) if isinstance(vbd_id, str) else None
+            vm = self.cache.get(vbd.get("VM")) if vbd is not None and isinstance(vbd.get("VM"), str) else None
+            if vm is not None and vm.get("type") == "VM" and vm.get("power_state") in LIVE_POWER_STATES:
+                return True
+        return False
+
+    def spooled_copy(self, export: Export) -> SpoolEntry | None:
+        """A spool entry of `export` a new open may read from: not for a live export (`live`)."""
+        return None if self.live(export) else self.spool.lookup(export.path)
+
     def _objects_of(self, export: Export) -> frozenset[str]:
         obj = self.cache.get(export.obj_id) or {}
         return frozenset({export.obj_id} | self._related(obj.get("type", ""), obj))
@@ -265,14 +288,15 @@ class ExportManager:
     # --- starting exports ---
 
     def _feed(self, export: Export, *, verify: tuple[int, bytes] | None = None,
-              spool: SpoolEntry | None = None, resume_at: int = 0) -> ExportFeed:
+              spool: SpoolEntry | None = None, resume_at: int = 0, resuming: bool = False) -> ExportFeed:
         async def open_response() -> ExportResponse:
             self.exports_started += 1
             log.debug("export %s: starting", export.path)
             return await self.client.open_export(export.path)
 
         return ExportFeed(export.path, open_response, self.slots, self.buffers, readahead=self.readahead,
-                          back_window=BACK_WINDOW, verify=verify, spool=spool, resume_at=resume_at)
+                          back_window=BACK_WINDOW, verify=verify, spool=spool, resume_at=resume_at,
+                          repeatable=not self.live(export), resuming=resuming)
 
     async def _start(self, feed: ExportFeed) -> None:
         if self._nursery is None:
@@ -280,17 +304,18 @@ class ExportManager:
         await self._nursery.start(feed.run)
 
     async def stream(self, export: Export, verify: tuple[int, bytes] | None = None,
-                     resume_at: int = 0) -> ExportFeed:
+                     resume_at: int = 0, resuming: bool = False) -> ExportFeed:
         """Start an export read from memory; returns once XO answered 200 (raises its refusal).
 
-        With `verify`, its start must hash as an earlier export did, and reading resumes at `resume_at`."""
-        feed = self._feed(export, verify=verify, resume_at=resume_at)
+        With `verify`, its start must hash as an earlier export did, and reading resumes at `resume_at`;
+        `resuming`: it restarts a parked export."""
+        feed = self._feed(export, verify=verify, resume_at=resume_at, resuming=resuming)
         await self._start(feed)
         return feed
 
     async def spooled(self, export: Export, verify: tuple[int, bytes] | None = None) -> SpoolEntry:
         """A spool entry for `export` (acquired by the caller): the one there is, or a new export into one."""
-        entry = self.spool.lookup(export.path)
+        entry = self.spooled_copy(export)
         if entry is not None and verify is None:
             self.spool.acquire(entry)
             return entry
@@ -342,11 +367,17 @@ class ExportFile:
         try:
             if self.manager.cache.get(self.export.obj_id) is None:
                 # XO said the object is gone: what is still buffered must not make a copy look complete.
-                raise XofsError(f"the XO object {self.export.obj_id} was deleted while it was being read",
+                raise XofsError("the XO object was deleted while it was being read",
                                 errno_=errno.ENOENT)
-            source = await self._source(offset)
-            data = await source.read(offset, size)
-            await self._check_end(source, offset, size)
+            exact = self.export.exact_size
+            if exact is not None and offset >= exact:
+                data = b""  # past the end of a file whose length is known: no export for that
+            else:
+                source = await self._source(offset)
+                data = await source.read(offset, size)
+                await self._check_end(source, offset, size)
+                if not data and source.length is not None and offset > source.length:
+                    self._beyond_end(offset, source.length)
         except ExportReadError:
             raise
         except XofsError as err:
@@ -362,10 +393,12 @@ class ExportFile:
         if self.entry is not None:
             return self.entry
         feed = self.feed
+        resuming = False
         if feed is not None and feed.parked:
             # It gave its slot to another reader: restart it, checked against what it had received.
             self._verify, self._resume_at = feed.digest(), feed.reader_pos
             self.feed = feed = None
+            resuming = True
         if feed is not None:
             if feed.error is not None:
                 raise feed.error  # a broken export is not resumed: its bytes could not all be checked
@@ -382,9 +415,10 @@ class ExportFile:
                 log.debug("%s: read at %d out of order; spooling the export from here on", self.path, offset)
                 self.entry = self.manager.divert(self.export, feed)
             else:
-                log.info("%s: read at %d is behind what the export still holds (from %d); restarting the "
-                         "export into the spool, checked against the %d bytes received", self.path, offset,
-                         feed.window_start, feed.received)
+                where = "behind what the export still holds" if offset < feed.window_start else "too far ahead"
+                log.info("%s: read at %d is %s (it holds %d-%d); restarting the export into the spool, "
+                         "checked against the %d bytes received", self.path, offset, where, feed.window_start,
+                         feed.received, feed.received)
                 self._verify = feed.digest()
                 feed.cancel()
                 self.feed = None
@@ -392,9 +426,9 @@ class ExportFile:
             self.feed = None
             return self.entry
         if self._verify is not None and offset >= self._resume_at - BACK_WINDOW:
-            self.feed = await self.manager.stream(self.export, self._verify, self._resume_at)
+            self.feed = await self.manager.stream(self.export, self._verify, self._resume_at, resuming)
             return self.feed
-        entry = self.manager.spool.lookup(self.export.path)
+        entry = self.manager.spooled_copy(self.export)
         # A first read at 0 is sequential; one elsewhere is random access, unless too far for the spool.
         if entry is not None or 0 < offset < self.manager.spool.limit or self._verify is not None:
             self.entry = await self.manager.spooled(self.export, self._verify)
@@ -419,6 +453,16 @@ class ExportFile:
             self._too_long(*min(too_long))
         if length is not None and exact is not None and length != exact:
             raise XofsError(f"XO's export ended after {length} bytes, but the VDI's size is {exact}")
+
+    def _beyond_end(self, offset: int, length: int) -> None:
+        """A read that starts past the stream's end. Where the reader was shown a larger size, it took the
+        file for longer (`tail -c`, `dd skip=`, a footer read at the end of a size that was a bound): an
+        empty answer would make it print nothing and succeed. It fails, and the size is now the length."""
+        shown = max(self._shown_at_open[0], self.manager.size_of(self.export)[0])
+        if shown > length:
+            raise XofsError(f"the read starts beyond the end of the export ({length} bytes): the size shown "
+                            f"when the file was opened, {self._shown_at_open[0]} ({self._shown_at_open[1]}), "
+                            "was more than its length; the size shown now is the length: read it again")
 
     def _too_long(self, shown: int, basis: str) -> NoReturn:
         if basis == "measured":
