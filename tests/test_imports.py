@@ -29,7 +29,7 @@ from xofs.files import Caller, ImportEntry
 from xofs.formats.vhd import build_footer
 from xofs.import_format import parse_name, planned_vhd_length
 from xofs.import_spool import clean_stale_spools
-from xofs.imports import ImportFile, ImportManager, writer_was_killed
+from xofs.imports import LEFTOVER_CHECKS, ImportFile, ImportManager, writer_was_killed
 
 ME = Caller(pid=os.getpid())
 CHUNK = 128 * 1024
@@ -471,6 +471,34 @@ async def test_injected_xo_failure_is_eio_at_close(fresh_sim, tmp_path) -> None:
         err = await expect_error(errno.EIO, copy_in(env, "f.raw", data))
         assert env.sr in err.describe() and "500 Internal Server Error" in err.describe()
         await assert_nothing_left(env, "f", before)
+
+
+async def test_a_failed_import_never_deletes_a_vdi_of_the_same_name_made_meanwhile(fresh_sim, tmp_path) -> None:
+    # After a failed upload xofs looks, for a few seconds, for a VDI XO should have destroyed. Another
+    # client's import of the same name that finished meanwhile carries no import mark any more: not ours.
+    data = make_raw(tmp_path / "src.raw", 2 << 20)
+    fresh_sim.request("POST", "/_sim/faults", json.dumps({"import_bytes_per_second": 1 << 20}).encode(),
+                      {"Content-Type": "application/json"})
+    async with running(fresh_sim, tmp_path) as env:
+        entry = env.entry("f.raw")
+        f = await env.manager.create(entry, 0o644, ME, "/f.raw")
+        await write_all(f, data)
+        async with trio.open_nursery() as nursery:
+            async def close() -> None:
+                await expect_error(errno.EIO, f.flush(Caller()))
+                await f.release()
+
+            nursery.start_soon(close)
+            await eventually(lambda: env.manager.xattrs(entry)["user.xo.state"] == b"uploading", "the upload")
+            await trio.sleep(0.3)
+            status, _, body = await trio.to_thread.run_sync(
+                fresh_sim.request, "POST", f"/rest/v0/srs/{env.sr}/vdis?raw=true&name_label=f", b"x" * 4096,
+                {"Content-Type": "application/octet-stream"})
+            assert status == 201, body
+            theirs = json.loads(body)["id"]
+            await env.manager.unlink(entry, "/f.raw")  # cancels our upload: it fails
+        await trio.sleep(sum(LEFTOVER_CHECKS) + 0.5)
+        assert [v["id"] for v in vdis(fresh_sim, name_label="f")] == [theirs]
 
 
 async def test_unlink_during_the_upload_cancels_it(fresh_sim, tmp_path) -> None:

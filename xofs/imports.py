@@ -731,8 +731,9 @@ class ImportManager:
         """Delete the VDI a failed import left, if XO did not destroy it (xo-api.md §1.5: it should).
 
         It is the VDI on the SR with the import's name that did not exist before the upload and is
-        none of ours, still marked with the body length (`xo:import:length`) or not marked at all.
-        False when XO could not be asked.
+        none of ours, still marked with the body length (`xo:import:length`): XO removes that mark when an
+        import ends, so an unmarked VDI of that name is someone else's (another client's import that
+        finished meanwhile, one made in XO's web UI) and is never touched. False when XO could not be asked.
         """
         ours = {i.vdi for d in self._dirs.values() for i in d.values()} | {
             i.superseded for d in self._dirs.values() for i in d.values()}
@@ -745,7 +746,7 @@ class ImportManager:
                 return False
             leftovers = [v["id"] for v in vdis if v.get("$SR") == sr_id and v.get("name_label") == label
                          and v["id"] not in before and v["id"] not in ours
-                         and (v.get("other_config") or {}).get("xo:import:length", str(length)) == str(length)]
+                         and (v.get("other_config") or {}).get("xo:import:length") == str(length)]
             if not leftovers:
                 return True
             if attempt == len(LEFTOVER_CHECKS) - 1:
