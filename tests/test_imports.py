@@ -384,9 +384,11 @@ async def assert_nothing_left(env: Env, label: str, before: int) -> None:
 
 async def test_unsupported_names_are_refused_at_create(fresh_sim, tmp_path) -> None:
     async with running(fresh_sim, tmp_path) as env:
-        for name in ("notes.txt", ".DS_Store", "._disk.vhd"):
+        not_utf8 = b"bad\xff\xfename.raw".decode("utf-8", "surrogateescape")  # as the mount passes it on
+        for name in ("notes.txt", ".DS_Store", "._disk.vhd", not_utf8):
             err = await expect_error(errno.EINVAL, env.manager.create(env.entry(name), 0o644, ME, f"/{name}"))
             assert name in err.describe()
+        assert "not valid UTF-8" in err.describe()
 
 
 async def test_fixed_vhd_fails_its_first_write(fresh_sim, tmp_path) -> None:

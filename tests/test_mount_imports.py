@@ -5,6 +5,7 @@ content), and that nothing is left behind when it fails (no VDI, no spool, no en
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -213,6 +214,13 @@ def test_refused_content_fails_the_copy_and_leaves_nothing(fresh_sim, make_mount
     (tmp_path / "text.vhd").write_text("not a disk\n" * 1000)
     proc = sh("cp", str(tmp_path / "text.vhd"), str(target / "text.vhd"), check=False)
     assert_refused(proc, "Invalid argument", fresh_sim, before, target, mount)
+
+    # A name that is no UTF-8 cannot be a VDI's name: refused at create (it used to end the mount).
+    with pytest.raises(OSError) as err:
+        open(os.fsencode(target) + b"/bad\xff\xfename.raw", "wb").close()
+    assert err.value.errno == errno.EINVAL
+    assert "the name is not valid UTF-8" in mount.log_text()
+    assert os.listdir(target) == [] and len(vdis(fresh_sim)) == before
 
     free = next(s["size"] - s["usage"] for s in fresh_sim.get_json("/rest/v0/srs?fields=id,size,usage")
                 if s["id"] == smallest)

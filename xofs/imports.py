@@ -678,6 +678,9 @@ class ImportManager:
                 error = _upload_error(imp.sr_id, err)
             except OSError as err:
                 error = XofsError(f"import into SR {imp.sr_id} failed: cannot read the spool: {err.strerror}")
+            except Exception as err:  # a bug must fail this import, never the mount
+                log.exception("import of %s into SR %s: unexpected failure", path, imp.sr_id)
+                error = XofsError(f"import into SR {imp.sr_id} failed: internal error: {err!r}")
             given_up = early is not None and not early.committed
             if given_up and error is not None and early.stopped is None:
                 early.stopped = error.describe()  # the close must not count on it any more
@@ -917,6 +920,11 @@ class ImportManager:
 
 
 def _parse(name: str, path: str) -> ImportName:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are no UTF-8 (kept as surrogates): XO's names are JSON text
+        raise XofsError(f"{path}: the name is not valid UTF-8, and a VDI's name must be text",
+                        errno_=errno.EINVAL) from None
     try:
         return parse_name(name)
     except XofsError as err:

@@ -343,12 +343,17 @@ class Mount:
         except (StartupError, BaseExceptionGroup) as exc:
             err = startup_error_in(exc)
             if err is None:
+                # A bug that ends the daemon: into its log too (a detached daemon's stderr goes nowhere).
+                log.critical("xofs stops on an unexpected error", exc_info=exc)
                 raise
             message = f"xofs: cannot mount {self.args.url}: {err}"
             if self.logs is not None and self.logs.held is None:  # a file or syslog: the reason goes there too
                 log.error("%s", message.removeprefix("xofs: "))
             reporter.failed(message)
             return 1
+        except Exception:
+            log.critical("xofs stops on an unexpected error", exc_info=True)
+            raise
         return 0
 
     async def _serve(self, reporter: Reporter) -> None:
