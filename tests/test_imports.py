@@ -269,6 +269,28 @@ async def test_flush_before_writes_is_a_no_op(fresh_sim, tmp_path) -> None:
         assert raw_export(fresh_sim, vdi["id"]) == data
 
 
+async def test_a_close_that_wrote_nothing_does_not_wait_for_the_upload(fresh_sim, tmp_path) -> None:
+    """`touch`, or any open that writes nothing, while another descriptor's upload runs."""
+    data = make_raw(tmp_path / "src.raw", 2 << 20)
+    fresh_sim.request("POST", "/_sim/faults", json.dumps({"import_bytes_per_second": 1 << 20}).encode(),
+                      {"Content-Type": "application/json"})
+    async with running(fresh_sim, tmp_path) as env:
+        entry = env.entry("t.raw")
+        writer = await env.manager.create(entry, 0o644, ME, "/t.raw")
+        await write_all(writer, data)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.flush, Caller())
+            await eventually(lambda: env.manager.xattrs(entry)["user.xo.state"] == b"uploading", "the upload")
+            idle = await env.manager.open(entry, os.O_WRONLY, ME, "/t.raw")
+            with trio.fail_after(0.5):  # the upload takes about 2 s
+                await idle.flush(Caller())
+            await idle.release()
+            assert env.manager.xattrs(entry)["user.xo.state"] == b"uploading"
+        await writer.release()
+        [vdi] = env.vdis(name_label="t")
+        assert raw_export(fresh_sim, vdi["id"]) == data
+
+
 async def test_reopen_and_change_replaces_the_vdi(fresh_sim, tmp_path) -> None:
     """qemu-img's pattern: write an empty image, close, reopen read-write, fill it, close."""
     image, expected = make_vhd(tmp_path)

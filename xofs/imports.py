@@ -154,6 +154,7 @@ class ImportFile:
         self._manager = manager
         self.imp = imp
         self.writable = writable
+        self.wrote = False  # whether anything was written through this open
         self.caller = caller
         self.path = path
         imp.handles += 1
@@ -169,6 +170,7 @@ class ImportFile:
     async def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
             raise XofsError("the file is not open for writing", errno_=errno.EBADF)
+        self.wrote = True
         return await self._manager.write(self, offset, data)
 
     async def flush(self, caller: Caller) -> None:
@@ -544,10 +546,14 @@ class ImportManager:
     async def flush(self, handle: ImportFile) -> None:
         """A close: uploads what was written since the last upload, and answers XO's verdict."""
         imp = handle.imp
+        if not handle.writable:
+            if imp.failure is not None:
+                raise imp.failure
+            return
+        if imp.phase is Phase.UPLOADING and not handle.wrote:
+            return  # `touch`, or an open that wrote nothing: the upload is the writer's, and so is its verdict
         if imp.failure is not None:
             raise imp.failure
-        if not handle.writable:
-            return
         if imp.phase is Phase.UPLOADING:
             await self._wait(imp)
         elif imp.phase is Phase.WRITING and imp.dirty:
