@@ -853,3 +853,10 @@ async def test_legacy_sim_round_trip(legacy_sim, tmp_path):
     with pytest.raises(XoAuthError, match="Unauthorized"):
         await bad.check()
     await bad.aclose()
+
+
+def test_xo_words_over_several_lines_make_one_log_line():
+    err = XoError(500, "Expected values to be strictly equal:\n\n+ actual - expected\n\n+ 1\n- 2\n")
+    assert err.xo_message.count("\n") == 6  # kept as XO said them
+    assert err.describe() == ("XO answered 500: Expected values to be strictly equal: / + actual - expected / "
+                              "+ 1 / - 2")

@@ -5,6 +5,7 @@ content), and that nothing is left behind when it fails (no VDI, no spool, no en
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -281,3 +282,18 @@ def test_read_only_mount_refuses_imports(fresh_sim, make_mount, tmp_path):
     proc = sh("cp", str(tmp_path / "r.raw"), str(target / "r.raw"), check=False)
     assert proc.returncode != 0 and "Read-only file system" in proc.stderr
     assert len(vdis(fresh_sim)) == before
+
+
+def test_fstat_of_a_descriptor_still_open_on_a_refused_import_works(fresh_sim, make_mount):
+    mount = make_mount(fresh_sim)
+    target = import_dir(mount, sr_ids(fresh_sim)[0])
+    fd = os.open(target / "zeros.vhd", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError) as err:
+            os.write(fd, bytes(512))  # no VHD footer: the import fails, and its entry goes
+        assert err.value.errno == errno.EINVAL
+        assert not (target / "zeros.vhd").exists()
+        assert os.fstat(fd).st_size >= 0  # as on any filesystem (qemu-img reported ENOENT here)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)

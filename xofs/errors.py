@@ -39,7 +39,10 @@ class XoError(XofsError):
         self.url = url
         self.code = code
         prefix = f"XO answered {status}" if status else f"XO error {code}"
-        super().__init__(f"{prefix}: {xo_message}", object_id=object_id, errno_=errno_for_status(status))
+        # XO's words may span lines (Node's assertion messages: "+ actual - expected\n\n…"): one log line
+        # each, as promised, with the breaks shown as ` / `.
+        words = " / ".join(line.strip() for line in xo_message.splitlines() if line.strip())
+        super().__init__(f"{prefix}: {words}", object_id=object_id, errno_=errno_for_status(status))
 
 
 class XoNotFound(XoError):

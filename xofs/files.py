@@ -89,6 +89,11 @@ class ImportService(Protocol):
 
     def xattrs(self, entry: ImportEntry) -> dict[str, bytes]: ...
 
+    def open_attrs(self, file: OpenFile) -> FileAttrs | None:
+        """The attributes of an open file of this service, even once its entry is gone (failed, removed):
+        `fstat` of a descriptor still open must keep working, as on any filesystem."""
+        ...
+
     def dir_mode(self) -> int:
         """Permission bits of import directories (0o700, or 0o500 on a read-only mount)."""
         ...

@@ -227,6 +227,13 @@ class XoFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             attrs = self.imports.entries(node.sr_id).get(node.name)
             if attrs is None:
+                # Gone (failed, removed), but `fstat` of a descriptor still open on it must work, as on
+                # any filesystem: qemu-img would report ENOENT instead of the write's own error.
+                for handle in self._handles.values():
+                    if handle.ino == inode.ino:
+                        attrs = self.imports.open_attrs(handle.file)
+                        if attrs is not None:
+                            return attrs
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return attrs
         assert isinstance(node, File)
@@ -545,8 +552,9 @@ class XoFS(pyfuse3.Operations):
             self._import_entry(parent_inode_new, name_new)  # EPERM when the target is no import directory
             raise XofsError("a file can only be renamed within its own import directory", errno_=errno.EXDEV)
         if flags:
-            raise XofsError("rename flags (RENAME_NOREPLACE, RENAME_EXCHANGE) are not supported",
-                            errno_=errno.EINVAL)
+            # RENAME_NOREPLACE, RENAME_EXCHANGE: not supported. mv asks for RENAME_NOREPLACE first and falls
+            # back to a plain rename on EINVAL, so this is no failure worth a warning (logged at DEBUG).
+            raise pyfuse3.FUSEError(errno.EINVAL)
         new_name = name_new.decode("utf-8", "surrogateescape")
         await self.imports.rename(entry, new_name, self._child_path(parent_inode_old, name_old))
         self.tree.rename_import(parent_inode_old, entry.name, new_name)

@@ -230,7 +230,7 @@ class ImportManager:
     async def _stop_uploads(self) -> None:
         for imports in self._dirs.values():
             for imp in imports.values():
-                self._stop_early(imp, "the mount is stopping while the file is being written")
+                self._stop_early(imp, "the mount is stopping while the file is being written", final=True)
         with trio.CancelScope(shield=True) as scope:
             self._shutdown_scope = scope
             wait = 0.0 if self._no_wait else self.shutdown_wait
@@ -289,6 +289,9 @@ class ImportManager:
     def entries(self, sr_id: str) -> dict[str, FileAttrs]:
         imports = self._dir(sr_id)
         return {name: imp.attrs() for name, imp in imports.items()}
+
+    def open_attrs(self, file: OpenFile) -> FileAttrs | None:
+        return file.imp.attrs() if isinstance(file, ImportFile) else None
 
     def xattrs(self, entry: ImportEntry) -> dict[str, bytes]:
         imp = self._dir(entry.sr_id).get(entry.name)
@@ -433,17 +436,18 @@ class ImportManager:
         log.debug("%s: its block table says %d bytes; uploading while it is written", path, length)
         self._nursery.start_soon(self._upload, imp, early.upload, path, early)
 
-    def _stop_early(self, imp: _Import, reason: str) -> _Early | None:
-        """Give up the upload that follows the writer (XO destroys the VDI it began); the close uploads."""
+    def _stop_early(self, imp: _Import, reason: str, *, final: bool = False) -> _Early | None:
+        """Give up the upload that follows the writer (XO destroys the VDI it began); the close uploads,
+        unless `final` (the import failed or ended: nothing will be)."""
         if imp.early is not None:
-            self._give_up(imp.early, imp.name, reason)
+            self._give_up(imp.early, imp.name, reason, final=final)
         return imp.early
 
-    def _give_up(self, early: _Early, name: str, reason: str) -> None:
+    def _give_up(self, early: _Early, name: str, reason: str, *, final: bool = False) -> None:
         if early.stopped is None:
             early.stopped = reason
-            log.info("%s: stopped uploading while it is written (%s); it is uploaded when it is closed",
-                     name, reason)
+            log.info("%s: stopped uploading while it is written (%s); %s", name, reason,
+                     "nothing is uploaded" if final else "it is uploaded when it is closed")
             self._cancel(early.upload, reason)
 
     async def _early_ready(self, imp: _Import, early: _Early, end: int) -> None:
@@ -800,7 +804,7 @@ class ImportManager:
         if imp.failure is not None:
             return
         imp.failure = error
-        early = self._stop_early(imp, error.describe())
+        early = self._stop_early(imp, error.describe(), final=True)
         self._drop_spool(imp)
         if not imp.gone:
             self._forget(imp, None)
@@ -817,7 +821,7 @@ class ImportManager:
     def _forget(self, imp: _Import, reason: str | None) -> None:
         """Take the entry out of its directory (the caller saves); XO is not touched, but an upload that
         follows the writer is given up (which removes what it began)."""
-        self._stop_early(imp, reason or "the import ended")
+        self._stop_early(imp, reason or "the import ended", final=True)
         imports = self._dirs.get(imp.sr_id, {})
         if imports.get(imp.name) is imp:
             del imports[imp.name]
