@@ -227,6 +227,23 @@ async def test_rsync_sequence_names_the_vdi_after_the_final_name(fresh_sim, tmp_
         assert env.manager.xattrs(env.entry("disk.vhd"))["user.xo.vdi"] == vdi["id"].encode()
 
 
+async def test_an_rsync_temporary_file_removed_instead_of_renamed_takes_its_vdi_along(fresh_sim, tmp_path) -> None:
+    # rsync interrupted (Ctrl-C): it closes its temporary file, which imports what it held, then removes it.
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, "kept.raw", data)  # an import under its final name stays when removed
+        temp = env.entry(".part.raw.Qe4cmZ")
+        f = await env.manager.create(temp, 0o600, ME, "/temp")
+        await write_all(f, data[: len(data) // 3])
+        await f.flush(Caller())
+        await f.release()
+        assert len(env.vdis(name_label="part")) == 1
+        await env.manager.unlink(temp, "/temp")
+        assert env.vdis(name_label="part") == [] and ".part.raw.Qe4cmZ" not in env.manager.entries(env.sr)
+        await env.manager.unlink(env.entry("kept.raw"), "/kept.raw")
+        assert len(env.vdis(name_label="kept")) == 1
+
+
 async def test_rename_of_an_imported_file_renames_the_vdi(fresh_sim, tmp_path) -> None:
     data = make_raw(tmp_path / "src.raw", 1 << 20)
     async with running(fresh_sim, tmp_path) as env:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,28 @@ def test_fstat_of_a_descriptor_still_open_on_a_refused_import_works(fresh_sim, m
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def test_an_interrupted_rsync_leaves_no_cut_short_vdi(fresh_sim, make_mount, tmp_path):
+    require_tool("rsync")
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    src = tmp_path / "big.raw"
+    make_raw(src, 16 << 20)
+    rsync = subprocess.Popen(["rsync", "--bwlimit=2000", str(src), f"{import_dir(mount, sr)}/"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for(lambda: any(n.startswith(".big.raw.") for n in os.listdir(import_dir(mount, sr))), 10,
+                 "rsync's temporary file")
+        time.sleep(1)
+        os.killpg(rsync.pid, signal.SIGINT)  # Ctrl-C: rsync closes its temporary file, then removes it
+        assert rsync.wait(timeout=60) != 0
+    finally:
+        if rsync.poll() is None:
+            os.killpg(rsync.pid, signal.SIGKILL)
+            rsync.wait()
+    # rsync's first process exits at once; its receiver removes the temporary file a moment later.
+    wait_for(lambda: os.listdir(import_dir(mount, sr)) == [], 10, "rsync to remove its temporary file")
+    wait_for(lambda: not [v for v in vdis(fresh_sim) if v["name_label"] == "big"], 10,
+             "no VDI made of the part rsync had sent")
+    assert "rsync's temporary file, was removed instead of renamed" in mount.log_text()

@@ -838,6 +838,16 @@ class ImportManager:
         imp = self._get(entry, path)
         self._check_writable(path)
         if imp.phase is Phase.IMPORTED:
+            if imp.kind.temporary and imp.vdi is not None:
+                # rsync removes its temporary file instead of renaming it when the transfer was interrupted
+                # (Ctrl-C: it closes the file first, which imported what it held) or failed its checksum:
+                # the VDI holds an unfinished copy, made from this file moments ago. It goes too.
+                vdi = imp.vdi
+                self._forget(imp, "it was removed")
+                self._save(imp.sr_id)
+                await self._delete_vdi(vdi, f"{path}, rsync's temporary file, was removed instead of renamed "
+                                            "to its final name: the transfer was abandoned")
+                return
             log.info("%s removed: forgetting the import; VDI %s stays in XO", path, imp.vdi)
             self._forget(imp, "it was removed")
             self._save(imp.sr_id)
