@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +156,20 @@ async def expect_error(code: int, coro) -> XofsError:
     return info.value
 
 
+async def uploading_slowly(env: Env, name: str, data: bytes, nursery: trio.Nursery,
+                           close: Callable[[ImportFile], Awaitable[None]]) -> tuple[ImportEntry, ImportFile]:
+    """`name` written with `data`, and `close(file)` started in `nursery`; returns once the upload runs,
+    which XO (the simulator, slowed to 1 MiB/s) takes about a second per MiB to finish."""
+    env.sim.request("POST", "/_sim/faults", json.dumps({"import_bytes_per_second": 1 << 20}).encode(),
+                    {"Content-Type": "application/json"})
+    entry = env.entry(name)
+    f = await env.manager.create(entry, 0o644, ME, f"/{name}")
+    await write_all(f, data)
+    nursery.start_soon(close, f)
+    await eventually(lambda: env.manager.xattrs(entry)["user.xo.state"] == b"uploading", "the upload")
+    return entry, f
+
+
 # ---- names --------------------------------------------------------------------------------------------
 
 
@@ -289,15 +303,9 @@ async def test_flush_before_writes_is_a_no_op(fresh_sim, tmp_path) -> None:
 async def test_a_close_that_wrote_nothing_does_not_wait_for_the_upload(fresh_sim, tmp_path) -> None:
     """`touch`, or any open that writes nothing, while another descriptor's upload runs."""
     data = make_raw(tmp_path / "src.raw", 2 << 20)
-    fresh_sim.request("POST", "/_sim/faults", json.dumps({"import_bytes_per_second": 1 << 20}).encode(),
-                      {"Content-Type": "application/json"})
     async with running(fresh_sim, tmp_path) as env:
-        entry = env.entry("t.raw")
-        writer = await env.manager.create(entry, 0o644, ME, "/t.raw")
-        await write_all(writer, data)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.flush, Caller())
-            await eventually(lambda: env.manager.xattrs(entry)["user.xo.state"] == b"uploading", "the upload")
+            entry, writer = await uploading_slowly(env, "t.raw", data, nursery, lambda f: f.flush(Caller()))
             idle = await env.manager.open(entry, os.O_WRONLY, ME, "/t.raw")
             with trio.fail_after(0.5):  # the upload takes about 2 s
                 await idle.flush(Caller())
@@ -518,19 +526,13 @@ async def test_a_failed_import_never_deletes_a_vdi_of_the_same_name_made_meanwhi
     # After a failed upload xofs looks, for a few seconds, for a VDI XO should have destroyed. Another
     # client's import of the same name that finished meanwhile carries no import mark any more: not ours.
     data = make_raw(tmp_path / "src.raw", 2 << 20)
-    fresh_sim.request("POST", "/_sim/faults", json.dumps({"import_bytes_per_second": 1 << 20}).encode(),
-                      {"Content-Type": "application/json"})
     async with running(fresh_sim, tmp_path) as env:
-        entry = env.entry("f.raw")
-        f = await env.manager.create(entry, 0o644, ME, "/f.raw")
-        await write_all(f, data)
         async with trio.open_nursery() as nursery:
-            async def close() -> None:
+            async def close(f: ImportFile) -> None:
                 await expect_error(errno.EIO, f.flush(Caller()))
                 await f.release()
 
-            nursery.start_soon(close)
-            await eventually(lambda: env.manager.xattrs(entry)["user.xo.state"] == b"uploading", "the upload")
+            entry, _ = await uploading_slowly(env, "f.raw", data, nursery, close)
             await trio.sleep(0.3)
             status, _, body = await trio.to_thread.run_sync(
                 fresh_sim.request, "POST", f"/rest/v0/srs/{env.sr}/vdis?raw=true&name_label=f", b"x" * 4096,
