@@ -217,7 +217,10 @@ class XoFS(pyfuse3.Operations):
         return inode
 
     def _obj_mtime_ns(self, obj_id: str | None) -> int:
-        changed = self.tree.cache.changed_at.get(obj_id) if obj_id else None
+        return self._time_ns(self.tree.cache.changed_at.get(obj_id) if obj_id else None)
+
+    def _time_ns(self, changed: float | None) -> int:
+        """The time of a change xofs saw; the mount's start for none since."""
         return int(changed * 1e9) if changed else self.started_ns
 
     def _file_attrs(self, inode: Inode) -> FileAttrs:
@@ -239,8 +242,7 @@ class XoFS(pyfuse3.Operations):
         assert isinstance(node, File)
         if isinstance(node.content, TypeSnapshot):
             changed = self.tree.cache.type_changed_at.get(node.content.type_)
-            return FileAttrs(self.rendered_size(node.content), int(changed * 1e9) if changed else self.started_ns,
-                             0o400)
+            return FileAttrs(self.rendered_size(node.content), self._time_ns(changed), 0o400)
         if isinstance(node.content, Rendered):
             return FileAttrs(self.rendered_size(node.content), self._obj_mtime_ns(node.obj_id), 0o400)
         if isinstance(node.content, Live):
