@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -314,6 +315,19 @@ async def test_a_close_that_wrote_nothing_does_not_wait_for_the_upload(fresh_sim
         await writer.release()
         [vdi] = env.vdis(name_label="t")
         assert raw_export(fresh_sim, vdi["id"]) == data
+
+
+async def test_a_rename_during_the_upload_names_the_vdi_and_the_log_line(fresh_sim, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "xofs.imports")
+    data = make_raw(tmp_path / "src.raw", 2 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        async with trio.open_nursery() as nursery:
+            entry, writer = await uploading_slowly(env, "before.raw", data, nursery, lambda f: f.flush(Caller()))
+            await env.manager.rename(entry, "after.raw", "/before.raw")
+        await writer.release()
+        [vdi] = env.vdis(name_label="after")
+        assert raw_export(fresh_sim, vdi["id"]) == data
+        assert any(r.getMessage().startswith("imported /after.raw as VDI") for r in caplog.records)
 
 
 async def test_reopen_and_change_replaces_the_vdi(fresh_sim, tmp_path) -> None:

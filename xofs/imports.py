@@ -715,6 +715,7 @@ class ImportManager:
             await self._delete_vdi(vdi, f"{path} was removed while it was being imported")
             return XofsError(f"{path} was removed while it was being imported")
         imp.phase, imp.vdi, imp.sent_label, imp.sent_description = Phase.IMPORTED, vdi, label, description
+        path = f"{path.rsplit('/', 1)[0]}/{imp.name}"  # its name now: it may have been renamed meanwhile
         log.info("imported %s as VDI %s on SR %s", path, vdi, imp.sr_id)
         changes = {}
         if imp.kind.label != label:  # renamed during the upload
