@@ -88,6 +88,23 @@ def test_demo_mounts_tours_and_cleans_up_on_ctrl_c():
 
 
 @pytest.mark.timeout(180)
+def test_a_sigterm_while_a_shell_sits_in_the_mount_still_cleans_up():
+    # The tour says `cd` into the mount: fusermount3 -u fails there (busy), and the demo waited for ever.
+    demo = Demo(vms=2)
+    sitting = None
+    try:
+        mnt = demo.read_tour()
+        sitting = subprocess.Popen(["sleep", "120"], cwd=mnt)
+        os.kill(demo.proc.pid, signal.SIGTERM)  # the script alone
+        demo.finish()
+    finally:
+        if sitting is not None:
+            sitting.kill()
+            sitting.wait()
+        demo.stop()
+
+
+@pytest.mark.timeout(180)
 def test_an_impatient_second_ctrl_c_still_cleans_up():
     # A random token starts with "-" one time in 64: the simulator took it for an option and did not start.
     demo = Demo(vms=2, token="-Dash-first-token_urlsafe-can-make-this-0123456")
