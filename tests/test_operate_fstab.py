@@ -73,7 +73,12 @@ def test_the_helper_checks_everything_before_mounting(sim, tmp_path):
     cases = [
         (f"token_file={token},colour=blue", "unknown mount option 'colour=blue'"),
         (f"token_file={token},uid=abc", "bad mount option 'uid=abc'"),
-        (f"token_file={token},umask=999", "bad mount option 'umask=999'"),
+        (f"token_file={token},umask=999", "bad mount option 'umask=999': '999' is not an octal umask"),
+        # No slot: every read of an export, or every import, would wait for ever (0 hung, -1 crashed).
+        (f"token_file={token},max_exports=0", "bad mount option 'max_exports=0': 0 is less than 1"),
+        (f"token_file={token},max_uploads=-1", "bad mount option 'max_uploads=-1': -1 is less than 1"),
+        (f"token_file={token},spool_size=abc", "'abc' is not a size (such as 20G, 512M or 100000)"),
+        (f"token_file={token},import_wait=-5", "bad mount option 'import_wait=-5': -5 is negative"),
         (f"token_file={token},keepalive=0", "bad mount option 'keepalive=0'"),
         (f"token_file={token},readahead=1M", "bad mount option 'readahead=1M': 1M is less than 2M"),
         (f"token={sim.token}", "a secret on the command line is visible to every user"),

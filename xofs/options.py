@@ -31,26 +31,74 @@ class OptionError(Exception):
     """A bad option; the message is the one line the user sees."""
 
 
+class BadValue(ValueError, argparse.ArgumentTypeError):
+    """A value an option cannot take; the message says why (argparse shows it for --flags, and `-o` too)."""
+
+
 def octal(text: str) -> int:
-    value = int(text, 8)
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise BadValue(f"{text!r} is not an octal umask (such as 022 or 077)") from None
     if not 0 <= value <= 0o777:
-        raise ValueError(f"{text} is not a umask")
+        raise BadValue(f"{text} is not a umask (000 to 777, octal)")
     return value
 
 
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BadValue(f"{text!r} is not a number") from None
+
+
 def positive(text: str) -> float:
-    value = float(text)
+    value = number(text)
     if not value > 0:
-        raise ValueError(f"{text} is not a positive number")
+        raise BadValue(f"{text} is not a positive number")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = number(text)
+    if not value >= 0:
+        raise BadValue(f"{text} is negative")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number of at least 1 (slots: with none, every read or import would wait for ever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadValue(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise BadValue(f"{text} is less than 1")
+    return value
+
+
+def user_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadValue(f"{text!r} is not a numeric id") from None
+    if value < 0:
+        raise BadValue(f"{text} is negative")
     return value
 
 
 def byte_size(text: str) -> int:
-    """`8G`, `512M`, `100000`: powers of 1024."""
+    """`8G`, `512M`, `100000`: powers of 1024, more than 0."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
-    return int(float(number) * units[unit])
+    plain = text.strip().upper().removesuffix("B").removesuffix("I")
+    digits, unit = (plain[:-1], plain[-1]) if plain and plain[-1] in units else (plain, "")
+    try:
+        value = int(float(digits) * units[unit])
+    except ValueError:
+        raise BadValue(f"{text!r} is not a size (such as 20G, 512M or 100000)") from None
+    if value <= 0:
+        raise BadValue(f"{text} is not a size larger than 0")
+    return value
 
 
 def readahead_size(text: str) -> int:
@@ -58,14 +106,14 @@ def readahead_size(text: str) -> int:
     free of the daemon's imports): two of the kernel's 1 MiB reads of an export file."""
     value = byte_size(text)
     if value < 2 << 20:
-        raise ValueError(f"{text} is less than 2M (two of the kernel's 1 MiB reads)")
+        raise BadValue(f"{text} is less than 2M (two of the kernel's 1 MiB reads)")
     return value
 
 
 def choice(*allowed: str) -> Callable[[str], str]:
     def check(text: str) -> str:
         if text not in allowed:
-            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+            raise BadValue(f"{text!r} is not one of {', '.join(allowed)}")
         return text
 
     check.__name__ = "choice"
@@ -96,29 +144,30 @@ OPTIONS = [
     Option("events", "event source: the JSON-RPC `all` feed, or XO's REST event stream (XO 5.113+)",
            choice("jsonrpc", "sse"), "jsonrpc"),
     Option("read_only", "refuse every write, imports included", None),
-    Option("uid", "owner shown for every file (default: the user who mounts)", int),
-    Option("gid", "group shown for every file (default: the mounting user's group)", int),
+    Option("uid", "owner shown for every file (default: the user who mounts)", user_id),
+    Option("gid", "group shown for every file (default: the mounting user's group)", user_id),
     Option("umask", "permission bits to take away, octal (default 077: only the owner gets in; 022 with "
            "allow_other)", octal, None, "OCTAL"),
     Option("allow_other", "let other users in (implies default_permissions; needs user_allow_other in "
            "/etc/fuse.conf unless root)", None),
-    Option("attr_ttl", "kernel cache lifetime while XO events flow, seconds", float, 60.0, "SECONDS"),
-    Option("fallback_ttl", "kernel cache lifetime while the event feed is down, seconds", float, 1.0, "SECONDS"),
+    Option("attr_ttl", "kernel cache lifetime while XO events flow, seconds", non_negative, 60.0, "SECONDS"),
+    Option("fallback_ttl", "kernel cache lifetime while the event feed is down, seconds", non_negative, 1.0,
+           "SECONDS"),
     Option("state_dir", "where xofs keeps what must outlive a mount (default $XOFS_STATE_DIR, else "
            "$XDG_STATE_HOME/xofs)", Path, metavar="DIR"),
     Option("spool_dir", "scratch space for exports read out of order and for imports (default: <state "
            "dir>/spool)", Path, metavar="DIR"),
     Option("spool_size", "most disk the export spool may use, e.g. 20G", byte_size, 8 << 30, "SIZE", "8G"),
-    Option("max_exports", "concurrent exports", int, 4, "N"),
+    Option("max_exports", "concurrent exports", count, 4, "N"),
     Option("readahead", "how far an export is received ahead of its reader, shared among the exports "
            "streaming at once (each gets at least 2M); memory per open export file: this plus 7 MiB at most "
            "(9 over HTTPS)",
            readahead_size, 8 << 20, "SIZE", "8M"),
-    Option("max_uploads", "concurrent imports", int, 2, "N"),
-    Option("import_wait", "at unmount, how long running imports get to finish, seconds", float, 30.0,
+    Option("max_uploads", "concurrent imports", count, 2, "N"),
+    Option("import_wait", "at unmount, how long running imports get to finish, seconds", non_negative, 30.0,
            "SECONDS"),
-    Option("connect_timeout", "seconds to connect to XO", float, 10.0, "SECONDS"),
-    Option("read_timeout", "seconds XO may stay silent during a request", float, 60.0, "SECONDS"),
+    Option("connect_timeout", "seconds to connect to XO", positive, 10.0, "SECONDS"),
+    Option("read_timeout", "seconds XO may stay silent during a request", positive, 60.0, "SECONDS"),
     Option("keepalive", "seconds between checks that the event connection is alive: a silent one is taken for "
            "dead within twice that (with --events sse, never under 75 s, as XO pings every 30 s)",
            positive, 30.0, "SECONDS"),
