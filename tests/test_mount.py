@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from trio_websocket import open_websocket_url
 
+from tests.operate_support import assert_documented
 from tests.support import MountProcess, SimProcess, is_mounted, require_tool, wait_for
 
 
@@ -137,6 +138,9 @@ def test_without_foreground_the_command_returns_once_the_mount_is_live(sim, tmp_
         assert umount.returncode == 0, umount.stderr
         wait_for(lambda: not is_mounted(mnt), 10, "the unmount")
         assert "mounted" in (tmp_path / "state" / "xofs.log").read_text()
+        again = xofs("umount", str(mnt))  # fusermount3 would say "Invalid argument"
+        assert again.returncode == 1 and again.stderr == f"xofs umount: {mnt} is not an xofs mount\n"
+        assert_documented(again.stderr.strip())
     finally:
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
 

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "`xofs mount` looks in, under $XDG_CONFIG_HOME/xofs/tokens/)")
     p.add_argument("--password-stdin", action="store_true",
                    help="read the password from standard input instead of the terminal")
-    p.add_argument("--description", help="the token's description in XO (default: xofs on <host>)")
+    p.add_argument("--description", help="the token's description in XO (default: xofs login on <this machine's name>)")
     p.add_argument("--expires-in", help="token lifetime as XO takes it, e.g. '30 days' (default: XO's, 30 days)")
     p.add_argument("--otp", help="one-time password, when the account has two-factor authentication")
     p.add_argument("--ca-file", type=Path, help="CA certificate(s) to check XO's TLS certificate against")

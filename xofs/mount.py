@@ -51,6 +51,7 @@ from xofs.imports import ImportManager
 from xofs.invalidator import Invalidator
 from xofs.malloc import tune_malloc
 from xofs.options import OptionError, add_arguments, resolve
+from xofs.status_cli import xofs_mounts
 from xofs.sync import Syncer
 from xofs.tree import Tree
 from xofs.views import load_views
@@ -77,6 +78,11 @@ def add_umount_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_umount(args: argparse.Namespace) -> int:
+    # Resolved without looking into the mount itself (a hung daemon would hang a stat of its root).
+    path = Path(os.path.abspath(args.mountpoint))
+    if Path(os.path.realpath(path.parent)) / path.name not in xofs_mounts():
+        print(f"xofs umount: {args.mountpoint} is not an xofs mount", file=sys.stderr)
+        return 1
     proc = subprocess.run(["fusermount3", "-u", str(args.mountpoint)], stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         print(f"xofs umount: {proc.stderr.strip() or 'fusermount3 failed'}", file=sys.stderr)
