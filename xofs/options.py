@@ -66,25 +66,22 @@ def non_negative(text: str) -> float:
     return value
 
 
-def count(text: str) -> int:
-    """A whole number of at least 1 (slots: with none, every read or import would wait for ever)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadValue(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise BadValue(f"{text} is less than 1")
-    return value
+def whole_number(least: int) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise BadValue(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise BadValue(f"{text} is less than {least}")
+        return value
+
+    check.__name__ = "whole number"
+    return check
 
 
-def user_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadValue(f"{text!r} is not a numeric id") from None
-    if value < 0:
-        raise BadValue(f"{text} is negative")
-    return value
+count = whole_number(1)  # slots: with none, every read or import would wait for ever
+user_id = whole_number(0)
 
 
 def byte_size(text: str) -> int:
