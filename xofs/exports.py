@@ -227,13 +227,9 @@ class ExportManager:
             return obj.get("power_state") in LIVE_POWER_STATES
         if obj.get("type") != "VDI":
             return False  # snapshots do not change
-        vbds = obj.get("$VBDs")
-        for vbd_id in vbds if isinstance(vbds, list) else []:
-            vbd = self.cache.get(vbd_id) if isinstance(vbd_id, str) else None
-            vm = self.cache.get(vbd.get("VM")) if vbd is not None and isinstance(vbd.get("VM"), str) else None
-            if vm is not None and vm.get("type") == "VM" and vm.get("power_state") in LIVE_POWER_STATES:
-                return True
-        return False
+        vms = (self.cache.get(i) for i in self._related("VDI", obj))  # its VBDs' VMs (and itself)
+        return any(vm is not None and vm.get("type") == "VM" and vm.get("power_state") in LIVE_POWER_STATES
+                   for vm in vms)
 
     def spooled_copy(self, export: Export) -> SpoolEntry | None:
         """A spool entry of `export` a new open may read from: not for a live export (`live`)."""

@@ -148,11 +148,11 @@ class XoFS(pyfuse3.Operations):
                 return self.tree.path_str(handle.ino)
             dir_handle = self._dir_handles.get(args[0])
             return "?" if dir_handle is None else self.tree.path_str(dir_handle[0])
-        path = self.tree.path_str(args[0])
         if op in _NAMED_OPS:
             return self._child_path(args[0], args[1])
         if op == "rename":
             return f"{self._child_path(args[0], args[1])} -> {self._child_path(args[2], args[3])}"
+        path = self.tree.path_str(args[0])
         if op == "link":
             return f"{path} -> {self._child_path(args[1], args[2])}"
         if op in _XATTR_OPS:
