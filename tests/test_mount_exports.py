@@ -200,6 +200,26 @@ def test_qemu_img_reads_the_vhd_on_the_mount(setup, tmp_path):
     assert converted[:MEDIUM] == raw and not converted[MEDIUM:].strip(b"\0")
 
 
+def test_a_running_vms_disk_is_exported_again_by_every_open(setup):
+    # Its bytes change without an XO event: a spool copy of an earlier open could be any age.
+    require_tool("qemu-img")
+    sim, mount, _ = setup
+    running = {v["id"] for v in sim.get_json("/rest/v0/vms?fields=id&filter=power_state:Running")}
+    vbds = sim.get_json("/rest/v0/vbds?fields=VM,VDI,is_cd_drive")
+    disk = next(b["VDI"] for b in vbds if b["VM"] in running and not b["is_cd_drive"] and b.get("VDI"))
+    path = mount / "vdis" / f"{disk}.vhd"
+    with open(path, "rb", buffering=0) as f:  # out of order, then all of it: a complete spool copy
+        f.seek(MiB)
+        f.read(4096)
+        f.seek(0)
+        while f.read(MiB):
+            pass
+    before = _export_gets(sim, f"vdis/{disk}.vhd")
+    info = run("qemu-img", "info", "-f", "vpc", str(path))
+    assert info.returncode == 0, info.stderr
+    assert _export_gets(sim, f"vdis/{disk}.vhd") == before + 1  # not served from that copy
+
+
 def test_xva_copies_verify_with_xva_img(setup, tmp_path):
     require_tool("xva-img")
     sim, mount, _ = setup

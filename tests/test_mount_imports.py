@@ -323,3 +323,23 @@ def test_an_interrupted_rsync_leaves_no_cut_short_vdi(fresh_sim, make_mount, tmp
     wait_for(lambda: not [v for v in vdis(fresh_sim) if v["name_label"] == "big"], 10,
              "no VDI made of the part rsync had sent")
     assert "rsync's temporary file, was removed instead of renamed" in mount.log_text()
+
+
+def test_touch_during_an_upload_does_not_wait_for_it(fresh_sim, make_mount, tmp_path):
+    mount = make_mount(fresh_sim)
+    target = import_dir(mount, sr_ids(fresh_sim)[0])
+    make_raw(tmp_path / "slow.raw", 3 << 20)
+    set_faults(fresh_sim, import_bytes_per_second=1 << 20)  # about 3 s of upload at the close
+    cp = subprocess.Popen(["cp", str(tmp_path / "slow.raw"), str(target / "slow.raw")])
+    try:
+        wait_for(lambda: os.getxattr(target / "slow.raw", "user.xo.state") == b"uploading", 10, "the upload")
+        started = time.monotonic()
+        sh("touch", str(target / "slow.raw"))  # opens for writing, writes nothing, closes
+        assert time.monotonic() - started < 1
+        assert os.getxattr(target / "slow.raw", "user.xo.state") == b"uploading"
+        assert cp.wait(timeout=60) == 0
+    finally:
+        if cp.poll() is None:
+            cp.kill()
+            cp.wait()
+    assert len([v for v in vdis(fresh_sim) if v["name_label"] == "slow"]) == 1
