@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xofs.proc_mounts import is_mounted
+
 DEFAULT_TOKEN = "xofs-test-token-0123456789abcdefghijklmnopq"  # 43 characters, like a real XO token
 
 _live: list[SimProcess | MountProcess] = []
@@ -113,12 +115,6 @@ class SimProcess:
                 self.proc.wait(5)
         if self in _live:
             _live.remove(self)
-
-
-def is_mounted(path: str | Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f)
 
 
 def force_unmount(path: str | Path) -> None:

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import trio
@@ -39,7 +38,7 @@ from tests.hardening_support import (
     vdi_ids,
     writable_sr,
 )
-from tests.support import MountProcess, SimProcess, require_tool, wait_for
+from tests.support import MountProcess, SimProcess, is_mounted, require_tool, wait_for
 
 pytestmark = pytest.mark.mount
 
@@ -360,7 +359,7 @@ def test_a_daemon_killed_mid_import_leaves_no_mount_no_vdi_and_the_next_start_cl
     mount.proc.wait(10)
     killed = time.monotonic()
     assert cp.wait(30) != 0
-    wait_for(lambda: not _mounted(mount.mountpoint), 30, "auto_unmount to remove the dead mount")
+    wait_for(lambda: not is_mounted(mount.mountpoint), 30, "auto_unmount to remove the dead mount")
     record("faults", "daemon killed mid-import", unmounted_after_s=round(time.monotonic() - killed, 1))
     wait_for(lambda: not vdi_ids(sim, "killed"), 30, "XO to drop the VDI of the cut upload")
     assert all(p.exists() for p in spools), "the dead daemon's spool is still there"
@@ -369,11 +368,6 @@ def test_a_daemon_killed_mid_import_leaves_no_mount_no_vdi_and_the_next_start_cl
     assert not any(p.exists() for p in spools), "the next start removes the dead daemon's spools"
     assert os.listdir(again / f"srs/{sr}/import") == []
     assert not vdi_ids(sim, "killed")
-
-
-def _mounted(path: Path) -> bool:
-    with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == str(path) for line in mounts)
 
 
 # ---- the spool directory full ----------------------------------------------------------------------------

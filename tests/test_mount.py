@@ -145,6 +145,26 @@ def test_without_foreground_the_command_returns_once_the_mount_is_live(sim, tmp_
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
 
 
+def test_a_mount_point_with_a_space_is_known_as_mounted(sim, tmp_path):
+    """/proc/mounts writes the space as `\\040`: a second mount onto the same directory is refused, not
+    stacked over the first, and `xofs umount` finds it."""
+    mnt = tmp_path / "mount point"
+    mnt.mkdir()
+    env = {"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")}
+    try:
+        assert xofs("mount", sim.url, str(mnt), env=env).returncode == 0
+        assert is_mounted(mnt, "fuse.xofs")
+        again = xofs("mount", sim.url, str(mnt), env=env)
+        assert again.returncode != 0 and f"{mnt} is already a mount point" in again.stderr, again.stderr
+        assert open("/proc/mounts").read().count("mount\\040point") == 1
+        umount = xofs("umount", str(mnt))
+        assert umount.returncode == 0, umount.stderr
+        wait_for(lambda: not is_mounted(mnt), 10, "the unmount")
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
 # ---- freshness ------------------------------------------------------------------------------------
 
 def first_vm(sim: SimProcess, power_state: str = "Running") -> dict:

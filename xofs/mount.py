@@ -51,7 +51,7 @@ from xofs.imports import ImportManager
 from xofs.invalidator import Invalidator
 from xofs.malloc import tune_malloc
 from xofs.options import OptionError, add_arguments, resolve
-from xofs.status_cli import xofs_mounts
+from xofs.proc_mounts import is_mounted
 from xofs.sync import Syncer
 from xofs.tree import Tree
 from xofs.views import load_views
@@ -78,9 +78,7 @@ def add_umount_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    # Resolved without looking into the mount itself (a hung daemon would hang a stat of its root).
-    path = Path(os.path.abspath(args.mountpoint))
-    if Path(os.path.realpath(path.parent)) / path.name not in xofs_mounts():
+    if not is_mounted(args.mountpoint, "fuse.xofs"):
         print(f"xofs umount: {args.mountpoint} is not an xofs mount", file=sys.stderr)
         return 1
     proc = subprocess.run(["fusermount3", "-u", str(args.mountpoint)], stderr=subprocess.PIPE, text=True)
@@ -138,12 +136,6 @@ def tls_verify(args: argparse.Namespace) -> bool | str:
             raise StartupError(f"cannot read the CA file {args.ca_file}")
         return str(args.ca_file)
     return True
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
 
 
 def check_mountpoint(path: Path) -> None:

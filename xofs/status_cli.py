@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xofs.proc_mounts import mount_points
+
 REFRESH = 0.5  # seconds between two redraws on a terminal
 BAR = 24
 
@@ -28,24 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 class StatusError(Exception):
     """The status of a mount cannot be read; the message says why in one line."""
-
-
-def xofs_mounts() -> list[Path]:
-    """The mount points of every xofs mount, from /proc/mounts (type `fuse.xofs`)."""
-    found = []
-    with open("/proc/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "fuse.xofs":
-                found.append(Path(_unescape(fields[1])))
-    return found
-
-
-def _unescape(field: str) -> str:
-    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
 
 
 def read_status(mountpoint: Path) -> dict[str, Any]:
@@ -66,7 +50,7 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    mounts = [args.mountpoint] if args.mountpoint else xofs_mounts()
+    mounts = [args.mountpoint] if args.mountpoint else mount_points("fuse.xofs")
     if not mounts:
         print("xofs status: no xofs mount", file=sys.stderr)
         return 1
