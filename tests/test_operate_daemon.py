@@ -206,3 +206,42 @@ def test_a_second_signal_stops_at_once_and_leaves_nothing(fresh_sim, make_mount,
     assert not is_mounted(mount.mountpoint)
     assert vdis(fresh_sim, name_label="impatient") == []
     assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []
+
+
+async def _bug() -> None:
+    raise RuntimeError("a bug")
+
+
+async def _bug_in_a_task() -> None:
+    import trio
+
+    async with trio.open_nursery() as nursery:  # comes out as an exception group
+        nursery.start_soon(_bug)
+
+
+@pytest.mark.parametrize("serve", [_bug, _bug_in_a_task])
+def test_a_bug_that_ends_the_daemon_is_logged_as_critical_once(serve, caplog, capsys):
+    """A detached daemon's stderr goes nowhere: its log must say why it died, once; a start-up error is
+    no bug (one line, exit status 1)."""
+    import argparse
+
+    from xofs.daemon import Reporter, StartupError
+    from xofs.mount import Mount
+
+    mount = Mount.__new__(Mount)  # what `run` needs of it, without a server
+    mount.args, mount.logs = argparse.Namespace(url="http://xo.example"), None
+    mount._serve = lambda reporter: serve()
+    with pytest.raises((RuntimeError, BaseExceptionGroup)):
+        mount.run(Reporter(None))
+    critical = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert [r.getMessage() for r in critical] == ["xofs stops on an unexpected error"]
+    assert "RuntimeError: a bug" in caplog.text
+
+    async def refused(reporter: Reporter) -> None:
+        raise StartupError("XO said no")
+
+    caplog.clear()
+    mount._serve = refused
+    assert mount.run(Reporter(None)) == 1
+    assert capsys.readouterr().err == "xofs: cannot mount http://xo.example: XO said no\n"
+    assert not [r for r in caplog.records if r.levelname == "CRITICAL"]

@@ -338,7 +338,7 @@ class Mount:
             log.debug("malloc thresholds left as they are (not glibc)")
         try:
             trio.run(self._serve, reporter)
-        except (StartupError, BaseExceptionGroup) as exc:
+        except (Exception, BaseExceptionGroup) as exc:
             err = startup_error_in(exc)
             if err is None:
                 # A bug that ends the daemon: into its log too (a detached daemon's stderr goes nowhere).
@@ -349,9 +349,6 @@ class Mount:
                 log.error("%s", message.removeprefix("xofs: "))
             reporter.failed(message)
             return 1
-        except Exception:
-            log.critical("xofs stops on an unexpected error", exc_info=True)
-            raise
         return 0
 
     async def _serve(self, reporter: Reporter) -> None:
