@@ -94,6 +94,13 @@ def test_the_detached_daemon_logs_to_its_file_dumps_stacks_and_stops_with_umount
         assert "INFO xofs.sync: XO event feed connected" in text.split("INFO xofs: mounted")[0], text
         os.kill(pid, signal.SIGUSR1)
         wait_for(lambda: "most recent call first" in log.read_text(), 10, "the stack dump in the log")
+        # then a time stamp and trio's tasks, each with where it waits
+        wait_for(lambda: "the trio tasks" in log.read_text(), 10, "the trio tasks in the log")
+        tasks = log.read_text().split("the trio tasks")[1]
+        assert "- xofs.client.events.EventFeed._read_frames: _read_frames (events.py:" in tasks, tasks
+        assert "_traps.py" not in tasks
+        os.kill(pid, signal.SIGUSR1)  # and again
+        wait_for(lambda: log.read_text().count("the trio tasks") == 2, 10, "a second dump")
         assert is_mounted(mnt)  # the dump did not disturb the mount
         subprocess.run(["umount", str(mnt)], check=True)
         daemon.wait_gone()

@@ -9,11 +9,12 @@
   start in the foreground says one line, not a log of retries.
 - `notify_systemd`: `READY=1` and `STOPPING=1` on `$NOTIFY_SOCKET`, for `Type=notify` units (the protocol is
   one datagram on a Unix socket; no library needed).
-- `dump_stacks_on_sigusr1`: `kill -USR1 <pid>` writes every thread's Python stack to the log file.
+- `StackDumps`: `kill -USR1 <pid>` writes every thread's Python stack and every trio task to the log file.
 """
 
 from __future__ import annotations
 
+import datetime
 import faulthandler
 import logging
 import logging.handlers
@@ -27,9 +28,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+import trio
+
 log = logging.getLogger("xofs")
 
 NOISY_LOGGERS = ("httpx", "httpcore", "trio-websocket", "hpack")
+TRIO_DIR = os.path.dirname(trio.__file__) + os.sep
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -187,14 +191,61 @@ def notify_systemd(message: str) -> bool:
     return True
 
 
-def dump_stacks_on_sigusr1(stream: IO[str] | None, fallback: Path) -> Path | None:
-    """`kill -USR1` writes every thread's stack to `stream` (the log file), else to `fallback`."""
-    if stream is None:
-        try:
-            fallback.parent.mkdir(parents=True, exist_ok=True)
-            stream = open(fallback, "a")  # noqa: SIM115 - kept open for as long as the process lives
-        except OSError as err:
-            log.warning("SIGUSR1 will not dump stacks: cannot open %s: %s", fallback, err.strerror)
-            return None
-    faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
-    return Path(stream.name) if isinstance(getattr(stream, "name", None), str) else None
+class StackDumps:
+    """`kill -USR1 <pid>`: every thread's Python stack, then (once trio's loop gets to it) a time stamp and
+    every trio task with the line it waits at, to `stream` (the log file), else to `fallback`.
+
+    The threads' stacks come from faulthandler's C handler, so they are written even when the one Python
+    thread that answers the kernel is stuck; the tasks need that thread, and follow when it runs again. The
+    signal is ignored, not fatal, before and after `run`."""
+
+    def __init__(self, stream: IO[str] | None, fallback: Path) -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # what faulthandler gives back when unregistered
+        self.stream = stream
+        if stream is None:
+            try:
+                fallback.parent.mkdir(parents=True, exist_ok=True)
+                self.stream = open(fallback, "a")  # noqa: SIM115 - kept open for as long as the process lives
+            except OSError as err:
+                log.warning("SIGUSR1 will not dump stacks: cannot open %s: %s", fallback, err.strerror)
+                return
+        faulthandler.register(signal.SIGUSR1, file=self.stream, all_threads=True)
+
+    @property
+    def path(self) -> Path | None:
+        name = getattr(self.stream, "name", None)
+        return Path(name) if isinstance(name, str) else None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """For as long as the trio run lasts: faulthandler first, then trio's receiver (chained)."""
+        if self.stream is None:
+            task_status.started()
+            return
+        faulthandler.unregister(signal.SIGUSR1)  # back to SIG_IGN
+        with trio.open_signal_receiver(signal.SIGUSR1) as received:
+            faulthandler.register(signal.SIGUSR1, file=self.stream, all_threads=True, chain=True)
+            task_status.started()
+            try:
+                async for _ in received:
+                    self.stream.write(tasks_report())
+                    self.stream.flush()
+            finally:
+                faulthandler.unregister(signal.SIGUSR1)  # back to trio's handler, which the receiver removes
+
+
+def tasks_report() -> str:
+    """A time stamp and the tree of trio tasks, each with where it waits (innermost call last; trio's own
+    frames left out)."""
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    lines = [f"SIGUSR1 at {stamp}: the threads' stacks are above; the trio tasks (innermost call last):"]
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        frames = [f"{f.f_code.co_name} ({Path(f.f_code.co_filename).name}:{lineno})"
+                  for f, lineno in task.iter_await_frames() if not f.f_code.co_filename.startswith(TRIO_DIR)]
+        lines.append(f"{'  ' * depth}- {task.name}: {' > '.join(frames) or 'in trio'}")
+        for nursery in task.child_nurseries:
+            for child in sorted(nursery.child_tasks, key=lambda t: t.name):
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return "\n".join(lines) + "\n"

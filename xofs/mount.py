@@ -42,7 +42,7 @@ from xofs.credentials import (
     RotatingClient,
     choose_source,
 )
-from xofs.daemon import LogSetup, Reporter, StartupError, detach, dump_stacks_on_sigusr1, notify_systemd
+from xofs.daemon import LogSetup, Reporter, StackDumps, StartupError, detach, notify_systemd
 from xofs.errors import XoAuthError, XofsError
 from xofs.exports import ExportManager
 from xofs.feeds import FeedRunner
@@ -324,6 +324,7 @@ class Mount:
         self.options = MountOptions.from_args(args, verify)
         self.errors = status.RecentErrors()
         self.logs: LogSetup | None = None
+        self.stack_dumps: StackDumps | None = None
 
     def setup_logging(self, *, detached: bool) -> None:
         args = self.args
@@ -331,7 +332,7 @@ class Mount:
         self.logs = LogSetup(args.log_level, log_file=None if args.syslog else log_file,
                              syslog_socket=args.syslog_socket if args.syslog else None,
                              filters=lambda: [Redactor(self.credentials), OncePerMinute()], extra=[self.errors])
-        dump_stacks_on_sigusr1(self.logs.stream, self.options.state_dir / "xofs-stacks.log")
+        self.stack_dumps = StackDumps(self.logs.stream, self.options.state_dir / "xofs-stacks.log")
 
     def run(self, reporter: Reporter) -> int:
         if not tune_malloc():
@@ -369,6 +370,8 @@ class Mount:
         # The stopper lives in a nursery of its own, around the services: it still catches signals while they
         # stop (a second stop signal then ends the waits; the default action would kill the process).
         async with trio.open_nursery() as signals:
+            if self.stack_dumps is not None:
+                await signals.start(self.stack_dumps.run)
             async with parts.running():
                 parts.fs.warm()
                 fuse_scope = trio.CancelScope()
