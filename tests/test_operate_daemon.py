@@ -252,3 +252,29 @@ def test_a_bug_that_ends_the_daemon_is_logged_as_critical_once(serve, caplog, ca
     assert mount.run(Reporter(None)) == 1
     assert capsys.readouterr().err == "xofs: cannot mount http://xo.example: XO said no\n"
     assert not [r for r in caplog.records if r.levelname == "CRITICAL"]
+
+
+def test_the_detached_daemon_leaves_its_directory_and_keeps_relative_paths_working(sim, tmp_path):
+    """A daemon that kept the directory it was started from would keep that filesystem busy (an
+    unmountable USB stick); relative paths given to it must still work afterwards."""
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "token").write_text(sim.token)
+    (tmp_path / "token").chmod(0o600)
+    (tmp_path / "searches").write_text("power_state:Running\n")
+    daemon = Daemon(tmp_path / "mnt")
+    env = {k: v for k, v in os.environ.items() if k != "XOFS_TOKEN"}
+    env.update(XOFS_STATE_DIR="state", XOFS_SAVED_SEARCHES="searches")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "xofs", "mount", sim.url, "mnt", "--token-file", "token"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        pid = daemon.attach()
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        assert os.listdir(tmp_path / "mnt" / "search") == ["power_state:Running"]  # read after the chdir
+        log = (tmp_path / "state" / "xofs.log").read_text()
+        assert f" [{pid}] INFO xofs: mounted {sim.url} on {tmp_path / 'mnt'} " in log, log  # which mount
+        assert f"credentials from the token file {tmp_path / 'token'})" in log, log  # read again on a 401
+        assert xofs("umount", str(tmp_path / "mnt")).returncode == 0
+        daemon.wait_gone()
+    finally:
+        daemon.cleanup()

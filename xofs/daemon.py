@@ -35,6 +35,9 @@ log = logging.getLogger("xofs")
 NOISY_LOGGERS = ("httpx", "httpcore", "trio-websocket", "hpack")
 TRIO_DIR = os.path.dirname(trio.__file__) + os.sep
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# A log file may be shared by several mounts (their state directory is): each line names its daemon's pid,
+# which `xofs status` shows beside the mount point, as syslog's lines do.
+FILE_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 class StartupError(Exception):
@@ -72,7 +75,8 @@ class Reporter:
 def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int:
     """Fork; the parent returns 0 once the child says the mount is live, or prints why not and returns 1.
 
-    The child calls `prepare()` (logging to a file or syslog) and then `serve(reporter)`, and exits.
+    The child leaves the current directory for `/`, calls `prepare()` (logging to a file or syslog) and then
+    `serve(reporter)`, and exits.
     """
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -86,6 +90,7 @@ def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int
         return 1
     os.close(read_fd)
     os.setsid()
+    os.chdir("/")  # not to keep busy the filesystem it was started from (every path is absolute: `pin_paths`)
     reporter = Reporter(write_fd)
     code = 1
     try:
@@ -145,7 +150,7 @@ class LogSetup:
                 handler = logging.FileHandler(log_file)
             except OSError as err:
                 raise StartupError(f"cannot write the log file {log_file}: {err.strerror}") from None
-            handler.setFormatter(logging.Formatter(FORMAT))
+            handler.setFormatter(logging.Formatter(FILE_FORMAT))
         else:
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter(FORMAT))

@@ -50,7 +50,7 @@ from xofs.fs import Freshness, XoFS
 from xofs.imports import ImportManager
 from xofs.invalidator import Invalidator
 from xofs.malloc import tune_malloc
-from xofs.options import OptionError, add_arguments, resolve
+from xofs.options import OptionError, add_arguments, pin_paths, resolve
 from xofs.proc_mounts import is_mounted
 from xofs.sync import Syncer
 from xofs.tree import Tree
@@ -91,6 +91,7 @@ def run_mount(args: argparse.Namespace, *, sloppy: bool = False, fake: bool = Fa
     """`xofs mount`; `sloppy` drops unknown `-o` words, `fake` stops after the checks (mount(8)'s -s, -f)."""
     try:
         fuse_flags = resolve(args, sloppy=sloppy)
+        pin_paths(args, os.environ)
         check_url(args.url)
         verify = tls_verify(args)
         credentials = Credentials(args.url.rstrip("/"), choose_source(args.url, token_file=args.token_file,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,25 @@ def resolve(args: argparse.Namespace, *, sloppy: bool = False) -> set[str]:
             default = option.default if option.type is not None else False
             setattr(args, option.name, given.get(option.name, default))
     return fuse
+
+
+# Variables of the environment that name files the daemon reads after it started (saved searches, stored
+# tokens and xo-cli's configuration under the config home, the state directory).
+PATH_VARIABLES = ("XOFS_STATE_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XOFS_SAVED_SEARCHES")
+
+
+def pin_paths(args: argparse.Namespace, env: MutableMapping[str, str]) -> None:
+    """Make every path among the options, the mount point and `PATH_VARIABLES` absolute, against the
+    current directory: a detached daemon then leaves it (`chdir("/")`), so as not to keep the filesystem
+    it was started from busy, and reads some of these files much later (a token file on a 401)."""
+    for option in OPTIONS:
+        value = getattr(args, option.name)
+        if isinstance(value, Path):
+            setattr(args, option.name, Path(os.path.abspath(value)))
+    args.mountpoint = Path(os.path.abspath(args.mountpoint))
+    for name in PATH_VARIABLES:
+        if env.get(name) and not os.path.isabs(env[name]):
+            env[name] = os.path.abspath(env[name])
 
 
 def _convert(option: Option, value: str | None, word: str) -> Any:
