@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -324,6 +325,44 @@ def test_a_third_party_view_plugin_joins_the_tree(sim, make_mount, tmp_path):
     assert "tags" in os.listdir(mount.mountpoint)
     links = os.listdir(mount.mountpoint / "tags" / tag.replace("/", "／"))
     assert tagged[0]["name_label"] in links or any(name.startswith(tagged[0]["name_label"]) for name in links)
+
+
+BUGGY_VIEW = """
+from xofs.views import Dir
+
+
+class Buggy:
+    name = "buggy"
+
+    def children(self, ctx, path):
+        if ctx.get(VM_ID)["name_label"] == "breaks-the-view":
+            return ["not", "a", "mapping"]
+        return {"ok": Dir()} if path == () else {}
+"""
+
+
+async def test_a_view_plugin_that_breaks_on_an_event_leaves_the_mount_up(fresh_sim, make_mount, tmp_path):
+    """The event that made the plugin's listing fail used to end the daemon: an exception out of the
+    event feed. Now only its directory fails (EIO), with one log line; the rest goes on."""
+    vm = first_vm(fresh_sim)
+    site = tmp_path / "site"
+    (site / "buggy-0.1.dist-info").mkdir(parents=True)
+    (site / "buggy_view.py").write_text(BUGGY_VIEW.replace("VM_ID", repr(vm["id"])))
+    (site / "buggy-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: buggy\nVersion: 0.1\n")
+    (site / "buggy-0.1.dist-info" / "entry_points.txt").write_text("[xofs.views]\nbuggy = buggy_view:Buggy\n")
+    mount = make_mount(fresh_sim, env={"PYTHONPATH": str(site)})
+    assert os.listdir(mount.mountpoint / "buggy") == ["ok"]
+    await rpc(fresh_sim, "vm.set", {"id": vm["id"], "name_label": "breaks-the-view"})
+    wait_for(lambda: meta(mount, f"vms/{vm['id']}")["name_label"] == "breaks-the-view", 10, "the rename")
+    with pytest.raises(OSError) as failed:
+        os.listdir(mount.mountpoint / "buggy")
+    assert failed.value.errno == errno.EIO
+    assert mount.proc.poll() is None and is_mounted(mount.mountpoint)
+    log = mount.log_text()
+    assert log.count("ERROR xofs.tree: view /buggy failed to list /buggy") == 1, log
+    assert "TypeError: children() answered a list, not a mapping of names to nodes" in log
+    await rpc(fresh_sim, "vm.set", {"id": vm["id"], "name_label": "fine-again"})
+    wait_for(lambda: os.path.isdir(mount.mountpoint / "buggy" / "ok"), 10, "the view to list again")
 
 
 def test_listing_ten_thousand_vms_costs_a_constant_number_of_requests(tmp_path, make_mount):

@@ -24,7 +24,7 @@ from xofs.errors import XofsError
 from xofs.files import Caller, ExportService, FileAttrs, ImportEntry, ImportService, OpenFile, OpenInfo
 from xofs.invalidator import Invalidator
 from xofs.names import NAME_MAX
-from xofs.tree import Inode, InvalidateInode, Invalidation, Tree
+from xofs.tree import Inode, InvalidateInode, Invalidation, Tree, ViewFailed
 from xofs.views import Dir, Export, File, Link, Live, Rendered, TypeSnapshot
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,11 @@ class XoFS(pyfuse3.Operations):
         its listing, sorted, and the sizes of the export files in it (bounds walk each VM's disks)."""
         started = time.monotonic()
         for name in self.tree.sorted_names(()) or ():
-            entries = self.tree.children((name,))
-            self.tree.sorted_names((name,))
+            try:
+                entries = self.tree.children((name,))
+                self.tree.sorted_names((name,))
+            except ViewFailed:  # logged; the mount starts without it
+                continue
             for node in (entries or {}).values():
                 if isinstance(node, File) and isinstance(node.content, Export) and self.exports is not None:
                     self.exports.attrs(node.content)

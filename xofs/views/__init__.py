@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,32 @@ class Link:
 
 
 Node = Dir | File | Link
+CONTENTS = (Rendered, Export, TypeSnapshot, Live)
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot be an entry of a directory (the kernel refuses a whole listing for one such name),
+    or None."""
+    if not isinstance(name, str):
+        return f"a {type(name).__name__}, not a str"
+    if name in ("", ".", ".."):
+        return "empty, '.' or '..'"
+    if "/" in name or "\0" in name:
+        return "'/' or NUL in it"
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        return "longer than 255 bytes"
+    return None
+
+
+def node_problem(node: object) -> str | None:
+    """Why `node` is no node a view may answer (`Dir`, `File` of a known content, `Link` to a str), or None."""
+    if isinstance(node, Dir):
+        return None
+    if isinstance(node, File):
+        return None if isinstance(node.content, CONTENTS) else f"a File of a {type(node.content).__name__}"
+    if isinstance(node, Link):
+        return None if isinstance(node.target, str) and node.target else "a Link without a target"
+    return f"a {type(node).__name__}, not a Dir, File or Link"
 
 
 @dataclass
@@ -137,18 +163,32 @@ class View(Protocol):
 
 
 def load_views(names: list[str] | None = None) -> dict[str, View]:
-    """Instantiate the views registered under `xofs.views` (all, or those named), by directory name."""
+    """Instantiate the views registered under `xofs.views` (all, or those named), by directory name.
+
+    xofs's own views come first and keep their names; third-party ones follow in the order of their
+    distribution and entry point names (not the order of the files on disk), the first keeping a name."""
     views: dict[str, View] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    owners: dict[str, str] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
         if names is not None and ep.name not in names:
             continue
         try:
             view = ep.load()()
-        except Exception:  # a broken third-party plugin must not stop the mount
+            problem = name_problem(view.name) or node_problem(getattr(view, "node", Dir()))
+            if problem:
+                raise TypeError(f"its name {view.name!r} or node is unusable: {problem}")
+        except (Exception, SystemExit):  # a broken third-party plugin must not stop the mount
             log.exception("view plugin %s (%s) failed to load; its directory is left out", ep.name, ep.value)
             continue
         if view.name in views:
-            log.warning("two view plugins want /%s; keeping the first, ignoring %s", view.name, ep.value)
+            log.warning("two view plugins want /%s; keeping %s, ignoring %s", view.name, owners[view.name],
+                        ep.value)
             continue
         views[view.name] = view
+        owners[view.name] = ep.value
     return views
+
+
+def _load_order(ep: EntryPoint) -> tuple[bool, str, str]:
+    dist = ep.dist.name if ep.dist is not None else ""
+    return dist != "xofs", dist, ep.name

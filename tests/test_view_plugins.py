@@ -1,0 +1,163 @@
+"""Third-party view plugins that are broken, slow or greedy: the mount stays up, the rest of the tree works,
+and the log says which plugin and why (once, not at every access)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib.metadata import EntryPoint
+
+import pytest
+
+import xofs.views
+from tests.test_tree import real_objects, vm_named, walk
+from xofs.cache import ObjectCache
+from xofs.tree import ROOT_INODE, InvalidateEntry, Tree, ViewFailed
+from xofs.views import Dir, File, Link, Rendered, load_views
+
+
+class Flaky:
+    """Lists `ok`; raises, or answers no mapping, once the first VM is renamed `mode`."""
+
+    name = "flaky"
+
+    def __init__(self, vm_id: str = "") -> None:
+        self.vm_id = vm_id
+
+    def children(self, ctx, path):
+        label = ctx.get(self.vm_id)["name_label"] if self.vm_id else ""
+        if label == "raise":
+            raise RuntimeError("a bug in the plugin")
+        if label == "list":
+            return ["x"]
+        return {"ok": Dir()} if path == () else {}
+
+
+class BadEntries:
+    name = "bad-entries"
+
+    def children(self, ctx, path):
+        return {"fine": File(Rendered("x", lambda obj: b"")), "a/b": Dir(), "": Dir(), "..": Dir(),
+                "n" * 256: Dir(), "not-a-node": "text", "weird-content": File("text"), "ok-link": Link("fine")}
+
+    def lookup(self, ctx, path, name):
+        return "not a node"
+
+
+class Slow:
+    name = "slow"
+
+    def children(self, ctx, path):
+        time.sleep(1.2)
+        return {}
+
+
+def make_tree(*views) -> Tree:
+    cache = ObjectCache()
+    cache.replace_all(real_objects())
+    return Tree(cache, {**load_views(), **{v.name: v for v in views}})
+
+
+def test_a_view_that_raises_fails_its_directory_with_eio_logged_once_and_recovers(caplog):
+    tree = make_tree()
+    web = vm_named(tree, "web-01")
+    tree.views["flaky"] = Flaky(web["id"])
+    ok = walk(tree, "flaky", "ok")
+    tree.cache.apply("enter", {web["id"]: {**web, "name_label": "raise"}})
+    for _ in range(3):
+        with pytest.raises(ViewFailed) as failed:
+            tree.children(("flaky", "ok"))
+        assert failed.value.errno == 5 and "view /flaky failed to list /flaky/ok" in failed.value.describe()
+    assert caplog.text.count("RuntimeError: a bug in the plugin") == 1
+    assert walk(tree, "vms", web["id"], "meta.json")  # the rest of the tree is untouched
+    tree.cache.apply("enter", {web["id"]: web})  # the view lists again: so does the directory
+    assert tree.children(ok.path) == {}
+
+
+@pytest.mark.parametrize("mode", ["raise", "list"])
+def test_a_view_that_breaks_on_an_event_does_not_stop_the_event_handling(mode, caplog):
+    """A VM rename arrives while the view's listing is kept: recomputing it raises, or answers a list (which
+    `dict()` could not take): the entries are gone, with their kernel entries invalidated; nothing escapes
+    into the event feed (which would end the daemon)."""
+    tree = make_tree()
+    web = vm_named(tree, "web-01")
+    tree.views["flaky"] = Flaky(web["id"])
+    walk(tree, "flaky", "ok")
+    renamed = {**web, "name_label": mode}
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: renamed}))
+    flaky_dir = walk(tree, "flaky")
+    assert InvalidateEntry(flaky_dir.ino, "ok") in out
+    with pytest.raises(ViewFailed):
+        tree.children(("flaky",))
+    assert "view /flaky failed to list /flaky" in caplog.text
+
+
+def test_entries_the_kernel_would_refuse_are_left_out_with_one_warning_each(caplog):
+    tree = make_tree(BadEntries())
+    for _ in range(2):
+        assert set(tree.children(("bad-entries",))) == {"fine", "ok-link"}
+        tree._drop_listing(("bad-entries",))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 6, warnings
+    assert "view /bad-entries lists 'a/b' in /bad-entries, left out: '/' or NUL in it" in warnings
+    assert "view /bad-entries lists 'not-a-node' in /bad-entries, left out: a str, not a Dir, File or Link" in warnings
+    parent = tree.lookup(ROOT_INODE, "bad-entries")
+    assert tree.lookup(parent.ino, "unlisted") is None  # a lookup that answers no node: no such entry
+    assert "answered a lookup of /bad-entries/unlisted with no node" in caplog.text
+
+
+def test_a_slow_view_is_named_in_the_log_once(caplog):
+    tree = make_tree(Slow())
+    for _ in range(2):
+        tree.children(("slow",))
+        tree._drop_listing(("slow",))
+    assert caplog.text.count("view /slow took 1.2 s to list /slow, and the whole mount waited") == 1
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+class Hijack:
+    name = "vms"
+
+    def children(self, ctx, path):
+        return {"HIJACKED": Dir()}
+
+
+class NoName:
+    def children(self, ctx, path):
+        return {}
+
+
+class NumberName(NoName):
+    name = 42
+
+
+class SlashName(NoName):
+    name = "a/b"
+
+
+def third_party(monkeypatch, tmp_path, **eps: str) -> None:
+    """`entry_points` as xofs sees it, with these third-party entry points (no distribution) added."""
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = xofs.views.entry_points
+
+    def fake(group):
+        added = [EntryPoint(name, value, group) for name, value in eps.items()]
+        return [*added, *real(group=group)]  # the third-party ones first, as a directory may list them
+
+    monkeypatch.setattr(xofs.views, "entry_points", fake)
+
+
+def test_broken_plugins_are_left_out_and_builtins_keep_their_names(monkeypatch, tmp_path, caplog):
+    third_party(monkeypatch, tmp_path, hijack=f"{__name__}:Hijack", noname=f"{__name__}:NoName",
+                number=f"{__name__}:NumberName", slash=f"{__name__}:SlashName", exits="exits_at_import:X",
+                flaky=f"{__name__}:Flaky")
+    views = load_views()
+    assert type(views["vms"]).__module__ == "xofs.views.builtin" and "flaky" in views
+    assert not {"a/b", 42} & set(views)
+    assert "two view plugins want /vms; keeping xofs.views.builtin:VmsView, ignoring tests.test_view_plugins:Hijack" \
+        in caplog.text
+    for ep in ("noname", "number", "slash", "exits"):
+        assert f"view plugin {ep} (" in caplog.text and "failed to load; its directory is left out" in caplog.text
+    assert "SystemExit: 3" in caplog.text  # a module that exits at import: refused, the process goes on
