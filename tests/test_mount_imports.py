@@ -155,6 +155,24 @@ def test_rerunning_rsync_or_cp_u_transfers_nothing_even_after_a_remount(fresh_si
     assert {label: one_vdi(fresh_sim, label, sr)["id"] for label in ("a", "b")} == first
 
 
+def test_two_mounts_sharing_a_state_directory_keep_each_others_import_records(fresh_sim, make_mount, tmp_path):
+    """The default state directory is one per user, so two mounts of one XO share it: each one's saves
+    replaced the other's records, and after a remount `cp -u` imported a file again (a second VDI)."""
+    state = {"XOFS_STATE_DIR": str(tmp_path / "state-shared")}
+    make_raw(tmp_path / "one.raw", 1 << 20)
+    a, b = make_mount(fresh_sim, env=state), make_mount(fresh_sim, env=state)
+    sr = sr_ids(fresh_sim)[0]
+    sh("cp", str(tmp_path / "one.raw"), str(import_dir(a, sr) / "from-a.raw"))
+    sh("cp", str(tmp_path / "one.raw"), str(import_dir(b, sr) / "from-b.raw"))
+    sh("cp", str(tmp_path / "one.raw"), str(import_dir(a, sr) / "from-a-again.raw"))
+    b.stop()
+    b = make_mount(fresh_sim, env=state)
+    assert sorted(os.listdir(import_dir(b, sr))) == ["from-a-again.raw", "from-a.raw", "from-b.raw"]
+    count = len(vdis(fresh_sim))
+    sh("cp", "-u", str(tmp_path / "one.raw"), str(import_dir(b, sr) / "from-b.raw"))
+    assert len(vdis(fresh_sim)) == count and len(vdis(fresh_sim, name_label="from-b")) == 1
+
+
 def test_rename_and_unlink_in_the_import_directory(fresh_sim, make_mount, tmp_path):
     mount = make_mount(fresh_sim)
     sr = sr_ids(fresh_sim)[0]

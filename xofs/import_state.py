@@ -2,17 +2,20 @@
 
 After an import the entry keeps the size, mtime and mode its writer gave it; that is what lets a second
 `rsync -a` or `cp -u` see an up-to-date file and transfer nothing. One JSON file per server and SR under
-the state directory (`<state>/imports/<server>/<sr-uuid>.json`), rewritten atomically on every change.
+the state directory (`<state>/imports/<server>/<sr-uuid>.json`), rewritten atomically on every change; mounts
+that share the state directory each rewrite only their own records.
 Nothing here is needed for correctness in XO: losing it only makes the next rsync import again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,17 +70,24 @@ class ImportStore:
                 log.warning("ignoring the import record of %r in %s: %s", name, path, err)
         return records
 
-    def save(self, sr_id: str, records: dict[str, ImportRecord]) -> None:
-        """Replace the SR's file (atomically); a failure is logged, not raised: see the module docstring."""
+    def save(self, sr_id: str, records: dict[str, ImportRecord], *, known: Collection[str] = ()) -> None:
+        """Write the SR's records of this mount: `records` replace those of the names in `known` (every
+        name the mount had as an import), and the file's other records stay. Two mounts of one XO that share
+        a state directory each keep theirs (a plain replace dropped the other's: its next `cp -u` imported
+        again). Atomic, under a lock on the directory; a failure is logged, not raised (module docstring)."""
         path = self._path(sr_id)
         try:
-            if not records:
-                path.unlink(missing_ok=True)
-                return
             self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            body = {"version": VERSION, "entries": {n: asdict(r) for n, r in sorted(records.items())}}
-            tmp.write_text(json.dumps(body, indent=1))
-            os.replace(tmp, path)
+            with open(self.directory / ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                others = {n: r for n, r in self.load(sr_id).items() if n not in known and n not in records}
+                merged = {**others, **records}
+                if not merged:
+                    path.unlink(missing_ok=True)
+                    return
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                body = {"version": VERSION, "entries": {n: asdict(r) for n, r in sorted(merged.items())}}
+                tmp.write_text(json.dumps(body, indent=1))
+                os.replace(tmp, path)
         except OSError as err:
             log.warning("cannot save the import records in %s: %s", path, err)

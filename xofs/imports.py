@@ -200,6 +200,9 @@ class ImportManager:
         self.shutdown_wait = shutdown_wait
         self._limiter = trio.CapacityLimiter(max_uploads)
         self._dirs: dict[str, dict[str, _Import]] = {}
+        # per SR, every name this mount had as an import: saving replaces those records and keeps the others
+        # (another mount's, sharing the state directory)
+        self._known: dict[str, set[str]] = {}
         self._unchecked: set[str] = set()  # SRs whose remembered imports were not yet checked against XO
         self._uploads: set[_Upload] = set()
         self._nursery: trio.Nursery | None = None
@@ -318,12 +321,14 @@ class ImportManager:
         imports = self._dirs.get(sr_id)
         if imports is None:
             imports = self._dirs[sr_id] = {}
+            self._known[sr_id] = set()
             self._unchecked.add(sr_id)
             for name, rec in self.store.load(sr_id).items():
                 try:
                     kind = parse_name(name)
                 except XofsError:
                     continue
+                self._known[sr_id].add(name)
                 imports[name] = _Import(sr_id, name, kind, rec.mode, rec.mtime_ns, rec.size, Phase.IMPORTED,
                                         vdi=rec.vdi, sent_label=kind.label, name_description=rec.name_description,
                                         sent_description=rec.name_description or DEFAULT_DESCRIPTION,
@@ -342,7 +347,8 @@ class ImportManager:
 
     def _save(self, sr_id: str) -> None:
         imports = self._dirs.get(sr_id, {})
-        self.store.save(sr_id, {n: i.record() for n, i in imports.items() if i.phase is Phase.IMPORTED})
+        self.store.save(sr_id, {n: i.record() for n, i in imports.items() if i.phase is Phase.IMPORTED},
+                        known=self._known.get(sr_id, set()))
 
     # ---- opening ----------------------------------------------------------------------------------
 
@@ -354,6 +360,7 @@ class ImportManager:
             return await self.open(entry, os.O_WRONLY | os.O_TRUNC, caller, path)
         imp = _Import(entry.sr_id, entry.name, kind, mode & 0o777, time.time_ns())
         imports[entry.name] = imp
+        self._known[entry.sr_id].add(entry.name)
         return ImportFile(self, imp, writable=True, caller=caller, path=path)
 
     async def open(self, entry: ImportEntry, flags: int, caller: Caller, path: str) -> OpenFile:
@@ -896,6 +903,7 @@ class ImportManager:
             del imports[entry.name]
         imp.name, imp.kind = new_name, kind
         imports[new_name] = imp
+        self._known[entry.sr_id].add(new_name)
         self._save(entry.sr_id)
 
     async def setattr(self, entry: ImportEntry, *, size: int | None, mode: int | None, mtime_ns: int | None,
