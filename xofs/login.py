@@ -17,9 +17,11 @@ import getpass
 import json
 import os
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -119,7 +121,7 @@ async def request_token(url: str, user: str, password: str, *, verify: bool | st
     Raises `LoginError` with XO's words (wrong password, unreachable server, TLS failure…).
     """
     target = ws_url(url)
-    ssl = ssl_context(verify) if target.startswith("wss:") else None
+    tls = ssl_context(verify) if target.startswith("wss:") else None
     credentials: dict[str, Any] = {"email": user, "password": password}
     if otp:
         credentials["otp"] = otp
@@ -128,7 +130,9 @@ async def request_token(url: str, user: str, password: str, *, verify: bool | st
         params["expiresIn"] = expires_in
     try:
         with trio.fail_after(CALL_TIMEOUT):
-            async with trio_websocket.open_websocket_url(target, ssl, connect_timeout=CALL_TIMEOUT) as ws:
+            if tls is not None:
+                await _handshake_tls(target, tls)
+            async with trio_websocket.open_websocket_url(target, tls, connect_timeout=CALL_TIMEOUT) as ws:
                 rpc = _Rpc(ws)
                 try:
                     await rpc.call("session.signIn", credentials)
@@ -150,6 +154,19 @@ async def request_token(url: str, user: str, password: str, *, verify: bool | st
     if not isinstance(token, str) or not token:
         raise LoginError(f"token.create answered {type(token).__name__}, not a token")
     return token
+
+
+async def _handshake_tls(url: str, context: ssl.SSLContext) -> None:
+    """Connect and do the TLS handshake alone, then hang up, so that its failure (a certificate not trusted, a
+    server that speaks plain HTTP there) is told at once. Inside trio_websocket it is lost: the first send
+    fails, that is taken for a closed connection, and the upgrade is waited for until the timeout."""
+    parts = urlsplit(url)
+    stream = await trio.open_ssl_over_tcp_stream(parts.hostname or "", parts.port or 443, ssl_context=context,
+                                                 https_compatible=True)
+    try:
+        await stream.do_handshake()
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 class _Rpc:
