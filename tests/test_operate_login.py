@@ -3,7 +3,10 @@ words `xofs mount` uses, and documented in docs/troubleshooting.md."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import ssl
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -45,6 +48,19 @@ def tls_sim(tmp_path_factory) -> Iterator[tuple[SimProcess, Path]]:
     sim.stop()
 
 
+@pytest.fixture
+def plain_web_server(tmp_path) -> Iterator[str]:
+    """A web server that is not XO (`python -m http.server`): it answers 404 with an HTML page to /api/."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.mark.timeout(60)
 def test_https_to_a_plain_http_server_fails_at_once_as_the_mount_does(sim, tmp_path):
     """The TLS handshake's failure used to be lost inside trio_websocket: login waited 30 s, then said only
@@ -78,3 +94,13 @@ def test_an_unknown_certificate_is_refused_at_once_and_a_trusted_one_signs_in(tl
                                      headers={"Cookie": f"authenticationToken={token}"})
     with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cafile=cafile)) as resp:
         assert resp.status == 200
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_websocket_upgrade_says_so_without_the_page(plain_web_server, tmp_path):
+    code, stderr, took = login(plain_web_server, tmp_path)
+    line = one_documented_line(code, stderr)
+    assert took < QUICK, f"took {took:.1f} s: {line}"
+    assert line == f"xofs login: cannot reach XO at {plain_web_server.replace('http', 'ws')}/api/: " \
+                   "websocket upgrade refused with HTTP 404"
+    assert "<" not in stderr and "server" not in stderr

@@ -28,8 +28,8 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from xofs.client.auth import ssl_context
-from xofs.client.events import ws_url
-from xofs.errors import XoError, XofsError, XoUnreachable, describe_connection_error, xo_error_from_rpc
+from xofs.client.events import _handshake_reason, ws_url
+from xofs.errors import XoError, XofsError, XoUnreachable, xo_error_from_rpc
 
 CALL_TIMEOUT = 30.0
 INVALID_PARAMETERS = 10  # XO's error code, answered by servers whose token.create takes no client/description
@@ -148,7 +148,7 @@ async def request_token(url: str, user: str, password: str, *, verify: bool | st
     except trio.TooSlowError:
         raise LoginError(f"no answer from {target} within {CALL_TIMEOUT:g} s") from None
     except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
-        raise LoginError(f"cannot reach XO at {target}: {describe_connection_error(exc)}") from None
+        raise LoginError(f"cannot reach XO at {target}: {_handshake_reason(exc, CALL_TIMEOUT)}") from None
     except XofsError as err:
         raise LoginError(err.describe()) from None
     if not isinstance(token, str) or not token:
