@@ -104,3 +104,23 @@ def test_a_refused_websocket_upgrade_says_so_without_the_page(plain_web_server, 
     assert line == f"xofs login: cannot reach XO at {plain_web_server.replace('http', 'ws')}/api/: " \
                    "websocket upgrade refused with HTTP 404"
     assert "<" not in stderr and "server" not in stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("url", ["ftp://xo.example.org", "xo.example.org", "https://", "file:///etc/passwd"])
+def test_a_url_that_is_not_http_is_refused_in_one_line(url, tmp_path):
+    code, stderr, _ = login(url, tmp_path)
+    line = one_documented_line(code, stderr)
+    assert line == f"xofs login: {url!r} is not an http(s) URL of an XO server"
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.timeout(60)
+def test_credentials_in_the_url_are_refused_and_never_repeated(sim, tmp_path):
+    host = sim.url.split("://", 1)[1]
+    for userinfo in ("admin%40admin.net:admin@", "admin@", ":admin@"):
+        code, stderr, _ = login(f"http://{userinfo}{host}", tmp_path)
+        line = one_documented_line(code, stderr)
+        assert line.startswith("xofs login: credentials in the URL are refused"), line
+        assert "admin@admin.net" not in line and ":admin" not in line
+    assert not (tmp_path / "config").exists()

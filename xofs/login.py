@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     url = args.url.rstrip("/")
     try:
+        _check_url(args.url)
         user = args.user or _ask("XO user (email): ")
         password = _read_password(args, user, url)
     except (EOFError, KeyboardInterrupt):
@@ -87,6 +88,25 @@ def run(args: argparse.Namespace) -> int:
 
 class LoginError(Exception):
     """Signing in did not give a token; the message is the one line the user sees (never the password)."""
+
+
+def _check_url(url: str) -> None:
+    """Refuse what `xofs mount` refuses: a URL that is not http(s), or one that carries credentials (the
+    command line is every user's to read; login takes the user as an argument and asks the password)."""
+    from xofs.daemon import StartupError
+    from xofs.mount import check_url
+
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        raise LoginError("credentials in the URL are refused (every user can read command lines): give the "
+                         "user after the URL; the password is asked for, or read with --password-stdin")
+    try:
+        check_url(url)
+        _ = parts.port  # raises ValueError for a port that is no number, or out of range
+    except StartupError as err:
+        raise LoginError(str(err)) from None
+    except ValueError:
+        raise LoginError(f"{url!r} is not an http(s) URL of an XO server") from None
 
 
 def _ask(prompt: str) -> str:
