@@ -278,3 +278,31 @@ def test_the_detached_daemon_leaves_its_directory_and_keeps_relative_paths_worki
         daemon.wait_gone()
     finally:
         daemon.cleanup()
+
+
+def test_ctrl_c_while_xo_is_slow_to_answer_calls_the_start_off(fresh_sim, tmp_path):
+    """The daemon lives in a session of its own, so Ctrl-C reached only the waiting command: it printed a
+    traceback, and the daemon went on, mounted, then died writing to the closed pipe."""
+    set_faults(fresh_sim, latency_ms=3000)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "xofs", "mount", fresh_sim.url, str(mnt)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "XOFS_TOKEN": fresh_sim.token,
+                                 "XOFS_STATE_DIR": str(tmp_path / "state")})
+    try:
+        time.sleep(1.5)  # signing in, held back by the latency
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert (proc.returncode, out, err) == (130, "", "xofs: interrupted: the mount was not made\n")
+        assert_documented(err.strip())
+        set_faults(fresh_sim, latency_ms=0)
+        time.sleep(1)
+        assert not is_mounted(mnt)
+        daemons = subprocess.run(["pgrep", "-f", f"xofs mount {fresh_sim.url} {mnt}"], capture_output=True)
+        assert daemons.stdout == b""
+        assert "CRITICAL" not in (tmp_path / "state" / "xofs.log").read_text()
+    finally:
+        proc.kill()
+        set_faults(fresh_sim, latency_ms=0)
+        force_unmount(mnt)

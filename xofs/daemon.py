@@ -67,7 +67,10 @@ class Reporter:
 
     def _send(self, message: str) -> None:
         if self.fd is not None:
-            os.write(self.fd, message.encode())
+            try:
+                os.write(self.fd, message.encode())
+            except BrokenPipeError:  # the command that started the daemon was killed: the mount stays
+                log.warning("the command that started this mount is gone; the mount stays up")
             os.close(self.fd)
             self.fd = None
 
@@ -83,7 +86,13 @@ def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int
     if pid:
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode("utf-8", "replace").strip()
+            try:
+                message = pipe.read().decode("utf-8", "replace").strip()
+            except KeyboardInterrupt:  # Ctrl-C while XO is slow to answer: the start is called off
+                os.kill(pid, signal.SIGTERM)  # it stops as on any SIGTERM, unmounting if it got that far
+                os.waitpid(pid, 0)
+                print("xofs: interrupted: the mount was not made", file=sys.stderr)
+                return 130
         if message == "ok":
             return 0
         print(message or "xofs: the mount daemon died before the mount was live", file=sys.stderr)
