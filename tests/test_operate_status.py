@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 from tests.operate_support import assert_documented, status_of, xofs
+from tests.support import is_mounted
 from tests.test_imports import sr_ids
 from tests.test_operate_credentials import run_on_terminal
 
@@ -99,3 +102,75 @@ def test_xofs_status_says_what_is_wrong(tmp_path):
     proc = xofs("status", str(tmp_path / "nope"))
     assert proc.returncode == 1 and f"{tmp_path / 'nope'} does not exist or is not a directory" in proc.stderr
     assert_documented(proc.stderr.strip())
+
+
+def auto_unmount_helper(daemon: int) -> int:
+    """The pid of the `fusermount3` libfuse leaves running beside a daemon, to unmount when it dies."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                name, rest = f.read().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        if name.endswith("(fusermount3") and int(rest.split()[1]) == daemon:
+            return int(entry)
+    raise AssertionError(f"no fusermount3 helper beside daemon {daemon}")
+
+
+def heads(output: str) -> list[str]:
+    """The first line of each mount's status in `xofs status`'s output."""
+    return [line for line in output.splitlines() if not line.startswith(" ")]
+
+
+def test_xofs_status_shows_every_mount_when_one_daemon_is_stuck(sim, make_mount):
+    stuck, healthy = make_mount(sim), make_mount(sim)
+    pid = status_of(stuck.mountpoint)["pid"]
+    os.kill(pid, signal.SIGSTOP)  # a read on its mount now waits in the kernel until SIGCONT
+    try:
+        started = time.monotonic()
+        proc = xofs("status", timeout=30)
+        assert time.monotonic() - started < 15
+        line = (f"xofs status: the daemon of {stuck.mountpoint} (pid {pid}) does not answer within 5 s: "
+                f"it is stopped (kill -CONT {pid} resumes it)")
+        assert proc.returncode == 1 and line in proc.stderr.splitlines(), proc.stderr
+        assert_documented(line)
+        assert any(h.startswith(f"{sim.url} on {healthy.mountpoint} (pid {healthy.proc.pid}")
+                   for h in heads(proc.stdout)), proc.stdout
+
+        proc = xofs("status", "--json", "--timeout", "1", timeout=30)
+        by_mount = {entry["mountpoint"]: entry for entry in json.loads(proc.stdout)}
+        assert by_mount[str(healthy.mountpoint)]["pid"] == healthy.proc.pid
+        assert by_mount[str(stuck.mountpoint)]["error"].startswith(
+            f"the daemon of {stuck.mountpoint} (pid {pid}) does not answer within 1 s")
+        assert proc.returncode == 1
+
+        # On a terminal, the stuck one's line is drawn among the others; with no transfer, it is over.
+        code, screen = run_on_terminal(["status", "--timeout", "1"], [], {}, timeout=20)
+        assert code == 1 and f" on {healthy.mountpoint} (pid" in screen, screen
+        assert f"the daemon of {stuck.mountpoint} (pid {pid}) does not answer within 1 s" in screen
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert xofs("status", str(stuck.mountpoint), timeout=30).returncode == 0  # it answers again
+
+
+def test_xofs_status_shows_every_mount_when_one_daemon_is_gone(sim, make_mount):
+    dead, healthy = make_mount(sim), make_mount(sim)
+    # Without its auto_unmount helper, a killed daemon leaves its mount behind: "Transport endpoint is not
+    # connected" (the helper first: killed after the daemon, it could unmount before it dies).
+    os.kill(auto_unmount_helper(dead.proc.pid), signal.SIGKILL)
+    dead.proc.kill()
+    dead.proc.wait(10)
+    assert is_mounted(dead.mountpoint, "fuse.xofs")
+
+    proc = xofs("status", timeout=30)
+    line = f"xofs status: the xofs daemon of {dead.mountpoint} is gone: unmount it (fusermount3 -u {dead.mountpoint})"
+    assert proc.returncode == 1 and line in proc.stderr.splitlines(), proc.stderr
+    assert_documented(line)
+    assert any(h.startswith(f"{sim.url} on {healthy.mountpoint} (pid {healthy.proc.pid}")
+               for h in heads(proc.stdout)), proc.stdout
+
+    proc = xofs("status", "--json", timeout=30)
+    by_mount = {entry["mountpoint"]: entry for entry in json.loads(proc.stdout)}
+    assert by_mount[str(dead.mountpoint)] == {"mountpoint": str(dead.mountpoint), "error": line[len("xofs status: "):]}
+    assert by_mount[str(healthy.mountpoint)]["pid"] == healthy.proc.pid
+    assert proc.returncode == 1

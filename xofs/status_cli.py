@@ -4,6 +4,12 @@ Without a mount point, every xofs mount in /proc/mounts is shown. On a terminal,
 progress bars that update in place until they are all done (or Ctrl-C; `--watch` goes on regardless);
 otherwise the status is printed once, in plain lines. `--json` prints the status file itself (a list of
 them when there are several mounts), for scripts.
+
+A mount whose status cannot be read gets one line saying why (on standard error; an entry with an `error`
+in JSON), the others are shown all the same, and the exit status is 1. Each mount is read in a thread of
+its own that is waited for `--timeout` seconds at most: a read on the mount of a stopped or stuck daemon
+blocks in the kernel until the daemon answers, and this is the command run to look at such a daemon. A
+thread left waiting so ends with the process.
 """
 
 from __future__ import annotations
@@ -11,21 +17,27 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from xofs.options import positive
 from xofs.proc_mounts import mount_points
 
 REFRESH = 0.5  # seconds between two redraws on a terminal
 BAR = 24
+TIMEOUT = 5.0  # seconds to wait for a daemon's answer: a healthy one answers in milliseconds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", nargs="?", type=Path, help="an xofs mount (default: every xofs mount)")
     p.add_argument("--json", action="store_true", help="print the status as JSON, once")
     p.add_argument("--watch", action="store_true", help="on a terminal, keep updating even with no transfer")
+    p.add_argument("--timeout", type=positive, default=TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for a daemon's answer (default {TIMEOUT:g})")
 
 
 class StatusError(Exception):
@@ -49,43 +61,139 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
         raise StatusError(f"{path} is not JSON") from None
 
 
+class MountReader:
+    """Reads the status of one mount in a daemon thread, waited for `timeout` seconds after it began.
+
+    A read still waiting is not started again: `outcome()` then says at once that the daemon does not answer.
+    """
+
+    def __init__(self, mountpoint: Path, timeout: float) -> None:
+        self.mountpoint, self.timeout = mountpoint, timeout
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+        self._outcome: dict[str, Any] | StatusError = StatusError("not read yet")
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._started = time.monotonic()
+            self._thread = threading.Thread(target=self._read, name=f"status of {self.mountpoint}", daemon=True)
+            self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            self._outcome = read_status(self.mountpoint)
+        except StatusError as err:
+            self._outcome = err
+
+    def outcome(self) -> dict[str, Any] | StatusError:
+        """The status, or the error saying why there is none; waits until `timeout` after the read began."""
+        self.start()
+        assert self._thread is not None
+        self._thread.join(max(0.0, self._started + self.timeout - time.monotonic()))
+        if self._thread.is_alive():
+            return StatusError(not_answering(self.mountpoint, self.timeout))
+        self._thread = None
+        return self._outcome
+
+
+def not_answering(mountpoint: Path, timeout: float) -> str:
+    pid = daemon_pid(mountpoint)
+    if pid is None:
+        return f"the daemon of {mountpoint} does not answer within {timeout:g} s"
+    said = f"the daemon of {mountpoint} (pid {pid}) does not answer within {timeout:g} s: "
+    if _state(pid) in ("T", "t"):
+        return said + f"it is stopped (kill -CONT {pid} resumes it)"
+    return said + f"kill -USR1 {pid} writes where it waits to its log"
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    """The pid of the daemon of a mount, found without asking the daemon: the parent of the `fusermount3`
+    that libfuse leaves running for `auto_unmount` (every xofs mount has it), whose last argument is the
+    mount point. Only the command lines of `fusermount3` processes are read: reading another process's
+    command line can wait for its memory, and one faulting on the stuck mount would hang us."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/comm") as f:
+                if f.read().strip() != "fusermount3":
+                    continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+            with open(f"/proc/{entry.name}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if argv[-2:] == [b"--", os.fsencode(mountpoint)] and parent > 1:
+            return parent
+    return None
+
+
+def _state(pid: int) -> str:
+    """A process's state letter in /proc (R, S, D, T for stopped…), or "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def run(args: argparse.Namespace) -> int:
-    mounts = [args.mountpoint] if args.mountpoint else mount_points("fuse.xofs")
-    if not mounts:
+    # a mount point mounted over twice is listed twice: shown once
+    targets = [args.mountpoint] if args.mountpoint else list(dict.fromkeys(mount_points("fuse.xofs")))
+    if not targets:
         print("xofs status: no xofs mount", file=sys.stderr)
         return 1
-    try:
-        if args.json:
-            statuses = [read_status(m) for m in mounts]
-            print(json.dumps(statuses[0] if args.mountpoint else statuses, indent=2))
-            return 0
-        if sys.stdout.isatty():
-            return _live(mounts, args.watch)
-        print("\n".join(line for m in mounts for line in render(read_status(m), bars=False)))
-    except StatusError as err:
-        print(f"xofs status: {err}", file=sys.stderr)
-        return 1
-    return 0
+    readers = [MountReader(t, args.timeout) for t in targets]
+    if not args.json and sys.stdout.isatty():
+        return _live(readers, args.watch)
+    for r in readers:
+        r.start()  # all at once: several stuck daemons cost one timeout, not one each
+    outcomes = [r.outcome() for r in readers]
+    failed = False
+    if args.json:
+        entries = []
+        for r, outcome in zip(readers, outcomes, strict=True):
+            if isinstance(outcome, StatusError):
+                print(f"xofs status: {outcome}", file=sys.stderr)
+                failed = True
+                outcome = {"mountpoint": str(r.mountpoint), "error": str(outcome)}
+            entries.append(outcome)
+        print(json.dumps(entries[0] if args.mountpoint else entries, indent=2))
+        return 1 if failed else 0
+    for outcome in outcomes:
+        if isinstance(outcome, StatusError):
+            sys.stdout.flush()
+            print(f"xofs status: {outcome}", file=sys.stderr)
+            failed = True
+        else:
+            print("\n".join(render(outcome, bars=False)), flush=True)
+    return 1 if failed else 0
 
 
-def _live(mounts: list[Path], watch: bool) -> int:
-    """Redraw in place until no transfer is left (or forever with `watch`); Ctrl-C ends it quietly."""
+def _live(readers: list[MountReader], watch: bool) -> int:
+    """Redraw in place until no transfer is left (or forever with `watch`); Ctrl-C ends it quietly.
+    A mount that cannot be read has its one line among the others; it makes the exit status 1."""
     drawn = 0
     previous: dict[str, tuple[float, int]] = {}
     try:
         while True:
-            statuses = [read_status(m) for m in mounts]
+            for r in readers:
+                r.start()
+            outcomes = [r.outcome() for r in readers]
+            statuses = [s for s in outcomes if not isinstance(s, StatusError)]
             now = time.monotonic()
             for s in statuses:
                 for t in s.get("transfers", []):
                     _instant_rate(t, previous, now)
-            lines = [line for s in statuses for line in render(s, bars=True)]
+            lines = [line for s in outcomes
+                     for line in ([f"xofs status: {s}"] if isinstance(s, StatusError) else render(s, bars=True))]
             out = (f"\x1b[{drawn}F\x1b[J" if drawn else "") + "\n".join(lines) + "\n"
             sys.stdout.write(out)
             sys.stdout.flush()
             drawn = len(lines)
             if not watch and not any(s.get("transfers") for s in statuses):
-                return 0
+                return 1 if len(statuses) < len(outcomes) else 0
             time.sleep(REFRESH)
     except KeyboardInterrupt:
         return 0
