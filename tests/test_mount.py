@@ -166,6 +166,23 @@ def test_a_mount_point_with_a_space_is_known_as_mounted(sim, tmp_path):
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
 
 
+def test_a_symbolic_link_to_the_mount_point_works_for_mount_status_and_umount(sim, tmp_path):
+    """The link went to the kernel as it was: "fuse_session_mount failed"."""
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "link").symlink_to("mnt")
+    env = {"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")}
+    try:
+        proc = xofs("mount", sim.url, str(tmp_path / "link"), env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert is_mounted(tmp_path / "mnt", "fuse.xofs") and is_mounted(tmp_path / "link", "fuse.xofs")
+        status = xofs("status", "--json", str(tmp_path / "link"))
+        assert status.returncode == 0 and str(tmp_path / "mnt") in status.stdout, status.stderr
+        assert xofs("umount", str(tmp_path / "link")).returncode == 0
+        wait_for(lambda: not is_mounted(tmp_path / "mnt"), 10, "the unmount")
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(tmp_path / "mnt")], capture_output=True)
+
+
 # ---- freshness ------------------------------------------------------------------------------------
 
 def first_vm(sim: SimProcess, power_state: str = "Running") -> dict:

@@ -51,7 +51,7 @@ from xofs.imports import ImportManager
 from xofs.invalidator import Invalidator
 from xofs.malloc import tune_malloc
 from xofs.options import OptionError, add_arguments, pin_paths, resolve
-from xofs.proc_mounts import is_mounted
+from xofs.proc_mounts import is_mounted, resolve_parent
 from xofs.sync import Syncer
 from xofs.tree import Tree
 from xofs.views import load_views
@@ -81,7 +81,8 @@ def run_umount(args: argparse.Namespace) -> int:
     if not is_mounted(args.mountpoint, "fuse.xofs"):
         print(f"xofs umount: {args.mountpoint} is not an xofs mount", file=sys.stderr)
         return 1
-    proc = subprocess.run(["fusermount3", "-u", str(args.mountpoint)], stderr=subprocess.PIPE, text=True)
+    target = resolve_parent(args.mountpoint)  # fusermount3 refuses a symbolic link to the mount point
+    proc = subprocess.run(["fusermount3", "-u", str(target)], stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         print(f"xofs umount: {proc.stderr.strip() or 'fusermount3 failed'}", file=sys.stderr)
     return proc.returncode

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xofs.proc_mounts import resolve_parent
+
 # mount(8)'s own options, which reach a helper but mean nothing to the filesystem.
 MOUNT_ONLY = frozenset({"_netdev", "nofail", "noauto", "auto", "user", "nouser", "users", "owner", "group",
                         "defaults", "rw", "loud", "silent"})
@@ -238,7 +240,7 @@ def pin_paths(args: argparse.Namespace, env: MutableMapping[str, str]) -> None:
         value = getattr(args, option.name)
         if isinstance(value, Path):
             setattr(args, option.name, Path(os.path.abspath(value)))
-    args.mountpoint = Path(os.path.abspath(args.mountpoint))
+    args.mountpoint = resolve_parent(args.mountpoint)  # a symbolic link to it is resolved too
     for name in PATH_VARIABLES:
         if env.get(name) and not os.path.isabs(env[name]):
             env[name] = os.path.abspath(env[name])

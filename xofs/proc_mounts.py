@@ -32,6 +32,15 @@ def is_mounted(path: str | Path, fstype: str | None = None) -> bool:
     return resolve_parent(path) in mount_points(fstype)
 
 
-def resolve_parent(path: str | Path) -> Path:
+def resolve_parent(path: str | Path, depth: int = 0) -> Path:
+    """`path` with its parent resolved, and itself if it is a symbolic link: `readlink` of a mount point
+    is answered without asking the mounted filesystem, unlike `stat` or `realpath`."""
     path = Path(os.path.abspath(path))
-    return Path(os.path.realpath(path.parent)) / path.name
+    resolved = Path(os.path.realpath(path.parent)) / path.name
+    try:
+        target = os.readlink(resolved)
+    except OSError:  # no link (or no such path)
+        return resolved
+    if depth > 40:  # a loop of links: ELOOP's limit
+        return resolved
+    return resolve_parent(resolved.parent / target, depth + 1)
