@@ -174,3 +174,29 @@ def test_xofs_status_shows_every_mount_when_one_daemon_is_gone(sim, make_mount):
     assert by_mount[str(dead.mountpoint)] == {"mountpoint": str(dead.mountpoint), "error": line[len("xofs status: "):]}
     assert by_mount[str(healthy.mountpoint)]["pid"] == healthy.proc.pid
     assert proc.returncode == 1
+
+
+def test_xofs_status_of_several_mount_points(sim, make_mount, tmp_path):
+    one, two = make_mount(sim), make_mount(sim)
+    proc = xofs("status", str(one.mountpoint), str(two.mountpoint))
+    assert proc.returncode == 0, proc.stderr
+    first, second = heads(proc.stdout)
+    assert first.startswith(f"{sim.url} on {one.mountpoint} (pid {one.proc.pid}")
+    assert second.startswith(f"{sim.url} on {two.mountpoint} (pid {two.proc.pid}")
+    entries = json.loads(xofs("status", "--json", str(one.mountpoint), str(two.mountpoint)).stdout)
+    assert [e["pid"] for e in entries] == [one.proc.pid, two.proc.pid]
+
+    # One that is no mount among them: its line, the others all the same, and exit status 1.
+    proc = xofs("status", str(one.mountpoint), str(tmp_path / "nope"))
+    assert proc.returncode == 1 and heads(proc.stdout)[0].startswith(f"{sim.url} on {one.mountpoint} (pid ")
+    assert proc.stderr == f"xofs status: {tmp_path / 'nope'} does not exist or is not a directory\n"
+
+
+def test_xofs_status_of_a_path_inside_a_mount_shows_that_mount(sim, make_mount, tmp_path):
+    mount = make_mount(sim)
+    proc = xofs("status", str(mount.mountpoint / "vms"))
+    assert proc.returncode == 0, proc.stderr
+    assert heads(proc.stdout)[0].startswith(f"{sim.url} on {mount.mountpoint} (pid {mount.proc.pid}")
+    (tmp_path / "link").symlink_to(mount.mountpoint / "vms")  # through a symbolic link too
+    proc = xofs("status", "--json", str(tmp_path / "link"))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["mountpoint"] == str(mount.mountpoint), proc

@@ -1,9 +1,9 @@
-"""`xofs status [MOUNTPOINT] [--json]`: what a mount is doing, read from its `/.xofs/status.json`.
+"""`xofs status [MOUNTPOINT…] [--json]`: what mounts are doing, read from their `/.xofs/status.json`.
 
-Without a mount point, every xofs mount in /proc/mounts is shown. On a terminal, live transfers get
-progress bars that update in place until they are all done (or Ctrl-C; `--watch` goes on regardless);
-otherwise the status is printed once, in plain lines. `--json` prints the status file itself (a list of
-them when there are several mounts), for scripts.
+Without a mount point, every xofs mount in /proc/mounts is shown; a path inside a mount shows that mount.
+On a terminal, live transfers get progress bars that update in place until they are all done (or Ctrl-C;
+`--watch` goes on regardless); otherwise the status is printed once, in plain lines. `--json` prints the
+status file itself (a list of them unless one mount point was given), for scripts.
 
 A mount whose status cannot be read gets one line saying why (on standard error; an entry with an `error`
 in JSON), the others are shown all the same, and the exit status is 1. Each mount is read in a thread of
@@ -33,7 +33,8 @@ TIMEOUT = 5.0  # seconds to wait for a daemon's answer: a healthy one answers in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mountpoint", nargs="?", type=Path, help="an xofs mount (default: every xofs mount)")
+    p.add_argument("mountpoints", nargs="*", type=Path, metavar="MOUNTPOINT",
+                   help="an xofs mount, or a path inside one (default: every xofs mount)")
     p.add_argument("--json", action="store_true", help="print the status as JSON, once")
     p.add_argument("--watch", action="store_true", help="on a terminal, keep updating even with no transfer")
     p.add_argument("--timeout", type=positive, default=TIMEOUT, metavar="SECONDS",
@@ -61,14 +62,25 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
         raise StatusError(f"{path} is not JSON") from None
 
 
-class MountReader:
-    """Reads the status of one mount in a daemon thread, waited for `timeout` seconds after it began.
+def mount_of(path: Path, mounts: list[Path]) -> Path | None:
+    """The mount that holds `path`: the longest of `mounts` that is `path` or one of its parents."""
+    holders = [m for m in mounts if m == path or m in path.parents]
+    return max(holders, key=lambda m: len(m.parts), default=None)
 
-    A read still waiting is not started again: `outcome()` then says at once that the daemon does not answer.
+
+class MountReader:
+    """Reads the status of the mount that holds one path, in a daemon thread waited for `timeout` seconds.
+
+    `mountpoint` is known at once when the path names a mount (or a path in one) as written, without
+    asking any filesystem, so that a stuck daemon can be named; otherwise the thread resolves symbolic links
+    first. A read still waiting is not started again: `outcome()` then says at once that it does not answer.
     """
 
-    def __init__(self, mountpoint: Path, timeout: float) -> None:
-        self.mountpoint, self.timeout = mountpoint, timeout
+    def __init__(self, path: Path, mounts: list[Path], timeout: float) -> None:
+        self.path, self.mounts, self.timeout = path, mounts, timeout
+        held = mount_of(Path(os.path.abspath(path)), mounts)
+        self.mountpoint = held or path
+        self._resolve = held is None
         self._thread: threading.Thread | None = None
         self._started = 0.0
         self._outcome: dict[str, Any] | StatusError = StatusError("not read yet")
@@ -81,6 +93,9 @@ class MountReader:
 
     def _read(self) -> None:
         try:
+            if self._resolve:  # not in a mount as written: through symbolic links, maybe
+                self._resolve = False
+                self.mountpoint = mount_of(Path(os.path.realpath(self.path)), self.mounts) or self.path
             self._outcome = read_status(self.mountpoint)
         except StatusError as err:
             self._outcome = err
@@ -139,12 +154,12 @@ def _state(pid: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # a mount point mounted over twice is listed twice: shown once
-    targets = [args.mountpoint] if args.mountpoint else list(dict.fromkeys(mount_points("fuse.xofs")))
+    mounts = mount_points("fuse.xofs")
+    targets = args.mountpoints or list(dict.fromkeys(mounts))  # a mount point mounted over twice: once
     if not targets:
         print("xofs status: no xofs mount", file=sys.stderr)
         return 1
-    readers = [MountReader(t, args.timeout) for t in targets]
+    readers = [MountReader(t, mounts, args.timeout) for t in targets]
     if not args.json and sys.stdout.isatty():
         return _live(readers, args.watch)
     for r in readers:
@@ -159,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                 failed = True
                 outcome = {"mountpoint": str(r.mountpoint), "error": str(outcome)}
             entries.append(outcome)
-        print(json.dumps(entries[0] if args.mountpoint else entries, indent=2))
+        print(json.dumps(entries[0] if len(args.mountpoints) == 1 else entries, indent=2))
         return 1 if failed else 0
     for outcome in outcomes:
         if isinstance(outcome, StatusError):
