@@ -570,7 +570,8 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise XofsError("directories of XO objects cannot be removed", errno_=errno.EPERM)
+        raise XofsError("directories cannot be removed on xofs (nothing in XO is deleted through the mount)",
+                        errno_=errno.EPERM)
 
     @_op
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> None:
