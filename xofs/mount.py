@@ -120,6 +120,10 @@ def run_mount(args: argparse.Namespace, *, sloppy: bool = False, fake: bool = Fa
 
 def check_url(url: str) -> None:
     parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is no number from 0 to 65535
+    except ValueError:
+        raise StartupError(f"{url!r} is not an http(s) URL of an XO server (its port is no number)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise StartupError(f"{url!r} is not an http(s) URL of an XO server")
     if parts.username or parts.password:
