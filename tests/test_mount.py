@@ -143,6 +143,9 @@ def test_without_foreground_the_command_returns_once_the_mount_is_live(sim, tmp_
         again = xofs("umount", str(mnt))  # fusermount3 would say "Invalid argument"
         assert again.returncode == 1 and again.stderr == f"xofs umount: {mnt} is not an xofs mount\n"
         assert_documented(again.stderr.strip())
+        missing = xofs("umount", str(tmp_path / "missing"))
+        assert missing.returncode == 1 and missing.stderr == f"xofs umount: {tmp_path / 'missing'} does not exist\n"
+        assert_documented(missing.stderr.strip())
     finally:
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
 

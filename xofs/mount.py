@@ -79,7 +79,8 @@ def add_umount_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_umount(args: argparse.Namespace) -> int:
     if not is_mounted(args.mountpoint, "fuse.xofs"):
-        print(f"xofs umount: {args.mountpoint} is not an xofs mount", file=sys.stderr)
+        what = "is not an xofs mount" if os.path.lexists(args.mountpoint) else "does not exist"
+        print(f"xofs umount: {args.mountpoint} {what}", file=sys.stderr)
         return 1
     target = resolve_parent(args.mountpoint)  # fusermount3 refuses a symbolic link to the mount point
     proc = subprocess.run(["fusermount3", "-u", str(target)], stderr=subprocess.PIPE, text=True)
