@@ -3,6 +3,7 @@ what the simulator does not do on purpose (garbage frames, a silent socket, refu
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class Sink:
     def feed_state(self, state: str, detail: str = "") -> None:
         assert not self._busy, "feed_state() during resync()"
         self.log.append(("state", state, detail))
+
+    def session_failed(self, reason: str) -> None:
+        self.log.append(("failed", reason))
 
     @property
     def states(self) -> list[str]:
@@ -310,6 +314,42 @@ async def test_pending_call_fails_when_the_connection_drops(nursery):
     nursery.start_soon(close_later)
     with trio.fail_after(5), pytest.raises(XoUnreachable):
         await feed.call("never.answered")
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_server_that_completes_the_upgrade_after_a_stall_does_not_hang_the_feed(nursery):
+    """trio-websocket's connect_timeout fired, but the connection it went on making after a stalled XO
+    came back held the feed for ever: no reconnection, the mount's listings frozen."""
+    fake = await start_fake_ws(nursery, lambda ws, n: serve_rpc(fake, ws))
+    upstream_port = int(fake.url.rsplit(":", 1)[1])
+    connections = []
+
+    async def stalling_proxy(client: trio.SocketStream) -> None:
+        n = len(connections)
+        connections.append(n)
+        async with client, await trio.open_tcp_stream("127.0.0.1", upstream_port) as server:
+            request = await client.receive_some()
+            if n == 0:
+                await trio.sleep(2.5)  # XO stalls (SIGSTOP, a long GC), then completes the upgrade
+            await server.send_all(request)
+
+            async def pump(a: trio.SocketStream, b: trio.SocketStream) -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while data := await a.receive_some():
+                        await b.send_all(data)
+
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(pump, client, server)
+                pumps.start_soon(pump, server, client)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, stalling_proxy, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    sink = Sink()
+    feed = EventFeed(f"http://127.0.0.1:{port}", GOOD, sink, connect_timeout=0.5, backoff=(0.05, 0.2))
+    with trio.fail_after(10):
+        await nursery.start(feed.run)
+    assert len(connections) >= 2 and sink.states[-1] == "connected"
+    assert ("failed", "timed out connecting after 0.5 s") in sink.log, sink.log
     nursery.cancel_scope.cancel()
 
 

@@ -101,6 +101,7 @@ def run_on_terminal(args: list[str], answers: list[str], env: dict[str, str], ti
     interrupted (SIGINT) if it still runs after `timeout` seconds."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: a session whose controlling terminal is the pty
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test run started in the background ignores it
         os.execve(sys.executable, [sys.executable, "-m", "xofs", *args], {**os.environ, **env})
     output = b""
     deadline = time.monotonic() + timeout
@@ -190,6 +191,31 @@ def two_token_sim(tmp_path):
 
 def first_raw_vdi(sim: SimProcess) -> str:
     return sim.get_json("/rest/v0/vdis?fields=id&limit=1")[0]["id"]
+
+
+@pytest.mark.parametrize("events", ["jsonrpc", "sse"])
+def test_a_token_written_after_the_old_one_stopped_working_brings_the_feed_back(two_token_sim, tmp_path, events):
+    """Revoked first, replaced after: the feed read the file again only at the loss, then retried the
+    revoked token for ever, and listings (which never ask XO) stayed as they were."""
+    sim = two_token_sim
+    token_file = write_private(tmp_path / "token", sim.token)
+    mount = mount_clean(sim, tmp_path, "--token-file", str(token_file), "--events", events, "--keepalive", "1",
+                        name=f"late-{events}")
+    try:
+        assert rest(sim, "POST", "/_sim/expire-token", {"token": sim.token})[0] == 204
+        sim.token = OTHER_TOKEN  # the test's own calls
+        assert rest(sim, "POST", "/_sim/close-websockets")[0] == 204  # and the event streams, which go on
+        wait_for(lambda: not status_of(mount.mountpoint)["feed"]["connected"], 15, "the feed to be refused")
+        time.sleep(1)  # a retry or two with the revoked token
+        write_private(token_file, OTHER_TOKEN)
+        vm = halted_vm(sim)
+        rename_vm(sim, vm, "renamed-after-a-late-token")
+        wait_for(lambda: meta(mount.mountpoint, f"vms/{vm}")["name_label"] == "renamed-after-a-late-token", 30,
+                 "the rename, through the feed's new session")
+        assert status_of(mount.mountpoint)["feed"]["reconnects"] == 1
+    finally:
+        mount.stop()
+        force_unmount(mount.mountpoint)
 
 
 def test_a_rotated_token_is_picked_up_and_a_refused_one_logged_once_a_minute(two_token_sim, tmp_path):

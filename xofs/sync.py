@@ -36,6 +36,7 @@ class Syncer:
         self.state = "starting"
         self.state_since = time.time()
         self.reconnects = 0
+        self._was_connected = False
         self.events = 0
 
     async def load(self) -> None:
@@ -80,8 +81,9 @@ class Syncer:
         if state == self.state:
             return
         if state == "connected":
-            if self.state == "disconnected":
+            if self._was_connected:  # also through "connecting": a feed restarted for a new token
                 self.reconnects += 1
+            self._was_connected = True
             log.info("XO event feed connected: kernel caches now last %.0f s", self.freshness.connected_ttl)
         elif state == "disconnected":
             log.warning("XO event feed lost (%s): reconnecting; kernel caches last %.0f s meanwhile",

@@ -40,6 +40,7 @@ API_PATH = "/api/"  # xo-server upgrades only this exact path
 MAX_MESSAGE = 256 << 20  # connecting a pool sends all its objects in one `all` frame
 RECEIVE_BUFFER = 256 << 10
 DISCONNECT_TIMEOUT = 2.0
+CONNECT_GRACE = 1.0  # seconds past connect_timeout before our own deadline cancels a connect that hangs
 
 
 class _PendingCall:
@@ -91,28 +92,19 @@ class EventFeed:
         self._drop_reason = None
         refused: XoAuthError | None = None
         queue_in, queue_out = trio.open_memory_channel[tuple[str, dict]](math.inf)
+        # trio-websocket's own connect_timeout fires, but its nursery then waits for its reader task, which a
+        # server that completes the upgrade late (after a stall) keeps alive for ever: a deadline of ours
+        # around the connecting, lifted once connected, cancels all of it.
+        connecting = trio.CancelScope(deadline=trio.current_time() + self._connect_timeout + CONNECT_GRACE)
         try:
-            async with trio_websocket.open_websocket_url(
-                    self.url, self._ssl, max_message_size=MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER,
-                    connect_timeout=self._connect_timeout, disconnect_timeout=DISCONNECT_TIMEOUT) as ws:
-                # XO failures never raise out of this nursery (they would come out wrapped in an exception
-                # group): every way the session ends goes through _lose(); only bugs propagate.
-                async with trio.open_nursery() as nursery:
-                    self._session_scope = nursery.cancel_scope
-                    nursery.start_soon(self._read_frames, ws, queue_in)
-                    try:
-                        await self._sign_in(ws)
-                        nursery.start_soon(self._keep_alive, ws)
-                        await self._sink.resync()
-                    except Exception as exc:  # re-raised below unless XO is what failed
-                        err = xofs_error_in(exc)
-                        if err is None:
-                            raise
-                        if isinstance(err, XoAuthError):
-                            refused = err
-                        self._lose(err.describe())
-                    else:
-                        await self._reconnector.follow(queue_out)
+            with connecting:
+                async with trio_websocket.open_websocket_url(
+                        self.url, self._ssl, max_message_size=MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER,
+                        connect_timeout=self._connect_timeout, disconnect_timeout=DISCONNECT_TIMEOUT) as ws:
+                    connecting.deadline = math.inf
+                    refused = await self._signed_in(ws, queue_in, queue_out)
+            if connecting.cancelled_caught:
+                self._lose(f"timed out connecting after {self._connect_timeout:g} s")
         except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
             self._lose(_handshake_reason(exc, self._connect_timeout))
         finally:
@@ -122,6 +114,27 @@ class EventFeed:
         if refused is not None:
             raise refused
         raise SessionEnded(self._drop_reason or "connection closed")
+
+    async def _signed_in(self, ws: WebSocketConnection, queue_in: trio.MemorySendChannel[tuple[str, dict]],
+                         queue_out: trio.MemoryReceiveChannel[tuple[str, dict]]) -> XoAuthError | None:
+        """Sign in, resync, follow: until the connection is lost; the refusal of the sign-in, if that is how
+        it ended. XO failures never raise out of this nursery (they would come out wrapped in an exception
+        group): every way the session ends goes through _lose(); only bugs propagate."""
+        async with trio.open_nursery() as nursery:
+            self._session_scope = nursery.cancel_scope
+            nursery.start_soon(self._read_frames, ws, queue_in)
+            try:
+                await self._sign_in(ws)
+                nursery.start_soon(self._keep_alive, ws)
+                await self._sink.resync()
+            except Exception as exc:  # re-raised below unless XO is what failed
+                err = xofs_error_in(exc)
+                if err is None:
+                    raise
+                self._lose(err.describe())
+                return err if isinstance(err, XoAuthError) else None
+            await self._reconnector.follow(queue_out)
+        return None
 
     async def _sign_in(self, ws: WebSocketConnection) -> None:
         with trio.move_on_after(self._connect_timeout) as scope:

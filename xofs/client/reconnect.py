@@ -31,6 +31,10 @@ class EventSink(Protocol):
     def feed_state(self, state: str, detail: str = "") -> None:
         """"connecting" (at start), "connected" (live), "disconnected" (with the reason; once per loss)."""
 
+    def session_failed(self, reason: str) -> None:
+        """Every session that ended, the retries while disconnected too (a token refused again and again:
+        the credentials' source is read again each time, not only at the loss)."""
+
 
 class SessionEnded(Exception):
     """A session ended; the message says why."""
@@ -70,6 +74,7 @@ class Reconnector:
             if self.state == "connected":
                 delay = self.backoff[0]
             self._set_state("disconnected", reason)
+            self.sink.session_failed(reason)
             sleep = random.uniform(delay / 2, delay)
             self.log.warning("%s: %s; reconnecting in %.1f s", self.name, reason, sleep)
             await trio.sleep(sleep)
