@@ -288,6 +288,7 @@ def test_ctrl_c_while_xo_is_slow_to_answer_calls_the_start_off(fresh_sim, tmp_pa
     mnt.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "xofs", "mount", fresh_sim.url, str(mnt)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see run_on_terminal
                             env={**os.environ, "XOFS_TOKEN": fresh_sim.token,
                                  "XOFS_STATE_DIR": str(tmp_path / "state")})
     try:
