@@ -329,3 +329,23 @@ def test_vdi_deleted_mid_read_is_an_error(fresh_sim, make_mount, tmp_path):
         rc = reader.wait(60)
     assert rc != 0
     assert (tmp_path / "out.raw").stat().st_size < MEDIUM
+
+
+async def test_a_vms_xva_bound_grows_at_once_with_one_of_its_disks(fresh_sim, make_mount):
+    """XO sends an event about the disk only: the VM's .xva kept its old, smaller bound in the kernel for
+    attr_ttl (60 s), and a bound smaller than the export lets rsync or tar copy too few bytes."""
+    from tests.test_mount import rpc
+
+    mount = make_mount(fresh_sim)
+    vm = next(v for v in fresh_sim.get_json("/rest/v0/vms?fields=id,power_state,$VBDs")
+              if v["power_state"] == "Halted" and v["$VBDs"])
+    vdi = next(vbd["VDI"] for vbd in (fresh_sim.get_json(f"/rest/v0/vbds/{v}") for v in vm["$VBDs"])
+               if not vbd["is_cd_drive"])
+    xva = mount.mountpoint / "vms" / f"{vm['id']}.xva"
+    before = xva.stat().st_size
+    size = fresh_sim.get_json(f"/rest/v0/vdis/{vdi}")["size"]
+    await rpc(fresh_sim, "vdi.set", {"id": vdi, "size": size + (4 << 30)})
+    deadline = time.monotonic() + 5
+    while xva.stat().st_size == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert xva.stat().st_size >= before + (4 << 30)

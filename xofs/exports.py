@@ -73,7 +73,7 @@ class ExportManager:
     def __init__(self, client: RestClient, cache: ObjectCache, *, spool_dir: Path, spool_limit: int = 8 << 30,
                  max_exports: int = 4, readahead: int = 8 << 20,
                  on_size_known: Callable[[Export], None] | None = None, park_idle_after: float = 10.0,
-                 buffers_idle: float = BUFFERS_IDLE) -> None:
+                 buffers_idle: float = BUFFERS_IDLE, on_bounds_changed: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.cache = cache
         self.spool = Spool(spool_dir, spool_limit)
@@ -82,6 +82,9 @@ class ExportManager:
         # Called when a file's size changed without an XO event: measured, or found wrong. The mount
         # invalidates the kernel's attributes of that file.
         self.on_size_known = on_size_known
+        # Called when the size bounds of an object's exports changed through an event about another object
+        # (a VM's .xva when one of its disks grew): the mount invalidates the attributes of its export files.
+        self.on_bounds_changed = on_bounds_changed
         self.slots = ExportSlots(max_exports, park_idle_after)
         # As many buffers as the exports' windows can span together: each read-ahead + BACK_WINDOW, and a
         # buffer at each end and one being filled.
@@ -136,7 +139,8 @@ class ExportManager:
 
     def forget_object(self, obj_id: str) -> None:
         self._generation[obj_id] = self._generation.get(obj_id, 0) + 1
-        self._xva_bounds.pop(obj_id, None)
+        if self._xva_bounds.pop(obj_id, None) is not None and self.on_bounds_changed is not None:
+            self.on_bounds_changed(obj_id)
         for path, export in self._measured_of.pop(obj_id, {}).items():
             if self._measured.pop(path, None) is not None:
                 self._size_changed(export)  # a disk's size changes with an event about its VM, and back

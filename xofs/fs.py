@@ -209,6 +209,11 @@ class XoFS(pyfuse3.Operations):
         """An export's exact length became known (or its bound changed): refresh its size in the kernel."""
         self.apply_invalidations([InvalidateInode(ino) for ino in self.tree.files_with(export)])
 
+    def export_bounds_changed(self, obj_id: str) -> None:
+        """The size bounds of `obj_id`'s exports changed (a disk of the VM grew): refresh them in the kernel,
+        which would otherwise show the old, smaller bound for up to attr_ttl."""
+        self.apply_invalidations([InvalidateInode(ino) for ino in self.tree.export_files_of(obj_id)])
+
     def import_entries_changed(self, sr_id: str, names: list[str]) -> None:
         """Entries of an import directory changed outside a FUSE operation (an upload ended)."""
         self.apply_invalidations(self.tree.invalidate_import_dir(sr_id, names))

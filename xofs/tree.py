@@ -21,7 +21,7 @@ from typing import TypeVar
 from xofs.cache import Change, ObjectCache
 from xofs.errors import XofsError
 from xofs.files import ImportEntry, ImportService
-from xofs.views import Dir, File, Node, TypeSnapshot, View, ViewContext, name_problem, node_problem
+from xofs.views import Dir, Export, File, Node, TypeSnapshot, View, ViewContext, name_problem, node_problem
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,11 @@ class Tree:
         obj_id = getattr(content, "obj_id", None)
         return [ino for ino in _indexed(self._files_of, obj_id)
                 if isinstance(self.inodes[ino].node, File) and self.inodes[ino].node.content == content]
+
+    def export_files_of(self, obj_id: str) -> list[int]:
+        """The live inodes of files showing an export of `obj_id`."""
+        return [ino for ino in _indexed(self._files_of, obj_id)
+                if isinstance(self.inodes[ino].node, File) and isinstance(self.inodes[ino].node.content, Export)]
 
     def invalidate_import_dir(self, sr_id: str, names: Iterable[str]) -> list[Invalidation]:
         """Entries of an import directory that changed outside a FUSE operation (an upload finished)."""
