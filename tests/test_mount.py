@@ -429,3 +429,23 @@ def test_listings_start_with_dot_and_dot_dot(sim, make_mount):
         assert int(entries[0][0]) == os.stat(directory).st_ino
         assert int(entries[1][0]) == os.stat(parent).st_ino
         assert sorted(name for _, name in entries[2:]) == sorted(os.listdir(directory))
+
+
+def test_fstat_of_an_open_file_works_after_its_object_is_deleted(fresh_sim, make_mount):
+    """As on any filesystem: the descriptor still reads what it opened, and fstat (cat checks it) said
+    ENOENT."""
+    mount = make_mount(fresh_sim)
+    vdi = next(v["id"] for v in fresh_sim.get_json("/rest/v0/vdis?fields=id,$VBDs") if not v["$VBDs"])
+    path = mount.mountpoint / "vdis" / vdi / "meta.json"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        status, _, body = fresh_sim.request("DELETE", f"/rest/v0/vdis/{vdi}")
+        assert status in (200, 202, 204), body
+        wait_for(lambda: vdi not in os.listdir(mount.mountpoint / "vdis"), 10, "the VDI to go")
+        content = os.read(fd, 1 << 20)
+        assert json.loads(content)["id"] == vdi
+        assert os.fstat(fd).st_size == len(content)
+        with pytest.raises(FileNotFoundError):
+            os.stat(path)
+    finally:
+        os.close(fd)

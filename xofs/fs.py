@@ -103,6 +103,9 @@ def _op(fn: F) -> F:
 class _Handle:
     ino: int
     file: OpenFile
+    # What `getattr` answers once the file's object is gone while it is open (`fstat` must work on an open
+    # descriptor, as on any filesystem; the descriptor reads what it opened). None for import files.
+    attrs: pyfuse3.EntryAttributes | None = None
 
 
 class XoFS(pyfuse3.Operations):
@@ -295,7 +298,9 @@ class XoFS(pyfuse3.Operations):
     def _add_handle(self, ino: int, file: OpenFile) -> pyfuse3.FileInfo:
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(ino, file)
+        inode = self.tree.inode(ino)
+        kept = self.attributes(inode) if inode is not None and isinstance(inode.node, File) else None
+        self._handles[fh] = _Handle(ino, file, kept)
         self._open_count[ino] = self._open_count.get(ino, 0) + 1
         info = file.info
         return pyfuse3.FileInfo(fh=fh, direct_io=info.direct_io, keep_cache=info.keep_cache,
@@ -342,6 +347,11 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        found = self.tree.inode(inode)
+        if found is None or found.stale:  # gone from XO; still open?
+            kept = next((h.attrs for h in self._handles.values() if h.ino == inode and h.attrs), None)
+            if kept is not None:
+                return kept
         return self.attributes(self._inode(inode))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
