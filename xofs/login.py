@@ -28,7 +28,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from xofs.client.auth import ssl_context
-from xofs.client.events import _handshake_reason, ws_url
+from xofs.client.events import handshake_reason, ws_url
 from xofs.errors import XoError, XofsError, XoUnreachable, xo_error_from_rpc
 
 CALL_TIMEOUT = 30.0
@@ -101,12 +101,9 @@ def _check_url(url: str) -> None:
         raise LoginError("credentials in the URL are refused (every user can read command lines): give the "
                          "user after the URL; the password is asked for, or read with --password-stdin")
     try:
-        check_url(url)
-        _ = parts.port  # raises ValueError for a port that is no number, or out of range
+        check_url(url)  # the port too
     except StartupError as err:
         raise LoginError(str(err)) from None
-    except ValueError:
-        raise LoginError(f"{url!r} is not an http(s) URL of an XO server") from None
 
 
 def _ask(prompt: str) -> str:
@@ -168,7 +165,7 @@ async def request_token(url: str, user: str, password: str, *, verify: bool | st
     except trio.TooSlowError:
         raise LoginError(f"no answer from {target} within {CALL_TIMEOUT:g} s") from None
     except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
-        raise LoginError(f"cannot reach XO at {target}: {_handshake_reason(exc, CALL_TIMEOUT)}") from None
+        raise LoginError(f"cannot reach XO at {target}: {handshake_reason(exc, CALL_TIMEOUT)}") from None
     except XofsError as err:
         raise LoginError(err.describe()) from None
     if not isinstance(token, str) or not token:

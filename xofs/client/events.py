@@ -106,7 +106,7 @@ class EventFeed:
             if connecting.cancelled_caught:
                 self._lose(f"timed out connecting after {self._connect_timeout:g} s")
         except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
-            self._lose(_handshake_reason(exc, self._connect_timeout))
+            self._lose(handshake_reason(exc, self._connect_timeout))
         finally:
             self._live = None
             self._session_scope = None
@@ -256,7 +256,7 @@ def _all_notification(params: Any) -> tuple[str, dict] | None:
 
 
 
-def _handshake_reason(exc: BaseException, timeout: float) -> str:
+def handshake_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, trio_websocket.ConnectionTimeout):
         return f"timed out connecting after {timeout:g} s"
     if isinstance(exc, trio_websocket.ConnectionRejected):
