@@ -103,7 +103,9 @@ class Exporter:
                 log.warning("could not destroy export snapshot %s: %s", snapshot_id, error.message)
                 return
             # XO destroys the VDI-snapshots once XAPI has told it the snapshot is gone: watchers first see
-            # them again without their VBDs, then leave a batch later.
+            # them again without their VBDs, then leave a batch later. The batch goes out now, so that the
+            # next one follows it by XAPI_EVENT_S whatever else keeps the model's loop busy.
+            self.model.flush_events()
             self.model.call_later(XAPI_EVENT_S, lambda: self.model.destroy_vdis(disks))
 
         if vm["power_state"] in ("Running", "Paused"):
