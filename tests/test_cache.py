@@ -8,7 +8,7 @@ import copy
 
 import orjson
 
-from xofs.cache import ObjectCache
+from xofs.cache import ObjectCache, valid_object
 
 
 def pool() -> dict:
@@ -81,3 +81,11 @@ def test_fields_several_objects_hold_are_one_object_equal_as_json():
     assert cache.get("vm-5")["other"] == {"base_template_name": "x"}
     cache.apply("enter", {"vm-6": vm(6)})
     assert cache.get("vm-6")["memory"] is one["memory"]  # an event's object shares what the full read learned
+
+
+def test_an_event_with_a_size_no_file_can_have_is_refused():
+    """A size out of the kernel's range made every stat EIO (with a traceback each, or no log line)."""
+    vdi = {"id": "0c7f0d5e-1111-4222-8333-944455556666", "type": "VDI", "size": 1 << 70}
+    assert valid_object(vdi) == f"size is {1 << 70}, out of range"
+    assert valid_object({**vdi, "size": -1}) == "size is -1, out of range"
+    assert valid_object({**vdi, "size": 8 << 30}) is None

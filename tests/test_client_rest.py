@@ -161,6 +161,8 @@ async def test_garbage_ndjson_items_are_skipped_one_log_line_each(nursery, caplo
         ndjson({"id": UUID_A, "name_label": "duplicate"}),
         ndjson({"id": "c", "size": "big"}),
         ndjson({"id": "d", "size": True}),
+        ndjson({"id": "f", "size": -1}),  # the kernel refuses a negative size: EIO with no log line
+        ndjson({"id": "g", "size": 1 << 63}),  # st_size overflowed: a traceback at every lookup
         ndjson("/rest/v0/vdis/e"),
         b"\n",
         ndjson({"id": UUID_B, "name_label": "good too", "vdis_href": "/legacy"}),
@@ -172,7 +174,9 @@ async def test_garbage_ndjson_items_are_skipped_one_log_line_each(nursery, caplo
     await client.aclose()
     assert items == [{"id": UUID_A, "name_label": "good", "size": 5}, {"id": UUID_B, "name_label": "good too"}]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 7, warnings
+    assert len(warnings) == 9, warnings
+    assert any("size is -1, out of range" in w for w in warnings)
+    assert any(f"size is {1 << 63}, out of range" in w for w in warnings)
     assert any("not JSON" in w for w in warnings)
     assert any("duplicate id" in w for w in warnings)
     assert any("size is a str" in w for w in warnings)
@@ -440,6 +444,19 @@ async def test_garbled_chunk_framing_is_a_protocol_error(nursery):
         while await response.receive():
             pass
     await response.aclose()
+    await client.aclose()
+
+
+@pytest.mark.parametrize("coding", [b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked",
+                                    b"Transfer-Encoding: gzip, chunked"])
+async def test_an_export_coded_other_than_identity_is_refused(nursery, coding):
+    """Asked for identity, a server (a proxy) sent gzip: those bytes were the copy, with exit status 0."""
+    body = EXPORT_HEAD + coding + b"\r\n\r\n" + chunked(PAYLOAD[:100], [100])
+    fake = await start_fake(nursery, lambda r: writer(body))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError, match="answered a body coded .*gzip.*, not the export's bytes"):
+        response = await client.open_export("vdis/x.raw")
+        await response.receive()
     await client.aclose()
 
 

@@ -600,10 +600,17 @@ class ExportResponse:
         if self.status in (204, 304):
             self._left = 0
             return
+        # The request asks for `identity`: bytes coded otherwise would be handed out as the export itself (a
+        # gzip of the VHD, copied with exit status 0), so any other coding is refused.
+        content = [c.strip().lower() for c in self.headers.get_list("content-encoding", split_commas=True)]
+        if any(c not in ("", "identity") for c in content):
+            raise XoProtocolError(f"{self.url} answered a body coded {', '.join(content)}, not the export's bytes")
         codings = [c.strip().lower() for c in self.headers.get_list("transfer-encoding", split_commas=True)]
+        if any(c not in ("chunked", "identity") for c in codings):
+            raise XoProtocolError(f"{self.url} answered a body coded {', '.join(codings)}, not the export's bytes")
         if codings:
             self._chunked = codings[-1] == "chunked"
-            return  # a non-chunked transfer coding is delimited by the close
+            return
         lengths = {v.strip() for v in self.headers.get_list("content-length", split_commas=True)}
         if lengths:
             value = lengths.pop()

@@ -311,6 +311,8 @@ def item_problem(item: Any) -> str | None:
         value = item.get(key)
         if key in item and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
             return f"{key} is a {type(value).__name__}"
+        if types is int and key in item and not 0 <= value < 1 << 62:  # a file size the kernel takes
+            return f"{key} is {value}, out of range"
     return None
 
 
