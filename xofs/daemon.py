@@ -75,6 +75,18 @@ class Reporter:
             self.fd = None
 
 
+class CalledOff(Exception):
+    """A signal told the command waiting for the daemon to give up the start."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _called_off(signum: int, frame: object) -> None:
+    raise CalledOff(signum)
+
+
 def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int:
     """Fork; the parent returns 0 once the child says the mount is live, or prints why not and returns 1.
 
@@ -85,14 +97,16 @@ def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int
     pid = os.fork()
     if pid:
         os.close(write_fd)
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # `timeout 60 xofs mount …`, a closed terminal
+            signal.signal(signum, _called_off)
         with os.fdopen(read_fd, "rb") as pipe:
             try:
                 message = pipe.read().decode("utf-8", "replace").strip()
-            except KeyboardInterrupt:  # Ctrl-C while XO is slow to answer: the start is called off
+            except (KeyboardInterrupt, CalledOff) as why:  # Ctrl-C while XO is slow to answer, say
                 os.kill(pid, signal.SIGTERM)  # it stops as on any SIGTERM, unmounting if it got that far
                 os.waitpid(pid, 0)
                 print("xofs: interrupted: the mount was not made", file=sys.stderr)
-                return 130
+                return 128 + (why.signum if isinstance(why, CalledOff) else signal.SIGINT)
         if message == "ok":
             return 0
         print(message or "xofs: the mount daemon died before the mount was live", file=sys.stderr)
