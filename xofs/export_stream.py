@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import sys
 from collections import deque
@@ -34,7 +35,7 @@ import xxhash
 
 from xofs.client.export import ExportResponse
 from xofs.errors import XofsError
-from xofs.spool import SpoolEntry
+from xofs.spool import PARTIAL_AFTER, SpoolEntry
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,8 @@ class ExportFeed:
         return self.spool is None and self.window_start <= offset <= self.received + skip_limit
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
-        """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream."""
+        """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream, or
+        when the stream is so slow that the bytes took more than PARTIAL_AFTER to come."""
         self._reading += 1
         try:
             return await self._read(offset, size)
@@ -419,11 +421,19 @@ class ExportFeed:
         self.reader_pos = max(self.reader_pos, offset)
         self._trim()
         self.make_room()
+        # A stream that trickles (a byte now and then: the read timeout never fires) would hold the reader
+        # in the kernel, where not even SIGKILL ends a read the daemon has taken: after PARTIAL_AFTER, what
+        # came is answered (a short read, which readers loop on), or the first byte that comes.
+        partial_at = trio.current_time() + PARTIAL_AFTER
         while (self.received < end or not self.verified) and self.length is None:
             if self.error is not None:
                 raise self.error
-            self._wanted = end
-            await self._wait()
+            late = trio.current_time() >= partial_at
+            if late and self.received > offset and self.verified:
+                break
+            self._wanted = offset + 1 if late else end
+            with trio.move_on_at(math.inf if late else partial_at):
+                await self._wait()
         self._wanted = 0
         if offset < self.window_start:  # another reader of the same file moved the window on meanwhile
             raise XofsError(f"export {self.label}: bytes at {offset} already dropped")

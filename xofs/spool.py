@@ -12,6 +12,7 @@ least recently used entries that nobody reads. An incomplete entry nobody reads 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -26,6 +27,7 @@ from xofs.errors import XofsError
 log = logging.getLogger(__name__)
 
 FILE_PREFIX = "xofs-export-"
+PARTIAL_AFTER = 5.0  # seconds a read waits for all its bytes before it answers with those that came
 
 
 class SpoolFull(XofsError):
@@ -83,13 +85,20 @@ class SpoolEntry:
     # --- the readers' side ---
 
     async def read(self, offset: int, size: int) -> bytes:
-        """The bytes at [offset, offset+size), short only at the end of the export."""
+        """The bytes at [offset, offset+size), short only at the end of the export, or when they took more
+        than PARTIAL_AFTER to come."""
         self.last_used = time.monotonic()
         end = offset + size
+        partial_at = trio.current_time() + PARTIAL_AFTER  # see ExportFeed.read: a stream that trickles
         while self.readable < end and self.length is None:
             if self.error is not None:
                 raise self.error
-            await self._wait()
+            late = trio.current_time() >= partial_at
+            if late and self.readable > offset:
+                end = self.readable
+                break
+            with trio.move_on_at(math.inf if late else partial_at):  # late: woken by the next write
+                await self._wait()
         if self.length is not None:
             end = min(end, self.length)
         if end <= offset:
