@@ -877,3 +877,34 @@ def test_xo_words_over_several_lines_make_one_log_line():
     assert err.xo_message.count("\n") == 6  # kept as XO said them
     assert err.describe() == ("XO answered 500: Expected values to be strictly equal: / + actual - expected / "
                               "+ 1 / - 2")
+
+
+async def test_a_listing_larger_than_max_body_once_decoded_is_refused(nursery, monkeypatch):
+    """A gzip bomb (2 MB on the wire, 2 GB decoded) took the daemon to 6 GB: the body is bounded as it is
+    decoded, not once it is whole."""
+    import gzip
+
+    import xofs.client.rest as rest
+
+    monkeypatch.setattr(rest, "MAX_BODY", 1 << 20)
+    bomb = gzip.compress(b"[" + b" " * (4 << 20) + b"]")
+    fake = await start_fake(nursery, lambda r: answer(200, bomb, {"Content-Type": "application/json",
+                                                                  "Content-Encoding": "gzip"}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError, match="answered more than 1 MiB \\(decoded\\): refused"):
+        await client.collection("vms")
+    await client.aclose()
+
+
+async def test_a_listing_that_trickles_fails_at_the_deadline(nursery, monkeypatch):
+    """A byte every 0.1 s: the read timeout never fires; the deadline for the whole answer does."""
+    import xofs.client.rest as rest
+
+    monkeypatch.setattr(rest, "LISTING_DEADLINE", 0.5)
+    monkeypatch.setattr(rest, "RETRY_DELAYS", (0.01,))
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nContent-Length: 1000\r\n\r\n"
+    fake = await start_fake(nursery, lambda r: writer(head, *[b" "] * 1000, delay=0.1))
+    client = RestClient(fake.url, "t", read_timeout=0.2)
+    with trio.fail_after(10), pytest.raises(XoUnreachable, match="the answer took more than 1 s to come whole"):
+        await client.collection("vms")
+    await client.aclose()

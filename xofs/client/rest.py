@@ -14,6 +14,7 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -43,6 +44,8 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504})
 # XO answers an import only once XAPI has finished the task, which may be long after the last byte.
 IMPORT_ANSWER_TIMEOUT = 1800.0
 ERROR_BODY_LIMIT = 64 * 1024
+MAX_BODY = 512 << 20  # a listing's body, decoded: the simulator's 10,000 VMs with every field are 21 MB
+LISTING_DEADLINE = 300.0  # seconds for a whole answer to come (at least 5 read timeouts)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 
 # Types of the few keys callers rely on; an item where one has another type is skipped, not trusted.
@@ -194,28 +197,52 @@ class RestClient:
     # --- requests ---
 
     async def _get(self, path: str, *, params: dict[str, str] | None = None,
-                   object_id: str | None = None) -> httpx.Response:
-        """An idempotent GET: a 200 response, or the XO error; retried on connection errors and 5xx."""
+                   object_id: str | None = None) -> _Answer:
+        """An idempotent GET: a 200 answer, or the XO error; retried on connection errors and 5xx.
+
+        The body is read whole, but bounded: at most MAX_BODY bytes once decoded (a gzip bomb of 2 MB took
+        the daemon to 6 GB), within LISTING_DEADLINE (a server trickling a byte a second, which the read
+        timeout never catches, held the event feed's re-read, and so the mount's freshness, for hours)."""
+        deadline = max(LISTING_DEADLINE, 5 * self._read_timeout)
         for attempt, delay in enumerate((*RETRY_DELAYS, None)):
             err: XofsError
+            url = str(self.api_url.join(path))
             try:
-                resp = await self._http.get(path, params=params)
+                with trio.fail_after(deadline):
+                    answer = await self._read_answer(path, params)
             except httpx.TransportError as exc:
-                err = xo_unreachable(exc, str(self.api_url.join(path)))
+                err = xo_unreachable(exc, url)
             except httpx.DecodingError as exc:
                 raise XoProtocolError(f"GET {path}: undecodable answer ({exc})", object_id=object_id) from exc
+            except trio.TooSlowError:
+                err = XoUnreachable(f"GET {url}: the answer took more than {deadline:g} s to come whole")
             else:
-                if resp.status_code == 200:
-                    return resp
-                err = xo_error_from_response(resp.status_code, resp.content, url=str(resp.url),
+                if answer.status_code == 200:
+                    return answer
+                err = xo_error_from_response(answer.status_code, answer.content, url=str(answer.url),
                                              object_id=object_id)
-                if resp.status_code not in RETRY_STATUSES:
+                if answer.status_code not in RETRY_STATUSES:
                     raise err
             if delay is None or not _worth_retrying(err):
                 raise err
             log.info("GET %s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
             await trio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _read_answer(self, path: str, params: dict[str, str] | None) -> _Answer:
+        async with self._http.stream("GET", path, params=params) as resp:
+            limit = MAX_BODY if resp.status_code == 200 else ERROR_BODY_LIMIT
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    if resp.status_code != 200:
+                        break  # an error page: its start says enough
+                    raise XoProtocolError(f"GET {resp.url} answered more than {MAX_BODY >> 20} MiB "
+                                          f"(decoded): refused, as no listing of XO's is that large")
+                chunks.append(chunk)
+            return _Answer(resp.status_code, resp.url, resp.headers, b"".join(chunks))
 
     async def _send(self, method: str, path: str, *, object_id: str | None, **kwargs: Any) -> httpx.Response:
         """A request that changes something: sent once; a 2xx response, or the XO error."""
@@ -227,6 +254,16 @@ class RestClient:
             raise xo_error_from_response(resp.status_code, resp.content, url=str(resp.url),
                                          object_id=object_id)
         return resp
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A GET's answer, its body read whole (and bounded)."""
+
+    status_code: int
+    url: httpx.URL
+    headers: httpx.Headers
+    content: bytes
 
 
 def _worth_retrying(err: XofsError) -> bool:
