@@ -908,3 +908,14 @@ async def test_a_listing_that_trickles_fails_at_the_deadline(nursery, monkeypatc
     with trio.fail_after(10), pytest.raises(XoUnreachable, match="the answer took more than 1 s to come whole"):
         await client.collection("vms")
     await client.aclose()
+
+
+async def test_an_ndjson_listing_cut_short_fails_whole(nursery):
+    """A Content-Length that lies short cut the last line: its object vanished from the mount, with only a
+    warning about a line that is not JSON."""
+    body = ndjson({"id": UUID_A, "name_label": "a"}) + ndjson({"id": UUID_B, "name_label": "b"})[:-10]
+    fake = await start_fake(nursery, lambda r: answer(200, body, {"Content-Type": "application/x-ndjson"}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError, match="answered NDJSON whose last line has no end: the answer was cut"):
+        await client.collection("vms")
+    await client.aclose()

@@ -316,6 +316,10 @@ def _split_items(body: bytes, ctype: str, what: str) -> tuple[list[Any], int]:
         except ValueError as exc:
             raise XoProtocolError(f"GET {what} answered a JSON array that does not parse: {exc}") from exc
         return items, 0
+    if body.strip() and not body.endswith(b"\n"):
+        # XO ends every line, the last one too: one without its end was cut (a Content-Length that lies);
+        # its objects would silently vanish from the mount until the next full read.
+        raise XoProtocolError(f"GET {what} answered NDJSON whose last line has no end: the answer was cut")
     items: list[Any] = []
     bad = 0
     for number, line in enumerate(body.splitlines(), 1):
