@@ -919,3 +919,16 @@ async def test_an_ndjson_listing_cut_short_fails_whole(nursery):
     with pytest.raises(XoProtocolError, match="answered NDJSON whose last line has no end: the answer was cut"):
         await client.collection("vms")
     await client.aclose()
+
+
+def test_a_proxys_html_error_page_and_a_redirect_keep_their_words():
+    """nginx's pages have no <pre>: its 413 said only "HTTP 413", a redirect did not say where to."""
+    from xofs.errors import xo_error_from_response
+
+    nginx = (b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n<center>"
+             b"<h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>")
+    assert xo_error_from_response(413, nginx).describe() == "XO answered 413: 413 Request Entity Too Large"
+    moved = nginx.replace(b"413 Request Entity Too Large", b"301 Moved Permanently")
+    err = xo_error_from_response(301, moved, location="https://xo.example.org/rest/v0/vms")
+    assert err.describe() == ("XO answered 301: 301 Moved Permanently "
+                              "(redirected to https://xo.example.org/rest/v0/vms)")

@@ -81,8 +81,9 @@ def errno_for_status(status: int) -> int:
 
 
 def xo_error_from_response(status: int, body: bytes, *, url: str | None = None,
-                           object_id: str | None = None) -> XoError:
-    """Build the right `XoError` from an error answer of any era (JSON body, text, or HTML)."""
+                           object_id: str | None = None, location: str | None = None) -> XoError:
+    """Build the right `XoError` from an error answer of any era (JSON body, text, or HTML; a redirect's
+    `location` is named: it is what the user needs, such as an http:// URL that XO sends to https://)."""
     import json
 
     message: Any = None
@@ -102,12 +103,18 @@ def xo_error_from_response(status: int, body: bytes, *, url: str | None = None,
         if text.startswith("<"):
             import re
 
-            m = re.search(r"<pre>(.*?)</pre>", text, re.S)
-            message = m.group(1) if m else f"HTTP {status}"
+            # Express's pages hold the words in <pre>; a proxy's (nginx: "413 Request Entity Too Large")
+            # in <title> or <h1>.
+            m = (re.search(r"<pre>(.*?)</pre>", text, re.S | re.I) or re.search(r"<h1>(.*?)</h1>", text, re.S | re.I)
+                 or re.search(r"<title>(.*?)</title>", text, re.S | re.I))
+            words = " ".join(re.sub(r"<[^>]*>", " ", m.group(1)).split())[:500] if m else ""
+            message = words or f"HTTP {status}"
         else:
             message = text[:500] or f"HTTP {status}"
     if not isinstance(message, str):
         message = json.dumps(message, sort_keys=True)
+    if location and 300 <= status < 400 and location not in message:
+        message = f"{message} (redirected to {location})"
     cls = XoNotFound if status == 404 else XoAuthError if status in (401, 403) else XoError
     return cls(status, message, data=data, object_id=object_id, url=url)
 

@@ -145,7 +145,8 @@ class RestClient:
                     return response
                 async with response:
                     body = await _error_body(response)
-                err = xo_error_from_response(response.status, body, url=str(url), object_id=object_id)
+                err = xo_error_from_response(response.status, body, url=str(url), object_id=object_id,
+                                             location=response.headers.get("location"))
                 if response.status not in RETRY_STATUSES:
                     raise err
             if delay is None or not _worth_retrying(err):
@@ -182,7 +183,7 @@ class RestClient:
         async with response:
             if not 200 <= response.status < 300:
                 raise xo_error_from_response(response.status, await _error_body(response), url=str(url),
-                                             object_id=sr_id)
+                                             object_id=sr_id, location=response.headers.get("location"))
             body = await response.read_all(ERROR_BODY_LIMIT)
         return _new_vdi_id(response, body, str(url))
 
@@ -220,7 +221,7 @@ class RestClient:
                 if answer.status_code == 200:
                     return answer
                 err = xo_error_from_response(answer.status_code, answer.content, url=str(answer.url),
-                                             object_id=object_id)
+                                             object_id=object_id, location=answer.headers.get("location"))
                 if answer.status_code not in RETRY_STATUSES:
                     raise err
             if delay is None or not _worth_retrying(err):
@@ -252,6 +253,7 @@ class RestClient:
             raise xo_unreachable(exc, str(self.api_url.join(path))) from exc
         if not 200 <= resp.status_code < 300:
             raise xo_error_from_response(resp.status_code, resp.content, url=str(resp.url),
+                                         location=resp.headers.get("location"),
                                          object_id=object_id)
         return resp
 
