@@ -38,7 +38,7 @@ class XoError(XofsError):
         self.data = data
         self.url = url
         self.code = code
-        prefix = f"XO answered {status}" if status else f"XO error {code}"
+        prefix = f"XO answered {status}" if status else f"XO error {code}" if code is not None else "XO error"
         # XO's words may span lines (Node's assertion messages: "+ actual - expected\n\n…"): one log line
         # each, as promised, with the breaks shown as ` / `.
         words = " / ".join(line.strip() for line in xo_message.splitlines() if line.strip())
