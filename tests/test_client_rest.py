@@ -313,11 +313,27 @@ async def test_import_without_uuid_in_answer_is_a_protocol_error_and_not_retried
     image = tmp_path / "d.vhd"
     image.write_bytes(b"x" * 1024)
     client = RestClient(fake.url, "t")
-    with pytest.raises(XoProtocolError):
+    with pytest.raises(XoProtocolError) as failed:
         await client.import_vdi(UUID_B, image, name_label="d", name_description=None, raw=False)
     await client.aclose()
+    # a second copy would make a second VDI: the words say so
+    assert f"XO may have made the VDI 'd' on SR {UUID_B} all the same" in failed.value.describe()
     assert len(fake.seen) == 1 and "raw=false" in fake.seen[0].target and "name_description" not in \
         fake.seen[0].target
+
+
+async def test_a_gateway_timeout_after_an_import_says_the_vdi_may_exist(nursery, tmp_path):
+    """nginx gave up waiting for XO's answer (proxy_read_timeout) while XO finished the import."""
+    page = b"<html><head><title>504 Gateway Time-out</title></head><body><h1>504 Gateway Time-out</h1></body></html>"
+    fake = await start_fake(nursery, lambda r: answer(504, page, {"Content-Type": "text/html"}))
+    image = tmp_path / "d.vhd"
+    image.write_bytes(b"x" * 1024)
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoError) as failed:
+        await client.import_vdi(UUID_B, image, name_label="d", name_description=None, raw=False)
+    await client.aclose()
+    assert failed.value.describe().startswith("XO answered 504: 504 Gateway Time-out; XO may have made the VDI 'd'")
+    assert len(fake.seen) == 1
 
 
 async def test_import_error_is_raised_not_retried(nursery, tmp_path):

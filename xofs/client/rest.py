@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 USER_AGENT = "xofs"
 RETRY_DELAYS = (0.25, 1.0)  # sleeps between the (up to) 3 tries of an idempotent GET
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+GATEWAY_STATUSES = frozenset({502, 504})  # a proxy's words, not XO's: XO may have done the work
 # XO answers an import only once XAPI has finished the task, which may be long after the last byte.
 IMPORT_ANSWER_TIMEOUT = 1800.0
 ERROR_BODY_LIMIT = 64 * 1024
@@ -180,12 +181,22 @@ class RestClient:
         response = await upload_file(target, "POST", body_path, size, ssl_context=self._ssl,
                                      connect_timeout=self._connect_timeout, send_timeout=self._read_timeout,
                                      answer_timeout=IMPORT_ANSWER_TIMEOUT, progress=progress, ready=ready)
+        # Answers that come once the whole body was sent, yet say nothing sure: XO may have made the VDI.
+        maybe = (f"; XO may have made the VDI {name_label!r} on SR {sr_id} all the same: look for it before "
+                 "copying again")
         async with response:
             if not 200 <= response.status < 300:
-                raise xo_error_from_response(response.status, await _error_body(response), url=str(url),
+                err = xo_error_from_response(response.status, await _error_body(response), url=str(url),
                                              object_id=sr_id, location=response.headers.get("location"))
+                if response.status in GATEWAY_STATUSES:  # a proxy that gave up waiting for XO's answer
+                    err.message += maybe
+                raise err
             body = await response.read_all(ERROR_BODY_LIMIT)
-        return _new_vdi_id(response, body, str(url))
+        try:
+            return _new_vdi_id(response, body, str(url))
+        except XoProtocolError as err:
+            err.message += maybe
+            raise
 
     async def patch(self, coll: str, obj_id: str, body: dict) -> None:
         """Change fields of an object (204), e.g. `{"name_label": …}` on a VDI."""
