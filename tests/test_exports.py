@@ -510,6 +510,38 @@ async def test_broken_stream_fails_with_eio_naming_path_offset_and_cause(fresh_s
         await f.release()
 
 
+async def test_a_read_of_a_stream_that_stops_coming_answers_what_came_also_at_the_end(fresh_sim, tmp_path):
+    """A read waited for its whole MiB: a stream that trickles (a byte now and then, so the read timeout
+    never fires) held the reader in the kernel, where not even SIGKILL ends it. After `partial_after` it
+    answers the bytes that came, also when the read reaches the file's end (where the end check waited for
+    the stream to pass the size, unbounded), from the memory window and from the spool."""
+    small = disk_bytes(300_000, 12)
+    vdi = import_raw(fresh_sim, small, "trickle")
+    status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"stall_export_after_bytes": 100_000}).encode(),
+                                     {"Content-Type": "application/json"})
+    assert status == 200
+    async with running(fresh_sim, tmp_path / "spool", partial_after=1.0) as m:
+        export = vdi_export(m, vdi, "raw")
+        f = await m.open(export, "/vdis/trickle.raw")
+        started = trio.current_time()
+        with trio.fail_after(10):
+            assert await f.read(0, MiB) == small[:100_000]
+        assert 0.9 < trio.current_time() - started < 5
+        await f.release()
+        # the spool: a read at the end diverts the export there, and waits; another reader of the start
+        # gets what came
+        first, second = await m.open(export, "/a"), await m.open(export, "/b")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first.read, len(small) - 512, 512)
+            await trio.sleep(0.5)
+            assert m.spool.lookup(export.path) is not None
+            with trio.fail_after(10):
+                assert await second.read(0, MiB) == small[:100_000]
+            nursery.cancel_scope.cancel()
+        await first.release()
+        await second.release()
+
+
 async def test_vanished_vdi_is_enoent_and_bad_token_eacces(fresh_sim, tmp_path):
     vdi = import_raw(fresh_sim, disk_bytes(SMALL, 4), "gone")
     async with running(fresh_sim, tmp_path / "spool") as m:

@@ -35,7 +35,7 @@ import xxhash
 
 from xofs.client.export import ExportResponse
 from xofs.errors import XofsError
-from xofs.spool import PARTIAL_AFTER, SpoolEntry
+from xofs.spool import SpoolEntry
 
 log = logging.getLogger(__name__)
 
@@ -406,25 +406,25 @@ class ExportFeed:
         """Whether a read at `offset` can be answered from the memory window (now or after a short wait)."""
         return self.spool is None and self.window_start <= offset <= self.received + skip_limit
 
-    async def read(self, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, offset: int, size: int, partial_after: float = math.inf) -> bytes | memoryview:
         """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream, or
-        when the stream is so slow that the bytes took more than PARTIAL_AFTER to come."""
+        when the stream is so slow that they took more than `partial_after` seconds to come."""
         self._reading += 1
         try:
-            return await self._read(offset, size)
+            return await self._read(offset, size, partial_after)
         finally:
             self._reading -= 1
             self.last_read = trio.current_time()
 
-    async def _read(self, offset: int, size: int) -> bytes | memoryview:
+    async def _read(self, offset: int, size: int, partial_after: float) -> bytes | memoryview:
         end = offset + size
         self.reader_pos = max(self.reader_pos, offset)
         self._trim()
         self.make_room()
         # A stream that trickles (a byte now and then: the read timeout never fires) would hold the reader
-        # in the kernel, where not even SIGKILL ends a read the daemon has taken: after PARTIAL_AFTER, what
+        # in the kernel, where not even SIGKILL ends a read the daemon has taken: after `partial_after`, what
         # came is answered (a short read, which readers loop on), or the first byte that comes.
-        partial_at = trio.current_time() + PARTIAL_AFTER
+        partial_at = trio.current_time() + partial_after
         while (self.received < end or not self.verified) and self.length is None:
             if self.error is not None:
                 raise self.error

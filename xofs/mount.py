@@ -301,7 +301,8 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
     exports = ExportManager(client, cache, spool_dir=spool / "exports", spool_limit=options.spool_size,
                             max_exports=options.max_exports, readahead=options.readahead,
                             on_size_known=lambda export: fs_ref[0].export_size_known(export),
-                            on_bounds_changed=lambda obj_id: fs_ref[0].export_bounds_changed(obj_id))
+                            on_bounds_changed=lambda obj_id: fs_ref[0].export_bounds_changed(obj_id),
+                            partial_after=options.read_timeout)
     imports = ImportManager(client, cache, state_dir=options.state_dir, spool_dir=spool / "imports",
                             server_key=server_key, max_uploads=options.max_uploads, read_only=options.read_only,
                             notify=lambda sr_id, names: fs_ref[0].import_entries_changed(sr_id, names),

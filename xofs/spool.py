@@ -27,7 +27,6 @@ from xofs.errors import XofsError
 log = logging.getLogger(__name__)
 
 FILE_PREFIX = "xofs-export-"
-PARTIAL_AFTER = 5.0  # seconds a read waits for all its bytes before it answers with those that came
 
 
 class SpoolFull(XofsError):
@@ -84,12 +83,12 @@ class SpoolEntry:
 
     # --- the readers' side ---
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int, partial_after: float = math.inf) -> bytes:
         """The bytes at [offset, offset+size), short only at the end of the export, or when they took more
-        than PARTIAL_AFTER to come."""
+        than `partial_after` seconds to come."""
         self.last_used = time.monotonic()
         end = offset + size
-        partial_at = trio.current_time() + PARTIAL_AFTER  # see ExportFeed.read: a stream that trickles
+        partial_at = trio.current_time() + partial_after  # see ExportFeed.read: a stream that trickles
         while self.readable < end and self.length is None:
             if self.error is not None:
                 raise self.error
