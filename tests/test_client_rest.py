@@ -948,3 +948,15 @@ def test_a_proxys_html_error_page_and_a_redirect_keep_their_words():
     err = xo_error_from_response(301, moved, location="https://xo.example.org/rest/v0/vms")
     assert err.describe() == ("XO answered 301: 301 Moved Permanently "
                               "(redirected to https://xo.example.org/rest/v0/vms)")
+
+
+@pytest.mark.parametrize("coding", ["gzip, gzip", "zstd", "br"])
+async def test_a_listing_coded_other_than_one_gzip_is_refused(nursery, coding):
+    """Stacked or zstd codings decode a network chunk of kilobytes into gigabytes at once."""
+    fake = await start_fake(nursery, lambda r: answer(200, b"[]", {"Content-Type": "application/json",
+                                                                   "Content-Encoding": coding}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError, match="answered a body coded .*; xofs asked for gzip at most"):
+        await client.collection("vms")
+    await client.aclose()
+    assert fake.seen[0].headers["accept-encoding"] == "gzip"

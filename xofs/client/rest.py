@@ -71,7 +71,9 @@ class RestClient:
         self._read_timeout = read_timeout
         self._http = httpx.AsyncClient(
             base_url=self.api_url,
-            headers={"Cookie": self._cookie, "User-Agent": USER_AGENT},
+            # gzip only: httpx would also take zstd and stacked codings, whose one decoded network chunk can
+            # be gigabytes before MAX_BODY is looked at (256 MiB of zeros are 8 KB of zstd).
+            headers={"Cookie": self._cookie, "User-Agent": USER_AGENT, "Accept-Encoding": "gzip"},
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             verify=self._ssl or False,  # plain http: no TLS, so do not spend ~80 ms loading the CA store
@@ -243,6 +245,10 @@ class RestClient:
 
     async def _read_answer(self, path: str, params: dict[str, str] | None) -> _Answer:
         async with self._http.stream("GET", path, params=params) as resp:
+            codings = [c.strip().lower() for c in resp.headers.get_list("content-encoding", split_commas=True)]
+            if [c for c in codings if c not in ("", "identity")] not in ([], ["gzip"], ["deflate"]):
+                raise XoProtocolError(f"GET {resp.url} answered a body coded {', '.join(codings)}; xofs asked "
+                                      "for gzip at most")
             limit = MAX_BODY if resp.status_code == 200 else ERROR_BODY_LIMIT
             chunks: list[bytes] = []
             size = 0
