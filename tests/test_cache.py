@@ -89,3 +89,4 @@ def test_an_event_with_a_size_no_file_can_have_is_refused():
     assert valid_object(vdi) == f"size is {1 << 70}, out of range"
     assert valid_object({**vdi, "size": -1}) == "size is -1, out of range"
     assert valid_object({**vdi, "size": 8 << 30}) is None
+    assert valid_object({**vdi, "type": "SR", "size": -1}) is None  # XAPI's unknown size of an SR

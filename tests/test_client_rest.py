@@ -24,6 +24,7 @@ from xofs.errors import XoAuthError, XoError, XoNotFound, XoProtocolError, XoUnr
 
 UUID_A = "0c7f0d5e-1111-4222-8333-944455556666"
 UUID_B = "1d8e1e6f-2222-4333-9444-a55566667777"
+UUID_C = "2e9f2f70-3333-4444-a555-b66677778888"
 
 # --- a fake HTTP/1.1 server, in the test's own trio loop ---
 
@@ -161,7 +162,8 @@ async def test_garbage_ndjson_items_are_skipped_one_log_line_each(nursery, caplo
         ndjson({"id": UUID_A, "name_label": "duplicate"}),
         ndjson({"id": "c", "size": "big"}),
         ndjson({"id": "d", "size": True}),
-        ndjson({"id": "f", "size": -1}),  # the kernel refuses a negative size: EIO with no log line
+        ndjson({"id": "f", "type": "VDI", "size": -1}),  # the kernel refuses a negative size: EIO, no log line
+        ndjson({"id": UUID_C, "type": "SR", "size": -1, "usage": -1}),  # XAPI's unknown size of an SR: kept
         ndjson({"id": "g", "size": 1 << 63}),  # st_size overflowed: a traceback at every lookup
         ndjson("/rest/v0/vdis/e"),
         b"\n",
@@ -172,7 +174,8 @@ async def test_garbage_ndjson_items_are_skipped_one_log_line_each(nursery, caplo
     with caplog.at_level(logging.WARNING, logger="xofs.client.rest"):
         items = await client.collection("vdis")
     await client.aclose()
-    assert items == [{"id": UUID_A, "name_label": "good", "size": 5}, {"id": UUID_B, "name_label": "good too"}]
+    assert items == [{"id": UUID_A, "name_label": "good", "size": 5}, {"id": UUID_C, "type": "SR", "size": -1,
+                     "usage": -1}, {"id": UUID_B, "name_label": "good too"}]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 9, warnings
     assert any("size is -1, out of range" in w for w in warnings)

@@ -605,7 +605,7 @@ class XoFS(pyfuse3.Operations):
         total = free = 0
         for sr in self.tree.cache.of_type("SR").values():
             size, usage = sr.get("size"), sr.get("usage")
-            if isinstance(size, int) and isinstance(usage, int) and sr.get("content_type") != "iso":
+            if isinstance(size, int) and isinstance(usage, int) and size >= 0 and sr.get("content_type") != "iso":
                 total += size
                 free += max(size - usage, 0)
         stat.f_bsize = stat.f_frsize = 1 << 20

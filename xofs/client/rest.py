@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 USER_AGENT = "xofs"
 RETRY_DELAYS = (0.25, 1.0)  # sleeps between the (up to) 3 tries of an idempotent GET
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+DISK_TYPES = frozenset({"VDI", "VDI-snapshot", "VDI-unmanaged"})
 GATEWAY_STATUSES = frozenset({502, 504})  # a proxy's words, not XO's: XO may have done the work
 # XO answers an import only once XAPI has finished the task, which may be long after the last byte.
 IMPORT_ANSWER_TIMEOUT = 1800.0
@@ -371,7 +372,9 @@ def item_problem(item: Any) -> str | None:
         value = item.get(key)
         if key in item and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
             return f"{key} is a {type(value).__name__}"
-        if types is int and key in item and not 0 <= value < 1 << 62:  # a file size the kernel takes
+        if types is int and key in item and (value >= 1 << 62 or value < 0 and item.get("type") in DISK_TYPES):
+            # a disk's size becomes a file's (`.raw`): the kernel takes no negative one, nor one that
+            # overflows; an SR's may be -1 (XAPI's "unknown", SR.introduce) and stays
             return f"{key} is {value}, out of range"
     return None
 
