@@ -52,7 +52,7 @@ class Sink:
         assert not self._busy, "feed_state() during resync()"
         self.log.append(("state", state, detail))
 
-    def session_failed(self, reason: str) -> None:
+    def session_failed(self, reason: str, refused: bool) -> None:
         self.log.append(("failed", reason))
 
     @property

@@ -3,10 +3,10 @@
 By default the JSON-RPC `all` feed (`xofs.client.events`); with `--events sse` XO's REST event stream
 (`xofs.client.sse`), or, when the server has none (XO before 5.113), the JSON-RPC feed after one log line
 saying so. A feed holds the token it signed in with, so when `Credentials` brings a new one (a rotation)
-the running feed is stopped and a new one started; the `Syncer` sees a reconnection. Every session of a feed
-that fails (the loss, and each retry after it) also has the credentials' source read again (cheap for
-files; at most once a minute for a Basic file), since an expired token is one reason for a lost connection
-that only a new token cures, and the new token may be written after the old one stopped working.
+the running feed is stopped and a new one started; the `Syncer` sees a reconnection. A feed that loses its
+connection, and every later session XO refuses the token of, also has the credentials' source read again
+(cheap for files; at most once a minute for a Basic file), since an expired token is one reason for a lost
+connection that only a new token cures, and the new token may be written after the old one stopped working.
 """
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ class _Sink:
 
     def feed_state(self, state: str, detail: str = "") -> None:
         self.syncer.feed_state(state, detail)
+        if state == "disconnected":
+            self.on_lost()
 
-    def session_failed(self, reason: str) -> None:
-        self.on_lost()  # after every failed session: the source may hold a new token by the next retry
+    def session_failed(self, reason: str, refused: bool) -> None:
+        if refused:  # at every refusal, not only the loss: the source may hold a new token by the next retry
+            self.on_lost()
 
 
 class FeedRunner:

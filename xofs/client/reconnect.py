@@ -16,7 +16,7 @@ from typing import Protocol
 
 import trio
 
-from xofs.errors import XofsError
+from xofs.errors import XoAuthError, XofsError
 
 
 class EventSink(Protocol):
@@ -31,9 +31,9 @@ class EventSink(Protocol):
     def feed_state(self, state: str, detail: str = "") -> None:
         """"connecting" (at start), "connected" (live), "disconnected" (with the reason; once per loss)."""
 
-    def session_failed(self, reason: str) -> None:
-        """Every session that ended, the retries while disconnected too (a token refused again and again:
-        the credentials' source is read again each time, not only at the loss)."""
+    def session_failed(self, reason: str, refused: bool) -> None:
+        """Every session that ended, the retries while disconnected too; `refused`: XO refused the token
+        (its source is then read again each time, not only at the loss)."""
 
 
 class SessionEnded(Exception):
@@ -63,6 +63,7 @@ class Reconnector:
         self._set_state("connecting")
         delay = self.backoff[0]
         while True:
+            refused = False
             try:
                 await session()
             except SessionEnded as end:
@@ -71,10 +72,11 @@ class Reconnector:
                 if self._task_status is not None and isinstance(err, fatal):
                     raise
                 reason = err.describe()
+                refused = isinstance(err, XoAuthError)
             if self.state == "connected":
                 delay = self.backoff[0]
             self._set_state("disconnected", reason)
-            self.sink.session_failed(reason)
+            self.sink.session_failed(reason, refused)
             sleep = random.uniform(delay / 2, delay)
             self.log.warning("%s: %s; reconnecting in %.1f s", self.name, reason, sleep)
             await trio.sleep(sleep)
