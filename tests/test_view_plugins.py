@@ -38,7 +38,8 @@ class BadEntries:
 
     def children(self, ctx, path):
         return {"fine": File(Rendered("x", lambda obj: b"")), "a/b": Dir(), "": Dir(), "..": Dir(),
-                "n" * 256: Dir(), "not-a-node": "text", "weird-content": File("text"), "ok-link": Link("fine")}
+                "n" * 256: Dir(), "not-a-node": "text", "weird-content": File("text"), "ok-link": Link("fine"),
+                "a\ud800": Dir()}
 
     def lookup(self, ctx, path, name):
         return "not a node"
@@ -98,7 +99,9 @@ def test_entries_the_kernel_would_refuse_are_left_out_with_one_warning_each(capl
         assert set(tree.children(("bad-entries",))) == {"fine", "ok-link"}
         tree._drop_listing(("bad-entries",))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 6, warnings
+    assert len(warnings) == 7, warnings
+    assert "view /bad-entries lists 'a\\ud800' in /bad-entries, left out: a lone surrogate in it, which no file " \
+        "name can hold" in warnings
     assert "view /bad-entries lists 'a/b' in /bad-entries, left out: '/' or NUL in it" in warnings
     assert "view /bad-entries lists 'not-a-node' in /bad-entries, left out: a str, not a Dir, File or Link" in warnings
     parent = tree.lookup(ROOT_INODE, "bad-entries")

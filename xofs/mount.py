@@ -146,12 +146,12 @@ def tls_verify(args: argparse.Namespace) -> bool | str:
 
 
 def check_mountpoint(path: Path) -> None:
+    if is_mounted(path):  # first: a stat of a hung mount would hang
+        raise StartupError(f"{path} is already a mount point (unmount it first: fusermount3 -u {path})")
     if not path.exists():
         raise StartupError(f"mount point {path} does not exist")
     if not path.is_dir():
         raise StartupError(f"mount point {path} is not a directory")
-    if is_mounted(path):
-        raise StartupError(f"{path} is already a mount point (unmount it first: fusermount3 -u {path})")
 
 
 def state_dir(args: argparse.Namespace) -> Path:

@@ -210,7 +210,12 @@ class Tree:
         if own:  # checking costs 18 ms per 40,000 entries
             return _Listing(dict(entries), tuple(ctx.ids), ctx.types or None)
         checked = {}
-        for name, node in entries.items():
+        try:
+            items = list(entries.items())
+        except Exception as exc:  # a mapping of the view's own, whose items() raises
+            log.error("view /%s failed to list %s", path[0], where, exc_info=exc)
+            raise ViewFailed(f"view /{path[0]} failed to list {where} (its traceback is in the log)") from None
+        for name, node in items:
             problem = name_problem(name) or node_problem(node)
             if problem is None:
                 checked[name] = node

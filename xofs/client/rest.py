@@ -229,8 +229,9 @@ class RestClient:
                 err = xo_unreachable(exc, url)
             except httpx.DecodingError as exc:
                 raise XoProtocolError(f"GET {path}: undecodable answer ({exc})", object_id=object_id) from exc
-            except trio.TooSlowError:
-                err = XoUnreachable(f"GET {url}: the answer took more than {deadline:g} s to come whole")
+            except trio.TooSlowError:  # not retried: a server that slow is no better a second later
+                raise XoUnreachable(f"GET {url}: the answer took more than {deadline:g} s to come whole",
+                                    object_id=object_id) from None
             else:
                 if answer.status_code == 200:
                     return answer

@@ -111,7 +111,11 @@ def name_problem(name: object) -> str | None:
         return "empty, '.' or '..'"
     if "/" in name or "\0" in name:
         return "'/' or NUL in it"
-    if len(name.encode("utf-8", "surrogateescape")) > 255:
+    try:
+        raw = name.encode("utf-8", "surrogateescape")  # as the adapter hands names to the kernel
+    except UnicodeEncodeError:
+        return "a lone surrogate in it, which no file name can hold"
+    if len(raw) > 255:
         return "longer than 255 bytes"
     return None
 
