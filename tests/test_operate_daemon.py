@@ -294,7 +294,9 @@ def test_ctrl_c_while_xo_is_slow_to_answer_calls_the_start_off(fresh_sim, tmp_pa
                             env={**os.environ, "XOFS_TOKEN": fresh_sim.token,
                                  "XOFS_STATE_DIR": str(tmp_path / "state")})
     try:
-        time.sleep(1.5)  # signing in, held back by the latency
+        # the daemon is forked (its log exists) and signing in, held back by the latency
+        wait_for(lambda: (tmp_path / "state" / "xofs.log").exists(), 20, "the daemon to start")
+        time.sleep(0.3)
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=20)
         assert (proc.returncode, out, err) == (128 + signum, "", "xofs: interrupted: the mount was not made\n")

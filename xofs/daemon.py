@@ -97,16 +97,22 @@ def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int
     pid = os.fork()
     if pid:
         os.close(write_fd)
-        for signum in (signal.SIGTERM, signal.SIGHUP):  # `timeout 60 xofs mount …`, a closed terminal
-            signal.signal(signum, _called_off)
-        with os.fdopen(read_fd, "rb") as pipe:
-            try:
+        # Ctrl-C, `timeout 60 xofs mount …`, a closed terminal; not a signal the caller ignores (`&` in a script)
+        calls_off = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+        before = {signum: signal.signal(signum, _called_off) for signum in calls_off}
+        try:
+            with os.fdopen(read_fd, "rb") as pipe:
                 message = pipe.read().decode("utf-8", "replace").strip()
-            except (KeyboardInterrupt, CalledOff) as why:  # Ctrl-C while XO is slow to answer, say
-                os.kill(pid, signal.SIGTERM)  # it stops as on any SIGTERM, unmounting if it got that far
-                os.waitpid(pid, 0)
-                print("xofs: interrupted: the mount was not made", file=sys.stderr)
-                return 128 + (why.signum if isinstance(why, CalledOff) else signal.SIGINT)
+        except CalledOff as why:  # XO slow to answer, say: the start is called off
+            for signum in calls_off:  # a second signal must not cut the clean-up short
+                signal.signal(signum, signal.SIG_IGN)
+            os.kill(pid, signal.SIGTERM)  # it stops as on any SIGTERM, unmounting if it got that far
+            os.waitpid(pid, 0)
+            print("xofs: interrupted: the mount was not made", file=sys.stderr)
+            return 128 + why.signum
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
         if message == "ok":
             return 0
         print(message or "xofs: the mount daemon died before the mount was live", file=sys.stderr)
