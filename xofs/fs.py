@@ -279,7 +279,7 @@ class XoFS(pyfuse3.Operations):
             mode, nlink, size, mtime = 0o100000 | attrs.mode, 1, attrs.size, attrs.mtime_ns
             if isinstance(node, ImportEntry) or isinstance(node.content, Export):
                 blksize = EXPORT_BLKSIZE  # cp and friends then move 1 MiB per request
-        if not isinstance(node, ImportEntry):
+        if not isinstance(node, (ImportEntry, Link)):  # a symlink is lrwxrwxrwx, as Linux shows every one
             mode = (mode & ~0o777) | (((mode >> 6) & 0o7) * 0o111 & ~self.umask)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode.ino
