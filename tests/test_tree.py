@@ -157,3 +157,23 @@ def test_a_resync_after_a_reconnect_invalidates_what_changed_meanwhile(tree):
     objs = [o for o in real_objects() if o["id"] != web["id"]] + [{**web, "name_label": "web-x"}]
     out = tree.on_changes(tree.cache.replace_all(objs))
     assert InvalidateEntry(by_name.ino, "web-01") in out
+
+
+async def test_a_failed_re_read_says_it_was_the_re_read():
+    """The feed logged `XO event feed ws://…/api/: XO answered 503: …`, as if its socket had answered 503."""
+    from xofs.errors import XoError, xofs_error_in
+    from xofs.fs import Freshness
+    from xofs.sync import Syncer
+
+    class Refusing:
+        async def collection(self, coll, **kwargs):
+            raise XoError(503, "Service Unavailable")
+
+    cache = ObjectCache()
+    tree = Tree(cache, load_views())
+    syncer = Syncer(Refusing(), cache, tree, Freshness(), invalidate=lambda out: None)
+    with pytest.raises(BaseException) as caught:
+        await syncer.resync()
+    err = xofs_error_in(caught.value)
+    assert err is not None and err.describe() == "re-reading XO's objects after connecting: XO answered 503: " \
+        "Service Unavailable"

@@ -17,6 +17,7 @@ import trio
 
 from xofs.cache import COLLECTIONS, Change, ObjectCache
 from xofs.client.rest import RestClient
+from xofs.errors import xofs_error_in
 from xofs.fs import Freshness
 from xofs.tree import Invalidation, Tree
 
@@ -71,7 +72,14 @@ class Syncer:
     # The EventSink protocol (xofs.client.reconnect)
 
     async def resync(self) -> None:
-        await self.load()
+        """`load`, for a feed that (re)connected; a failure says it was the re-read, not the feed's socket."""
+        try:
+            await self.load()
+        except Exception as exc:  # the collections are read at once: an exception group
+            err = xofs_error_in(exc)
+            if err is not None:
+                err.message = f"re-reading XO's objects after connecting: {err.message}"
+            raise
 
     def apply(self, kind: str, items: dict) -> None:
         self.events += 1
