@@ -177,3 +177,20 @@ async def test_a_failed_re_read_says_it_was_the_re_read():
     err = xofs_error_in(caught.value)
     assert err is not None and err.describe() == "re-reading XO's objects after connecting: XO answered 503: " \
         "Service Unavailable"
+
+
+def test_the_feed_state_counts_from_the_last_live_feed():
+    """A feed restarted after a failed start said "connecting for 0 s" after 15 s of failures."""
+    import time
+
+    from xofs.fs import Freshness
+    from xofs.sync import Syncer
+
+    cache = ObjectCache()
+    syncer = Syncer(None, cache, Tree(cache, load_views()), Freshness(), invalidate=lambda out: None)
+    syncer.state_since = since = time.time() - 15
+    for state in ("connecting", "disconnected", "connecting"):
+        syncer.feed_state(state)
+        assert syncer.state_since == since, state
+    syncer.feed_state("connected")
+    assert syncer.state_since > since

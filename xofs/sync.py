@@ -96,8 +96,10 @@ class Syncer:
         elif state == "disconnected":
             log.warning("XO event feed lost (%s): reconnecting; kernel caches last %.0f s meanwhile",
                         detail or "no reason given", self.freshness.fallback_ttl)
+        down = ("starting", "connecting", "disconnected")
+        if not (state in down and self.state in down):  # "disconnected for" counts from the last live feed
+            self.state_since = time.time()
         self.state = state
-        self.state_since = time.time()
         self.freshness.feed_connected = state == "connected"
 
     def _dispatch(self, changes: list[Change]) -> None:
