@@ -765,10 +765,15 @@ class ImportManager:
             except XofsError as err:
                 log.debug("cannot check SR %s for a VDI the failed import left: %s", sr_id, err.describe())
                 return False
-            leftovers = [v["id"] for v in vdis if v.get("$SR") == sr_id and v.get("name_label") == label
-                         and v["id"] not in before and v["id"] not in ours
-                         and (v.get("other_config") or {}).get("xo:import:length") == str(length)]
+            new = [v for v in vdis if v.get("$SR") == sr_id and v.get("name_label") == label
+                   and v["id"] not in before and v["id"] not in ours]
+            leftovers = [v["id"] for v in new if (v.get("other_config") or {}).get("xo:import:length") == str(length)]
             if not leftovers:
+                finished = [v["id"] for v in new]
+                if finished:  # XO read the whole image before the upload was cut, or another client's import
+                    log.info("VDI %s named %r appeared on SR %s during the failed import, as a finished import "
+                             "(XO removed its import mark): left in XO, since it may be another client's",
+                             ", ".join(finished), label, sr_id)
                 return True
             if attempt == len(LEFTOVER_CHECKS) - 1:
                 for vdi_id in leftovers:
