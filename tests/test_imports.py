@@ -730,3 +730,20 @@ def test_stale_spools_of_dead_daemons_are_cleaned(tmp_path) -> None:
     (d / "notes.txt").write_bytes(b"x")
     assert clean_stale_spools(d) == 1
     assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+
+
+def test_import_records_are_saved_where_locks_are_refused(tmp_path, monkeypatch):
+    """A state directory on a network filesystem without locks (flock: ENOLCK) must not lose the records
+    (they are what keeps a later rsync from importing again)."""
+    import fcntl
+
+    from xofs.import_state import ImportRecord, ImportStore
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    store = ImportStore(tmp_path, "http://xo")
+    record = ImportRecord("0c7f0d5e-1111-4222-8333-944455556666", 5, 1, 0o644)
+    store.save("sr", {"a.raw": record}, known={"a.raw"})
+    assert store.load("sr") == {"a.raw": record}

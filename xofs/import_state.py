@@ -79,7 +79,10 @@ class ImportStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(self.directory / ".lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                except OSError as err:  # a network filesystem without locks (ENOLCK): save unlocked
+                    log.debug("saving the import records in %s without a lock: %s", path, err.strerror)
                 others = {n: r for n, r in self.load(sr_id).items() if n not in known and n not in records}
                 merged = {**others, **records}
                 if not merged:
