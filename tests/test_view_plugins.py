@@ -164,3 +164,23 @@ def test_broken_plugins_are_left_out_and_builtins_keep_their_names(monkeypatch, 
     for ep in ("noname", "number", "slash", "exits"):
         assert f"view plugin {ep} (" in caplog.text and "failed to load; its directory is left out" in caplog.text
     assert "SystemExit: 3" in caplog.text  # a module that exits at import: refused, the process goes on
+
+
+def test_what_was_logged_once_is_bounded(monkeypatch):
+    """A plugin that keeps answering new bad names must not grow the daemon's memory without end."""
+    import xofs.tree
+
+    class Churning:
+        name = "churning"
+        calls = 0
+
+        def children(self, ctx, path):
+            Churning.calls += 1
+            return {f"bad/{Churning.calls}-{i}": Dir() for i in range(10)}
+
+    monkeypatch.setattr(xofs.tree, "FAILED_KEPT", 25)
+    tree = make_tree(Churning())
+    for _ in range(10):
+        assert tree.children(("churning",)) == {}
+        tree._drop_listing(("churning",))
+    assert len(tree._failed) <= 25

@@ -30,6 +30,7 @@ _SORT_AGAIN = 16  # directories of at most this many entries are sorted on each 
 
 TreeNode = Node | ImportEntry
 SLOW_VIEW = 1.0  # seconds: a view's listing that takes longer is logged (once per directory)
+FAILED_KEPT = 10_000  # plugin problems remembered as logged
 
 
 class ViewFailed(XofsError):
@@ -197,8 +198,7 @@ class Tree:
             if entries is not None and not isinstance(entries, Mapping):
                 raise TypeError(f"children() answered a {type(entries).__name__}, not a mapping of names to nodes")
         except Exception as exc:
-            if path not in self._failed:
-                self._failed.add(path)
+            if self._first_time(path):
                 log.error("view /%s failed to list %s", path[0], where, exc_info=exc)
             raise ViewFailed(f"view /{path[0]} failed to list {where} (its traceback is in the log)") from None
         finally:
@@ -213,21 +213,29 @@ class Tree:
         try:
             items = list(entries.items())
         except Exception as exc:  # a mapping of the view's own, whose items() raises
-            log.error("view /%s failed to list %s", path[0], where, exc_info=exc)
+            if self._first_time(path):
+                log.error("view /%s failed to list %s", path[0], where, exc_info=exc)
             raise ViewFailed(f"view /{path[0]} failed to list {where} (its traceback is in the log)") from None
         for name, node in items:
             problem = name_problem(name) or node_problem(node)
             if problem is None:
                 checked[name] = node
-            elif (path, repr(name)) not in self._failed:
-                self._failed.add((path, repr(name)))
+            elif self._first_time((path, repr(name))):
                 log.warning("view /%s lists %r in %s, left out: %s", path[0], name, where, problem)
         return _Listing(checked, tuple(ctx.ids), ctx.types or None)
 
+    def _first_time(self, key: Hashable) -> bool:
+        """Whether a plugin's problem `key` is new (logged once); the memory of them is bounded."""
+        if key in self._failed:
+            return False
+        if len(self._failed) >= FAILED_KEPT:  # a plugin churning bad names: some are logged again
+            self._failed.clear()
+        self._failed.add(key)
+        return True
+
     def _report_slow(self, path: Path, seconds: float) -> None:
         """Views run in the thread that answers the kernel: a slow one stalls the whole mount."""
-        if seconds > SLOW_VIEW and (path, "slow") not in self._failed:
-            self._failed.add((path, "slow"))
+        if seconds > SLOW_VIEW and self._first_time((path, "slow")):
             log.warning("view /%s took %.1f s to list %s, and the whole mount waited: a view must answer from "
                         "the object cache, without I/O (docs/views.md)", path[0], seconds, "/" + "/".join(path))
 
