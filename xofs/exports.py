@@ -37,7 +37,7 @@ import trio
 
 from xofs.cache import Change, ObjectCache
 from xofs.client.export import ExportResponse
-from xofs.client.rest import RestClient
+from xofs.client.rest import DISK_TYPES, RestClient
 from xofs.errors import XofsError
 from xofs.export_sizes import (
     UNKNOWN_DISK,
@@ -60,7 +60,6 @@ LIVE_POWER_STATES = frozenset({"Running", "Paused"})  # a VM in these may change
 BUFFERS_IDLE = 60.0  # seconds without a running export after which the receive buffers are unmapped
 
 VM_TYPES = frozenset({"VM", "VM-snapshot"})
-VDI_TYPES = frozenset({"VDI", "VDI-snapshot"})
 
 
 class ExportReadError(XofsError):
@@ -153,7 +152,7 @@ class ExportManager:
     def _related(self, type_: str, obj: dict) -> set[str]:
         """Objects whose exports contain (or are contained in) `obj`'s: via VBDs, both ways."""
         related: set[str] = set()
-        if type_ in VM_TYPES or type_ in VDI_TYPES:
+        if type_ in VM_TYPES or type_ in DISK_TYPES:
             vbds = obj.get("$VBDs")
             for vbd_id in vbds if isinstance(vbds, list) else []:
                 vbd = self.cache.get(vbd_id) if isinstance(vbd_id, str) else None

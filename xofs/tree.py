@@ -194,9 +194,10 @@ class Tree:
         own = type(view).__module__.startswith("xofs.")  # xofs's own views are not checked nor timed
         started = time.monotonic()
         try:
-            entries = view.children(ctx, path[1:])
-            if entries is not None and not isinstance(entries, Mapping):
-                raise TypeError(f"children() answered a {type(entries).__name__}, not a mapping of names to nodes")
+            answer = view.children(ctx, path[1:])
+            if answer is not None and not isinstance(answer, Mapping):
+                raise TypeError(f"children() answered a {type(answer).__name__}, not a mapping of names to nodes")
+            entries = None if answer is None else dict(answer)  # a plugin's own mapping may raise here too
         except Exception as exc:
             if self._first_time(path):
                 log.error("view /%s failed to list %s", path[0], where, exc_info=exc)
@@ -208,15 +209,9 @@ class Tree:
         if entries is None:
             return None
         if own:  # checking costs 18 ms per 40,000 entries
-            return _Listing(dict(entries), tuple(ctx.ids), ctx.types or None)
+            return _Listing(entries, tuple(ctx.ids), ctx.types or None)
         checked = {}
-        try:
-            items = list(entries.items())
-        except Exception as exc:  # a mapping of the view's own, whose items() raises
-            if self._first_time(path):
-                log.error("view /%s failed to list %s", path[0], where, exc_info=exc)
-            raise ViewFailed(f"view /{path[0]} failed to list {where} (its traceback is in the log)") from None
-        for name, node in items:
+        for name, node in entries.items():
             problem = name_problem(name) or node_problem(node)
             if problem is None:
                 checked[name] = node

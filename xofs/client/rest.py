@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 USER_AGENT = "xofs"
 RETRY_DELAYS = (0.25, 1.0)  # sleeps between the (up to) 3 tries of an idempotent GET
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
-DISK_TYPES = frozenset({"VDI", "VDI-snapshot", "VDI-unmanaged"})
+DISK_TYPES = frozenset({"VDI", "VDI-snapshot", "VDI-unmanaged"})  # objects whose `size` is a disk's
 GATEWAY_STATUSES = frozenset({502, 504})  # a proxy's words, not XO's: XO may have done the work
 # XO answers an import only once XAPI has finished the task, which may be long after the last byte.
 IMPORT_ANSWER_TIMEOUT = 1800.0

@@ -99,7 +99,6 @@ class Link:
 
 
 Node = Dir | File | Link
-CONTENTS = (Rendered, Export, TypeSnapshot, Live)
 
 
 def name_problem(name: object) -> str | None:
@@ -125,7 +124,7 @@ def node_problem(node: object) -> str | None:
     if isinstance(node, Dir):
         return None
     if isinstance(node, File):
-        return None if isinstance(node.content, CONTENTS) else f"a File of a {type(node.content).__name__}"
+        return None if isinstance(node.content, Content) else f"a File of a {type(node.content).__name__}"
     if isinstance(node, Link):
         return None if isinstance(node.target, str) and node.target else "a Link without a target"
     return f"a {type(node).__name__}, not a Dir, File or Link"
