@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -222,6 +223,35 @@ def test_a_short_keepalive_finds_a_silent_websocket_within_twice_its_interval(fr
     wait_for(lambda: "no answer to the keepalive call within 1 s" in mount.log_text(), 10, "the keepalive to notice")
     detected = time.monotonic() - since
     assert detected <= 2 + 1, f"a silent websocket found after {detected:.1f} s with a keepalive of 1 s"
+    set_faults(fresh_sim, silent_websockets=False)
+    wait_live_again(mount, started)
+
+
+def test_while_the_feed_stays_down_changes_in_xo_show_within_the_poll_interval(fresh_sim, make_mount):
+    """A feed that cannot come back (here: websockets that never answer; a proxy refusing upgrades is the same)
+    left the mount showing what it last knew for ever. `--poll-interval 1` reads XO's objects again every
+    second while the feed is down: a rename and a deletion made in XO show, and `status.json` says so."""
+    mount = make_mount(fresh_sim, "--keepalive", "1", "--connect-timeout", "1", "--poll-interval", "1")
+    vm = first_vm(fresh_sim)
+    spare = sorted(vdi_ids(fresh_sim, "spare disk"))[0]
+    assert (mount / "vdis" / spare / "meta.json").exists()
+    started = live_count(mount)
+    set_faults(fresh_sim, silent_websockets=True)
+    wait_for(lambda: "no answer to the keepalive call" in mount.log_text(), 10, "the keepalive to notice")
+    rename_vm(fresh_sim, vm["id"], "renamed-while-the-feed-is-down")
+    assert fresh_sim.request("DELETE", f"/rest/v0/vdis/{spare}")[0] == 204
+    wait_for(lambda: meta(mount, f"vms/{vm['id']}")["name_label"] == "renamed-while-the-feed-is-down", 10,
+             "the rename made while the feed is down")
+    wait_for(lambda: not (mount / "vdis" / spare).exists(), 5, "the deleted VDI to vanish")
+    assert live_count(mount) == started, "the feed came back: the test showed nothing about polling"
+    status = json.loads((mount.mountpoint / ".xofs" / "status.json").read_bytes())
+    assert not status["feed"]["connected"] and status["feed"]["polls"] >= 1, status["feed"]
+    assert status["feed"]["last_read_age"] < 5, status["feed"]
+    shown = subprocess.run([sys.executable, "-m", "xofs", "status", str(mount.mountpoint)], capture_output=True,
+                           text=True, timeout=30)
+    assert re.search(r"^  objects read .+ ago \(\d+ read\(s\) while the feed was down\)$", shown.stdout, re.M), \
+        shown.stdout + shown.stderr
+    assert "re-reading XO's objects every 1 s until it is back" in mount.log_text()
     set_faults(fresh_sim, silent_websockets=False)
     wait_live_again(mount, started)
 

@@ -194,6 +194,7 @@ class MountOptions:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     keepalive: float = 30.0
+    poll_interval: float = 30.0
     uid: int | None = None
     gid: int | None = None
     umask: int = 0o077
@@ -206,14 +207,15 @@ class MountOptions:
                    max_exports=args.max_exports, readahead=args.readahead, max_uploads=args.max_uploads,
                    import_wait=args.import_wait, verify=verify, events=args.events,
                    connect_timeout=args.connect_timeout, read_timeout=args.read_timeout, keepalive=args.keepalive,
-                   uid=args.uid, gid=args.gid, umask=umask)
+                   poll_interval=args.poll_interval, uid=args.uid, gid=args.gid, umask=umask)
 
     def public(self) -> dict:
         """The options as the status file shows them (nothing secret is among them)."""
         tls = "not checked (--insecure)" if self.verify is False else \
             "system CAs" if self.verify is True else f"CA file {self.verify}"
         return {"read_only": self.read_only, "uid": self.uid, "gid": self.gid, "umask": f"{self.umask:03o}",
-                "attr_ttl": self.attr_ttl, "fallback_ttl": self.fallback_ttl, "max_exports": self.max_exports,
+                "attr_ttl": self.attr_ttl, "fallback_ttl": self.fallback_ttl,
+                "poll_interval": self.poll_interval, "max_exports": self.max_exports,
                 "readahead": self.readahead, "max_uploads": self.max_uploads, "spool_size": self.spool_size,
                 "import_wait": self.import_wait, "tls": tls}
 
@@ -246,6 +248,7 @@ class Parts:
                     await self.syncer.load()
                 else:
                     await self._start_feed(nursery)
+                    nursery.start_soon(self.syncer.poll_while_down)
                 try:
                     yield nursery
                 finally:
@@ -316,7 +319,8 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
         exports.on_changes(changes)
         imports.on_changes(changes)
 
-    syncer = Syncer(client, cache, tree, freshness, fs.apply_invalidations, on_changes=on_changes)
+    syncer = Syncer(client, cache, tree, freshness, fs.apply_invalidations, on_changes=on_changes,
+                    poll_interval=options.poll_interval)
     feeds = FeedRunner(options.events, url, credentials, syncer, verify=options.verify,
                        connect_timeout=options.connect_timeout, keepalive=options.keepalive)
     return Parts(url, credentials, client, cache, tree, fs, syncer, feeds, exports, imports, invalidator)

@@ -167,6 +167,9 @@ OPTIONS = [
            "SECONDS"),
     Option("connect_timeout", "seconds to connect to XO", positive, 10.0, "SECONDS"),
     Option("read_timeout", "seconds XO may stay silent during a request", positive, 60.0, "SECONDS"),
+    Option("poll_interval", "while the event feed is down, read XO's objects again every this many seconds "
+           "(0: never; the mount then shows what it last knew until the feed is back)", non_negative, 30.0,
+           "SECONDS"),
     Option("keepalive", "seconds between checks that the event connection is alive: a silent one is taken for "
            "dead within twice that (with --events sse, never under 75 s, as XO pings every 30 s)",
            positive, 30.0, "SECONDS"),

@@ -5,7 +5,8 @@ every stat and open of the file, so it is always current and costs nothing when 
 secret goes in: no token, no credentials, only where the credentials come from.
 
 The snapshot holds: the server and mount point, the event feed's state (connected or not, since when, the
-age of the last event, reconnections, events applied), how many objects of each type are cached, every
+age of the last event, reconnections, events applied, the age of the last full read of XO's objects and how
+many were made while the feed was down), how many objects of each type are cached, every
 live transfer (exports being read, imports being written or uploaded: path, phase, bytes done, size, rate,
 ETA), and the last warnings and errors of the log.
 """
@@ -92,6 +93,8 @@ def snapshot(now: float | None = None) -> dict[str, Any]:
             "last_event_age": round(now - last_event, 1) if last_event else None,
             "reconnects": syncer.reconnects,
             "events": syncer.events,
+            "polls": syncer.polls,
+            "last_read_age": round(time.monotonic() - syncer.loaded_at, 1) if syncer.loaded_at else None,
         },
         "cache": {"objects": len(cache), "by_type": counts},
         "transfers": [_with_rate(t) for source in state.transfer_sources for t in source()],

@@ -240,6 +240,10 @@ def render(status: dict[str, Any], *, bars: bool) -> list[str]:
     lines.append(f"  events: {feed['kind']}, {feed['state']} for {_duration(feed['since'])}, "
                  f"last event {'never' if last is None else _duration(last) + ' ago'}, "
                  f"{feed['reconnects']} reconnect(s), {feed['events']} event(s)")
+    read = feed.get("last_read_age")  # absent from the status of an older daemon
+    if not feed["connected"] and read is not None:
+        lines.append(f"  objects read {_duration(read)} ago ({feed.get('polls', 0)} read(s) while the feed was "
+                     f"down)")
     counts = ", ".join(f"{n} {t}" for t, n in cache["by_type"].items() if n)
     lines.append(f"  cache: {cache['objects']} objects ({counts})")
     transfers = status.get("transfers", [])

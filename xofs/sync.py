@@ -3,7 +3,11 @@
 `Syncer` is the event feed's sink: after every (re)connection it re-reads every collection (one request
 each, run concurrently) and reconciles; between those it applies `all` notifications. Either way, the
 changes go to the tree, whose invalidations go to the kernel. It also owns the feed's state, which sets
-the kernel cache lifetimes (long while events flow, about a second when they do not).
+the kernel cache lifetimes (long while events flow, about a second when they do not), and, while no feed is
+live, re-reads everything every `--poll-interval` seconds (`poll_while_down`), so that a feed that stays
+down (a proxy that refuses websockets, XO's socket broken while its REST API works) leaves the mount at most
+that far behind XO instead of showing what it last knew for ever. Full reads never overlap: one that starts
+while another runs waits for it, so an older read cannot land after a newer one.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 class Syncer:
     def __init__(self, client: RestClient, cache: ObjectCache, tree: Tree, freshness: Freshness,
                  invalidate: Callable[[list[Invalidation]], None],
-                 on_changes: Callable[[list[Change]], None] | None = None) -> None:
+                 on_changes: Callable[[list[Change]], None] | None = None, poll_interval: float = 0) -> None:
         self.client = client
         self.cache = cache
         self.tree = tree
@@ -39,9 +43,25 @@ class Syncer:
         self.reconnects = 0
         self._was_connected = False
         self.events = 0
+        self.poll_interval = poll_interval  # seconds; 0: no reads while the feed is down
+        self.polls = 0  # full reads made because no feed was live
+        self.loaded_at = 0.0  # time.monotonic() of the last full read that succeeded, 0 before the first
+        self._down_at = time.monotonic()  # when the feed last stopped being live (or the syncer was made)
+        self._tried_at = 0.0  # when the last full read ended, whether it succeeded or not
+        self._polled_this_outage = False
+        self._state_changed = trio.Event()
+        self._loading = trio.Lock()
 
     async def load(self) -> None:
-        """Read every collection the views need, one request each, all at once."""
+        """Read every collection the views need, one request each, all at once (after any full read that
+        is running: see the module's docstring)."""
+        async with self._loading:
+            try:
+                await self._load()
+            finally:
+                self._tried_at = time.monotonic()
+
+    async def _load(self) -> None:
         results: dict[str, list[dict]] = {}
 
         async def fetch(type_: str, coll: str) -> None:
@@ -66,6 +86,7 @@ class Syncer:
         # find's time with 10,000 VMs): set it aside, after one collection so no garbage is kept with it.
         gc.collect()
         gc.freeze()
+        self.loaded_at = time.monotonic()
         log.debug("cache holds %d objects (%d changed) after %.3f s of reconciling",
                   len(self.cache), len(changes), time.monotonic() - started)
 
@@ -80,6 +101,42 @@ class Syncer:
             if err is not None:
                 err.message = f"re-reading XO's objects after connecting: {err.message}"
             raise
+
+    async def poll_while_down(self) -> None:
+        """Forever: while no event feed is live, `load` every `poll_interval` seconds, counted from the loss or
+        from the last read, whichever came later (a feed that comes back within `interval` re-reads
+        everything itself, so a short loss costs no extra read). 0: never. A failed read is logged and tried
+        again `poll_interval` seconds later; the mount keeps serving what it has."""
+        interval = self.poll_interval
+        if interval <= 0:
+            return
+        while True:
+            if self.state == "connected":
+                await self._state_changed.wait()
+                continue
+            wait = max(self._down_at, self._tried_at) + interval - time.monotonic()
+            if wait > 0:
+                with trio.move_on_after(wait):
+                    await self._state_changed.wait()
+                continue
+            await self._poll(interval)
+
+    async def _poll(self, interval: float) -> None:
+        if not self._polled_this_outage:
+            self._polled_this_outage = True
+            log.info("XO event feed down for %.0f s: re-reading XO's objects every %g s until it is back",
+                     time.monotonic() - self._down_at, interval)
+        self.polls += 1
+        try:
+            await self.load()
+        except Exception as exc:  # the collections are read at once: an exception group
+            err = xofs_error_in(exc)
+            if err is None:
+                log.exception("re-reading XO's objects while the event feed is down failed; trying again in "
+                              "%g s", interval)
+            else:
+                log.warning("re-reading XO's objects while the event feed is down: %s; trying again in %g s",
+                            err.describe(), interval)
 
     def apply(self, kind: str, items: dict) -> None:
         self.events += 1
@@ -99,8 +156,13 @@ class Syncer:
         down = ("starting", "connecting", "disconnected")
         if not (state in down and self.state in down):  # "disconnected for" counts from the last live feed
             self.state_since = time.time()
+        if self.state == "connected":
+            self._down_at = time.monotonic()
+            self._polled_this_outage = False
         self.state = state
         self.freshness.feed_connected = state == "connected"
+        self._state_changed.set()
+        self._state_changed = trio.Event()
 
     def _dispatch(self, changes: list[Change]) -> None:
         if not changes:

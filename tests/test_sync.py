@@ -1,0 +1,135 @@
+"""The syncer's full reads while no event feed is live (`--poll-interval`), at the syncer itself.
+
+Through a real mount: `tests/test_hardening_faults.py` (a feed kept down by silent websockets).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+
+from xofs.cache import COLLECTIONS, ObjectCache
+from xofs.errors import XoError
+from xofs.fs import Freshness
+from xofs.sync import Syncer
+from xofs.tree import Tree
+from xofs.views import load_views
+
+VM_ID = "0b1c2d3e-0000-4000-8000-000000000001"
+INTERVAL = 0.3
+
+
+class FakeXo:
+    """Answers every collection; `vm_name` is what the one VM is called now. Counts full reads (one
+    `collection("vms")` each) and the most collection requests ever running at once."""
+
+    def __init__(self) -> None:
+        self.vm_name = "first"
+        self.reads = 0
+        self.running = 0
+        self.most_running = 0
+        self.fail: XoError | None = None
+        self.delay = 0.0
+
+    async def collection(self, coll: str, **kwargs: object) -> list[dict]:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            if coll == "vms":
+                self.reads += 1
+            await trio.sleep(self.delay)
+            if self.fail is not None:
+                raise self.fail
+            if coll != "vms":
+                return []
+            return [{"id": VM_ID, "type": "VM", "name_label": self.vm_name, "power_state": "Halted"}]
+        finally:
+            self.running -= 1
+
+
+def make_syncer(xo: FakeXo, interval: float = INTERVAL) -> tuple[Syncer, ObjectCache]:
+    cache = ObjectCache()
+    syncer = Syncer(xo, cache, Tree(cache, load_views()), Freshness(), invalidate=lambda out: None,  # type: ignore[arg-type]
+                    poll_interval=interval)
+    return syncer, cache
+
+
+def name_of(cache: ObjectCache) -> str | None:
+    vm = cache.get(VM_ID)
+    return None if vm is None else vm["name_label"]
+
+
+async def test_while_the_feed_is_down_xo_is_read_again_every_interval_and_never_while_it_is_live(caplog):
+    caplog.set_level(logging.INFO, "xofs.sync")
+    xo = FakeXo()
+    syncer, cache = make_syncer(xo)
+    syncer.feed_state("connected")
+    await syncer.load()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(syncer.poll_while_down)
+        xo.vm_name = "renamed"
+        await trio.sleep(3 * INTERVAL)
+        assert xo.reads == 1 and name_of(cache) == "first", "read while the feed was live"
+        syncer.feed_state("disconnected", "a test")
+        await trio.sleep(INTERVAL / 2)
+        assert xo.reads == 1, "read at once at the loss (a feed back soon re-reads everything itself)"
+        await trio.sleep(INTERVAL)
+        assert xo.reads == 2 and name_of(cache) == "renamed"
+        await trio.sleep(3 * INTERVAL)
+        assert 4 <= xo.reads <= 6, f"{xo.reads - 2} reads in 3 intervals"
+        assert syncer.polls == xo.reads - 1
+        syncer.feed_state("connected")
+        settled = xo.reads
+        await trio.sleep(3 * INTERVAL)
+        assert xo.reads == settled, "read again once the feed was live"
+        nursery.cancel_scope.cancel()
+    announced = [r.getMessage() for r in caplog.records if "re-reading XO's objects every" in r.getMessage()]
+    assert announced == ["XO event feed down for 0 s: re-reading XO's objects every 0.3 s until it is back"]
+
+
+async def test_a_failed_read_is_logged_and_tried_again_and_the_cache_is_kept(caplog):
+    caplog.set_level(logging.INFO, "xofs.sync")
+    xo = FakeXo()
+    syncer, cache = make_syncer(xo)
+    await syncer.load()
+    syncer.feed_state("disconnected", "a test")
+    xo.fail = XoError(503, "Service Unavailable")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(syncer.poll_while_down)
+        await trio.sleep(2.5 * INTERVAL)
+        assert xo.reads >= 2 and name_of(cache) == "first"
+        xo.fail, xo.vm_name = None, "after the failure"
+        await trio.sleep(1.5 * INTERVAL)
+        assert name_of(cache) == "after the failure"
+        nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "lost" not in r.getMessage()]
+    assert warnings and all(w == "re-reading XO's objects while the event feed is down: XO answered 503: Service "
+                                 "Unavailable; trying again in 0.3 s" for w in warnings), warnings
+
+
+async def test_no_reads_with_an_interval_of_0():
+    xo = FakeXo()
+    syncer, _ = make_syncer(xo, interval=0)
+    await syncer.load()
+    syncer.feed_state("disconnected", "a test")
+    with trio.move_on_after(1):
+        await syncer.poll_while_down()
+        assert xo.reads == 1  # it returned at once
+        return
+    pytest.fail("poll_while_down waited with an interval of 0")
+
+
+async def test_full_reads_never_overlap():
+    """A poll's read that ends after the reconnected feed's re-read would put older objects over newer ones."""
+    xo = FakeXo()
+    syncer, cache = make_syncer(xo)
+    xo.delay = 0.2
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(syncer.load)
+        await trio.sleep(0.05)
+        xo.vm_name = "newer"
+        nursery.start_soon(syncer.load)
+    assert xo.most_running == len(COLLECTIONS)
+    assert name_of(cache) == "newer"
