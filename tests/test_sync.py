@@ -133,3 +133,16 @@ async def test_full_reads_never_overlap():
         nursery.start_soon(syncer.load)
     assert xo.most_running == len(COLLECTIONS)
     assert name_of(cache) == "newer"
+
+
+async def test_polls_wait_at_least_ten_times_as_long_as_a_read_takes():
+    """A read of 10,000 VMs takes seconds of CPU: with a short interval it would become most of the work."""
+    xo = FakeXo()
+    syncer, _ = make_syncer(xo, interval=0.1)
+    xo.delay = 0.1
+    await syncer.load()
+    syncer.feed_state("disconnected", "a test")
+    with trio.move_on_after(2.5):
+        await syncer.poll_while_down()
+    # A read every 0.1 + 10 x 0.1 s at most (its own 0.1 s, then a pause of 1 s): two in 2.5 s, not twelve.
+    assert 2 <= xo.reads - 1 <= 3, xo.reads

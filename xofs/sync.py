@@ -27,6 +27,8 @@ from xofs.tree import Invalidation, Tree
 
 log = logging.getLogger(__name__)
 
+POLL_SHARE = 10  # while the feed is down, a full read every this many times its own duration at most
+
 
 class Syncer:
     def __init__(self, client: RestClient, cache: ObjectCache, tree: Tree, freshness: Freshness,
@@ -48,6 +50,7 @@ class Syncer:
         self.loaded_at = 0.0  # time.monotonic() of the last full read that succeeded, 0 before the first
         self._down_at = time.monotonic()  # when the feed last stopped being live (or the syncer was made)
         self._tried_at = 0.0  # when the last full read ended, whether it succeeded or not
+        self._took = 0.0  # how long it took, seconds
         self._polled_this_outage = False
         self._state_changed = trio.Event()
         self._loading = trio.Lock()
@@ -56,10 +59,12 @@ class Syncer:
         """Read every collection the views need, one request each, all at once (after any full read that
         is running: see the module's docstring)."""
         async with self._loading:
+            started = time.monotonic()
             try:
                 await self._load()
             finally:
                 self._tried_at = time.monotonic()
+                self._took = self._tried_at - started
 
     async def _load(self) -> None:
         results: dict[str, list[dict]] = {}
@@ -105,8 +110,10 @@ class Syncer:
     async def poll_while_down(self) -> None:
         """Forever: while no event feed is live, `load` every `poll_interval` seconds, counted from the loss or
         from the last read, whichever came later (a feed that comes back within `interval` re-reads
-        everything itself, so a short loss costs no extra read). 0: never. A failed read is logged and tried
-        again `poll_interval` seconds later; the mount keeps serving what it has."""
+        everything itself, so a short loss costs no extra read), and at least ten times as long as the last
+        read took (a read of 10,000 VMs takes seconds of CPU: polling must not become most of the daemon's
+        work). 0: never. A failed read is logged and tried again as long after; the mount keeps serving what
+        it has."""
         interval = self.poll_interval
         if interval <= 0:
             return
@@ -114,12 +121,15 @@ class Syncer:
             if self.state == "connected":
                 await self._state_changed.wait()
                 continue
-            wait = max(self._down_at, self._tried_at) + interval - time.monotonic()
+            wait = max(self._down_at, self._tried_at) + self._poll_pause(interval) - time.monotonic()
             if wait > 0:
                 with trio.move_on_after(wait):
                     await self._state_changed.wait()
                 continue
             await self._poll(interval)
+
+    def _poll_pause(self, interval: float) -> float:
+        return round(max(interval, POLL_SHARE * self._took), 1)
 
     async def _poll(self, interval: float) -> None:
         if not self._polled_this_outage:
@@ -133,10 +143,10 @@ class Syncer:
             err = xofs_error_in(exc)
             if err is None:
                 log.exception("re-reading XO's objects while the event feed is down failed; trying again in "
-                              "%g s", interval)
+                              "%g s", self._poll_pause(interval))
             else:
                 log.warning("re-reading XO's objects while the event feed is down: %s; trying again in %g s",
-                            err.describe(), interval)
+                            err.describe(), self._poll_pause(interval))
 
     def apply(self, kind: str, items: dict) -> None:
         self.events += 1
