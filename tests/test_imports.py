@@ -259,6 +259,25 @@ async def test_an_rsync_temporary_file_removed_instead_of_renamed_takes_its_vdi_
         assert len(env.vdis(name_label="kept")) == 1
 
 
+async def test_a_file_only_named_like_rsyncs_temporary_file_keeps_its_vdi_when_removed(fresh_sim, tmp_path,
+                                                                                        monkeypatch) -> None:
+    """`cp x .disk.img.backup` (or an rsync temporary file kept by an earlier mount, or imported long ago):
+    removing it deleted its VDI, however old, attached or not. Only rsync abandoning a transfer it has just
+    made (this mount, within a minute) takes the VDI along."""
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, ".backup.img.before", data)
+    async with running(fresh_sim, tmp_path) as env:  # a remount: the first was imported by an earlier mount
+        await env.manager.unlink(env.entry(".backup.img.before"), "/.backup.img.before")
+        assert len(env.vdis(name_label="backup")) == 1
+        monkeypatch.setattr("xofs.imports.ABANDON_WINDOW", 0.0)  # "imported a minute ago", without the wait
+        await copy_in(env, ".later.img.backup", data)
+        await trio.sleep(0.01)
+        await env.manager.unlink(env.entry(".later.img.backup"), "/.later.img.backup")
+        assert len(env.vdis(name_label="later")) == 1
+        assert ".later.img.backup" not in env.manager.entries(env.sr)
+
+
 async def test_rename_of_an_imported_file_renames_the_vdi(fresh_sim, tmp_path) -> None:
     data = make_raw(tmp_path / "src.raw", 1 << 20)
     async with running(fresh_sim, tmp_path) as env:

@@ -62,6 +62,7 @@ LEFTOVER_CHECKS = (0.0, 0.2, 0.5, 1.0, 2.0)  # when to look for a VDI XO should 
 LEFTOVER_RETRY_MAX = 60.0  # seconds between two looks for such a VDI while XO does not answer
 PF_EXITING = 0x4  # task flag: the process is exiting (include/linux/sched.h)
 EARLY_PROBE_LIMIT = 16 << 20  # a VHD whose block table is not within its first 16 MiB is uploaded at its close
+ABANDON_WINDOW = 60.0  # seconds after its import that removing rsync's temporary file deletes its VDI
 EARLY_STALL = 20.0  # seconds an upload that follows its writer waits for the next write before giving up
 
 
@@ -130,6 +131,7 @@ class _Import:
     gone: bool = False  # no longer in its directory
     from_disk: bool = False  # a record from an earlier mount, not yet checked against XO's VDIs
     kept_since: float = 0.0  # when the last handle closed on an imported spool
+    imported_at: float | None = None  # trio.current_time() when this mount's upload made the VDI
 
     @property
     def description(self) -> str:
@@ -722,6 +724,7 @@ class ImportManager:
             await self._delete_vdi(vdi, f"{path} was removed while it was being imported")
             return XofsError(f"{path} was removed while it was being imported")
         imp.phase, imp.vdi, imp.sent_label, imp.sent_description = Phase.IMPORTED, vdi, label, description
+        imp.imported_at = trio.current_time()
         path = f"{path.rsplit('/', 1)[0]}/{imp.name}"  # its name now: it may have been renamed meanwhile
         log.info("imported %s as VDI %s on SR %s", path, vdi, imp.sr_id)
         changes = {}
@@ -846,12 +849,29 @@ class ImportManager:
 
     # ---- changing entries -------------------------------------------------------------------------
 
+    def _abandoned_by_rsync(self, imp: _Import, path: str) -> bool:
+        """Whether removing this entry with rsync's temporary name is rsync abandoning the transfer it just
+        made: imported by this mount within `ABANDON_WINDOW`, and its VDI attached to no VM. A file that
+        only looks like one (`cp` to `.disk.img.backup`), or one imported long ago or by an earlier mount,
+        is an import like any other, and its VDI stays (the caller says so)."""
+        vdi = self.cache.get(imp.vdi or "")
+        if imp.imported_at is None:
+            why = "it was imported by an earlier mount"
+        elif trio.current_time() - imp.imported_at > ABANDON_WINDOW:
+            why = f"it was imported {trio.current_time() - imp.imported_at:.0f} s ago"
+        elif vdi is not None and vdi.get("$VBDs"):
+            why = "its VDI is attached to a VM"
+        else:
+            return True
+        log.info("%s is named like rsync's temporary file, but %s: not an abandoned rsync transfer", path, why)
+        return False
+
     async def unlink(self, entry: ImportEntry, path: str) -> None:
         """Forget a finished import (its VDI stays); cancel an unfinished one and remove all it made."""
         imp = self._get(entry, path)
         self._check_writable(path)
         if imp.phase is Phase.IMPORTED:
-            if imp.kind.temporary and imp.vdi is not None:
+            if imp.kind.temporary and imp.vdi is not None and self._abandoned_by_rsync(imp, path):
                 # rsync removes its temporary file instead of renaming it when the transfer was interrupted
                 # (Ctrl-C: it closes the file first, which imported what it held) or failed its checksum:
                 # the VDI holds an unfinished copy, made from this file moments ago. It goes too.
