@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import MountProcess, SimProcess, require_tool, wait_for
 from tests.test_imports import make_raw, make_vhd, raw_export, sr_ids, vdis
+from xofs.imports import REWRITE_GRACE
 
 pytestmark = pytest.mark.mount
 
@@ -153,6 +154,35 @@ def test_rerunning_rsync_or_cp_u_transfers_nothing_even_after_a_remount(fresh_si
     sh("cp", "-u", str(src / "a.vhd"), str(target))
     assert len(vdis(fresh_sim)) == count
     assert {label: one_vdi(fresh_sim, label, sr)["id"] for label in ("a", "b")} == first
+
+
+def test_rsync_checksum_again_fails_loudly_instead_of_piling_up_duplicates(fresh_sim, make_mount, tmp_path):
+    """`rsync -a --checksum` cannot read an imported file back, so every run sent every file again and each
+    rename over the imported file left one more VDI, exit 0. Now the rename is refused: rsync exits 23 and
+    removes its temporary file, whose VDI goes; the first import stays, the only one."""
+    require_tool("rsync")
+    src = tmp_path / "images"
+    src.mkdir()
+    make_raw(src / "c.raw", 2 << 20)
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    sh("rsync", "-a", "--checksum", f"{src}/", f"{target}/")
+    first = one_vdi(fresh_sim, "c", sr)["id"]
+    time.sleep(REWRITE_GRACE + 0.5)  # until then the import's spool is kept, and reads of it answer
+    for flag in ("--checksum", "--ignore-times"):
+        again = sh("rsync", "-a", flag, f"{src}/", f"{target}/", check=False)
+        assert again.returncode == 23, again.stdout + again.stderr
+        assert "File exists" in again.stderr, again.stderr
+        wait_for(lambda: [v["id"] for v in vdis(fresh_sim, name_label="c")] == [first], 10,
+                 "the VDI of rsync's second copy to be removed")
+        assert os.listdir(target) == ["c.raw"]
+    assert os.getxattr(target / "c.raw", "user.xo.vdi").decode() == first
+    assert "rsync sent it again only because it cannot read an imported file back" in mount.log_text()
+    # A changed file (another time stamp) still replaces it, as a new VDI; the first one stays in XO.
+    os.utime(src / "c.raw", (1_600_000_000, 1_600_000_000))
+    sh("rsync", "-a", f"{src}/", f"{target}/")
+    assert len(vdis(fresh_sim, name_label="c")) == 2
 
 
 def test_two_mounts_sharing_a_state_directory_keep_each_others_import_records(fresh_sim, make_mount, tmp_path):

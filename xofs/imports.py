@@ -913,6 +913,14 @@ class ImportManager:
         if target is not None and (target.phase is not Phase.IMPORTED and target.size or target.handles):
             raise XofsError(f"{path} cannot replace {new_name!r}: that file is being written or uploaded",
                             errno_=errno.EBUSY)
+        if _sent_again(imp, target):
+            # rsync sends a file whose size and time match only when told to compare contents (`-c`) or to
+            # ignore times (`-I`), and an imported file cannot be read back: each run would pile up a
+            # duplicate VDI, exit 0. Refused: rsync says so and removes its temporary file, whose VDI goes.
+            raise XofsError(f"{path} cannot replace {new_name!r}, imported as VDI {target.vdi}: it has the same "
+                            "size and time stamp, so rsync sent it again only because it cannot read an imported "
+                            "file back (--checksum or --ignore-times); remove the imported file first to import "
+                            "it again", errno_=errno.EEXIST)
         if imp.phase is Phase.IMPORTED and imp.vdi is not None and imp.sent_label != kind.label:
             try:
                 await self.client.patch("vdis", imp.vdi, {"name_label": kind.label})
@@ -983,6 +991,14 @@ def _parse(name: str, path: str) -> ImportName:
         return parse_name(name)
     except XofsError as err:
         raise XofsError(f"{path}: {err.message}", errno_=err.errno) from None
+
+
+def _sent_again(imp: _Import, target: _Import | None) -> bool:
+    """Whether renaming rsync's temporary file `imp` over the imported `target` is rsync sending an unchanged
+    file again (see `rename`)."""
+    return (imp.kind.temporary and imp.phase is Phase.IMPORTED and target is not None and target is not imp
+            and target.phase is Phase.IMPORTED and target.vdi is not None
+            and (imp.size, imp.mtime_ns) == (target.size, target.mtime_ns))
 
 
 def _upload_error(sr_id: str, err: XofsError) -> XofsError:
