@@ -30,6 +30,8 @@ from typing import IO
 
 import trio
 
+from xofs.log_lines import OneLineFormatter
+
 log = logging.getLogger("xofs")
 
 NOISY_LOGGERS = ("httpx", "httpcore", "trio-websocket", "hpack")
@@ -172,17 +174,17 @@ class LogSetup:
                 raise StartupError(f"cannot log to syslog at {syslog_socket}: {err.strerror}") from None
             handler: logging.Handler = logging.handlers.SysLogHandler(
                 str(syslog_socket), facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-            handler.setFormatter(logging.Formatter("xofs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+            handler.setFormatter(OneLineFormatter("xofs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
         elif log_file is not None:
             try:
                 log_file.parent.mkdir(parents=True, exist_ok=True)
                 handler = logging.FileHandler(log_file)
             except OSError as err:
                 raise StartupError(f"cannot write the log file {log_file}: {err.strerror}") from None
-            handler.setFormatter(logging.Formatter(FILE_FORMAT))
+            handler.setFormatter(OneLineFormatter(FILE_FORMAT))
         else:
             handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter(FORMAT))
+            handler.setFormatter(OneLineFormatter(FORMAT))
         self.handler = handler
         # Where SIGUSR1 dumps stacks: the log file, or standard error in the foreground (not syslog).
         self.stream: IO[str] | None = getattr(handler, "stream", None) if syslog_socket is None else None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xofs.cache import KEPT_TYPES, ObjectCache
+from xofs.log_lines import one_line
 
 RECENT_ERRORS = 20
 
@@ -36,7 +37,7 @@ class RecentErrors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append({"time": record.created, "level": record.levelname, "logger": record.name,
-                             "message": record.getMessage()})
+                             "message": one_line(record.getMessage())})
 
 
 @dataclass
