@@ -104,6 +104,11 @@ class DirectDriver:
             raise OSError(err.errno, os.strerror(err.errno), path) from None
         return Stat(a.st_mode, a.st_size, a.st_uid, a.st_mtime_ns, a.st_blksize)
 
+    async def statvfs(self) -> tuple[int, int, int, int, int]:
+        """f_frsize, f_blocks, f_bfree, f_files, f_ffree."""
+        s = await self.fs.statfs(self.ctx)
+        return s.f_frsize, s.f_blocks, s.f_bfree, s.f_files, s.f_ffree
+
     async def read(self, path: str) -> bytes:
         ino = await self._resolve(path)
         try:
@@ -208,6 +213,10 @@ class MountDriver:
     async def stat(self, path: str) -> Stat:
         s = os.lstat(self._p(path))
         return Stat(s.st_mode, s.st_size, s.st_uid, s.st_mtime_ns, s.st_blksize)
+
+    async def statvfs(self) -> tuple[int, int, int, int, int]:
+        s = os.statvfs(self.root)
+        return s.f_frsize, s.f_blocks, s.f_bfree, s.f_files, s.f_ffree
 
     async def read(self, path: str) -> bytes:
         with open(self._p(path), "rb") as f:

@@ -171,3 +171,14 @@ async def test_nothing_outside_import_directories_can_be_changed(drv, sim):
             await attempt()
         assert err.value.errno in (errno.EPERM, errno.EACCES), err.value
     assert sim.request("GET", f"/rest/v0/vms/{vm['id']}")[2] == before
+
+
+async def test_statfs_adds_up_the_srs_and_leaves_file_counts_free(drv, sim):
+    """`df` shows the SRs' space; `df -i` showed 100% of inodes used (none free) on every mount, which
+    inode-usage alerts take for a full filesystem: files here are not a resource that runs out."""
+    srs = [s for s in rest(sim, "/rest/v0/srs?fields=size,usage,content_type") if s["content_type"] != "iso"]
+    frsize, blocks, bfree, files, ffree = await drv.statvfs()
+    assert frsize == 1 << 20
+    assert blocks == sum(s["size"] for s in srs if s["size"] >= 0) >> 20
+    assert bfree == sum(max(s["size"] - s["usage"], 0) for s in srs if s["size"] >= 0) >> 20
+    assert ffree > 1000 * (files - ffree) > 0

@@ -30,6 +30,7 @@ from xofs.views import Dir, Export, File, Link, Live, Rendered, TypeSnapshot
 log = logging.getLogger(__name__)
 
 EXPORT_BLKSIZE = 1 << 20  # readers of streamed exports then ask for 1 MiB at a time (fuse-lessons §7)
+FREE_INODES = 1 << 30  # what statfs reports free: files here are made from XO's objects, no table fills up
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -611,7 +612,8 @@ class XoFS(pyfuse3.Operations):
         stat.f_bsize = stat.f_frsize = 1 << 20
         stat.f_blocks = total >> 20
         stat.f_bfree = stat.f_bavail = free >> 20
-        stat.f_files = len(self.tree.cache)
-        stat.f_ffree = stat.f_favail = 0
+        # Nothing here runs out of inodes: report plenty free (as rclone does), not none (`df -i` at 100%).
+        stat.f_ffree = stat.f_favail = FREE_INODES
+        stat.f_files = len(self.tree.cache) + FREE_INODES
         stat.f_namemax = 255
         return stat
