@@ -136,6 +136,15 @@ def test_without_foreground_the_command_returns_once_the_mount_is_live(sim, tmp_
         assert proc.stdout == "" and proc.stderr == ""
         assert is_mounted(mnt)
         assert "vms" in os.listdir(mnt)
+        inside = subprocess.Popen(["sleep", "60"], cwd=mnt / "vms")
+        try:
+            busy = xofs("umount", str(mnt))
+        finally:
+            inside.kill()
+            inside.wait()
+        assert busy.returncode == 1 and busy.stderr.endswith(f"Device or resource busy (a program still has a file "
+                                                             f"or its directory there: fuser -vm {mnt} lists them)\n")
+        assert_documented(busy.stderr.strip())
         umount = xofs("umount", str(mnt))
         assert umount.returncode == 0, umount.stderr
         wait_for(lambda: not is_mounted(mnt), 10, "the unmount")

@@ -85,7 +85,10 @@ def run_umount(args: argparse.Namespace) -> int:
     target = resolve_parent(args.mountpoint)  # fusermount3 refuses a symbolic link to the mount point
     proc = subprocess.run(["fusermount3", "-u", str(target)], stderr=subprocess.PIPE, text=True)
     if proc.returncode:
-        print(f"xofs umount: {proc.stderr.strip() or 'fusermount3 failed'}", file=sys.stderr)
+        said = proc.stderr.strip() or "fusermount3 failed"
+        if "busy" in said:  # fusermount3: failed to unmount DIR: Device or resource busy
+            said += f" (a program still has a file or its directory there: fuser -vm {args.mountpoint} lists them)"
+        print(f"xofs umount: {said}", file=sys.stderr)
     return proc.returncode
 
 
