@@ -212,6 +212,9 @@ def test_rename_and_unlink_in_the_import_directory(fresh_sim, make_mount, tmp_pa
     vdi = one_vdi(fresh_sim, "x", sr)
     os.rename(target / "x.raw", target / "renamed.raw")
     assert one_vdi(fresh_sim, "renamed", sr)["id"] == vdi["id"]
+    other = sh("mv", str(target / "renamed.raw"), str(target / "renamed.vhd"), check=False)
+    assert other.returncode == 1 and other.stderr.endswith(": Operation not permitted\n"), other.stderr
+    assert "that is a vhd name and the file is imported as raw" in mount.log_text()
     assert os.stat(target / "renamed.raw").st_size == 1 << 20
     os.unlink(target / "renamed.raw")
     assert os.listdir(target) == []

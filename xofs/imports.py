@@ -906,8 +906,9 @@ class ImportManager:
             return
         kind = _parse(new_name, path)
         if kind.format is not imp.kind.format:
+            # EPERM, not EINVAL: `mv` words EINVAL from rename as "cannot move a directory into itself".
             raise XofsError(f"{path} cannot become {new_name!r}: that is a {kind.format.value} name and the file "
-                            f"is imported as {imp.kind.format.value}", errno_=errno.EINVAL)
+                            f"is imported as {imp.kind.format.value}", errno_=errno.EPERM)
         imports = self._dir(entry.sr_id)
         target = imports.get(new_name)
         if target is not None and (target.phase is not Phase.IMPORTED and target.size or target.handles):
