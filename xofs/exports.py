@@ -272,20 +272,21 @@ class ExportManager:
 
     def transfers(self) -> list[dict]:
         """The exports under way, for `xofs status`: one per open file that started reading. `done` counts
-        the bytes received from XO, `read` the reader's position, `elapsed` the seconds since the open."""
+        the bytes received from XO, `read` the reader's position, `complete` whether XO sent the whole
+        export, `elapsed` the seconds since the open."""
         now = time.monotonic()
         out = []
         for file in self.open_files:
             if file.entry is not None:
-                phase, received = "spooling", file.entry.written
+                phase, received, complete = "spooling", file.entry.written, file.entry.complete
             elif file.feed is not None:
-                phase, received = "streaming", file.feed.received
+                phase, received, complete = "streaming", file.feed.received, file.feed.length is not None
             else:
                 continue
             size, basis = self.size_of(file.export)
             out.append({"kind": "export", "path": file.path, "export": f"/rest/v0/{file.export.path}",
                         "phase": phase, "done": received, "read": file.position, "size": size,
-                        "size_exact": basis != "bound", "elapsed": now - file.opened})
+                        "size_exact": basis != "bound", "complete": complete, "elapsed": now - file.opened})
         return out
 
     # --- starting exports ---

@@ -278,7 +278,7 @@ class Parts:
                                f"{err.describe()}") from None
 
     def _say_what_is_cut(self) -> None:
-        cut = [t["path"] for t in self.exports.transfers()]
+        cut = [t["path"] for t in self.exports.transfers() if not t["complete"]]
         if cut:
             log.info("stopping: %d export read(s) cancelled: %s", len(cut), ", ".join(sorted(cut)))
 
