@@ -135,7 +135,7 @@ class Syncer:
         if not self._polled_this_outage:
             self._polled_this_outage = True
             log.info("XO event feed down for %.0f s: re-reading XO's objects every %g s until it is back",
-                     time.monotonic() - self._down_at, interval)
+                     time.monotonic() - self._down_at, self._poll_pause(interval))
         self.polls += 1
         try:
             await self.load()
