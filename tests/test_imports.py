@@ -540,7 +540,11 @@ async def test_raw_larger_than_the_sr_free_space_fails_early(fresh_sim, tmp_path
         await f.write(0, b"x" * 4096)
         await expect_error(errno.ENOSPC, env.manager.setattr(entry, size=free + 1, mode=None, mtime_ns=None,
                                                              path="/huge.raw"))
+        # The import ends, as on a write that fails so (`truncate -s 600G` left an empty entry listed).
+        assert "huge.raw" not in env.manager.entries(env.sr)
+        await expect_error(errno.ENOSPC, f.write(4096, b"x"))
         await f.release()
+        await assert_nothing_left(env, "huge", len(env.vdis()))
 
 
 async def test_injected_xo_failure_is_eio_at_close(fresh_sim, tmp_path) -> None:

@@ -948,8 +948,14 @@ class ImportManager:
             try:
                 self._truncate(imp, size, path)
             except OSError as err:
-                raise XofsError(f"{path}: cannot resize the import spool: {err.strerror}",
-                                errno_=err.errno or errno.EIO) from None
+                error = XofsError(f"{path}: cannot resize the import spool: {err.strerror}",
+                                  errno_=err.errno or errno.EIO)
+                await self._fail(imp, error)  # as a write that fails so: the import ends, its entry goes
+                raise error from None
+            except XofsError as err:
+                if err.errno == errno.ENOSPC:  # a disk that cannot fit in the SR: the import ends, as on a write
+                    await self._fail(imp, err)
+                raise
         if mode is not None:
             imp.mode = mode & 0o777
         if mtime_ns is not None:
