@@ -324,6 +324,33 @@ def test_a_killed_cp_leaves_no_vdi_and_no_spool(fresh_sim, make_mount, tmp_path)
     assert "was killed before it finished" in mount.log_text()
 
 
+def test_sigkill_ends_a_cp_waiting_for_its_upload_and_the_upload_goes_on(fresh_sim, make_mount, tmp_path):
+    """The kernel waits for a close's FLUSH without interruption: `kill -9` of a `cp` waiting for XO's
+    answer left it in state D until XO answered (up to half an hour on a real XO). xofs looks for the
+    SIGKILL and answers the close; the image was whole, so the upload goes on and the VDI is made."""
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    data = make_raw(tmp_path / "src.raw", 8 << 20)
+    set_faults(fresh_sim, import_bytes_per_second=2 << 20)  # four seconds of upload after the close
+    cp = subprocess.Popen(["cp", str(tmp_path / "src.raw"), str(target / "killed.raw")], stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.getxattr(target / "killed.raw", "user.xo.state") == b"uploading", 10,
+                 "cp's close to wait for the upload")
+        cp.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        assert cp.wait(10) == -signal.SIGKILL
+        assert time.monotonic() - killed < 2, "the killed cp waited for XO's answer"
+    finally:
+        if cp.poll() is None:
+            cp.kill()
+            cp.wait()
+    set_faults(fresh_sim, import_bytes_per_second=None)
+    wait_for(lambda: os.getxattr(target / "killed.raw", "user.xo.state") == b"imported", 20, "the import to end")
+    assert raw_export(fresh_sim, one_vdi(fresh_sim, "killed", sr)["id"]) == data
+    assert "was killed while it waited for XO's answer: the upload goes on" in mount.log_text()
+
+
 def test_read_only_mount_refuses_imports(fresh_sim, make_mount, tmp_path):
     mount = make_mount(fresh_sim, "--read-only")
     sr = sr_ids(fresh_sim)[0]

@@ -32,7 +32,9 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +65,8 @@ LEFTOVER_RETRY_MAX = 60.0  # seconds between two looks for such a VDI while XO d
 PF_EXITING = 0x4  # task flag: the process is exiting (include/linux/sched.h)
 EARLY_PROBE_LIMIT = 16 << 20  # a VHD whose block table is not within its first 16 MiB is uploaded at its close
 ABANDON_WINDOW = 60.0  # seconds after its import that removing rsync's temporary file deletes its VDI
+KILL_POLL = 0.5  # seconds between two looks for a SIGKILL sent to a writer whose close waits for its upload
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)  # in /proc/<pid>/status's pending-signal masks
 EARLY_STALL = 20.0  # seconds an upload that follows its writer waits for the next write before giving up
 
 
@@ -568,13 +572,13 @@ class ImportManager:
         if imp.failure is not None:
             raise imp.failure
         if imp.phase is Phase.UPLOADING:
-            await self._wait(imp)
+            await self._wait(imp, handle.caller.pid)
         elif imp.phase is Phase.WRITING and imp.dirty:
             if writer_was_killed(handle.caller.pid):
                 await self._fail(imp, XofsError(f"the writer (pid {handle.caller.pid}) was killed before it "
                                                 "finished: nothing is imported"))
                 raise imp.failure  # type: ignore[misc]
-            await self._finish(imp, handle.path)
+            await self._finish(imp, handle.path, handle.caller.pid)
 
     async def finish_now(self, handle: ImportFile) -> None:
         """fsync: upload now what was written, whoever wrote it."""
@@ -618,15 +622,24 @@ class ImportManager:
             imp.spool.remove()
             imp.spool = None
 
-    async def _wait(self, imp: _Import) -> None:
+    async def _wait(self, imp: _Import, writer: int = 0) -> None:
+        """Until XO answers the upload; its error, if any. With the pid of the `writer` whose close waits:
+        the kernel makes that wait uninterruptible, so a SIGKILL for it (looked for every `KILL_POLL`
+        seconds) ends the wait instead, and the upload goes on without it."""
         assert imp.upload is not None
         upload = imp.upload
-        await upload.done.wait()
+        while not upload.done.is_set():
+            with trio.move_on_after(KILL_POLL if writer > 0 else math.inf):
+                await upload.done.wait()
+            if not upload.done.is_set() and kill_pending(writer):
+                # The wrapper's log line names the path; the upload's own lines say how it ends.
+                raise XofsError(f"its writer (pid {writer}) was killed while it waited for XO's answer: the upload "
+                                "goes on, and this log will say how it ends", errno_=errno.EINTR)
         if upload.error is not None:
             raise upload.error
 
-    async def _finish(self, imp: _Import, path: str) -> None:
-        """Check the content, upload it, and wait for XO's answer."""
+    async def _finish(self, imp: _Import, path: str, writer: int = 0) -> None:
+        """Check the content, upload it, and wait for XO's answer (see `_wait` for `writer`)."""
         if imp.size == 0:  # written, then truncated to nothing: an empty file imports nothing
             imp.dirty = False
             self._drop_spool(imp)
@@ -659,7 +672,7 @@ class ImportManager:
         imp.phase = Phase.UPLOADING
         imp.dirty = False
         self._uploads.add(upload)
-        await self._wait(imp)
+        await self._wait(imp, writer)
 
     # ---- uploading --------------------------------------------------------------------------------
 
@@ -1018,6 +1031,27 @@ def _upload_error(sr_id: str, err: XofsError) -> XofsError:
     else:
         code = errno.EIO
     return XofsError(f"import into SR {sr_id} failed: {words}", errno_=code)
+
+
+def kill_pending(pid: int) -> bool:
+    """Whether process `pid` has a SIGKILL pending (in /proc/<pid>/status, `SigPnd` or `ShdPnd`): sent while
+    it waits in a system call the kernel will not interrupt. False when it cannot tell."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("SigPnd", "ShdPnd"):
+            try:
+                if int(value.strip(), 16) & SIGKILL_BIT:
+                    return True
+            except ValueError:
+                return False
+    return False
 
 
 def writer_was_killed(pid: int) -> bool:
