@@ -259,6 +259,17 @@ async def test_get_gives_up_after_three_tries(nursery):
     assert len(fake.seen) == 3
 
 
+async def test_a_collection_read_without_retries_tries_once(nursery):
+    """The polls while the event feed is down try again themselves: with the GET's own retries, each failed
+    poll logged two "try N failed" lines per collection."""
+    fake = await start_fake(nursery, lambda r: answer(503, '{"error": "busy"}'))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoError):
+        await client.collection("vms", retry=False)
+    await client.aclose()
+    assert len(fake.seen) == 1
+
+
 async def test_unreachable_port_says_refused():
     url = f"http://127.0.0.1:{closed_port()}"
     client = RestClient(url, "t")

@@ -112,7 +112,8 @@ async def test_a_failed_read_is_logged_and_tried_again_and_the_cache_is_kept(cap
         await trio.sleep(1.5 * INTERVAL)
         assert name_of(cache) == "after the failure"
         nursery.cancel_scope.cancel()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "lost" not in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "re-reading" in r.getMessage()]
     assert warnings and all(w == "re-reading XO's objects while the event feed is down: XO answered 503: Service "
                                  "Unavailable; trying again in 0.3 s" for w in warnings), warnings
 
@@ -154,3 +155,54 @@ async def test_polls_wait_at_least_ten_times_as_long_as_a_read_takes():
         await syncer.poll_while_down()
     # Each read takes 0.3 s or more, then a pause of 3 s or more: one or two in 5 s, not a dozen.
     assert 1 <= xo.reads - 1 <= 2, xo.reads
+
+
+async def test_a_poll_that_waited_for_the_reconnected_feeds_re_read_reads_nothing():
+    """A poll due while the reconnected feed re-read everything waited for that read, then read again once
+    the feed was live: its answer, older than the events applied meanwhile, undid them (QA: a rename lost
+    for as long as no other event came)."""
+    xo = FakeXo()
+    syncer, cache = make_syncer(xo)
+    await syncer.load()
+    syncer.feed_state("disconnected", "a test")
+    xo.delay = 0.2
+
+    async def reconnect() -> None:  # as `Reconnector.follow`: live right after the re-read
+        await syncer.resync()
+        syncer.feed_state("connected")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reconnect)
+        await trio.sleep(0.05)
+        nursery.start_soon(syncer._poll, 1.0)  # due meanwhile: it waits for the re-read
+    assert xo.reads == 2 and syncer.polls == 0
+
+
+async def test_a_failed_read_does_not_stretch_the_next_poll():
+    """Only a read that succeeded sets the pace: one that failed after timeouts (three tries of 60 s with
+    the defaults) put the next poll half an hour away."""
+    xo = FakeXo()
+    syncer, _ = make_syncer(xo, interval=0.2)
+    await syncer.load()
+    syncer.feed_state("disconnected", "a test")
+    xo.fail, xo.delay = XoError(503, "Service Unavailable"), 0.3
+    with trio.move_on_after(3):
+        await syncer.poll_while_down()
+    # The pace is still that of the first read (which runs the collector over the test process, so its
+    # duration varies): not ten times the failed reads' 0.3 s, which would have allowed one in 3 s.
+    assert syncer._took < 0.3 and syncer.poll_failures >= 2 and syncer.polls == 0, syncer.poll_failures
+
+
+def test_a_feed_that_never_came_up_is_not_lost_and_is_said_once(caplog):
+    """A mount whose feed never connected logged "XO event feed lost" twice: at the first failure, and after
+    the second feed the mount starts 15 s in."""
+    caplog.set_level(logging.WARNING, "xofs.sync")
+    syncer, _ = make_syncer(FakeXo())
+    for state in ("connecting", "disconnected", "connecting", "disconnected"):
+        syncer.feed_state(state, "no answer to session.signIn within 1 s")
+    syncer.feed_state("connected")
+    syncer.feed_state("disconnected", "the socket closed")
+    assert [r.getMessage() for r in caplog.records] == [
+        "XO event feed not connected (no answer to session.signIn within 1 s): retrying; kernel caches last 1 s "
+        "meanwhile",
+        "XO event feed lost (the socket closed): reconnecting; kernel caches last 1 s meanwhile"]

@@ -10,6 +10,7 @@ never an option: `-o token=…` is refused (command lines are world-readable in 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
@@ -49,9 +50,12 @@ def octal(text: str) -> int:
 
 def number(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise BadValue(f"{text!r} is not a number") from None
+    if not math.isfinite(value):  # "nan" and "inf" parse, and inf would reach status.json as `Infinity`
+        raise BadValue(f"{text!r} is not a finite number")
+    return value
 
 
 def positive(text: str) -> float:

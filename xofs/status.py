@@ -5,8 +5,8 @@ every stat and open of the file, so it is always current and costs nothing when 
 secret goes in: no token, no credentials, only where the credentials come from.
 
 The snapshot holds: the server and mount point, the event feed's state (connected or not, since when, the
-age of the last event, reconnections, events applied, the age of the last full read of XO's objects and how
-many were made while the feed was down), how many objects of each type are cached, every
+age of the last event, reconnections, events applied, the age of the last full read of XO's objects, and
+how many were made, and failed, while the feed was down), how many objects of each type are cached, every
 live transfer (exports being read, imports being written or uploaded: path, phase, bytes done, size, rate,
 ETA), and the last warnings and errors of the log.
 """
@@ -95,6 +95,7 @@ def snapshot(now: float | None = None) -> dict[str, Any]:
             "reconnects": syncer.reconnects,
             "events": syncer.events,
             "polls": syncer.polls,
+            "poll_failures": syncer.poll_failures,
             "last_read_age": round(time.monotonic() - syncer.loaded_at, 1) if syncer.loaded_at else None,
         },
         "cache": {"objects": len(cache), "by_type": counts},

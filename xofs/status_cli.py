@@ -242,8 +242,9 @@ def render(status: dict[str, Any], *, bars: bool) -> list[str]:
                  f"{feed['reconnects']} reconnect(s), {feed['events']} event(s)")
     read = feed.get("last_read_age")  # absent from the status of an older daemon
     if not feed["connected"] and read is not None:
+        failed = feed.get("poll_failures", 0)
         lines.append(f"  objects read {_duration(read)} ago ({feed.get('polls', 0)} read(s) while the feed was "
-                     f"down)")
+                     f"down{f', {failed} failed' if failed else ''})")
     counts = ", ".join(f"{n} {t}" for t, n in cache["by_type"].items() if n)
     lines.append(f"  cache: {cache['objects']} objects ({counts})")
     transfers = status.get("transfers", [])

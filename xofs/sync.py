@@ -47,11 +47,13 @@ class Syncer:
         self.events = 0
         self.poll_interval = poll_interval  # seconds; 0: no reads while the feed is down
         self.polls = 0  # full reads made because no feed was live
+        self.poll_failures = 0  # and those that failed
         self.loaded_at = 0.0  # time.monotonic() of the last full read that succeeded, 0 before the first
         self._down_at = time.monotonic()  # when the feed last stopped being live (or the syncer was made)
         self._tried_at = 0.0  # when the last full read ended, whether it succeeded or not
-        self._took = 0.0  # how long it took, seconds
+        self._took = 0.0  # how long the last one that succeeded took, seconds
         self._polled_this_outage = False
+        self._said_not_up = False  # "not connected" logged since the feed was last live (or ever)
         self._state_changed = trio.Event()
         self._loading = trio.Lock()
 
@@ -59,18 +61,23 @@ class Syncer:
         """Read every collection the views need, one request each, all at once (after any full read that
         is running: see the module's docstring)."""
         async with self._loading:
-            started = time.monotonic()
-            try:
-                await self._load()
-            finally:
-                self._tried_at = time.monotonic()
-                self._took = self._tried_at - started
+            await self._timed_load(retry=True)
 
-    async def _load(self) -> None:
+    async def _timed_load(self, *, retry: bool) -> None:
+        """`_load`, its end and its duration noted (the caller holds `_loading`)."""
+        started = time.monotonic()
+        try:
+            await self._load(retry=retry)
+        finally:
+            self._tried_at = time.monotonic()
+        self._took = self._tried_at - started
+
+    async def _load(self, *, retry: bool) -> None:
         results: dict[str, list[dict]] = {}
 
         async def fetch(type_: str, coll: str) -> None:
-            objects = [obj for obj in await self.client.collection(coll, fields="*") if _listed_as(obj, type_, coll)]
+            listed = await self.client.collection(coll, fields="*", retry=retry)
+            objects = [obj for obj in listed if _listed_as(obj, type_, coll)]
             self.cache.share_values(objects)
             results[coll] = objects
 
@@ -111,9 +118,9 @@ class Syncer:
         """Forever: while no event feed is live, `load` every `poll_interval` seconds, counted from the loss or
         from the last read, whichever came later (a feed that comes back within `interval` re-reads
         everything itself, so a short loss costs no extra read), and at least ten times as long as the last
-        read took (a read of 10,000 VMs takes seconds of CPU: polling must not become most of the daemon's
-        work). 0: never. A failed read is logged and tried again as long after; the mount keeps serving what
-        it has."""
+        read that succeeded took (a read of 10,000 VMs takes seconds of CPU: polling must not become most of
+        the daemon's work). 0: never. A failed read is logged and tried again as long after, with no retry of
+        its own (the next poll is that); the mount keeps serving what it has."""
         interval = self.poll_interval
         if interval <= 0:
             return
@@ -132,21 +139,26 @@ class Syncer:
         return round(max(interval, POLL_SHARE * self._took), 1)
 
     async def _poll(self, interval: float) -> None:
-        if not self._polled_this_outage:
-            self._polled_this_outage = True
-            log.info("XO event feed down for %.0f s: re-reading XO's objects every %g s until it is back",
-                     time.monotonic() - self._down_at, self._poll_pause(interval))
-        self.polls += 1
-        try:
-            await self.load()
-        except Exception as exc:  # the collections are read at once: an exception group
-            err = xofs_error_in(exc)
-            if err is None:
-                log.exception("re-reading XO's objects while the event feed is down failed; trying again in "
-                              "%g s", self._poll_pause(interval))
+        async with self._loading:
+            if self.state == "connected":
+                return  # the feed came back, and re-read everything, while this waited: that read is newer
+            if not self._polled_this_outage:
+                self._polled_this_outage = True
+                log.info("XO event feed down for %.0f s: re-reading XO's objects every %g s until it is back",
+                         time.monotonic() - self._down_at, self._poll_pause(interval))
+            try:
+                await self._timed_load(retry=False)
+            except Exception as exc:  # the collections are read at once: an exception group
+                self.poll_failures += 1
+                err = xofs_error_in(exc)
+                if err is None:
+                    log.exception("re-reading XO's objects while the event feed is down failed; trying again "
+                                  "in %g s", self._poll_pause(interval))
+                else:
+                    log.warning("re-reading XO's objects while the event feed is down: %s; trying again in "
+                                "%g s", err.describe(), self._poll_pause(interval))
             else:
-                log.warning("re-reading XO's objects while the event feed is down: %s; trying again in %g s",
-                            err.describe(), self._poll_pause(interval))
+                self.polls += 1
 
     def apply(self, kind: str, items: dict) -> None:
         self.events += 1
@@ -160,8 +172,14 @@ class Syncer:
                 self.reconnects += 1
             self._was_connected = True
             log.info("XO event feed connected: kernel caches now last %.0f s", self.freshness.connected_ttl)
-        elif state == "disconnected":
+        elif state == "disconnected" and self.state == "connected":
             log.warning("XO event feed lost (%s): reconnecting; kernel caches last %.0f s meanwhile",
+                        detail or "no reason given", self.freshness.fallback_ttl)
+        elif state == "disconnected" and not self._said_not_up:
+            # A feed that never came up (or one restarted for a new token) is not "lost"; said once, not at
+            # every start of a feed (the mount starts a second one after its first 15 s).
+            self._said_not_up = True
+            log.warning("XO event feed not connected (%s): retrying; kernel caches last %.0f s meanwhile",
                         detail or "no reason given", self.freshness.fallback_ttl)
         down = ("starting", "connecting", "disconnected")
         if not (state in down and self.state in down):  # "disconnected for" counts from the last live feed
@@ -169,6 +187,8 @@ class Syncer:
         if self.state == "connected":
             self._down_at = time.monotonic()
             self._polled_this_outage = False
+        if state == "connected":
+            self._said_not_up = False
         self.state = state
         self.freshness.feed_connected = state == "connected"
         self._state_changed.set()

@@ -97,17 +97,18 @@ class RestClient:
         parse_collection(resp.content, resp.headers.get("content-type", ""), what=str(resp.url))
 
     async def collection(self, coll: str, *, fields: str = "*", filter: str | None = None,
-                         limit: int | None = None) -> list[dict]:
+                         limit: int | None = None, retry: bool = True) -> list[dict]:
         """The objects of a collection (`vms`, `vdis`, `vms/<id>/vdis`…), without their `href`.
 
         `id` is always requested, since items are keyed by it. Malformed items are logged and skipped.
+        `retry=False` for a caller that tries again itself (the polls while the event feed is down).
         """
         params = {"fields": _with_id(fields), "ndjson": "true"}
         if filter is not None:
             params["filter"] = filter
         if limit is not None:
             params["limit"] = str(limit)
-        resp = await self._get(coll, params=params)
+        resp = await self._get(coll, params=params, retry=retry)
         return parse_collection(resp.content, resp.headers.get("content-type", ""), what=str(resp.url))
 
     async def get_object(self, coll: str, obj_id: str) -> dict:
@@ -212,14 +213,14 @@ class RestClient:
     # --- requests ---
 
     async def _get(self, path: str, *, params: dict[str, str] | None = None,
-                   object_id: str | None = None) -> _Answer:
+                   object_id: str | None = None, retry: bool = True) -> _Answer:
         """An idempotent GET: a 200 answer, or the XO error; retried on connection errors and 5xx.
 
         The body is read whole, but bounded: at most MAX_BODY bytes once decoded (a gzip bomb of 2 MB took
         the daemon to 6 GB), within LISTING_DEADLINE (a server trickling a byte a second, which the read
         timeout never catches, held the event feed's re-read, and so the mount's freshness, for hours)."""
         deadline = max(LISTING_DEADLINE, 5 * self._read_timeout)
-        for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+        for attempt, delay in enumerate((*(RETRY_DELAYS if retry else ()), None)):
             err: XofsError
             url = str(self.api_url.join(path))
             try:
