@@ -134,6 +134,24 @@ def test_unknown_paths_fall_through_to_expresss_html_404(sim):
     assert call(sim, "GET", "/rest/v0/nothing-here", token="bad-token").status == 401
 
 
+def test_paths_outside_rest_meet_xos_sign_in_gate(sim):
+    """xo-server sends every URL its sign-in gate does not let through (`/rest/…`, `/openmetrics/…`,
+    assets) to `/signin` unless the `token` cookie is a valid session (index.mjs, at 9ef53890b8); the
+    simulator answered Express's 404, so a client given a wrong base path never met the redirect."""
+    for path, accept in (("/xo/rest/v0/vms", None), ("/foo?x=1", "text/html"), ("/api/not-a-download", "*/*")):
+        ans = call(sim, "GET", path, headers={"Accept": accept} if accept else None)
+        assert ans.status == 302 and ans.header("Location") == "/signin", path
+        if accept == "text/html":
+            assert ans.body == b"<p>Found. Redirecting to /signin</p>"
+        else:
+            assert ans.body == b"Found. Redirecting to /signin"
+        assert re.fullmatch(r"connect\.sid=s%3A[A-Za-z0-9_-]{32}\.[A-Za-z0-9%]+; Path=/; HttpOnly",
+                            ans.header("Set-Cookie")), ans.header("Set-Cookie")
+    assert call(sim, "GET", "/foo", headers={"Cookie": f"token={sim.token}"}, token=None).status == 404
+    assert call(sim, "GET", "/favicon.ico").status == 404  # assets go through
+    assert call(sim, "POST", "/api/not-a-download", body=b"").status == 302  # any method
+
+
 # -- authentication ----------------------------------------------------------------------------------------
 
 
@@ -521,4 +539,7 @@ async def test_get_all_objects_ndjson_is_a_one_shot_download(sim):
     expected = await trio.to_thread.run_sync(lambda: call(sim, "GET", "/rest/v0/srs?fields=*").json())
     assert [s["id"] for s in srs] == [s["id"] for s in expected]
     again = await trio.to_thread.run_sync(lambda: call(sim, "GET", path, token=None))
-    assert again.status == 404
+    assert again.status == 302 and again.header("Location") == "/signin"  # taken: the sign-in gate answers
+    signed_in = await trio.to_thread.run_sync(lambda: call(sim, "GET", path,
+                                                           headers={"Cookie": f"token={sim.token}"}, token=None))
+    assert signed_in.status == 404

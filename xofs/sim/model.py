@@ -539,7 +539,7 @@ class SimModel:
 
     def register_download(self, make_body: Callable[[], Iterable[bytes]]) -> str:
         """A one-shot URL path `/api/<random>` whose GET (no auth) is served from `make_body()`."""
-        path = f"/api/{secrets.token_urlsafe(24)}"
+        path = f"/api/{secrets.token_urlsafe(32)}"  # XO's generateToken(): 32 random bytes, base64url
         self._downloads[path] = make_body
         return path
 

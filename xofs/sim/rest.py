@@ -4,7 +4,8 @@ downloads, and the `/_sim/` fault-injection routes. `make_rest_app(model, faults
 A request goes through what xo-server's Express stack does, in its order: the `/_sim/` and `/api/` routes
 aside, any path under `/rest/v0` is authenticated first (`rest_auth`: bad credentials fail even on public
 routes and unknown paths), then matched against the routes below (a GET route also answers HEAD), and
-anything unmatched falls through to Express's HTML `Cannot GET …` 404. Errors become XO's JSON bodies as
+anything unmatched falls through to XO's sign-in gate (a 302 to `/signin` outside `/rest/` without a valid
+`token` cookie) and then to Express's HTML `Cannot GET …` 404. Errors become XO's JSON bodies as
 its generic error handler writes them (`SimError` codes to statuses, `{error, data?, info?}`).
 
 With `legacy=True` (`xofs sim --legacy`) the answers that changed with the tsoa rewrite take their
@@ -14,13 +15,15 @@ UUID 200 for an import and `OK` 200 for a delete.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import trio
 
@@ -122,6 +125,19 @@ def _redirect_body(accept: str | None, location: str) -> tuple[bytes, str | None
     return b"", None
 
 
+# XO's sign-in gate lets these through to the routes behind it (UNCHECKED_URL_RE in index.mjs).
+_UNGATED = re.compile(r"^/rest/|^/openmetrics/|favicon|manifest\.webmanifest|fontawesome|images|styles"
+                      r"|\.(?:css|jpg|png|svg)$")
+SIGNIN_PAGE = "/signin"  # authentication.defaultSignInPage
+
+
+def _session_cookie() -> str:
+    """express-session's cookie value: `s:` + a 24-byte id + `.` + its HMAC-SHA256 signature, URI-encoded."""
+    sid = secrets.token_urlsafe(24)
+    signature = base64.b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    return quote(f"s:{sid}.{signature}", safe="")
+
+
 def _cannot(req: Request) -> bytes:
     """finalhandler's 404 page."""
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Error</title>\n'
@@ -184,14 +200,14 @@ class RestApp:
         if req.method == "GET" and path.lower().startswith(BASE + "/") and self.faults.take_reset():
             await drop_connection(req, send)
             return
-        if path.startswith("/api/") and req.method in ("GET", "HEAD"):
+        if path.startswith("/api/"):  # XO serves a one-shot URL to any method
             await self.download(req, send)
             return
         user = None
         if path.lower() == BASE or path.lower().startswith(BASE + "/"):
             user = self.authenticate(req)
         if route is None:
-            await self.not_found(req, send)
+            await self.unmatched(req, send)
             return
         if not route.public and user is None:
             raise self.unauthenticated()
@@ -250,6 +266,29 @@ class RestApp:
             return RestError(500, f"VDI_IN_USE({ref}, {error.data.get('operation')})", info=XAPI_ERROR_INFO)
         headers = [WWW_AUTHENTICATE] if error.code == 3 else []
         return RestError(error.http_status, error.message, data=error.data, headers=headers)
+
+    async def unmatched(self, req: Request, send: Send) -> None:
+        """What no route answers: XO's sign-in gate first (index.mjs), which sends every URL it does not
+        let through (`/rest/…`, `/openmetrics/…`, assets) to `/signin` unless the `token` cookie is a valid
+        session (recording the URL in the session, so express-session sets its cookie); then Express's
+        404. The sign-in pages themselves, which XO serves before the gate, are not simulated: 404."""
+        token = req.cookies.get("token")
+        if (_UNGATED.search(req.raw_path) or req.raw_path.split("?")[0] in ("/signin", "/signin-otp")
+                or (token and self.model.user_for_token(token) is not None)):
+            await self.not_found(req, send)
+            return
+        await req.drain()
+        body, ctype = _redirect_body(req.headers.get("accept"), SIGNIN_PAGE)
+        headers = [*SECURITY_HEADERS, ("Location", SIGNIN_PAGE)]
+        if ctype is None:
+            headers += [("Vary", "Accept"), ("Content-Length", "0")]
+        else:  # compression() appends to the Vary that res.format set
+            headers += [("Vary", "Accept, Accept-Encoding"), ("Content-Type", ctype),
+                        ("Content-Length", str(len(body)))]
+        headers.append(("Set-Cookie", f"connect.sid={_session_cookie()}; Path=/; HttpOnly"))
+        await send({"type": "http.response.start", "status": 302,
+                    "headers": raw_headers([*headers, *tail_headers(req)])})
+        await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else body})
 
     async def not_found(self, req: Request, send: Send) -> None:
         """Express's final handler: `Cannot GET /path`, with its own CSP."""
@@ -346,7 +385,7 @@ class RestApp:
         """A one-shot `$getFrom` URL of `xo.getAllObjects({ndjson: true})`: no auth, NDJSON as "JSON"."""
         body = self.model.take_download(req.raw_path)
         if body is None:
-            await self.not_found(req, send)
+            await self.unmatched(req, send)
             return
         stream = StreamSender(req, send, [("Content-Type", JSON_TYPE)])
         pending = bytearray()
