@@ -251,7 +251,8 @@ def test_while_the_feed_stays_down_changes_in_xo_show_within_the_poll_interval(f
                            text=True, timeout=30)
     assert re.search(r"^  objects read .+ ago \(\d+ read\(s\) while the feed was down\)$", shown.stdout, re.M), \
         shown.stdout + shown.stderr
-    assert "re-reading XO's objects every 1 s until it is back" in mount.log_text()
+    # Every 1 s, or ten times the first read's duration if that was longer (a loaded machine).
+    assert re.search(r"re-reading XO's objects every [0-9.]+ s until it is back", mount.log_text())
     set_faults(fresh_sim, silent_websockets=False)
     wait_live_again(mount, started)
 

@@ -545,6 +545,18 @@ async def test_raw_larger_than_the_sr_free_space_fails_early(fresh_sim, tmp_path
         await expect_error(errno.ENOSPC, f.write(4096, b"x"))
         await f.release()
         await assert_nothing_left(env, "huge", len(env.vdis()))
+        # A finished import (its spool still kept for a rewrite) is left as it was: its VDI, entry and record.
+        await copy_in(env, "kept.raw", b"k" * 4096)
+        [kept] = env.vdis(name_label="kept")
+        entry = env.entry("kept.raw")
+        f = await env.manager.open(entry, os.O_WRONLY, ME, "/kept.raw")
+        await expect_error(errno.ENOSPC, env.manager.setattr(entry, size=free + 1, mode=None, mtime_ns=None,
+                                                             path="/kept.raw"))
+        await f.release()
+        assert env.vdis(name_label="kept") == [kept]
+        assert env.manager.xattrs(env.entry("kept.raw"))["user.xo.vdi"] == kept["id"].encode()
+    async with running(fresh_sim, tmp_path) as env:  # the record too
+        assert env.manager.xattrs(env.entry("kept.raw"))["user.xo.state"] == b"imported"
 
 
 async def test_injected_xo_failure_is_eio_at_close(fresh_sim, tmp_path) -> None:

@@ -169,7 +169,7 @@ def test_rsync_checksum_again_fails_loudly_instead_of_piling_up_duplicates(fresh
     target = import_dir(mount, sr)
     sh("rsync", "-a", "--checksum", f"{src}/", f"{target}/")
     first = one_vdi(fresh_sim, "c", sr)["id"]
-    time.sleep(REWRITE_GRACE + 0.5)  # until then the import's spool is kept, and reads of it answer
+    time.sleep(REWRITE_GRACE + 1.5)  # until then the import's spool is kept, and reads of it answer
     for flag in ("--checksum", "--ignore-times"):
         again = sh("rsync", "-a", flag, f"{src}/", f"{target}/", check=False)
         assert again.returncode == 23, again.stdout + again.stderr

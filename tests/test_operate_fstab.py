@@ -82,6 +82,7 @@ def test_the_helper_checks_everything_before_mounting(sim, tmp_path):
         (f"token_file={token},keepalive=0", "bad mount option 'keepalive=0'"),
         (f"token_file={token},poll_interval=nan", "bad mount option 'poll_interval=nan': 'nan' is not a finite number"),
         (f"token_file={token},attr_ttl=inf", "bad mount option 'attr_ttl=inf': 'inf' is not a finite number"),
+        (f"token_file={token},spool_size=inf", "bad mount option 'spool_size=inf': 'inf' is not a size"),
         (f"token_file={token},readahead=1M", "bad mount option 'readahead=1M': 1M is less than 2M"),
         (f"token={sim.token}", "a secret on the command line is visible to every user"),
         (f"token_file={tmp_path / 'missing'}", "cannot read"),

@@ -530,6 +530,8 @@ class ImportManager:
             self._stop_early(imp, f"the file is truncated to {size} bytes")
         if imp.phase is Phase.UPLOADING:
             raise XofsError(f"{path} is being uploaded to XO", errno_=errno.EBUSY)
+        if imp.kind.format is ImageFormat.RAW and size > imp.size:
+            self._check_room(imp, size, path)  # before anything changes: a size refused leaves the entry as it was
         if imp.phase is Phase.IMPORTED:
             if size == imp.size:
                 return
@@ -548,8 +550,6 @@ class ImportManager:
             return
         if imp.spool is None:
             imp.spool = Spool(self.spool_dir)
-        if imp.kind.format is ImageFormat.RAW and size > imp.size:
-            self._check_room(imp, size, path)
         imp.spool.truncate(size)
         imp.size = size
         imp.prefix = min(imp.prefix, size)
@@ -958,15 +958,19 @@ class ImportManager:
         imp = self._get(entry, path)
         self._check_writable(path)
         if size is not None:
+            # A truncate that fails so ends an import being written, as such a write does; never a finished
+            # one (its VDI, record and entry stay as they were).
+            writing = imp.phase is Phase.WRITING
             try:
                 self._truncate(imp, size, path)
             except OSError as err:
                 error = XofsError(f"{path}: cannot resize the import spool: {err.strerror}",
                                   errno_=err.errno or errno.EIO)
-                await self._fail(imp, error)  # as a write that fails so: the import ends, its entry goes
+                if writing:
+                    await self._fail(imp, error)
                 raise error from None
             except XofsError as err:
-                if err.errno == errno.ENOSPC:  # a disk that cannot fit in the SR: the import ends, as on a write
+                if writing and err.errno == errno.ENOSPC:  # a disk that cannot fit in the SR
                     await self._fail(imp, err)
                 raise
         if mode is not None:

@@ -97,7 +97,7 @@ def byte_size(text: str) -> int:
     digits, unit = (plain[:-1], plain[-1]) if plain and plain[-1] in units else (plain, "")
     try:
         value = int(float(digits) * units[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf", "1e400"
         raise BadValue(f"{text!r} is not a size (such as 20G, 512M or 100000)") from None
     if value <= 0:
         raise BadValue(f"{text} is not a size larger than 0")

@@ -28,6 +28,7 @@ from xofs.tree import Invalidation, Tree
 log = logging.getLogger(__name__)
 
 POLL_SHARE = 10  # while the feed is down, a full read every this many times its own duration at most
+POLL_PAUSE_MAX = 300.0  # but that rule never waits longer than this (a slow answer is no CPU spent)
 
 
 class Syncer:
@@ -119,8 +120,8 @@ class Syncer:
         from the last read, whichever came later (a feed that comes back within `interval` re-reads
         everything itself, so a short loss costs no extra read), and at least ten times as long as the last
         read that succeeded took (a read of 10,000 VMs takes seconds of CPU: polling must not become most of
-        the daemon's work). 0: never. A failed read is logged and tried again as long after, with no retry of
-        its own (the next poll is that); the mount keeps serving what it has."""
+        the daemon's work), up to `POLL_PAUSE_MAX`. 0: never. A failed read is logged and tried again as long
+        after, with no retry of its own (the next poll is that); the mount keeps serving what it has."""
         interval = self.poll_interval
         if interval <= 0:
             return
@@ -136,7 +137,7 @@ class Syncer:
             await self._poll(interval)
 
     def _poll_pause(self, interval: float) -> float:
-        return round(max(interval, POLL_SHARE * self._took), 1)
+        return max(interval, min(POLL_SHARE * self._took, POLL_PAUSE_MAX))
 
     async def _poll(self, interval: float) -> None:
         async with self._loading:
@@ -144,8 +145,8 @@ class Syncer:
                 return  # the feed came back, and re-read everything, while this waited: that read is newer
             if not self._polled_this_outage:
                 self._polled_this_outage = True
-                log.info("XO event feed down for %.0f s: re-reading XO's objects every %g s until it is back",
-                         time.monotonic() - self._down_at, self._poll_pause(interval))
+                log.info("XO event feed down for %.0f s: re-reading XO's objects every %s s until it is back",
+                         time.monotonic() - self._down_at, _seconds(self._poll_pause(interval)))
             try:
                 await self._timed_load(retry=False)
             except Exception as exc:  # the collections are read at once: an exception group
@@ -153,10 +154,10 @@ class Syncer:
                 err = xofs_error_in(exc)
                 if err is None:
                     log.exception("re-reading XO's objects while the event feed is down failed; trying again "
-                                  "in %g s", self._poll_pause(interval))
+                                  "in %s s", _seconds(self._poll_pause(interval)))
                 else:
                     log.warning("re-reading XO's objects while the event feed is down: %s; trying again in "
-                                "%g s", err.describe(), self._poll_pause(interval))
+                                "%s s", err.describe(), _seconds(self._poll_pause(interval)))
             else:
                 self.polls += 1
 
@@ -200,6 +201,11 @@ class Syncer:
         if self.on_changes is not None:
             self.on_changes(changes)
         self.invalidate(self.tree.on_changes(changes))
+
+
+def _seconds(value: float) -> str:
+    """30.0 -> "30", 34.16 -> "34.2", 0.3 -> "0.3": a pause as the log says it."""
+    return f"{value:.1f}".removesuffix(".0")
 
 
 def _listed_as(obj: dict, type_: str, coll: str) -> bool:
