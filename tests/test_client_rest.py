@@ -441,6 +441,19 @@ async def test_export_with_length_and_close_delimited_bodies(nursery):
     await client.aclose()
 
 
+@pytest.mark.parametrize("path", ["vdis/x.vhd", "vms/x.xva", "vms/x.xva.zst"])
+async def test_a_close_delimited_export_of_unknown_length_is_refused(nursery, path):
+    """A proxy that de-chunks XO's answer and ends it by closing the connection: cut short with a clean
+    close, a .vhd or .xva was copied short with exit status 0 and its length recorded as exact (QA). Only a
+    .raw, whose length the VDI's size checks, is taken so."""
+    fake = await start_fake(nursery, lambda r: writer(EXPORT_HEAD + b"Connection: close\r\n\r\n" + PAYLOAD))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoProtocolError, match="neither chunked framing nor a length"):
+        await client.open_export(path)
+    await client.aclose()
+    assert len(fake.seen) == 1  # not retried
+
+
 @pytest.mark.parametrize("body", [
     EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [65536], last=b""),  # no last chunk
     EXPORT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(PAYLOAD, [65536])[:3_000_000],  # mid-chunk
@@ -484,6 +497,27 @@ async def test_an_export_coded_other_than_identity_is_refused(nursery, coding):
         response = await client.open_export("vdis/x.raw")
         await response.receive()
     await client.aclose()
+
+
+async def test_an_export_not_answered_in_time_says_so_not_that_the_connection_closed(nursery, monkeypatch):
+    """XO silent past the read timeout before its answer (a snapshot of a big running VM takes a while) was
+    logged as "closed the connection without answering" (QA)."""
+    monkeypatch.setattr("xofs.client.rest.RETRY_DELAYS", ())
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep(30)
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    for handler, words in ((silent, "did not answer: timed out after 0.5 s"),
+                           (hang_up, "closed the connection without answering")):
+        fake = await start_fake(nursery, lambda r, h=handler: h)
+        client = RestClient(fake.url, "t", read_timeout=0.5)
+        with trio.fail_after(10), pytest.raises(XoUnreachable) as info:
+            await client.open_export("vdis/x.vhd")
+        await client.aclose()
+        assert words in info.value.describe(), info.value.describe()
 
 
 async def test_stalled_export_times_out(nursery):

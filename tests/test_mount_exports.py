@@ -6,6 +6,7 @@ deleted VDI) get a simulator and a mount of their own.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -374,3 +375,26 @@ def test_stopping_names_only_the_export_reads_it_cuts(fresh_sim, make_mount):
             except OSError:  # ENOTCONN once the daemon is gone
                 pass
     assert f"stopping: 1 export read(s) cancelled: /vdis/{part}.raw" in mount.log_text()
+
+
+def test_a_raw_resized_after_its_open_fails_naming_both_sizes(fresh_sim, make_mount):
+    """A VDI grown between the open and the end of the read: the reader, which took the file for the old
+    size, gets EIO (right), but the log said the export was longer than "the VDI's size", the old one, while
+    XO and `ls` already said otherwise (QA)."""
+    vdi = import_raw(fresh_sim, disk_bytes(SMALL, 5), "grows")
+    mount = make_mount(fresh_sim)
+    path = mount.mountpoint / "vdis" / f"{vdi}.raw"
+    _wait_for(path)
+    with open(path, "rb") as f:
+        status, _, body = fresh_sim.request("PATCH", f"/rest/v0/vdis/{vdi}", json.dumps({"size": 4 * MiB}).encode(),
+                                            {"Content-Type": "application/json"})
+        assert status == 204, body
+        deadline = time.monotonic() + 10
+        while os.stat(path).st_size != 4 * MiB:  # the event reached the mount
+            assert time.monotonic() < deadline, "the resize never showed"
+            time.sleep(0.1)
+        with pytest.raises(OSError) as err:
+            while f.read(MiB):
+                pass
+        assert err.value.errno == errno.EIO
+    assert f"the VDI's size changed from {SMALL} to {4 * MiB} bytes after the file was opened" in mount.log_text()

@@ -459,6 +459,10 @@ class ExportFile:
         if too_long:
             self._too_long(*min(too_long))
         if length is not None and exact is not None and length != exact:
+            now = (self.manager.cache.get(self.export.obj_id) or {}).get("size")
+            if now == length:  # resized since the open: the reader took the file for the old size
+                raise XofsError(f"the VDI's size changed from {exact} to {length} bytes after the file was "
+                                "opened: read it again")
             raise XofsError(f"XO's export ended after {length} bytes, but the VDI's size is {exact}")
 
     def _beyond_end(self, offset: int, length: int) -> None:

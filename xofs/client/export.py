@@ -304,6 +304,12 @@ class ExportResponse:
                 self._raw.close()
             await trio.aclose_forcefully(self._stream)
 
+    @property
+    def close_delimited(self) -> bool:
+        """The body ends where the connection does (neither chunked nor of a stated length): a cut that closes
+        the connection cleanly cannot be told from its end. XO always sends exports chunked (REPORT.md #10)."""
+        return not self._chunked and self.content_length is None
+
     async def receive_into(self, view: memoryview) -> int:
         """Up to `len(view)` (> 0) bytes of the body written into `view`; how many, 0 at the end.
 
@@ -447,9 +453,9 @@ class ExportResponse:
 
     # --- buffer and socket ---
 
-    async def _fill(self, limit: int | None = None) -> None:
+    async def _fill(self, limit: int | None = None, *, eof_ok: bool = False) -> bool:
         """Read more (up to `limit` bytes) into the buffer, making room first; the end of the connection here
-        is an early end."""
+        is an early end (False with `eof_ok`)."""
         if self._start == self._end:
             self._start = self._end = 0
         elif len(self._buf) - self._end < _MIN_FREE:
@@ -459,8 +465,11 @@ class ExportResponse:
         room = self._view[self._end:] if limit is None else self._view[self._end:self._end + limit]
         n = await self._recv_into(room)  # which applies the read timeout itself
         if not n:
+            if eof_ok:
+                return False
             raise self._ended_early()
         self._end += n
+        return True
 
     async def _recv_into(self, view: memoryview) -> int:
         if self._raw is None:
@@ -573,9 +582,12 @@ class ExportResponse:
             if self._end - self._start > _MAX_HEAD:
                 raise XoProtocolError(f"{self.url} answered a response head over {_MAX_HEAD} bytes")
             try:
-                await self._fill()
-            except XoUnreachable:
-                raise XoUnreachable(f"{self.url} closed the connection without answering") from None
+                answered = await self._fill(eof_ok=True)
+            except XoUnreachable as exc:  # a silence past the read timeout, a reset: not a close
+                reason = connection_failure_reason(exc.__cause__, self.read_timeout) if exc.__cause__ else str(exc)
+                raise XoUnreachable(f"{self.url} did not answer: {reason}") from None
+            if not answered:
+                raise XoUnreachable(f"{self.url} closed the connection without answering")
         head = bytes(self._buf[self._start:end]).decode("latin-1")
         self._start = end + 4
         status_line, *header_lines = head.split("\r\n")
