@@ -465,6 +465,35 @@ async def test_concurrent_exports_are_limited(xo, tmp_path):
         await b.release()
 
 
+async def test_a_reader_waiting_for_a_slot_fails_once_the_mount_stops(xo, tmp_path):
+    """SIGTERM with a reader waiting for a slot: the stop waited for it (8 s seen), then an export started
+    for nobody after the signal (QA: a paused VM's, so a snapshot)."""
+    async with running(xo, tmp_path / "spool", max_exports=1, park_idle_after=0.5) as m:
+        a = await m.open(vdi_export(m, xo.medium, "raw"), "/a")
+        b = await m.open(vdi_export(m, xo.medium, "vhd"), "/b")
+        await a.read(0, 4096)
+        started = m.exports_started
+        failed = []
+
+        async def read_b():
+            try:
+                await b.read(0, 4096)
+            except XofsError as err:
+                failed.append(err)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_b)
+            await trio.sleep(0.2)
+            m.stop_starting()
+            with trio.fail_after(3):  # within PARK_CHECK, and before a's idle slot would be taken (0.5 s)
+                while not failed:
+                    await trio.sleep(0.05)
+        assert "not started: the mount is stopping" in failed[0].describe()
+        assert m.exports_started == started
+        await a.release()
+        await b.release()
+
+
 async def test_a_waiting_reader_takes_the_slot_of_an_idle_export(xo, tmp_path):
     async with running(xo, tmp_path / "spool", max_exports=1, park_idle_after=0.5, readahead=2 * MiB) as m:
         a_export, b_export = vdi_export(m, xo.medium, "raw"), vdi_export(m, xo.medium, "vhd")

@@ -65,6 +65,12 @@ class ExportSlots:
         self._over = 0  # exports running beyond the limit (see `acquire`)
         self.holders: set[ExportFeed] = set()
         self.quiet_since = trio.current_time()  # when the last export ended (or the slots were made)
+        self.stopped = False  # the mount is stopping: no export starts any more (`stop`)
+
+    def stop(self) -> None:
+        """No export starts from now on: a reader waiting for a slot fails within `PARK_CHECK`, instead of
+        holding up the stop and then starting an export (of a running VM: a snapshot) for nobody."""
+        self.stopped = True
 
     @property
     def free(self) -> int:
@@ -77,6 +83,7 @@ class ExportSlots:
         over), and one whose wait would never end, every slot being held by an idle export that cannot be
         restarted (a running VM's: each export of it is another snapshot), most likely by the very program
         that now waits."""
+        self._check_stopped(feed)
         if self._free.value == 0:
             if feed.resuming:
                 self._go_over(feed, "it resumes after being parked")
@@ -88,9 +95,14 @@ class ExportSlots:
                 await self._free.acquire()
                 self.holders.add(feed)
                 return
+            self._check_stopped(feed)
             if not self._park_one(feed) and self._all_held_by_idle_unrepeatable():
                 self._go_over(feed, "every slot is held by an idle export that could not be restarted")
                 return
+
+    def _check_stopped(self, feed: ExportFeed) -> None:
+        if self.stopped:
+            raise XofsError(f"export {feed.label} not started: the mount is stopping")
 
     def _go_over(self, feed: ExportFeed, why: str) -> None:
         self._over += 1

@@ -270,6 +270,10 @@ class ExportManager:
         self.open_files.add(file)
         return file
 
+    def stop_starting(self) -> None:
+        """The mount is stopping: no export starts any more (readers waiting for a slot fail)."""
+        self.slots.stop()
+
     def transfers(self) -> list[dict]:
         """The exports under way, for `xofs status`: one per open file that started reading. `done` counts
         the bytes received from XO, `read` the reader's position, `complete` whether XO sent the whole

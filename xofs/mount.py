@@ -474,6 +474,7 @@ class _Stopper:
                      f"; waiting up to {self.wait:g} s for {len(uploads)} import(s) to finish" if uploads else "")
             self.deadline = trio.current_time() + self.wait
             pyfuse3.terminate()
+            self.parts.exports.stop_starting()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._cut_after_the_wait)
                 async for signum in signals:
