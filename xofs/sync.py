@@ -141,8 +141,10 @@ class Syncer:
 
     async def _poll(self, interval: float) -> None:
         async with self._loading:
+            # The feed came back, and re-read everything, while this waited: that read is newer. This sees it
+            # because `Reconnector.follow` goes live with no checkpoint after its re-read releases the lock.
             if self.state == "connected":
-                return  # the feed came back, and re-read everything, while this waited: that read is newer
+                return
             if not self._polled_this_outage:
                 self._polled_this_outage = True
                 log.info("XO event feed down for %.0f s: re-reading XO's objects every %s s until it is back",
