@@ -37,6 +37,7 @@ from xofs.sim.rest_hostile import send_corrupt_listing
 from xofs.sim.rest_http import (
     JSON_TYPE,
     SECURITY_HEADERS,
+    Headers,
     Message,
     Receive,
     Request,
@@ -136,6 +137,20 @@ def _session_cookie() -> str:
     sid = secrets.token_urlsafe(24)
     signature = base64.b64encode(secrets.token_bytes(32)).decode().rstrip("=")
     return quote(f"s:{sid}.{signature}", safe="")
+
+
+async def _redirect(req: Request, send: Send, location: str, extra: Headers | None = None) -> None:
+    """Express's `res.redirect(location)`: 302, a body in the type `res.format` negotiates; `extra` headers
+    (a middleware's cookie) come after Express's own."""
+    body, ctype = _redirect_body(req.headers.get("accept"), location)
+    headers = [*SECURITY_HEADERS, ("Location", location)]
+    if ctype is None:
+        headers += [("Vary", "Accept"), ("Content-Length", "0")]
+    else:  # compression() appends to the Vary that res.format set
+        headers += [("Vary", "Accept, Accept-Encoding"), ("Content-Type", ctype), ("Content-Length", str(len(body)))]
+    await send({"type": "http.response.start", "status": 302,
+                "headers": raw_headers([*headers, *(extra or []), *tail_headers(req)])})
+    await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else body})
 
 
 def _cannot(req: Request) -> bytes:
@@ -278,17 +293,7 @@ class RestApp:
             await self.not_found(req, send)
             return
         await req.drain()
-        body, ctype = _redirect_body(req.headers.get("accept"), SIGNIN_PAGE)
-        headers = [*SECURITY_HEADERS, ("Location", SIGNIN_PAGE)]
-        if ctype is None:
-            headers += [("Vary", "Accept"), ("Content-Length", "0")]
-        else:  # compression() appends to the Vary that res.format set
-            headers += [("Vary", "Accept, Accept-Encoding"), ("Content-Type", ctype),
-                        ("Content-Length", str(len(body)))]
-        headers.append(("Set-Cookie", f"connect.sid={_session_cookie()}; Path=/; HttpOnly"))
-        await send({"type": "http.response.start", "status": 302,
-                    "headers": raw_headers([*headers, *tail_headers(req)])})
-        await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else body})
+        await _redirect(req, send, SIGNIN_PAGE, [("Set-Cookie", f"connect.sid={_session_cookie()}; Path=/; HttpOnly")])
 
     async def not_found(self, req: Request, send: Send) -> None:
         """Express's final handler: `Cannot GET /path`, with its own CSP."""
@@ -303,17 +308,7 @@ class RestApp:
     # -- routes ------------------------------------------------------------------------------------------
 
     async def redirect_to_docs(self, req: Request, send: Send) -> None:
-        """Express's `res.redirect('/rest/v0/docs')`: 302, a body in the type `res.format` negotiates."""
-        body, ctype = _redirect_body(req.headers.get("accept"), "/rest/v0/docs")
-        headers = [*SECURITY_HEADERS, ("Location", "/rest/v0/docs")]
-        if ctype is None:
-            headers += [("Vary", "Accept"), ("Content-Length", "0")]
-        else:  # compression() appends to the Vary that res.format set
-            headers += [("Vary", "Accept, Accept-Encoding"), ("Content-Type", ctype),
-                        ("Content-Length", str(len(body)))]
-        await send({"type": "http.response.start", "status": 302,
-                    "headers": raw_headers([*headers, *tail_headers(req)])})
-        await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else body})
+        await _redirect(req, send, "/rest/v0/docs")
 
     async def ping(self, req: Request, send: Send) -> None:
         await send_json(req, send, 200, {"result": "pong", "timestamp": int(time.time() * 1000)})
