@@ -38,7 +38,7 @@ import trio
 from xofs.cache import Change, ObjectCache
 from xofs.client.export import ExportResponse
 from xofs.client.rest import DISK_TYPES, RestClient
-from xofs.errors import XofsError
+from xofs.errors import XofsError, XoProtocolError
 from xofs.export_sizes import (
     UNKNOWN_DISK,
     compressed_bound,
@@ -300,7 +300,15 @@ class ExportManager:
         async def open_response() -> ExportResponse:
             self.exports_started += 1
             log.debug("export %s: starting", export.path)
-            return await self.client.open_export(export.path)
+            response = await self.client.open_export(export.path)
+            if response.close_delimited and export.exact_size is None:
+                # Where no size checks the length (a .vhd, an .xva), a cut that closes the connection cleanly
+                # would be copied short with exit status 0 and its length learnt as exact: refused.
+                await response.aclose()
+                raise XoProtocolError(f"{response.url} answered the export with neither chunked framing nor a "
+                                      "length, so a cut could not be told from its end (a proxy in between that "
+                                      "rewrites XO's answers?)", object_id=export.obj_id)
+            return response
 
         return ExportFeed(export.path, open_response, self.slots, self.buffers, readahead=self.readahead,
                           back_window=BACK_WINDOW, verify=verify, spool=spool, resume_at=resume_at,

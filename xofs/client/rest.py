@@ -147,13 +147,6 @@ class RestClient:
                 err = exc
             else:
                 if response.status == 200:
-                    if response.close_delimited and not path.endswith(".raw"):
-                        # A .raw is checked against the VDI's size; a .vhd or .xva cut short this way would
-                        # be copied short with exit status 0 and its length learnt as exact: refused.
-                        await response.aclose()
-                        raise XoProtocolError(f"{url} answered the export with neither chunked framing nor a "
-                                              "length, so a cut could not be told from its end (a proxy in "
-                                              "between that rewrites XO's answers?)", object_id=object_id)
                     return response
                 async with response:
                     body = await _error_body(response)
