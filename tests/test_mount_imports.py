@@ -351,6 +351,24 @@ def test_sigkill_ends_a_cp_waiting_for_its_upload_and_the_upload_goes_on(fresh_s
     assert "was killed while it waited for XO's answer: the upload goes on" in mount.log_text()
 
 
+def test_truncate_beyond_the_srs_free_space_fails_and_leaves_nothing(fresh_sim, make_mount, tmp_path):
+    """`truncate -s 600G` answered ENOSPC but left an empty entry listed (QA); a finished import truncated
+    so within its rewrite grace lost its VDI (review)."""
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    huge = sh("truncate", "-s", "1P", str(target / "huge.raw"), check=False)
+    assert huge.returncode != 0 and "No space left on device" in huge.stderr, huge.stderr
+    assert os.listdir(target) == []
+    make_raw(tmp_path / "kept.raw", 1 << 20)
+    sh("cp", str(tmp_path / "kept.raw"), str(target / "kept.raw"))
+    kept = one_vdi(fresh_sim, "kept", sr)["id"]
+    again = sh("truncate", "-s", "1P", str(target / "kept.raw"), check=False)  # within the 5 s grace
+    assert again.returncode != 0 and "No space left on device" in again.stderr, again.stderr
+    assert os.listdir(target) == ["kept.raw"] and one_vdi(fresh_sim, "kept", sr)["id"] == kept
+    assert "does not fit in SR" in mount.log_text()
+
+
 def test_read_only_mount_refuses_imports(fresh_sim, make_mount, tmp_path):
     mount = make_mount(fresh_sim, "--read-only")
     sr = sr_ids(fresh_sim)[0]
