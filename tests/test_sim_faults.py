@@ -45,7 +45,8 @@ def test_knobs_need_auth_and_take_partial_updates(fresh_sim):
     assert call(fresh_sim, "GET", "/_sim/faults", token=None).status == 401
     assert call(fresh_sim, "GET", "/_sim/faults", token=None, headers={"Authorization": basic(*ADMIN)}).status == 200
     defaults = call(fresh_sim, "GET", "/_sim/faults").json()
-    assert defaults == {"latency_ms": 0, "cut_export_after_bytes": None, "stall_export_after_bytes": None,
+    assert defaults == {"latency_ms": 0, "cut_export_after_bytes": None, "end_export_after_bytes": None,
+                        "stall_export_after_bytes": None,
                         "export_chunk_bytes": None, "fail_next_import": 0, "import_bytes_per_second": None,
                         "http_5xx_next": 0, "http_5xx_status": 503, "reset_next_gets": 0, "corrupt_listing": None,
                         "silent_websockets": False}
@@ -87,6 +88,21 @@ def test_cut_export_drops_the_connection_mid_body(fresh_sim):
     set_faults(fresh_sim, cut_export_after_bytes=None)
     whole = call(fresh_sim, "GET", f"/rest/v0/vdis/{vdi['id']}.vhd")
     assert whole.complete and whole.body[-512:-504] == b"conectix"
+
+
+def test_end_export_ends_the_answer_cleanly_but_short(fresh_sim):
+    """As XO does when XAPI's answer, sent without a length, stops early: a complete chunked answer."""
+    vdi = find(fresh_sim, "vdis", "spare disk")
+    whole = call(fresh_sim, "GET", f"/rest/v0/vdis/{vdi['id']}.vhd")
+    set_faults(fresh_sim, end_export_after_bytes=2 * MiB + 7)
+    ans = call(fresh_sim, "GET", f"/rest/v0/vdis/{vdi['id']}.vhd")
+    assert ans.status == 200 and ans.chunked and ans.complete
+    assert ans.body == whole.body[:2 * MiB + 7]
+    vm = find(fresh_sim, "vms", "test-01")  # Paused: exported through a snapshot, still removed
+    assert call(fresh_sim, "GET", f"/rest/v0/vms/{vm['id']}.xva").complete
+    assert wait_until(lambda: not export_snapshots(fresh_sim, "test-01"))
+    stats = call(fresh_sim, "GET", "/_sim/stats").json()
+    assert (stats["exports_ended_early"], stats["exports_cut"]) == (2, 0)
 
 
 def chunk_sizes(sim: SimProcess, path: str, limit: int) -> tuple[list[int], bytes]:

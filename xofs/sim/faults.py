@@ -7,6 +7,9 @@ No real XO has any of this. The REST app serves it under `/_sim/` (same authenti
   - `latency_ms`: every request (except `/_sim/` ones) waits this long before it is handled;
   - `cut_export_after_bytes`: every export sends this many body bytes, then the connection is dropped
     mid-body (the client sees an incomplete chunked response);
+  - `end_export_after_bytes`: every export sends this many body bytes, then ends its answer cleanly (the
+    chunked framing's last chunk), as a real xo-server does when XAPI, answering it without a length,
+    stops early: the client sees a complete answer of the wrong length;
   - `stall_export_after_bytes`: every export sends this many body bytes, then sends nothing more until
     the client gives up;
   - `export_chunk_bytes`: every export's body goes out in HTTP chunks of at most this many bytes. A real
@@ -26,7 +29,7 @@ No real XO has any of this. The REST app serves it under `/_sim/` (same authenti
   - `silent_websockets`: every JSON-RPC websocket stays open but sends nothing (no answers, no events).
 - `POST /_sim/websocket-frames` sends raw text frames on every open JSON-RPC websocket (`SocketFaults`).
 - `GET /_sim/stats`: requests counted by route (`GET /rest/v0/vms/{id}`), by exact path and in total, plus
-  cut and stalled exports; `POST /_sim/stats/reset` zeroes them.
+  cut, ended early and stalled exports; `POST /_sim/stats/reset` zeroes them.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Stats:
     routes: Counter[str] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
     exports_cut: int = 0
+    exports_ended_early: int = 0
     exports_stalled: int = 0
 
     def record(self, method: str, route: str, path: str) -> None:
@@ -62,19 +66,21 @@ class Stats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"total": self.total, "routes": dict(self.routes), "paths": dict(self.paths),
-                "exports_cut": self.exports_cut, "exports_stalled": self.exports_stalled}
+                "exports_cut": self.exports_cut, "exports_ended_early": self.exports_ended_early,
+                "exports_stalled": self.exports_stalled}
 
     def reset(self) -> None:
         self.total = 0
         self.routes.clear()
         self.paths.clear()
         self.exports_cut = 0
+        self.exports_ended_early = 0
         self.exports_stalled = 0
 
 
-_KNOBS = ("latency_ms", "cut_export_after_bytes", "stall_export_after_bytes", "export_chunk_bytes",
-          "fail_next_import", "import_bytes_per_second", "http_5xx_next", "http_5xx_status", "reset_next_gets",
-          "corrupt_listing", "silent_websockets")
+_KNOBS = ("latency_ms", "cut_export_after_bytes", "end_export_after_bytes", "stall_export_after_bytes",
+          "export_chunk_bytes", "fail_next_import", "import_bytes_per_second", "http_5xx_next", "http_5xx_status",
+          "reset_next_gets", "corrupt_listing", "silent_websockets")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class Faults:
 
     latency_ms: float = 0.0
     cut_export_after_bytes: int | None = None
+    end_export_after_bytes: int | None = None
     stall_export_after_bytes: int | None = None
     export_chunk_bytes: int | None = None
     fail_next_import: int = 0
@@ -162,9 +169,12 @@ class Faults:
         self.fail_next_import -= 1
         return True
 
-    def note_export_fault(self, cut: bool) -> None:
-        if cut:
+    def note_export_fault(self, kind: str) -> None:
+        """Count an export that a knob cut, ended early or stalled."""
+        if kind == "cut":
             self.stats.exports_cut += 1
+        elif kind == "end":
+            self.stats.exports_ended_early += 1
         else:
             self.stats.exports_stalled += 1
 

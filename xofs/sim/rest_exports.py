@@ -179,9 +179,10 @@ class Exporter:
     async def _pump(self, req: Request, out: StreamSender, chunks: Iterator[bytes], in_thread: bool) -> bool:
         """Move the chunks to the client; False if a fault cut or stalled the stream."""
         end = object()
-        cut = self.faults.cut_export_after_bytes
-        stall = self.faults.stall_export_after_bytes
-        stop = min((n for n in (cut, stall) if n is not None), default=None)
+        knobs = {"cut": self.faults.cut_export_after_bytes, "end": self.faults.end_export_after_bytes,
+                 "stall": self.faults.stall_export_after_bytes}
+        stop = min((n for n in knobs.values() if n is not None), default=None)
+        fault = next((kind for kind, n in knobs.items() if n == stop), None)
         first = True
         while True:
             chunk = await trio.to_thread.run_sync(next, chunks, end) if in_thread else next(chunks, end)
@@ -197,10 +198,12 @@ class Exporter:
             for piece in _pieces(chunk, self.faults.export_chunk_bytes):
                 if stop is not None and out.sent + len(piece) >= stop:
                     await out.write(piece[: stop - out.sent])
-                    self.faults.note_export_fault(cut is not None and stop == cut)
-                    if stop == stall and stop != cut:
+                    self.faults.note_export_fault(fault or "cut")
+                    if fault == "end":
+                        await out.end()  # XAPI's answer ended early: XO ends its own cleanly
+                    elif fault == "stall":
                         await trio.sleep_forever()  # until the client gives up (the disconnect watcher)
-                    return False  # returning without ending the body makes the server drop the connection
+                    return False  # unless it was ended above, the server drops the connection mid-body
                 await out.write(piece)
             if req.method == "HEAD":
                 await trio.sleep(0)  # nothing is sent, so let the rest of the server run between chunks
