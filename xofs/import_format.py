@@ -18,12 +18,11 @@ from enum import Enum
 
 from xofs.errors import XofsError
 from xofs.formats.vhd import (
-    BAT_UNUSED,
     FOOTER_COOKIE,
     FOOTER_SIZE,
     HEADER_COOKIE,
     HEADER_SIZE,
-    bitmap_size,
+    mapped_end,
     vhd_checksum,
 )
 
@@ -111,9 +110,8 @@ def check_complete_vhd(path: str | os.PathLike[str], size: int, data_offset: int
             raise bad(f"its block table ({entries} entries at offset {table_offset}) runs past the end")
         f.seek(table_offset)
         table = f.read(4 * entries)
-    bitmap = bitmap_size(block_size)
-    used = [sector for (sector,) in struct.iter_unpack(">I", table) if sector != BAT_UNUSED]
-    if used and max(used) * 512 + bitmap + block_size > end:
+    last = mapped_end(table, block_size)
+    if last is not None and last > end:
         raise bad("a block of its table lies past the end of the file (truncated?)")
 
 
@@ -137,8 +135,5 @@ def planned_vhd_length(read: Callable[[int, int], bytes], available: int) -> int
     _, _, table_offset, _, entries, block_size = _DYNAMIC_HEADER.unpack_from(header)
     if block_size == 0 or block_size % 512 or table_offset + 4 * entries > available:
         return None
-    used = [sector for (sector,) in struct.iter_unpack(">I", read(table_offset, 4 * entries)) if sector != BAT_UNUSED]
-    if not used:
-        return None
-    bitmap = bitmap_size(block_size)
-    return max(used) * 512 + bitmap + block_size + FOOTER_SIZE
+    last = mapped_end(read(table_offset, 4 * entries), block_size)
+    return None if last is None else last + FOOTER_SIZE

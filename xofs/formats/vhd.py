@@ -311,13 +311,14 @@ class _Reader:
 
 
 @dataclass(frozen=True)
-class _DynamicHeader:
+class DynamicHeader:
     table_offset: int
     max_table_entries: int
     block_size: int
 
 
-def _parse_dynamic_header(b: bytes) -> _DynamicHeader:
+def parse_dynamic_header(b: bytes) -> DynamicHeader:
+    """Unpack and check a dynamic disk header (cookie, checksum, version, block size); VhdError says why not."""
     cookie, _data_offset, table_offset, version, entries, block_size, checksum, *_ = _HEADER.unpack_from(b)
     if cookie != HEADER_COOKIE:
         raise VhdError(f"invalid VHD header cookie {cookie!r}, expected {HEADER_COOKIE!r}")
@@ -328,7 +329,7 @@ def _parse_dynamic_header(b: bytes) -> _DynamicHeader:
         raise VhdError(f"unsupported VHD header version {version:#010x}")
     if block_size < SECTOR or block_size % SECTOR or block_size & (block_size - 1):
         raise VhdError(f"invalid VHD block size {block_size}")
-    return _DynamicHeader(table_offset, entries, block_size)
+    return DynamicHeader(table_offset, entries, block_size)
 
 
 def _open_source(src: BinaryIO | str | os.PathLike[str]) -> tuple[BinaryIO, bool]:
@@ -363,7 +364,7 @@ def _convert(reader: _Reader, dst: Path, expected_size: int | None, uncache_ever
         raise VhdError(f"the VHD's virtual size {size} is larger than the VDI's size {expected_size}")
     assert footer.data_offset is not None  # check_import_footer made sure it is 512
     reader.skip_to(footer.data_offset, "the dynamic header")
-    header = _parse_dynamic_header(reader.read_exactly(HEADER_SIZE, "the dynamic header"))
+    header = parse_dynamic_header(reader.read_exactly(HEADER_SIZE, "the dynamic header"))
     block_size = header.block_size
     if header.max_table_entries * block_size < size:
         raise VhdError(f"the BAT has {header.max_table_entries} entries of {block_size} bytes, "
@@ -401,6 +402,13 @@ def bitmap_size(block_size: int) -> int:
     """The bytes of the sector bitmap before each block of a dynamic VHD: a bit per sector, in whole
     sectors (at least one)."""
     return -(-(block_size // SECTOR) // 8 // SECTOR) * SECTOR or SECTOR
+
+
+def mapped_end(table: bytes, block_size: int) -> int | None:
+    """The end of the last block that a piece of a block table maps (its sector bitmap, then its data),
+    None if the piece maps none. `table` holds whole 4-byte entries."""
+    used = [sector for (sector,) in struct.iter_unpack(">I", table) if sector != BAT_UNUSED]
+    return max(used) * SECTOR + bitmap_size(block_size) + block_size if used else None
 
 
 def _check_bat(bat: tuple[int, ...], metadata_end: int, stride: int) -> list[tuple[int, int]]:
