@@ -398,3 +398,43 @@ def test_a_raw_resized_after_its_open_fails_naming_both_sizes(fresh_sim, make_mo
                 pass
         assert err.value.errno == errno.EIO
     assert f"the VDI's size changed from {SMALL} to {4 * MiB} bytes after the file was opened" in mount.log_text()
+
+
+@pytest.mark.parametrize("name", ["vhd", "xva", "xva.zst", "xva.gz"])
+def test_an_export_ended_early_but_cleanly_makes_cp_fail(fresh_sim, make_mount, tmp_path, name):
+    """XAPI answering XO without a length and stopping early: XO ends its own chunked answer cleanly, so only
+    the format tells that end from the real one. `cp` (and `rsync`, of the small `.vhd`: it reads on to the
+    size shown past a failed read) fail, the length is not learnt as exact, and once the export is whole the
+    same copy is byte-exact (the whole compressed ones are copied by the tests above and test_exports.py)."""
+    require_tool("rsync")
+    if name == "vhd":
+        export = f"vdis/{import_raw(fresh_sim, disk_bytes(MEDIUM, 11), 'ends')}.vhd"
+    else:
+        vms = fresh_sim.get_json("/rest/v0/vms?fields=id,name_label")
+        export = f"vms/{next(v['id'] for v in vms if v['name_label'] == 'db-01')}.{name}"
+    mount = make_mount(fresh_sim)
+    src = mount.mountpoint / export
+    _wait_for(src)
+    knob = json.dumps({"end_export_after_bytes": 3 * MiB + 512}).encode()
+    status, _, _ = fresh_sim.request("POST", "/_sim/faults", knob, {"Content-Type": "application/json"})
+    assert status == 200
+    result = run("cp", str(src), str(tmp_path / "out"))
+    assert result.returncode != 0 and "Input/output error" in result.stderr, result
+    opens = 1
+    if name == "vhd":
+        synced = run("rsync", str(src), str(tmp_path / "synced"))
+        assert synced.returncode != 0 and not (tmp_path / "synced").exists(), synced
+        opens += 2  # rsync tries a file whose read failed once more
+    assert fresh_sim.get_json("/_sim/stats")["exports_ended_early"] == opens
+    assert xattr(src, "user.xo.size_exact") == b"false"
+    kind = {"vhd": "VHD", "xva": "XVA", "xva.zst": "zstd stream", "xva.gz": "gzip stream"}[name]
+    failures = [line for line in mount.log_text().splitlines() if f"/{export}" in line and " WARNING " in line]
+    # One line per open, though rsync reads on past a failed read, 256 KiB at a time.
+    assert len(failures) == opens, failures
+    assert all(f"is not a whole {kind}" in line and "cut short" in line for line in failures), failures
+    if name in ("vhd", "xva"):
+        status, _, _ = fresh_sim.request("DELETE", "/_sim/faults")
+        assert status == 200
+        assert run("cp", str(src), str(tmp_path / "out")).returncode == 0
+        assert sha256_of(tmp_path / "out") == sha256_of(curl(fresh_sim, export, tmp_path / "want"))
+        assert xattr(src, "user.xo.size_exact") == b"true"

@@ -12,6 +12,9 @@ the replies to the kernel.
 - Diverted into a `SpoolEntry` (the reader jumped where the window cannot serve), it writes every byte to
   disk as fast as XO sends, and readers read the spool.
 
+A clean end of the stream is taken for the export's end only if the check of its format agrees
+(`export_checks`: XO ends its answer cleanly even when XAPI's stopped early); otherwise the feed fails.
+
 Every byte is hashed as it arrives (XXH3-128, ~50 GB/s), so that a second export of the same object can be
 checked against what the first one already handed out: a feed made with `verify=(n, digest)` publishes
 nothing until its first `n` bytes hash to `digest`, and fails otherwise. That is what lets a reader's jump
@@ -35,6 +38,7 @@ import xxhash
 
 from xofs.client.export import ExportResponse
 from xofs.errors import XofsError
+from xofs.export_checks import StreamCheck
 from xofs.spool import SpoolEntry
 
 log = logging.getLogger(__name__)
@@ -204,8 +208,10 @@ class ExportFeed:
     def __init__(self, label: str, open_response: Callable[[], Awaitable[ExportResponse]], slots: ExportSlots,
                  buffers: ReceiveBuffers, *, readahead: int, back_window: int,
                  verify: tuple[int, bytes] | None = None, spool: SpoolEntry | None = None,
-                 resume_at: int = 0, repeatable: bool = True, resuming: bool = False) -> None:
+                 resume_at: int = 0, repeatable: bool = True, resuming: bool = False,
+                 check: StreamCheck | None = None) -> None:
         self.label = label  # the export's path, for log lines
+        self._format = check  # checks that a clean end of the stream is the end of its format (export_checks)
         # Whether a second export would give the same bytes (false for a running VM and its disks): only
         # then may the export be parked, since its restart must match what it delivered.
         self.repeatable = repeatable
@@ -340,6 +346,8 @@ class ExportFeed:
         if self._verify is not None and not self.verified:
             raise StreamChanged(f"export {self.label} is now {self.received} bytes long, shorter than the "
                                 f"{self._verify[0]} bytes an earlier export of it already handed out")
+        if self._format is not None:
+            self._format.finish(self.received)
         self.length = self.received
         if self.spool is not None:
             await self._flush_pending()
@@ -350,6 +358,8 @@ class ExportFeed:
         """`data` just arrived at the end of `whole`, the filled part of its receive buffer."""
         if not self.verified:
             self._check(data)
+        if self._format is not None:
+            self._format.feed(data)
         self._hash.update(data)
         self.received += len(data)
         if self.spool is not None:

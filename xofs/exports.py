@@ -39,6 +39,7 @@ from xofs.cache import Change, ObjectCache
 from xofs.client.export import ExportResponse
 from xofs.client.rest import DISK_TYPES, RestClient
 from xofs.errors import XofsError, XoProtocolError
+from xofs.export_checks import check_for
 from xofs.export_sizes import (
     UNKNOWN_DISK,
     compressed_bound,
@@ -312,7 +313,8 @@ class ExportManager:
 
         return ExportFeed(export.path, open_response, self.slots, self.buffers, readahead=self.readahead,
                           back_window=BACK_WINDOW, verify=verify, spool=spool, resume_at=resume_at,
-                          repeatable=not self.live(export), resuming=resuming)
+                          repeatable=not self.live(export), resuming=resuming,
+                          check=check_for(export.path, export.fmt, compression_of(export.query)))
 
     async def _start(self, feed: ExportFeed) -> None:
         if self._nursery is None:
@@ -374,6 +376,8 @@ class ExportFile:
         self._resume_at = 0  # where the reader of a parked export was
         self.released = False
         self._lock = trio.Lock()  # the kernel may send reads of one file concurrently: take them in turn
+        self._failure: str | None = None  # why the last read failed, and how many more failed the same way
+        self._repeats = 0
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         try:
@@ -471,11 +475,15 @@ class ExportFile:
         if too_long:
             self._too_long(*min(too_long))
         if length is not None and exact is not None and length != exact:
-            now = (self.manager.cache.get(self.export.obj_id) or {}).get("size")
-            if now == length:  # resized since the open: the reader took the file for the old size
-                raise XofsError(f"the VDI's size changed from {exact} to {length} bytes after the file was "
-                                "opened: read it again")
+            self._check_resized(exact)
             raise XofsError(f"XO's export ended after {length} bytes, but the VDI's size is {exact}")
+
+    def _check_resized(self, exact: int) -> None:
+        """The VDI was resized since the open (XO says so now): the reader took the file for the old size."""
+        now = (self.manager.cache.get(self.export.obj_id) or {}).get("size")
+        if isinstance(now, int) and now != exact:
+            raise XofsError(f"the VDI's size changed from {exact} to {now} bytes after the file was opened: "
+                            "read it again")
 
     def _beyond_end(self, offset: int, length: int) -> None:
         """A read that starts past the stream's end. Where the reader was shown a larger size, it took the
@@ -496,6 +504,7 @@ class ExportFile:
         if basis == "bound":
             raise XofsError(f"the export is longer than the upper bound of {shown} bytes computed for it; "
                             "this is a bug in xofs.export_sizes, please report it")
+        self._check_resized(shown)  # whether the end of the stream is known by now or not
         raise XofsError(f"XO's export is longer than the {shown} bytes the VDI's size says")
 
     def _error(self, err: XofsError, offset: int) -> ExportReadError:
@@ -504,8 +513,12 @@ class ExportFile:
         if self.manager.cache.get(self.export.obj_id) is None and errno_ == errno.EIO:
             errno_ = errno.ENOENT
             words += " (the object is no longer in XO)"
-        return ExportReadError(f"{self.path}: export /rest/v0/{self.export.path} at offset {offset}: {words}",
-                               object_id=self.export.obj_id, errno_=errno_)
+        error = ExportReadError(f"{self.path}: export /rest/v0/{self.export.path} at offset {offset}: {words}",
+                                object_id=self.export.obj_id, errno_=errno_)
+        error.repeated = words == self._failure
+        self._repeats += error.repeated
+        self._failure = words
+        return error
 
     async def write(self, offset: int, data: bytes) -> int:
         raise XofsError("exports are read-only", errno_=errno.EPERM)
@@ -519,6 +532,9 @@ class ExportFile:
     async def release(self) -> None:
         self.released = True
         self.manager.open_files.discard(self)
+        if self._repeats:
+            log.info("%s: %d more reads failed as the first did (each logged at debug level)", self.path,
+                     self._repeats)
         if self.feed is not None:
             feed, self.feed = self.feed, None
             if not feed.done:

@@ -91,7 +91,8 @@ def _op(fn: F) -> F:
                 log.debug("%s %s: %s", fn.__name__, self.describe(fn.__name__, args), os.strerror(err.errno))
             raise
         except XofsError as err:
-            log.warning("%s %s: %s", fn.__name__, self.describe(fn.__name__, args), err.describe())
+            log.log(logging.DEBUG if err.repeated else logging.WARNING, "%s %s: %s", fn.__name__,
+                    self.describe(fn.__name__, args), err.describe())
             raise pyfuse3.FUSEError(err.errno) from None
         except Exception:
             log.exception("%s %s: unexpected failure", fn.__name__, self.describe(fn.__name__, args))

@@ -1,0 +1,215 @@
+"""The structural checks of exports that ended cleanly (xofs/export_checks.py): whole exports pass however
+their bytes are split; exports cut anywhere fail, the framing of a compressed stream included."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import random
+import tarfile
+import zlib
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tests.test_formats import TIMESTAMP, UUID, _vm_with_disks
+from xofs.export_checks import ExportMalformed, GzipCheck, TarCheck, VhdCheck, ZstdCheck, check_for
+from xofs.formats import vhd, xva
+from xofs.sim.disks import GeneratedDisk
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 1 << 20
+EXPORTS = Path("/work/shared/reference/real-xo/exports")
+
+
+def feed(check, data: bytes, pieces: int | str = "random") -> None:
+    """Feed `data` in pieces of that size (or of random sizes), then end it."""
+    view, at = memoryview(data), 0
+    rng = random.Random(len(data))
+    while at < len(data):
+        n = rng.choice((1, 3, 511, 512, 4096, 65536, MiB)) if pieces == "random" else pieces
+        check.feed(view[at:at + n])
+        at += n
+    check.finish(len(data))
+
+
+def passes(make, data: bytes) -> None:
+    for pieces in ("random", 1 if len(data) < 64 << 10 else 4093, MiB):
+        feed(make(), data, pieces)
+
+
+def fails(make, data: bytes, match: str) -> None:
+    with pytest.raises(ExportMalformed, match=match):
+        feed(make(), data)
+
+
+@pytest.fixture(scope="module")
+def vhd_stream() -> bytes:
+    disk = GeneratedDisk(1, "check", 24 * MiB + 4096, 0.5)
+    return b"".join(vhd.dynamic_vhd_stream(disk, uuid=UUID, timestamp=TIMESTAMP))
+
+
+def test_a_whole_vhd_passes_and_one_cut_anywhere_fails(vhd_stream):
+    passes(lambda: VhdCheck("vdis/x.vhd"), vhd_stream)
+    block = 512 + 2 * MiB
+    end = len(vhd_stream)
+    cuts = [0, 100, 511, 512, 1000, 1536, 1540, 2047, end - 512, end - 512 - block, end - 1, end - 511,
+            end - 512 - 1, 2048 + block, *random.Random(1).sample(range(2048, end), 20)]
+    for cut in cuts:
+        with pytest.raises(ExportMalformed, match=r"export vdis/x\.vhd is not a whole VHD: .*"):
+            feed(VhdCheck("vdis/x.vhd"), vhd_stream[:cut])
+
+
+def test_a_vhd_cut_where_a_block_ends_says_what_its_block_table_needs(vhd_stream):
+    end = len(vhd_stream)
+    fails(lambda: VhdCheck("vdis/x.vhd"), vhd_stream[:end - 512],
+          rf"ended after {end - 512} bytes, before the end of the blocks its block table maps and its footer "
+          rf"\({end} bytes\): it was cut short")
+
+
+def test_a_vhd_whose_last_bytes_are_not_its_footer_fails(vhd_stream):
+    damaged = vhd_stream[:-512] + vhd_stream[-1024:-512]
+    fails(lambda: VhdCheck("x"), damaged, "its last 512 bytes .* are not its footer")
+
+
+def test_what_is_not_a_dynamic_vhd_fails_at_its_start(vhd_stream):
+    check = VhdCheck("x")
+    with pytest.raises(ExportMalformed, match="its first 512 bytes are not a VHD footer copy"):
+        check.feed(memoryview(b"\0" * 4096))
+    fixed = bytearray(vhd_stream[:512])
+    fixed[60:64] = (2).to_bytes(4, "big")
+    fixed[64:68] = vhd.vhd_checksum(bytes(fixed), 64).to_bytes(4, "big")
+    with pytest.raises(ExportMalformed, match="disk type 2 is neither dynamic nor differencing"):
+        VhdCheck("x").feed(memoryview(bytes(fixed)))
+    header = bytearray(vhd_stream[:4096])
+    header[512 + 40] ^= 1  # its checksum no longer matches
+    with pytest.raises(ExportMalformed, match="its dynamic header at offset 512: invalid header checksum"):
+        VhdCheck("x").feed(memoryview(bytes(header)))
+
+
+def test_the_recorded_export_of_a_real_xo_passes():
+    """XAPI's VHD export as a real xo-server passed it on (8 394 752 bytes; its head and tail recorded, its
+    blocks' data, which the check never looks at, replaced by zeros), and cut short by one block."""
+    head = (EXPORTS / "vdi-vhd.test-01-root.body.head4096").read_bytes()
+    tail = (EXPORTS / "vdi-vhd.test-01-root.body.tail512").read_bytes()
+    body = head + bytes(8_394_752 - len(head) - len(tail)) + tail
+    passes(lambda: VhdCheck("x"), body)
+    short = head + bytes(8_394_752 - 2 * MiB - 512 - len(head) - len(tail)) + tail
+    fails(lambda: VhdCheck("x"), short, r"before the end of the blocks its block table maps and its footer "
+          r"\(8394752 bytes\)")
+
+
+@pytest.fixture(scope="module")
+def xva_stream() -> bytes:
+    vm, disks, vbds, srs = _vm_with_disks()
+    return b"".join(xva.xva_stream(vm, disks, vbds=vbds, srs=srs))
+
+
+def _member_ends(data: bytes) -> list[int]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return [m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers()]
+
+
+def test_a_whole_xva_passes_and_one_cut_anywhere_fails(xva_stream):
+    passes(lambda: TarCheck("vms/x.xva", "XVA"), xva_stream)
+    ends = _member_ends(xva_stream)
+    last = ends[-1]
+    cuts = [0, 511, 512, *ends[:40:7], *ends[-3:], last + 512, last + 1023,
+            *random.Random(2).sample(range(last), 20)]
+    for cut in cuts:
+        with pytest.raises(ExportMalformed, match=r"export vms/x\.xva is not a whole XVA: it ended after"):
+            feed(TarCheck("vms/x.xva", "XVA"), xva_stream[:cut])
+    fails(lambda: TarCheck("x", "XVA"), xva_stream[:last],
+          rf"it ended after {last} bytes \({len(ends)} members\), before the tar header or end mark due at "
+          rf"offset {last}: it was cut short")
+    feed(TarCheck("x", "XVA"), xva_stream[:last + 1024])  # two zero blocks end it; the padding is optional
+
+
+def test_any_tar_passes_and_damage_fails(xva_stream):
+    """Other writers' tars (pax headers, long names, directories, GNU format) walk the same way."""
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+            for name, size in (("d" * 150 if fmt != tarfile.USTAR_FORMAT else "dir", 0), ("a/" + "n" * 90, 3000),
+                               ("empty", 0), ("b", 512)):
+                info = tarfile.TarInfo(name)
+                info.size = size
+                tar.addfile(info, io.BytesIO(bytes(size)))
+            info = tarfile.TarInfo("sub")
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        passes(lambda: TarCheck("x", "XVA"), out.getvalue())
+    damaged = bytearray(xva_stream)
+    second = _member_ends(xva_stream)[0]
+    damaged[second + 10] ^= 0xFF  # a letter of the first chunk's name: its header's checksum is wrong
+    fails(lambda: TarCheck("x", "XVA"), bytes(damaged), rf"the tar header at offset {second} \(member 2\) has a "
+          "wrong checksum")
+
+
+def _cut_tar(xva_stream: bytes) -> bytes:
+    """The tar XAPI would have written had it stopped after its tenth member: a clean end of the pipe."""
+    return xva_stream[:_member_ends(xva_stream)[9]]
+
+
+@pytest.mark.parametrize("method", ["zstd", "gzip"])
+def test_a_whole_compressed_xva_passes_and_one_cut_anywhere_fails(xva_stream, method):
+    def make():
+        label = f"vms/x.xva?compress={method}"
+        return check_for(label, "xva", method)
+    packed = b"".join(xva.compress_stream([xva_stream], method))
+    passes(make, packed)
+    for cut in [0, 3, 10, len(packed) - 1, len(packed) - 4, *random.Random(3).sample(range(len(packed)), 15)]:
+        with pytest.raises(ExportMalformed, match=rf"is not a whole {method} stream: (it ended after|it does not)"):
+            feed(make(), packed[:cut])
+    # XAPI's tar cut short still compresses into a well-formed stream: the tar inside says so
+    fails(make, b"".join(xva.compress_stream([_cut_tar(xva_stream)], method)),
+          rf"is not a whole XVA inside the {method} stream: it ended after .* \(10 members\)")
+
+
+def test_several_zstd_frames_and_skippable_frames_pass(xva_stream):
+    half = len(xva_stream) // 2
+    parts = [zstandard.ZstdCompressor(level=1, write_checksum=True).compress(xva_stream[:half]),
+             (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"12345",
+             zstandard.ZstdCompressor(level=1, write_content_size=False).compress(xva_stream[half:])]
+    passes(lambda: ZstdCheck("x", TarCheck("x", "XVA")), b"".join(parts))
+    fails(lambda: ZstdCheck("x", TarCheck("x", "XVA")), b"".join(parts) + b"\0\0\0\0",
+          f"no zstd frame starts at offset {len(b''.join(parts))}")
+
+
+def test_several_gzip_members_pass_and_trailing_bytes_fail(xva_stream):
+    half = len(xva_stream) // 2
+    packed = gzip.compress(xva_stream[:half], 1) + gzip.compress(xva_stream[half:], 1)
+    passes(lambda: GzipCheck("x", TarCheck("x", "XVA")), packed)
+    fails(lambda: GzipCheck("x", TarCheck("x", "XVA")), packed + b"junk", "it does not inflate")
+    damaged = bytearray(packed)
+    damaged[-6] ^= 1  # the last member's CRC
+    fails(lambda: GzipCheck("x", TarCheck("x", "XVA")), bytes(damaged), "it does not inflate")
+
+
+def test_highly_compressible_content_is_inflated_in_bounded_pieces():
+    """1 GiB of zeros in a few KiB of gzip: the check never holds more than a piece of it."""
+    out = io.BytesIO()
+    info = tarfile.TarInfo("zeros")
+    info.size = 1 << 30
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out.write(packer.compress(info.tobuf(tarfile.USTAR_FORMAT)))
+    zeros = bytes(16 * MiB)
+    for _ in range(64):
+        out.write(packer.compress(zeros))
+    out.write(packer.compress(bytes(1024)) + packer.flush())
+    check = GzipCheck("x", TarCheck("x", "XVA"))
+    pieces = []
+    check._sink.write = lambda data: pieces.append(len(data)) or len(data)  # type: ignore[method-assign]
+    check.feed(memoryview(out.getvalue()))
+    assert sum(pieces) == 512 + (1 << 30) + 1024 and max(pieces) <= MiB
+
+
+def test_which_exports_are_checked():
+    assert check_for("vdis/x.raw", "raw", None) is None
+    assert isinstance(check_for("vdis/x.vhd", "vhd", None), VhdCheck)
+    assert isinstance(check_for("vms/x.xva", "xva", None), TarCheck)
+    assert isinstance(check_for("vms/x.xva?compress=zstd", "xva", "zstd"), ZstdCheck)
+    assert isinstance(check_for("vms/x.xva?compress=gzip", "xva", "gzip"), GzipCheck)
+    assert check_for("vms/x.ova", "ova", None) is None
