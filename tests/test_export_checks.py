@@ -125,6 +125,12 @@ def test_a_whole_xva_passes_and_one_cut_anywhere_fails(xva_stream):
           rf"it ended after {last} bytes \({len(ends)} members\), before the tar header or end mark due at "
           rf"offset {last}: it was cut short")
     feed(TarCheck("x", "XVA"), xva_stream[:last + 1024])  # two zero blocks end it; the padding is optional
+    assert len(xva_stream) > last + 1024 + 512 and len(xva_stream) % 10240 == 0
+    for cut in (last + 1024 + 512, last + 1024 + 1, len(xva_stream) - 512, len(xva_stream) - 1):
+        # inside the padding to a whole record (QA: the copy was short, and its length learnt as exact)
+        fails(lambda: TarCheck("x", "XVA"), xva_stream[:cut],
+              rf"it ended after {cut} bytes, inside the padding after its end-of-archive mark \(a whole archive "
+              rf"ends at {last + 1024} or {len(xva_stream)}\): it was cut short")
 
 
 def test_any_tar_passes_and_damage_fails(xva_stream):
@@ -166,6 +172,8 @@ def test_a_whole_compressed_xva_passes_and_one_cut_anywhere_fails(xva_stream, me
     # XAPI's tar cut short still compresses into a well-formed stream: the tar inside says so
     fails(make, b"".join(xva.compress_stream([_cut_tar(xva_stream)], method)),
           rf"is not a whole XVA inside the {method} stream: it ended after .* \(10 members\)")
+    fails(make, b"".join(xva.compress_stream([xva_stream[:-512]], method)),
+          rf"is not a whole XVA inside the {method} stream: .* inside the padding after its end-of-archive mark")
 
 
 def test_several_zstd_frames_and_skippable_frames_pass(xva_stream):

@@ -438,3 +438,26 @@ def test_an_export_ended_early_but_cleanly_makes_cp_fail(fresh_sim, make_mount, 
         assert run("cp", str(src), str(tmp_path / "out")).returncode == 0
         assert sha256_of(tmp_path / "out") == sha256_of(curl(fresh_sim, export, tmp_path / "want"))
         assert xattr(src, "user.xo.size_exact") == b"true"
+
+
+def test_an_xva_ended_in_the_padding_of_its_last_record_makes_cp_fail(fresh_sim, make_mount, tmp_path):
+    """Every tar member whole, the end mark there, only the padding to a whole 10 KiB record cut: QA found
+    `cp` exited 0 with a copy one byte short, and the short length learnt as exact (which then failed the
+    next, whole copy as "changed in between")."""
+    vms = fresh_sim.get_json("/rest/v0/vms?fields=id,name_label")
+    export = f"vms/{next(v['id'] for v in vms if v['name_label'] == 'db-01')}.xva"
+    whole = curl(fresh_sim, export, tmp_path / "want").stat().st_size
+    mount = make_mount(fresh_sim)
+    src = mount.mountpoint / export
+    _wait_for(src)
+    knob = json.dumps({"end_export_after_bytes": whole - 1}).encode()
+    status, _, _ = fresh_sim.request("POST", "/_sim/faults", knob, {"Content-Type": "application/json"})
+    assert status == 200
+    result = run("cp", str(src), str(tmp_path / "out"))
+    assert result.returncode != 0 and "Input/output error" in result.stderr, result
+    assert xattr(src, "user.xo.size_exact") == b"false"
+    assert "inside the padding after its end-of-archive mark" in mount.log_text()
+    status, _, _ = fresh_sim.request("DELETE", "/_sim/faults")
+    assert status == 200
+    assert run("cp", str(src), str(tmp_path / "out")).returncode == 0
+    assert sha256_of(tmp_path / "out") == sha256_of(tmp_path / "want")

@@ -10,7 +10,8 @@ their bytes go by:
   block its block table maps, and end with a footer identical to its leading footer copy (what vhd-lib
   checks of a VHD file, and XO's end-to-end tests of an export: `conectix` in the last 512 bytes);
 - `.xva`, a tar: walked header by header (each header's checksum checked, each member skipped by its
-  size), it must reach the end-of-archive mark, two zero blocks;
+  size), it must reach the end-of-archive mark, two zero blocks, and end there or at the end of that
+  10 KiB record (its padding);
 - `.xva.zst` and `.xva.gz`: the compressed framing must end at the end of a frame (zstd, walked block by
   block) or of a gzip member (its CRC and length checked), and what it decompresses to must be a whole
   `.xva`: XAPI compresses its tar through a pipe, so a tar cut short still compresses into a well-formed
@@ -45,6 +46,7 @@ from xofs.formats.vhd import (
 )
 
 TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # the blocking factor of GNU tar, Python's tarfile and XAPI's recorded exports
 _ZERO_BLOCK = bytes(TAR_BLOCK)
 _NO_DATA_TYPES = b"123456"  # tar members whose size field says nothing about data (links, devices, dirs)
 _ZSTD_MAGIC = 0xFD2FB528
@@ -201,7 +203,7 @@ class TarCheck:
         self._collect = _Collector()
         self._collect.expect(TAR_BLOCK)
         self._zero_blocks = 0
-        self._ended = False  # two zero blocks seen: whatever follows is padding
+        self._ended = False  # two zero blocks seen: what follows is padding to the end of a record
         self._members = 0
 
     def _bad(self, why: str) -> ExportMalformed:
@@ -247,6 +249,13 @@ class TarCheck:
             where = ("inside its end-of-archive mark" if self._zero_blocks else
                      f"before the tar header or end mark due at offset {self._next}")
             raise self._bad(f"it ended after {length} bytes ({self._members} members), {where}: it was cut short")
+        # A tar ends right after its end mark, or pads it to a whole record: the simulator's, as the recorded
+        # exports, and GNU's and Python's to 10 KiB. An end anywhere else is a cut in that padding: every
+        # member is whole, but the length (which would be learnt as exact) and the bytes are not XO's.
+        ends = (self._next, -(-self._next // TAR_RECORD) * TAR_RECORD)
+        if length not in ends:
+            raise self._bad(f"it ended after {length} bytes, inside the padding after its end-of-archive mark "
+                            f"(a whole archive ends at {ends[0]} or {ends[1]}): it was cut short")
 
 
 def _tar_size(field: bytes) -> int | None:
