@@ -588,6 +588,24 @@ async def test_an_export_ended_early_but_cleanly_fails_and_its_length_is_not_lea
         assert not m.attrs(export).exact
 
 
+async def test_only_failures_in_a_row_are_logged_as_repeats(fresh_sim, tmp_path):
+    """A failure after a read that succeeded is a new incident, logged as a warning again (review)."""
+    vdi = import_raw(fresh_sim, disk_bytes(SMALL, 8), "again")
+    async with running(fresh_sim, tmp_path / "spool") as m:
+        export = vdi_export(m, vdi, "vhd")
+        f = await m.open(export, "/vdis/again.vhd")
+        beyond = m.attrs(export).size - 1  # the bound's last byte: past the real end
+        repeated = []
+        for offset in (beyond, beyond, 0, beyond):
+            try:
+                assert await f.read(offset, 4096)
+            except XofsError as err:
+                assert "the read starts beyond the end of the export" in err.describe()
+                repeated.append(err.repeated)
+        assert repeated == [False, True, False]
+        await f.release()
+
+
 async def test_a_read_of_a_stream_that_stops_coming_answers_what_came_also_at_the_end(fresh_sim, tmp_path):
     """A read waited for its whole MiB: a stream that trickles (a byte now and then, so the read timeout
     never fires) held the reader in the kernel, where not even SIGKILL ends it. After `partial_after` it

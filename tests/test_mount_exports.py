@@ -420,12 +420,12 @@ def test_an_export_ended_early_but_cleanly_makes_cp_fail(fresh_sim, make_mount, 
     assert status == 200
     result = run("cp", str(src), str(tmp_path / "out"))
     assert result.returncode != 0 and "Input/output error" in result.stderr, result
-    opens = 1
     if name == "vhd":
         synced = run("rsync", str(src), str(tmp_path / "synced"))
         assert synced.returncode != 0 and not (tmp_path / "synced").exists(), synced
-        opens += 2  # rsync tries a file whose read failed once more
-    assert fresh_sim.get_json("/_sim/stats")["exports_ended_early"] == opens
+    opens = fresh_sim.get_json("/_sim/stats")["exports_ended_early"]
+    # cp's, and rsync's: rsync 3.2 tries a file whose read failed once more
+    assert opens == 1 if name != "vhd" else opens in (2, 3), opens
     assert xattr(src, "user.xo.size_exact") == b"false"
     kind = {"vhd": "VHD", "xva": "XVA", "xva.zst": "zstd stream", "xva.gz": "gzip stream"}[name]
     failures = [line for line in mount.log_text().splitlines() if f"/{export}" in line and " WARNING " in line]

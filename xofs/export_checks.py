@@ -17,9 +17,12 @@ their bytes go by:
   `.xva`: XAPI compresses its tar through a pipe, so a tar cut short still compresses into a well-formed
   stream. Decompressing costs the daemon CPU, small beside what compressing costs XAPI: measured on the
   2-core build machine, 0.17 s per GiB of tar for zstd, 0.5 s for gzip (the `.vhd` check 0.002 s, the
-  `.xva` walk 0.02 s), in pieces of 512 KiB as the socket hands them over.
+  `.xva` walk 0.02 s), in pieces of 512 KiB as the socket hands them over. The decompressing checks run
+  in a worker thread: very compressible data (uniform, not zero, which XAPI does not skip) can take one
+  of them a second per piece.
 
-Each check sees every byte once, in order, and keeps a few KiB whatever the export's size. A check that
+Each check sees every byte once, in order, and holds little whatever the export's size: a few KiB, and
+for zstd the decompressor's window (2 MiB at the zstd tool's default level). A check that
 fails raises `ExportMalformed` (EIO); the feed then fails its reads, so a copy ends in an error instead of
 a short file, and the wrong length is never learnt as exact.
 """
@@ -46,7 +49,7 @@ from xofs.formats.vhd import (
 )
 
 TAR_BLOCK = 512
-TAR_RECORD = 20 * TAR_BLOCK  # the blocking factor of GNU tar, Python's tarfile and XAPI's recorded exports
+TAR_RECORD = 20 * TAR_BLOCK  # GNU tar's and Python's blocking factor, and the simulator's (XAPI pads nothing)
 _ZERO_BLOCK = bytes(TAR_BLOCK)
 _NO_DATA_TYPES = b"123456"  # tar members whose size field says nothing about data (links, devices, dirs)
 _ZSTD_MAGIC = 0xFD2FB528
@@ -59,6 +62,8 @@ class ExportMalformed(XofsError):
 
 
 class StreamCheck(Protocol):
+    costly: bool  # it decompresses: fed in a worker thread, not in the thread that answers the kernel
+
     def feed(self, data: memoryview) -> None:
         """The next bytes of the stream; raises ExportMalformed as soon as they cannot be right."""
 
@@ -106,6 +111,8 @@ class _Collector:
 
 class VhdCheck:
     """A dynamic or differencing VHD: leading footer copy, dynamic header, block table, blocks, footer."""
+
+    costly = False
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -195,6 +202,8 @@ class VhdCheck:
 class TarCheck:
     """A tar stream (an XVA): walked from header to header up to its end-of-archive mark."""
 
+    costly = False
+
     def __init__(self, label: str, what: str) -> None:
         self.label = label
         self.what = what
@@ -249,9 +258,10 @@ class TarCheck:
             where = ("inside its end-of-archive mark" if self._zero_blocks else
                      f"before the tar header or end mark due at offset {self._next}")
             raise self._bad(f"it ended after {length} bytes ({self._members} members), {where}: it was cut short")
-        # A tar ends right after its end mark, or pads it to a whole record: the simulator's, as the recorded
-        # exports, and GNU's and Python's to 10 KiB. An end anywhere else is a cut in that padding: every
-        # member is whole, but the length (which would be learnt as exact) and the bytes are not XO's.
+        # A tar ends right after its end mark (XAPI's writer, ocaml-tar), or pads it to a whole record (GNU
+        # tar, Python, and the simulator, as the recordings of its fake XAPI: 10 KiB). An end anywhere else
+        # is a cut in that padding: every member is whole, but the length (which would be learnt as exact)
+        # and the bytes are not XO's.
         ends = (self._next, -(-self._next // TAR_RECORD) * TAR_RECORD)
         if length not in ends:
             raise self._bad(f"it ended after {length} bytes, inside the padding after its end-of-archive mark "
@@ -285,6 +295,8 @@ class _TarSink:
 class ZstdCheck:
     """A zstd stream: frames walked block by block (skippable frames skipped), its content checked as a
     tar. The walk, not the decompressor, decides where frames end: it needs no decompression to do so."""
+
+    costly = True
 
     def __init__(self, label: str, tar: TarCheck) -> None:
         self.label = label
@@ -366,6 +378,8 @@ class ZstdCheck:
 class GzipCheck:
     """One or more gzip members, each inflated (zlib checks its CRC and length), the content checked as
     a tar."""
+
+    costly = True
 
     def __init__(self, label: str, tar: TarCheck) -> None:
         self.label = label

@@ -211,7 +211,7 @@ class ExportFeed:
                  resume_at: int = 0, repeatable: bool = True, resuming: bool = False,
                  check: StreamCheck | None = None) -> None:
         self.label = label  # the export's path, for log lines
-        self._format = check  # checks that a clean end of the stream is the end of its format (export_checks)
+        self._end_check = check  # whether a clean end of the stream is the end of its format (export_checks)
         # Whether a second export would give the same bytes (false for a running VM and its disks): only
         # then may the export be parked, since its restart must match what it delivered.
         self.repeatable = repeatable
@@ -341,25 +341,34 @@ class ExportFeed:
             n = await response.receive_into(buffer[filled:])
             if not n:
                 break
+            if self._end_check is not None:
+                await self._feed_check(buffer[filled:filled + n])
             self._take(buffer[filled:filled + n], buffer[:filled + n])
             filled += n
         if self._verify is not None and not self.verified:
             raise StreamChanged(f"export {self.label} is now {self.received} bytes long, shorter than the "
                                 f"{self._verify[0]} bytes an earlier export of it already handed out")
-        if self._format is not None:
-            self._format.finish(self.received)
+        if self._end_check is not None:
+            self._end_check.finish(self.received)
         self.length = self.received
         if self.spool is not None:
             await self._flush_pending()
             self.spool.finish(self.length)
         self._wake_readers()
 
+    async def _feed_check(self, data: memoryview) -> None:
+        """Show the end check the bytes that just came. A decompressing one runs in a worker thread: a piece
+        of very compressible data can take it a second, which the mount's other operations must not wait."""
+        assert self._end_check is not None
+        if self._end_check.costly:
+            await trio.to_thread.run_sync(self._end_check.feed, data)
+        else:
+            self._end_check.feed(data)
+
     def _take(self, data: memoryview, whole: memoryview) -> None:
         """`data` just arrived at the end of `whole`, the filled part of its receive buffer."""
         if not self.verified:
             self._check(data)
-        if self._format is not None:
-            self._format.feed(data)
         self._hash.update(data)
         self.received += len(data)
         if self.spool is not None:

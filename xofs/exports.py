@@ -376,8 +376,8 @@ class ExportFile:
         self._resume_at = 0  # where the reader of a parked export was
         self.released = False
         self._lock = trio.Lock()  # the kernel may send reads of one file concurrently: take them in turn
-        self._failure: str | None = None  # why the last read failed, and how many more failed the same way
-        self._repeats = 0
+        self._failure: str | None = None  # why the last read failed (None once a read succeeded)
+        self._repeats = 0  # reads since the one logged that failed the same way (logged at debug level)
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
         try:
@@ -408,6 +408,9 @@ class ExportFile:
         finally:
             self._lock.release()
         self.position = offset + len(data)
+        if self._failure is not None:  # a later failure, even the same one, is a new incident
+            self._count_repeats()
+            self._failure = None
         return data
 
     async def _source(self, offset: int) -> ExportFeed | SpoolEntry:
@@ -516,9 +519,19 @@ class ExportFile:
         error = ExportReadError(f"{self.path}: export /rest/v0/{self.export.path} at offset {offset}: {words}",
                                 object_id=self.export.obj_id, errno_=errno_)
         error.repeated = words == self._failure
-        self._repeats += error.repeated
+        if error.repeated:
+            self._repeats += 1
+        else:
+            self._count_repeats()
         self._failure = words
         return error
+
+    def _count_repeats(self) -> None:
+        """One line for the reads that failed as the one logged before them did, once they stop."""
+        if self._repeats:
+            log.info("%s: %d more reads failed as the one logged before them (each logged at debug level)",
+                     self.path, self._repeats)
+        self._repeats = 0
 
     async def write(self, offset: int, data: bytes) -> int:
         raise XofsError("exports are read-only", errno_=errno.EPERM)
@@ -532,9 +545,7 @@ class ExportFile:
     async def release(self) -> None:
         self.released = True
         self.manager.open_files.discard(self)
-        if self._repeats:
-            log.info("%s: %d more reads failed as the first did (each logged at debug level)", self.path,
-                     self._repeats)
+        self._count_repeats()
         if self.feed is not None:
             feed, self.feed = self.feed, None
             if not feed.done:

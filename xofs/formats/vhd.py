@@ -407,8 +407,8 @@ def bitmap_size(block_size: int) -> int:
 def mapped_end(table: bytes, block_size: int) -> int | None:
     """The end of the last block that a piece of a block table maps (its sector bitmap, then its data),
     None if the piece maps none. `table` holds whole 4-byte entries."""
-    used = [sector for (sector,) in struct.iter_unpack(">I", table) if sector != BAT_UNUSED]
-    return max(used) * SECTOR + bitmap_size(block_size) + block_size if used else None
+    last = max((sector for (sector,) in struct.iter_unpack(">I", table) if sector != BAT_UNUSED), default=None)
+    return None if last is None else last * SECTOR + bitmap_size(block_size) + block_size
 
 
 def _check_bat(bat: tuple[int, ...], metadata_end: int, stride: int) -> list[tuple[int, int]]:

@@ -177,12 +177,12 @@ class Exporter:
             cleanup(completed)
 
     async def _pump(self, req: Request, out: StreamSender, chunks: Iterator[bytes], in_thread: bool) -> bool:
-        """Move the chunks to the client; False if a fault cut or stalled the stream."""
+        """Move the chunks to the client; False if a fault cut, ended early or stalled the stream."""
         end = object()
         knobs = {"cut": self.faults.cut_export_after_bytes, "end": self.faults.end_export_after_bytes,
                  "stall": self.faults.stall_export_after_bytes}
         stop = min((n for n in knobs.values() if n is not None), default=None)
-        fault = next((kind for kind, n in knobs.items() if n == stop), None)
+        fault = next((kind for kind, n in knobs.items() if n == stop), "")
         first = True
         while True:
             chunk = await trio.to_thread.run_sync(next, chunks, end) if in_thread else next(chunks, end)
@@ -198,7 +198,7 @@ class Exporter:
             for piece in _pieces(chunk, self.faults.export_chunk_bytes):
                 if stop is not None and out.sent + len(piece) >= stop:
                     await out.write(piece[: stop - out.sent])
-                    self.faults.note_export_fault(fault or "cut")
+                    self.faults.note_export_fault(fault)
                     if fault == "end":
                         await out.end()  # XAPI's answer ended early: XO ends its own cleanly
                     elif fault == "stall":
