@@ -514,23 +514,33 @@ async def test_a_waiting_reader_takes_the_slot_of_an_idle_export(xo, tmp_path):
         assert export_gets(xo, a_export.path) == gets_a + 2 and export_gets(xo, b_export.path) >= gets_b + 1
 
 
+def set_faults(sim: SimProcess, **knobs: object) -> None:
+    status, _, body = sim.request("POST", "/_sim/faults", json.dumps(knobs).encode(),
+                                  {"Content-Type": "application/json"})
+    assert status == 200, body
+
+
+async def read_until_failure(f, what: str) -> tuple[int, XofsError]:
+    """Read `f` a MiB at a time until a read fails: where, and the error. An empty read (an end) fails the test."""
+    offset = 0
+    with pytest.raises(XofsError) as err:
+        while True:
+            data = await f.read(offset, MiB)
+            assert data, f"{what} must not look like an end"
+            offset += len(data)
+    return offset, err.value
+
+
 async def test_broken_stream_fails_with_eio_naming_path_offset_and_cause(fresh_sim, tmp_path):
     vdi = import_raw(fresh_sim, disk_bytes(MEDIUM, 3), "cut")
-    status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"cut_export_after_bytes": 5 * MiB}).encode(),
-                                     {"Content-Type": "application/json"})
-    assert status == 200
+    set_faults(fresh_sim, cut_export_after_bytes=5 * MiB)
     async with running(fresh_sim, tmp_path / "spool") as m:
         export = vdi_export(m, vdi, "raw")
         f = await m.open(export, "/vdis/cut.raw")
-        offset = 0
-        with pytest.raises(XofsError) as err:
-            while True:
-                data = await f.read(offset, MiB)
-                assert data, "a cut stream must not look like an end"
-                offset += len(data)
-        assert err.value.errno == errno.EIO
+        offset, error = await read_until_failure(f, "a cut stream")
+        assert error.errno == errno.EIO
         assert offset <= 5 * MiB
-        text = err.value.describe()
+        text = error.describe()
         assert "/vdis/cut.raw" in text and f"offset {offset}" in text and vdi in text
         assert "ended early" in text or "closed" in text
         # and it stays failed: no silent resumption
@@ -551,9 +561,7 @@ async def test_a_raw_resized_after_its_open_is_named_so_before_its_end_came(fres
                                          {"Content-Type": "application/json"})
         assert status == 204
         m.cache.apply("enter", {vdi: {**m.cache.get(vdi), "size": 4 * MiB}})  # the event
-        stall = json.dumps({"stall_export_after_bytes": 3 * MiB + 7}).encode()  # its end never comes
-        status, _, _ = fresh_sim.request("POST", "/_sim/faults", stall, {"Content-Type": "application/json"})
-        assert status == 200
+        set_faults(fresh_sim, stall_export_after_bytes=3 * MiB + 7)  # its end never comes
         with pytest.raises(XofsError) as err:
             await read_all(f)
         assert err.value.errno == errno.EIO
@@ -566,20 +574,13 @@ async def test_an_export_ended_early_but_cleanly_fails_and_its_length_is_not_lea
     """XO ends its answer cleanly when XAPI's stops early: the VHD's own structure tells the cut (the mount
     test does the same with cp and rsync, and the other formats; test_export_checks.py every cut)."""
     vdi = import_raw(fresh_sim, disk_bytes(MEDIUM, 4), "ends")
-    status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"end_export_after_bytes": 5 * MiB}).encode(),
-                                     {"Content-Type": "application/json"})
-    assert status == 200
+    set_faults(fresh_sim, end_export_after_bytes=5 * MiB)
     async with running(fresh_sim, tmp_path / "spool") as m:
         export = vdi_export(m, vdi, "vhd")
         f = await m.open(export, "/vdis/ends.vhd")
-        offset = 0
-        with pytest.raises(XofsError) as err:
-            while True:
-                data = await f.read(offset, MiB)
-                assert data, "an export ended early must not look like its end"
-                offset += len(data)
-        assert err.value.errno == errno.EIO and offset <= 5 * MiB and not err.value.repeated
-        text = err.value.describe()
+        offset, error = await read_until_failure(f, "an export ended early")
+        assert error.errno == errno.EIO and offset <= 5 * MiB and not error.repeated
+        text = error.describe()
         assert "/vdis/ends.vhd" in text and vdi in text and "is not a whole VHD: it ended after 5242880 bytes" in text
         with pytest.raises(XofsError) as again:  # as rsync does: on past the failure (logged at debug level)
             await f.read(offset + MiB, MiB)
@@ -613,9 +614,7 @@ async def test_a_read_of_a_stream_that_stops_coming_answers_what_came_also_at_th
     the stream to pass the size, unbounded), from the memory window and from the spool."""
     small = disk_bytes(300_000, 12)
     vdi = import_raw(fresh_sim, small, "trickle")
-    status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"stall_export_after_bytes": 100_000}).encode(),
-                                     {"Content-Type": "application/json"})
-    assert status == 200
+    set_faults(fresh_sim, stall_export_after_bytes=100_000)
     async with running(fresh_sim, tmp_path / "spool", partial_after=1.0) as m:
         export = vdi_export(m, vdi, "raw")
         f = await m.open(export, "/vdis/trickle.raw")
