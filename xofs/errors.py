@@ -22,8 +22,8 @@ class XofsError(Exception):
         self.object_id = object_id
         if errno_ is not None:
             self.errno = errno_
-        # The same failure as the last operation on the same open file met (a reader that goes on past a
-        # failed read, as rsync does, 256 KiB at a time): logged at debug level after the first.
+        # The same failure as the operation just before on the same open file met (a reader that goes on
+        # past a failed read, as rsync does, 256 KiB at a time): logged at debug level after the first.
         self.repeated = False
 
     def describe(self) -> str:
