@@ -367,6 +367,52 @@ async def test_reopen_and_change_replaces_the_vdi(fresh_sim, tmp_path) -> None:
         assert raw_export(fresh_sim, second["id"]) == expected
 
 
+@pytest.mark.parametrize("rewrite", ["truncate", "fails in XO"])
+async def test_a_failed_rewrite_of_a_whole_image_keeps_its_earlier_vdi(fresh_sim, tmp_path, rewrite) -> None:
+    """QA: within the 5 s a finished import's spool is kept, `truncate -s 1M` of a VHD (refused at its
+    close), or `rsync --inplace -I` whose upload XO refused, deleted the VDI of the whole image imported a
+    second before. Only an empty earlier image (qemu-img's first pass) is deleted with a failed rewrite."""
+    image, expected = make_vhd(tmp_path)
+    data = make_raw(tmp_path / "src.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path) as env:
+        name = "w.vhd" if rewrite == "truncate" else "w.raw"
+        await copy_in(env, name, image if rewrite == "truncate" else data)
+        [first] = env.vdis(name_label="w")
+        entry = env.entry(name)
+        f = await env.manager.open(entry, os.O_RDWR, ME, f"/{name}")
+        if rewrite == "truncate":
+            await env.manager.setattr(entry, size=1 << 20, mode=None, mtime_ns=None, path=f"/{name}")
+        else:
+            status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"fail_next_import": 1}).encode(),
+                                             {"Content-Type": "application/json"})
+            assert status == 200
+            await f.write(0, b"changed")
+        with pytest.raises(XofsError):
+            await f.flush(Caller())
+        await f.release()
+        [kept] = env.vdis(name_label="w")
+        assert kept["id"] == first["id"]
+        assert raw_export(fresh_sim, first["id"]) == (expected if rewrite == "truncate" else data)
+
+
+async def test_a_failed_rewrite_of_an_empty_image_removes_its_vdi(fresh_sim, tmp_path) -> None:
+    """qemu-img's pattern, failing: its first close imported an empty image, a VDI nobody wants."""
+    empty = tmp_path / "empty.vhd"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", str(empty), "4M"], check=True)
+    async with running(fresh_sim, tmp_path) as env:
+        await copy_in(env, "q.vhd", empty.read_bytes())
+        assert len(env.vdis(name_label="q")) == 1
+        f = await env.manager.open(env.entry("q.vhd"), os.O_RDWR, ME, "/q.vhd")
+        status, _, _ = fresh_sim.request("POST", "/_sim/faults", json.dumps({"fail_next_import": 1}).encode(),
+                                         {"Content-Type": "application/json"})
+        assert status == 200
+        await f.write(512 * 3, bytes(512))  # a change that keeps it a valid, empty VHD
+        with pytest.raises(XofsError):
+            await f.flush(Caller())
+        await f.release()
+        assert env.vdis(name_label="q") == []
+
+
 async def test_settled_import_cannot_change_in_place_but_can_be_overwritten(fresh_sim, tmp_path) -> None:
     data = make_raw(tmp_path / "src.raw", 1 << 20)
     async with running(fresh_sim, tmp_path, rewrite_grace=0) as env:

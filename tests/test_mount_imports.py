@@ -369,6 +369,25 @@ def test_truncate_beyond_the_srs_free_space_fails_and_leaves_nothing(fresh_sim, 
     assert "does not fit in SR" in mount.log_text()
 
 
+def test_a_failed_rewrite_of_a_whole_image_keeps_its_vdi(fresh_sim, make_mount, tmp_path):
+    """QA: `cp a.vhd` then, within the 5 s rewrite grace, `truncate -s 1M` of it (refused at its close:
+    no footer at its end) deleted the VDI of the whole image imported a second before."""
+    require_tool("qemu-img")
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr)
+    make_raw(tmp_path / "src.raw", 3 << 20)
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic", str(tmp_path / "src.raw"),
+       str(tmp_path / "tr.vhd"))
+    sh("cp", str(tmp_path / "tr.vhd"), str(target / "tr.vhd"))
+    first = one_vdi(fresh_sim, "tr", sr)["id"]
+    cut = sh("truncate", "-s", "1M", str(target / "tr.vhd"), check=False)
+    assert cut.returncode != 0 and "Invalid argument" in cut.stderr, cut.stderr
+    assert one_vdi(fresh_sim, "tr", sr)["id"] == first
+    assert f"the import that was to replace VDI {first} failed; that VDI, of its earlier close, stays in XO" \
+        in mount.log_text()
+
+
 def test_read_only_mount_refuses_imports(fresh_sim, make_mount, tmp_path):
     mount = make_mount(fresh_sim, "--read-only")
     sr = sr_ids(fresh_sim)[0]

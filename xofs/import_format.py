@@ -115,6 +115,21 @@ def check_complete_vhd(path: str | os.PathLike[str], size: int, data_offset: int
         raise bad("a block of its table lies past the end of the file (truncated?)")
 
 
+def vhd_maps_blocks(read: Callable[[int, int], bytes], size: int) -> bool:
+    """Whether the dynamic VHD in the file's first `size` bytes maps any block (qemu-img's empty image maps
+    none). True when its header or block table cannot be read: only an image known empty counts as one."""
+    if size < FOOTER_SIZE:
+        return False
+    data_offset = int.from_bytes(read(0, FOOTER_SIZE)[16:24], "big")
+    header = read(data_offset, HEADER_SIZE) if data_offset + HEADER_SIZE <= size else b""
+    if header[:8] != HEADER_COOKIE:
+        return True
+    _, _, table_offset, _, entries, block_size = _DYNAMIC_HEADER.unpack_from(header)
+    if block_size == 0 or table_offset + 4 * entries > size:
+        return True
+    return mapped_end(read(table_offset, 4 * entries), block_size) is not None
+
+
 def planned_vhd_length(read: Callable[[int, int], bytes], available: int) -> int | None:
     """The length a dynamic VHD will have once written in order, from its leading footer copy, its header
     and its block table: the end of the last block the table maps, plus the trailing footer.

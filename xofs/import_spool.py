@@ -8,6 +8,7 @@ are removed when a daemon starts (`clean_stale_spools`), those of a live one are
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import uuid
@@ -39,6 +40,15 @@ class Spool:
     def truncate(self, size: int) -> None:
         os.ftruncate(self._require_fd(), size)
         self.size = size
+
+    def has_data(self) -> bool:
+        """Whether any byte of the file is stored: a file only truncated to its size (qemu-img's empty raw
+        image) holds none. True where the filesystem cannot tell (SEEK_DATA unsupported)."""
+        try:
+            os.lseek(self._require_fd(), 0, os.SEEK_DATA)
+        except OSError as err:
+            return err.errno != errno.ENXIO
+        return True
 
     def remove(self) -> None:
         """Delete the file (idempotent)."""

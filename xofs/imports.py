@@ -48,7 +48,14 @@ from xofs.client.rest import RestClient
 from xofs.errors import XofsError
 from xofs.files import Caller, FileAttrs, ImportEntry, OpenFile, OpenInfo
 from xofs.formats.vhd import FOOTER_SIZE, VhdError, check_import_footer
-from xofs.import_format import ImageFormat, ImportName, check_complete_vhd, parse_name, planned_vhd_length
+from xofs.import_format import (
+    ImageFormat,
+    ImportName,
+    check_complete_vhd,
+    parse_name,
+    planned_vhd_length,
+    vhd_maps_blocks,
+)
 from xofs.import_spool import Spool, clean_stale_spools
 from xofs.import_state import ImportRecord, ImportStore, server_dir_name
 
@@ -127,6 +134,7 @@ class _Import:
     sent_description: str | None = None
     name_description: str | None = None  # set through the xattr
     superseded: str | None = None  # the VDI of an earlier close of the same content, deleted on success
+    superseded_has_data: bool = False  # that earlier image held data: it stays in XO if the rewrite fails
     upload: _Upload | None = None
     early: _Early | None = None  # an upload following the writer
     in_order: bool = True  # every write so far appended at the end (no early upload otherwise)
@@ -494,6 +502,11 @@ class ImportManager:
         """A writer changes a just-imported file: its next upload replaces the VDI of this one."""
         log.info("%s changes after its import as VDI %s: it will be imported again and that VDI replaced",
                  imp.name, imp.vdi)
+        assert imp.spool is not None  # the earlier image, still kept
+        if imp.kind.format is ImageFormat.VHD:
+            imp.superseded_has_data = vhd_maps_blocks(imp.spool.read, imp.size)
+        else:
+            imp.superseded_has_data = imp.spool.has_data()
         imp.superseded, imp.vdi = imp.vdi, None
         imp.phase = Phase.WRITING
         self._save(imp.sr_id)
@@ -844,8 +857,13 @@ class ImportManager:
                 await early.upload.done.wait()
         if imp.superseded is not None:
             superseded, imp.superseded = imp.superseded, None
+            if imp.superseded_has_data:  # a whole image rewritten (rsync --inplace, truncate): never lost
+                log.warning("%s: the import that was to replace VDI %s failed; that VDI, of its earlier close, "
+                            "stays in XO", imp.name, superseded)
+                return
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-                await self._delete_vdi(superseded, f"the import of {imp.name} that was to replace it failed")
+                await self._delete_vdi(superseded, f"the import of {imp.name} that was to replace it failed "
+                                                   "(it was of an empty image, as qemu-img writes first)")
 
     def _forget(self, imp: _Import, reason: str | None) -> None:
         """Take the entry out of its directory (the caller saves); XO is not touched, but an upload that
