@@ -3,6 +3,7 @@ imports under way."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import pytest
 
 from tests.operate_support import Daemon, NotifySocket, assert_documented, rest, status_of, wait_for, xofs
 from tests.support import MountProcess, SimProcess, force_unmount, is_mounted
-from tests.test_imports import make_raw, sr_ids, vdis
+from tests.test_imports import make_raw, make_vhd, sr_ids, vdis
 from tests.test_mount_imports import set_faults
 
 
@@ -159,6 +160,39 @@ def test_stopping_lets_a_running_import_finish(fresh_sim, make_mount, tmp_path):
     log = mount.log_text()
     assert log.index("got SIGTERM") < log.index("imported /srs/") < log.index("unmounted")
     assert [v["name_label"] for v in vdis(fresh_sim, name_label="finishing")] == ["finishing"]
+    assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []
+
+
+def test_stopping_gives_up_at_once_the_upload_that_follows_a_file_being_written(fresh_sim, make_mount, tmp_path):
+    """QA: SIGTERM with a VHD half written (its upload following the writer) while a cp waited in close()
+    for its own upload: the first was given up only after 20 s without a write, saying it would be
+    "uploaded when it is closed". No write reaches a stopping mount: it is given up at once."""
+    image, _ = make_vhd(tmp_path, size=8 << 20)
+    make_raw(tmp_path / "disk.raw", 2 << 20)
+    mount = make_mount(fresh_sim, "--import-wait", "20")
+    target = mount.mountpoint / "srs" / sr_ids(fresh_sim)[0] / "import"
+    set_faults(fresh_sim, import_bytes_per_second=200_000)  # the cp's upload takes 10 s
+    # Started before the test opens its own file: a fork closing an inherited descriptor is a FUSE flush.
+    cp = subprocess.Popen(["cp", str(tmp_path / "disk.raw"), str(target / "slow.raw")], stderr=subprocess.PIPE)
+    wait_for(lambda: any(t["phase"] == "uploading" for t in status_of(mount.mountpoint)["transfers"]), 10,
+             "the cp's upload to start")
+    fd = os.open(target / "half.vhd", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        assert os.write(fd, image[:len(image) // 2]) == len(image) // 2
+        wait_for(lambda: vdis(fresh_sim, name_label="half"), 10, "the upload that follows the writer")
+        stopped = time.monotonic()
+        mount.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "the mount is stopping while the file is being written); nothing is uploaded"
+                 in mount.log_text(), 5, "the upload to be given up")
+        assert time.monotonic() - stopped < 3, "given up only once the FUSE loop ended"
+        set_faults(fresh_sim, import_bytes_per_second=None)
+        assert mount.proc.wait(30) == 0
+        cp.wait(10)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    assert "it is uploaded when it is closed" not in mount.log_text()
+    wait_for(lambda: vdis(fresh_sim, name_label="half") == [], 10, "XO to destroy the VDI it began")
     assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []
 
 

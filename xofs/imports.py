@@ -244,10 +244,16 @@ class ImportManager:
                 for imp in imports.values():
                     self._drop_spool(imp)
 
-    async def _stop_uploads(self) -> None:
+    def stop_writers(self) -> None:
+        """The mount is stopping: no write reaches it any more (the FUSE loop reads no new request), so
+        the uploads that follow files being written are given up now (XO destroys the VDIs they began),
+        instead of after EARLY_STALL without a write, as "uploaded when it is closed", which never comes."""
         for imports in self._dirs.values():
             for imp in imports.values():
                 self._stop_early(imp, "the mount is stopping while the file is being written", final=True)
+
+    async def _stop_uploads(self) -> None:
+        self.stop_writers()
         with trio.CancelScope(shield=True) as scope:
             self._shutdown_scope = scope
             wait = 0.0 if self._no_wait else self.shutdown_wait
@@ -275,7 +281,7 @@ class ImportManager:
         out = []
         for imports in self._dirs.values():
             for imp in imports.values():
-                path = f"/srs/{imp.sr_id}/import/{imp.name}"
+                path = _mount_path(imp)
                 upload = imp.upload
                 if imp.phase is Phase.UPLOADING and upload is not None:
                     sending = upload.started is not None
@@ -461,13 +467,13 @@ class ImportManager:
         """Give up the upload that follows the writer (XO destroys the VDI it began); the close uploads,
         unless `final` (the import failed or ended: nothing will be)."""
         if imp.early is not None:
-            self._give_up(imp.early, imp.name, reason, final=final)
+            self._give_up(imp.early, _mount_path(imp), reason, final=final)
         return imp.early
 
-    def _give_up(self, early: _Early, name: str, reason: str, *, final: bool = False) -> None:
+    def _give_up(self, early: _Early, path: str, reason: str, *, final: bool = False) -> None:
         if early.stopped is None:
             early.stopped = reason
-            log.info("%s: stopped uploading while it is written (%s); %s", name, reason,
+            log.info("%s: stopped uploading while it is written (%s); %s", path, reason,
                      "nothing is uploaded" if final else "it is uploaded when it is closed")
             self._cancel(early.upload, reason)
 
@@ -675,7 +681,7 @@ class ImportManager:
             upload = imp.upload = early.upload
         else:
             if early is not None:  # what it began must be gone before XO sees another VDI of that name
-                self._give_up(early, imp.name, f"it was closed at {imp.size} bytes, not the {early.length} "
+                self._give_up(early, _mount_path(imp), f"it was closed at {imp.size} bytes, not the {early.length} "
                                                "bytes its block table announced")
                 await early.upload.done.wait()
             if self._nursery is None:
@@ -1021,6 +1027,11 @@ class ImportManager:
                                 errno_=errno.EIO) from None
             imp.sent_description = text
             self._save(imp.sr_id)
+
+
+def _mount_path(imp: _Import) -> str:
+    """The import's file as the mount shows it, for log lines."""
+    return f"/srs/{imp.sr_id}/import/{imp.name}"
 
 
 def _parse(name: str, path: str) -> ImportName:

@@ -475,6 +475,7 @@ class _Stopper:
             self.deadline = trio.current_time() + self.wait
             pyfuse3.terminate()
             self.parts.exports.stop_starting()
+            self.parts.imports.stop_writers()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._cut_after_the_wait)
                 async for signum in signals:
