@@ -771,12 +771,15 @@ async def test_a_writer_that_pauses_gives_the_early_upload_up(fresh_sim, tmp_pat
         assert raw_export(fresh_sim, vdi["id"]) == expected
 
 
-async def test_unlink_or_a_stopping_mount_while_written_leaves_no_vdi(fresh_sim, tmp_path) -> None:
+async def test_unlink_or_a_stopping_mount_while_written_leaves_no_vdi(fresh_sim, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "xofs.imports")
     image, _ = make_vhd(tmp_path, size=8 << 20)
     async with running(fresh_sim, tmp_path) as env:
         before = len(env.vdis())
         f, _ = await start_copy(env, "gone.vhd", image)
         await env.manager.unlink(env.entry("gone.vhd"), "/gone.vhd")
+        assert any(r.getMessage().endswith("/gone.vhd: stopped uploading while it is written (the file was "
+                                           "removed); nothing is uploaded") for r in caplog.records)
         assert env.vdis(name_label="gone") == [] and len(env.vdis()) == before
         await expect_error(errno.EIO, f.flush(Caller()))
         await f.release()

@@ -922,6 +922,7 @@ class ImportManager:
             self._forget(imp, "it was removed")
             self._save(imp.sr_id)
             return
+        self._stop_early(imp, "the file was removed", final=True)
         self._forget(imp, None)
         if imp.early is not None:
             with trio.move_on_after(UNLINK_WAIT):
