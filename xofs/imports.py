@@ -865,7 +865,7 @@ class ImportManager:
             superseded, imp.superseded = imp.superseded, None
             if imp.superseded_has_data:  # a whole image rewritten (rsync --inplace, truncate): never lost
                 log.warning("%s: the import that was to replace VDI %s failed; that VDI, of its earlier close, "
-                            "stays in XO", imp.name, superseded)
+                            "stays in XO", _mount_path(imp), superseded)
                 return
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 await self._delete_vdi(superseded, f"the import of {imp.name} that was to replace it failed "
