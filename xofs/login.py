@@ -33,6 +33,7 @@ from xofs.errors import XoError, XofsError, XoUnreachable, xo_error_from_rpc
 
 CALL_TIMEOUT = 30.0
 INVALID_PARAMETERS = 10  # XO's error code, answered by servers whose token.create takes no client/description
+UNKNOWN_PEER_ERROR = -32000  # an error XO does not show a socket that is not signed in (its words are generic)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -154,7 +155,7 @@ async def request_token(url: str, user: str, password: str, *, verify: bool | st
                 try:
                     await rpc.call("session.signIn", credentials)
                 except XoError as err:
-                    raise LoginError(f"XO refused the sign-in of {user}: {err.xo_message}") from None
+                    raise LoginError(f"XO refused the sign-in of {user}: {_sign_in_words(err)}") from None
                 try:
                     token = await rpc.call("token.create", params)
                 except XoError as err:
@@ -171,6 +172,16 @@ async def request_token(url: str, user: str, password: str, *, verify: bool | st
     if not isinstance(token, str) or not token:
         raise LoginError(f"token.create answered {type(token).__name__}, not a token")
     return token
+
+
+def _sign_in_words(err: XoError) -> str:
+    """XO's words for a refused sign-in. XO refuses a sign-in within 2 s of a failed one with a plain error,
+    "too fast authentication tries", which reaches a socket not signed in as -32000 "unknown error from the
+    peer" (xo-api.md): that one gets its likely cause (it also answers an empty password so)."""
+    if err.code == UNKNOWN_PEER_ERROR:
+        return (f"{err.xo_message} (XO answers so a sign-in within 2 s of a failed one, as after a wrong "
+                "password: wait a little and try again)")
+    return err.xo_message
 
 
 async def _handshake_tls(url: str, context: ssl.SSLContext) -> None:
