@@ -68,13 +68,13 @@ INSECURE_WARNING = ("WARNING: --insecure: the TLS certificate of {url} is NOT ch
 
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="the XO server, e.g. https://xo.example.org")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("mountpoint", type=Path, help="an empty directory to mount it on")
     p.add_argument("--foreground", "-f", action="store_true", help="stay attached to the terminal")
     add_arguments(p)
 
 
 def add_umount_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("mountpoint", type=Path, help="where an xofs mount is (refused while a program is inside it)")
 
 
 def run_umount(args: argparse.Namespace) -> int:

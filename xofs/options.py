@@ -145,7 +145,7 @@ OPTIONS = [
            Path, metavar="FILE"),
     Option("insecure", "do not check XO's TLS certificate at all (dangerous; warned about at every start)", None),
     Option("events", "event source: the JSON-RPC `all` feed, or XO's REST event stream (XO 5.113+)",
-           choice("jsonrpc", "sse"), "jsonrpc"),
+           choice("jsonrpc", "sse"), "jsonrpc", metavar="jsonrpc|sse"),
     Option("read_only", "refuse every write, imports included", None),
     Option("uid", "owner shown for every file (default: the user who mounts)", user_id),
     Option("gid", "group shown for every file (default: the mounting user's group)", user_id),

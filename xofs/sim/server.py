@@ -49,7 +49,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080); 0 picks a free one")
     parser.add_argument("--token", action="append", default=[], metavar="TOKEN",
                         help="accept this authentication token (repeatable); one is generated if none is given")
     parser.add_argument("--vms", type=int, default=12, help="number of VMs in the inventory (default 12)")
