@@ -31,6 +31,13 @@ class XofsError(Exception):
         return f"{self.message}{where}"
 
 
+def with_tls_hint(words: str) -> str:
+    """A failed check of XO's certificate, with the option that fixes it (`xofs mount`, `xofs login`)."""
+    if "certificate verification failed" in words:
+        return words + " (for a private CA or XOA's self-signed certificate: --ca-file FILE)"
+    return words
+
+
 class XoError(XofsError):
     """XO answered with an error. `status` is the HTTP status (0 for JSON-RPC), `xo_message` XO's words."""
 

@@ -29,7 +29,7 @@ from trio_websocket import ConnectionClosed, HandshakeError
 
 from xofs.client.auth import ssl_context
 from xofs.client.events import handshake_reason, ws_url
-from xofs.errors import XoError, XofsError, XoUnreachable, xo_error_from_rpc
+from xofs.errors import XoError, XofsError, XoUnreachable, with_tls_hint, xo_error_from_rpc
 
 CALL_TIMEOUT = 30.0
 INVALID_PARAMETERS = 10  # XO's error code, answered by servers whose token.create takes no client/description
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             client_id=f"xofs-login:{host}:{getpass.getuser()}",
             description=args.description or f"xofs login on {host}"))
     except LoginError as err:
-        print(f"xofs login: {err}", file=sys.stderr)
+        print(f"xofs login: {with_tls_hint(str(err))}", file=sys.stderr)
         return 1
     path = args.token_file or stored_token_path(url)
     try:

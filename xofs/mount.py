@@ -43,7 +43,7 @@ from xofs.credentials import (
     choose_source,
 )
 from xofs.daemon import LogSetup, Reporter, StackDumps, StartupError, detach, notify_systemd
-from xofs.errors import XoAuthError, XofsError
+from xofs.errors import XoAuthError, XofsError, with_tls_hint
 from xofs.exports import ExportManager
 from xofs.feeds import FeedRunner
 from xofs.fs import Freshness, XoFS
@@ -446,10 +446,7 @@ async def _check_server(parts: Parts) -> None:
         raise StartupError(f"{err.describe()}: XO refuses the token from {parts.credentials.describe()}") from None
     except XofsError as err:
         await parts.client.aclose()
-        words = err.describe()
-        if "certificate verification failed" in words:
-            words += " (for a private CA or XOA's self-signed certificate: --ca-file FILE)"
-        raise StartupError(words) from None
+        raise StartupError(with_tls_hint(err.describe())) from None
 
 
 class _Stopper:
