@@ -432,6 +432,7 @@ def test_an_export_ended_early_but_cleanly_makes_cp_fail(fresh_sim, make_mount, 
     # One line per open, though rsync reads on past a failed read, 256 KiB at a time.
     assert len(failures) == opens, failures
     assert all(f"is not a whole {kind}" in line and "cut short" in line for line in failures), failures
+    assert all(f"read /{export}: export /rest/v0/" in line for line in failures), failures  # the path once (QA)
     if name in ("vhd", "xva"):
         status, _, _ = fresh_sim.request("DELETE", "/_sim/faults")
         assert status == 200
