@@ -46,6 +46,13 @@ def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
         time.sleep(0.02)
 
 
+def set_faults(sim: SimProcess, **knobs: object) -> None:
+    """Set the simulator's fault knobs (docs/simulator.md); None clears one."""
+    status, _, body = sim.request("POST", "/_sim/faults", json.dumps(knobs).encode(),
+                                  {"Content-Type": "application/json"})
+    assert status == 200, body
+
+
 def require_tool(name: str) -> str:
     """The path of a tool the test needs; a missing tool fails the test with what to install."""
     path = shutil.which(name)

@@ -18,7 +18,7 @@ from functools import partial
 import pytest
 import trio
 
-from tests.support import SimProcess, require_tool
+from tests.support import SimProcess, require_tool, set_faults
 from xofs.client.rest import RestClient
 from xofs.errors import XoAuthError, XoError, XofsError, XoNotFound, XoProtocolError, XoUnreachable
 
@@ -876,12 +876,6 @@ async def test_tls_untrusted_certificate_is_unreachable_with_the_reason_and_not_
             await client.open_export("vdis/x.raw")
     await client.aclose()
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
-
-
-def set_faults(sim: SimProcess, **knobs: object) -> None:
-    status, _, body = sim.request("POST", "/_sim/faults", json.dumps(knobs).encode(),
-                                  {"Content-Type": "application/json"})
-    assert status == 200, body
 
 
 async def test_sim_stalled_export_times_out(fresh_sim):

@@ -18,18 +18,12 @@ import httpx
 import pytest
 import trio
 
-from tests.support import SimProcess, require_tool, wait_for
+from tests.support import SimProcess, require_tool, set_faults, wait_for
 from xofs.client.rest import RestClient
 from xofs.client.upload import BLOCK, DROP_EVERY, DROP_LAG
 from xofs.errors import XoError
 
 MiB = 1 << 20
-
-
-def set_faults(sim: SimProcess, **knobs: object) -> None:
-    status, _, body = sim.request("POST", "/_sim/faults", json.dumps(knobs).encode(),
-                                  {"Content-Type": "application/json"})
-    assert status == 200, body
 
 
 def user_sr(sim: SimProcess) -> dict:

@@ -19,7 +19,7 @@ import pytest
 import trio
 import zstandard
 
-from tests.support import SimProcess
+from tests.support import SimProcess, set_faults
 from xofs.cache import COLLECTIONS, ObjectCache
 from xofs.client.rest import RestClient
 from xofs.errors import XofsError
@@ -512,12 +512,6 @@ async def test_a_waiting_reader_takes_the_slot_of_an_idle_export(xo, tmp_path):
         await a.release()
         await b.release()
         assert export_gets(xo, a_export.path) == gets_a + 2 and export_gets(xo, b_export.path) >= gets_b + 1
-
-
-def set_faults(sim: SimProcess, **knobs: object) -> None:
-    status, _, body = sim.request("POST", "/_sim/faults", json.dumps(knobs).encode(),
-                                  {"Content-Type": "application/json"})
-    assert status == 200, body
 
 
 async def read_until_failure(f, what: str) -> tuple[int, XofsError]:

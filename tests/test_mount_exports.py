@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.operate_support import status_of
-from tests.support import MountProcess, SimProcess, require_tool
+from tests.support import MountProcess, SimProcess, require_tool, set_faults
 from tests.test_exports import MEDIUM, SMALL, disk_bytes, import_raw
 from xofs.export_stream import RECEIVE
 
@@ -415,9 +415,7 @@ def test_an_export_ended_early_but_cleanly_makes_cp_fail(fresh_sim, make_mount, 
     mount = make_mount(fresh_sim)
     src = mount.mountpoint / export
     _wait_for(src)
-    knob = json.dumps({"end_export_after_bytes": 3 * MiB + 512}).encode()
-    status, _, _ = fresh_sim.request("POST", "/_sim/faults", knob, {"Content-Type": "application/json"})
-    assert status == 200
+    set_faults(fresh_sim, end_export_after_bytes=3 * MiB + 512)
     result = run("cp", str(src), str(tmp_path / "out"))
     assert result.returncode != 0 and "Input/output error" in result.stderr, result
     if name == "vhd":
@@ -451,9 +449,7 @@ def test_an_xva_ended_in_the_padding_of_its_last_record_makes_cp_fail(fresh_sim,
     mount = make_mount(fresh_sim)
     src = mount.mountpoint / export
     _wait_for(src)
-    knob = json.dumps({"end_export_after_bytes": whole - 1}).encode()
-    status, _, _ = fresh_sim.request("POST", "/_sim/faults", knob, {"Content-Type": "application/json"})
-    assert status == 200
+    set_faults(fresh_sim, end_export_after_bytes=whole - 1)
     result = run("cp", str(src), str(tmp_path / "out"))
     assert result.returncode != 0 and "Input/output error" in result.stderr, result
     assert xattr(src, "user.xo.size_exact") == b"false"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import MountProcess, SimProcess, require_tool, wait_for
+from tests.support import MountProcess, SimProcess, require_tool, set_faults, wait_for
 from tests.test_imports import make_raw, make_vhd, raw_export, sr_ids, vdis
 from xofs.imports import REWRITE_GRACE
 
@@ -43,12 +42,6 @@ def one_vdi(sim: SimProcess, label: str, sr: str) -> dict:
     found = vdis(sim, name_label=label)
     assert [v["$SR"] for v in found] == [sr], found
     return found[0]
-
-
-def set_faults(sim: SimProcess, **knobs) -> None:
-    status, _, body = sim.request("POST", "/_sim/faults", json.dumps(knobs).encode(),
-                                  {"Content-Type": "application/json"})
-    assert status == 200, body
 
 
 def transferred(rsync: subprocess.CompletedProcess) -> list[str]:

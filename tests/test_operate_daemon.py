@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.operate_support import Daemon, NotifySocket, assert_documented, rest, status_of, wait_for, xofs
-from tests.support import MountProcess, SimProcess, force_unmount, is_mounted
+from tests.support import MountProcess, SimProcess, force_unmount, is_mounted, set_faults
 from tests.test_imports import make_raw, make_vhd, sr_ids, vdis
-from tests.test_mount_imports import set_faults
 
 
 def foreground(sim: SimProcess, mnt: Path, tmp_path: Path, *extra: str, env: dict[str, str]) -> subprocess.Popen:
