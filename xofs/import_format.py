@@ -115,30 +115,10 @@ def check_complete_vhd(path: str | os.PathLike[str], size: int, data_offset: int
         raise bad("a block of its table lies past the end of the file (truncated?)")
 
 
-def vhd_maps_blocks(read: Callable[[int, int], bytes], size: int) -> bool:
-    """Whether the dynamic VHD in the file's first `size` bytes maps any block (qemu-img's empty image maps
-    none). True when its header or block table cannot be read: only an image known empty counts as one."""
-    if size < FOOTER_SIZE:
-        return False
-    data_offset = int.from_bytes(read(0, FOOTER_SIZE)[16:24], "big")
-    header = read(data_offset, HEADER_SIZE) if data_offset + HEADER_SIZE <= size else b""
-    if header[:8] != HEADER_COOKIE:
-        return True
-    _, _, table_offset, _, entries, block_size = _DYNAMIC_HEADER.unpack_from(header)
-    if block_size == 0 or table_offset + 4 * entries > size:
-        return True
-    return mapped_end(read(table_offset, 4 * entries), block_size) is not None
-
-
-def planned_vhd_length(read: Callable[[int, int], bytes], available: int) -> int | None:
-    """The length a dynamic VHD will have once written in order, from its leading footer copy, its header
-    and its block table: the end of the last block the table maps, plus the trailing footer.
-
-    `read(offset, n)` reads the file, whose first `available` bytes are written. None while those do not
-    yet cover the table, and when they say nothing sure (no block mapped, a header that does not parse).
-    A writer that writes in order (cp, rsync, dd) leaves exactly this length; others are caught by the
-    caller (a write out of order, or past this length, or a close at another length).
-    """
+def _block_table(read: Callable[[int, int], bytes], available: int) -> tuple[bytes, int] | None:
+    """A dynamic VHD's block table and block size, from its leading footer copy and its header, read from
+    the file's first `available` bytes; None while those do not cover them, or when the header does not
+    parse."""
     if available < FOOTER_SIZE:
         return None
     data_offset = int.from_bytes(read(0, FOOTER_SIZE)[16:24], "big")
@@ -150,5 +130,25 @@ def planned_vhd_length(read: Callable[[int, int], bytes], available: int) -> int
     _, _, table_offset, _, entries, block_size = _DYNAMIC_HEADER.unpack_from(header)
     if block_size == 0 or block_size % 512 or table_offset + 4 * entries > available:
         return None
-    last = mapped_end(read(table_offset, 4 * entries), block_size)
+    return read(table_offset, 4 * entries), block_size
+
+
+def vhd_maps_blocks(read: Callable[[int, int], bytes], size: int) -> bool:
+    """Whether the dynamic VHD in the file's first `size` bytes maps any block (qemu-img's empty image maps
+    none). True when its header or block table cannot be read: only an image known empty counts as one."""
+    table = _block_table(read, size)
+    return table is None or mapped_end(*table) is not None
+
+
+def planned_vhd_length(read: Callable[[int, int], bytes], available: int) -> int | None:
+    """The length a dynamic VHD will have once written in order, from its leading footer copy, its header
+    and its block table: the end of the last block the table maps, plus the trailing footer.
+
+    `read(offset, n)` reads the file, whose first `available` bytes are written. None while those do not
+    yet cover the table, and when they say nothing sure (no block mapped, a header that does not parse).
+    A writer that writes in order (cp, rsync, dd) leaves exactly this length; others are caught by the
+    caller (a write out of order, or past this length, or a close at another length).
+    """
+    table = _block_table(read, available)
+    last = None if table is None else mapped_end(*table)
     return None if last is None else last + FOOTER_SIZE
