@@ -289,7 +289,11 @@ class XoFS(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode.ino
         entry.generation = 0
-        entry.entry_timeout = entry.attr_timeout = self.freshness.ttl
+        # An import entry changes by the daemon's own doing (an upload ends, a write is refused and the entry
+        # goes) and its invalidation runs a moment later in another thread: the kernel asks again every time,
+        # so `ls` or `stat` right after a refused write never shows the entry still there.
+        ttl = 0.0 if isinstance(node, ImportEntry) else self.freshness.ttl
+        entry.entry_timeout = entry.attr_timeout = ttl
         entry.st_uid = self.uid
         entry.st_gid = self.gid
         entry.st_blksize = blksize
