@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import random
+import subprocess
 import tarfile
 import time
 import zlib
@@ -15,6 +16,7 @@ import pytest
 import trio
 import zstandard
 
+from tests.support import require_tool
 from tests.test_formats import TIMESTAMP, UUID, _vm_with_disks
 from xofs.export_checks import ExportMalformed, GzipCheck, TarCheck, VhdCheck, ZstdCheck, check_for
 from xofs.export_stream import RECEIVE, ExportFeed, ExportSlots, ReceiveBuffers
@@ -137,8 +139,7 @@ def test_a_whole_xva_passes_and_one_cut_anywhere_fails(xva_stream):
 
 
 def test_any_tar_passes_and_damage_fails(xva_stream):
-    """Other writers' tars (pax headers, long names, directories, GNU format) walk the same way. Not a pax
-    member of 8 GiB or more (its size in the pax record only): XAPI writes 1 MiB members."""
+    """Other writers' tars (pax headers, long names, directories, GNU format) walk the same way."""
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
         out = io.BytesIO()
         with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
@@ -290,3 +291,47 @@ async def test_a_costly_check_leaves_the_mount_answering():
             assert await feed.length_beyond(8192) == 8192
         nursery.cancel_scope.cancel()
     assert check.fed == 8192 and max(gaps) < 0.2, max(gaps)
+
+
+def _with_size_in_pax_only(data: bytes, name: str) -> bytes:
+    """`data` (a pax tar) with member `name`'s ustar size field zeroed, as a writer leaves it for a member of
+    8 GiB or more, whose size is then in its pax record only."""
+    out = bytearray(data)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        header = tar.getmember(name).offset_data - 512  # its ustar header (.offset is its pax header's)
+    out[header + 124:header + 136] = b"00000000000\0"
+    out[header + 148:header + 156] = b" " * 8
+    out[header + 148:header + 156] = b"%06o\0 " % sum(out[header:header + 512])
+    return bytes(out)
+
+
+def test_a_member_sized_by_its_pax_record_is_walked_by_that_size(tmp_path):
+    require_tool("tar")
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, size in (("first", 700), ("big", 5000), ("last", 3)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            info.pax_headers = {"size": str(size), "comment": "x" * 600}  # records over more than a block
+            tar.addfile(info, io.BytesIO(bytes([7]) * size))
+    crafted = _with_size_in_pax_only(out.getvalue(), "big")
+    (tmp_path / "t.tar").write_bytes(crafted)
+    listing = subprocess.run(["tar", "tvf", str(tmp_path / "t.tar")], capture_output=True, text=True,
+                             check=True).stdout  # GNU tar reads the size from the pax record
+    assert [line.split()[2] for line in listing.splitlines()] == ["700", "5000", "3"]
+    passes(lambda: TarCheck("x", "XVA"), crafted)
+    cut = len(crafted) - 10240 + 512  # inside the last member's data, as "big" read by its ustar size would be
+    fails(lambda: TarCheck("x", "XVA"), crafted[:cut], "before the tar header or end mark due at offset")
+
+
+def test_a_malformed_pax_record_fails():
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("a")
+        info.pax_headers = {"size": "0"}
+        tar.addfile(info)
+    data = out.getvalue()
+    assert b"9 size=0\n" in data
+    for bad, match in ((b"9 size=x\n", "gives no valid size"), (b"8 size=0\n", "has a malformed record"),
+                       (b"9 size 0\n", "has a malformed record")):
+        fails(lambda: TarCheck("x", "XVA"), data.replace(b"9 size=0\n", bad, 1), match)

@@ -52,6 +52,8 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # GNU tar's and Python's blocking factor, and the simulator's (XAPI pads nothing)
 _ZERO_BLOCK = bytes(TAR_BLOCK)
 _NO_DATA_TYPES = b"123456"  # tar members whose size field says nothing about data (links, devices, dirs)
+_PAX_NEXT = ord("x")  # a pax header whose records apply to the member after it (its size, for one)
+_PAX_LIMIT = 1 << 20  # a pax header's records, read whole: writers put a few hundred bytes there
 _ZSTD_MAGIC = 0xFD2FB528
 _SKIPPABLE_MAGIC = 0x184D2A50  # the low 4 bits are free
 _OUT_PIECE = 1 << 20  # decompressed bytes handed to the tar check at a time
@@ -214,6 +216,8 @@ class TarCheck:
         self._zero_blocks = 0
         self._ended = False  # two zero blocks seen: what follows is padding to the end of a record
         self._members = 0
+        self._pax_length = 0  # a pax header's records being gathered (their length; 0 when none)
+        self._pax_size: int | None = None  # the size its records gave the next member
 
     def _bad(self, why: str) -> ExportMalformed:
         return ExportMalformed(f"export {self.label} is not a whole {self.what}: {why}")
@@ -224,8 +228,11 @@ class TarCheck:
             self._collect.take(data, self._next + len(self._collect.buf) - start)
             if not self._collect.full:
                 break
-            self._block(bytes(self._collect.buf))
-            self._collect.expect(TAR_BLOCK)
+            if self._pax_length:
+                self._pax_records(bytes(self._collect.buf))
+            else:
+                self._block(bytes(self._collect.buf))
+            self._collect.expect(-(-self._pax_length // TAR_BLOCK) * TAR_BLOCK or TAR_BLOCK)
         self._pos = end
 
     def _block(self, block: bytes) -> None:
@@ -250,8 +257,36 @@ class TarCheck:
         size = 0 if block[156] in _NO_DATA_TYPES else _tar_size(block[124:136])
         if size is None:
             raise self._bad(f"the tar header at offset {at} has no valid size")
-        self._next += -(-size // TAR_BLOCK) * TAR_BLOCK
         self._members += 1
+        if block[156] == _PAX_NEXT:
+            if size > _PAX_LIMIT:
+                raise self._bad(f"the pax header at offset {at} holds {size} bytes of records, more than "
+                                f"{_PAX_LIMIT} (not an XVA's)")
+            self._pax_length = size  # its records are read before the walk goes on
+            return
+        if self._pax_size is not None:
+            if block[156] not in _NO_DATA_TYPES:
+                size = self._pax_size  # a member of 8 GiB or more has its size in the pax record only
+            self._pax_size = None
+        self._next += -(-size // TAR_BLOCK) * TAR_BLOCK
+
+    def _pax_records(self, data: bytes) -> None:
+        """The records ("LENGTH KEY=VALUE\n") of a pax header: only `size` matters to the walk."""
+        at = self._next - TAR_BLOCK
+        records, self._pax_length = data[:self._pax_length], 0
+        self._next += len(data)
+        while records:
+            length = records.split(b" ", 1)[0]
+            n = int(length) if length.isdigit() else 0
+            record = records[len(length) + 1:n]
+            if len(records) < n or not record.endswith(b"\n") or b"=" not in record:
+                raise self._bad(f"the pax header at offset {at} has a malformed record")
+            key, _, value = record[:-1].partition(b"=")
+            if key == b"size":
+                if not value.isdigit():
+                    raise self._bad(f"the pax header at offset {at} gives no valid size")
+                self._pax_size = int(value)
+            records = records[n:]
 
     def finish(self, length: int) -> None:
         if not self._ended:
@@ -415,4 +450,3 @@ class GzipCheck:
         if self._in_member or not self._members:
             raise self._bad(f"it ended after {length} bytes, inside a member: it was cut short")
         self._sink.tar.finish(self._sink.length)
-
