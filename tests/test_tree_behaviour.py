@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -205,3 +206,41 @@ async def test_import_entries_are_never_kept_in_the_kernels_cache(fresh_sim, tmp
             await parts.fs.release(info.fh)
         meta = await parts.fs.lookup(await drv._resolve(f"/srs/{sr}"), b"meta.json", drv.ctx)
         assert meta.entry_timeout == meta.attr_timeout == parts.fs.freshness.ttl > 0
+
+
+async def test_a_read_that_measures_an_export_replies_once_its_new_size_reached_the_kernel(fresh_sim, tmp_path,
+                                                                                            monkeypatch):
+    """Direct only: the invalidation worker is slowed down, as on a busy machine; the read that learnt the
+    `.vhd`'s exact length must not answer before the kernel dropped the bound it showed, or `rsync` run right
+    after a `cat` would still see the bound."""
+    import pyfuse3
+
+    from tests.test_exports import disk_bytes, import_raw
+    from xofs.mount import MountOptions, assemble
+
+    vdi = import_raw(fresh_sim, disk_bytes(3 * (1 << 20) + 5, 4), "measure-me")
+    carried_out: list[int] = []
+
+    def slow_invalidate_inode(ino: int, attr_only: bool = False) -> None:
+        time.sleep(0.3)
+        carried_out.append(ino)
+
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", slow_invalidate_inode)
+    parts = assemble(fresh_sim.url, fresh_sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        parts.invalidator.start()
+        try:
+            drv = DirectDriver(parts.fs)
+            ino = await drv._resolve(f"/vdis/{vdi}.vhd")
+            bound = (await parts.fs.getattr(ino, drv.ctx)).st_size
+            info = await parts.fs.open(ino, os.O_RDONLY, drv.ctx)
+            length = 0
+            try:
+                while data := await parts.fs.read(info.fh, length, 1 << 20):
+                    length += len(data)
+            finally:
+                await parts.fs.release(info.fh)
+            assert ino in carried_out  # already when the read that found the end answered
+            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length < bound
+        finally:
+            parts.invalidator.stop()

@@ -171,7 +171,7 @@ class XoFS(pyfuse3.Operations):
         return self.tree.path_str(parent).rstrip("/") + "/" + name.decode("utf-8", "replace")
 
     def apply_invalidations(self, items: list[Invalidation]) -> None:
-        """Queue kernel invalidations (never run inside a handler: see xofs.invalidator)."""
+        """Queue kernel invalidations (never run inside a handler, at most awaited: see xofs.invalidator)."""
         for item in items:
             if isinstance(item, InvalidateInode):
                 self.invalidator.inode(item.ino, attr_only=self._open_count.get(item.ino, 0) > 0)
@@ -504,7 +504,14 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         # A memoryview is fine: pyfuse3 takes any contiguous buffer and copies it into its reply at once.
-        return await self._handles[fh].file.read(off, size)
+        queued = self.invalidator.queued
+        try:
+            return await self._handles[fh].file.read(off, size)
+        finally:
+            if self.invalidator.queued != queued:
+                # This read measured the export's length, or found it wrong: the new size reaches the
+                # kernel before the reader hears of the end, so its `stat` right after never shows the old.
+                await self.invalidator.settled()
 
     @_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -3,7 +3,9 @@
 `pyfuse3.invalidate_entry` and `invalidate_inode` block until related in-flight requests finish, so
 calling them from a request handler (or while the trio loop is needed to finish those requests) can
 deadlock the mount (fuse-lessons §1.8, pyfuse3 #2). They run here instead, in a thread of their own,
-fed by a queue that handlers and the event feed only ever append to.
+fed by a queue that handlers and the event feed only ever append to. A handler that changed what the kernel
+holds by its own doing (a read that measured an export's length) awaits `settled()` before it replies, so
+the reader's next `stat` never meets the old copy; the trio loop serves other requests meanwhile.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import queue
 import threading
 
 import pyfuse3
+import trio
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ class Invalidator:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.done = 0  # invalidations carried out, for status and tests
+        self.queued = 0  # invalidations ever queued: a handler compares it before and after its work
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="xofs-invalidator", daemon=True)
@@ -37,10 +41,21 @@ class Invalidator:
             self._thread = None
 
     def entry(self, parent: int, name: str) -> None:
+        self.queued += 1
         self._queue.put(("entry", parent, name))
 
     def inode(self, ino: int, attr_only: bool) -> None:
+        self.queued += 1
         self._queue.put(("inode", ino, attr_only))
+
+    async def settled(self, timeout: float = 1.0) -> None:
+        """Return once everything queued so far has reached the kernel, or after `timeout` seconds."""
+        if self._thread is None:
+            return
+        done = trio.Event()
+        self._queue.put(("settled", trio.lowlevel.current_trio_token(), done))
+        with trio.move_on_after(timeout):
+            await done.wait()
 
     def _run(self) -> None:
         while True:
@@ -48,6 +63,12 @@ class Invalidator:
             if item is _STOP:
                 return
             kind, target, arg = item
+            if kind == "settled":
+                try:
+                    target.run_sync_soon(arg.set)
+                except trio.RunFinishedError:  # the loop that waited has ended
+                    pass
+                continue
             try:
                 if kind == "entry":
                     pyfuse3.invalidate_entry(target, arg.encode("utf-8", "surrogateescape"))
