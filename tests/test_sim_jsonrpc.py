@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -510,6 +512,28 @@ def test_a_state_dir_of_another_seed_is_refused(tmp_path):
     run = subprocess.run([sys.executable, "-m", "xofs", "sim", "--port", "0", "--seed", "8", "--state-dir", state],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--seed 7 --vms 12" in run.stderr and run.stdout == ""
+
+
+def test_the_token_can_come_from_the_environment_where_ps_does_not_show_it(tmp_path):
+    """scripts/demo passes its token so: as an argument every user of the machine could read it."""
+    env = {**os.environ, "XOFS_TOKEN": "env-token-0123456789abcdefghijklmnopqrstuvwxyz"}
+    with open(tmp_path / "sim.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "xofs", "sim", "--port", "0", "--vms", "2"], env=env,
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+        for token, status in ((env["XOFS_TOKEN"], 200), ("another-token", 401)):
+            request = urllib.request.Request(f"{url}/rest/v0/vms", headers={"Cookie": f"authenticationToken={token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    assert (answer.status, token) == (status, token)
+            except urllib.error.HTTPError as err:
+                assert (err.code, token) == (status, token)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "demo token" not in (tmp_path / "sim.log").read_text()  # none generated: it had one
 
 
 # -- fault knobs, on an in-process server ------------------------------------------------------------------

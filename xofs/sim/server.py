@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -51,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080); 0 picks a free one")
     parser.add_argument("--token", action="append", default=[], metavar="TOKEN",
-                        help="accept this authentication token (repeatable); one is generated if none is given")
+                        help="accept this authentication token (repeatable), as well as $XOFS_TOKEN (which, unlike "
+                        "an argument, other users cannot read in ps); one is generated if neither is given")
     parser.add_argument("--vms", type=int, default=12, help="number of VMs in the inventory (default 12)")
     parser.add_argument("--seed", type=int, default=1, help="inventory seed: same seed, same objects and ids")
     parser.add_argument("--state-dir", type=Path, help="keep changes (imports, renames, deletions, tokens) here")
@@ -68,6 +70,8 @@ def run(ns: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tokens = list(ns.token)
+    if os.environ.get("XOFS_TOKEN"):
+        tokens.append(os.environ["XOFS_TOKEN"])
     if not tokens:
         tokens.append(new_token())
         print(f"xofs sim: demo token {tokens[0]}", file=sys.stderr, flush=True)
