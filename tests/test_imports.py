@@ -831,3 +831,23 @@ def test_import_records_are_saved_where_locks_are_refused(tmp_path, monkeypatch)
     record = ImportRecord("0c7f0d5e-1111-4222-8333-944455556666", 5, 1, 0o644)
     store.save("sr", {"a.raw": record}, known={"a.raw"})
     assert store.load("sr") == {"a.raw": record}
+
+
+def test_import_records_are_saved_when_another_process_keeps_the_lock(tmp_path, caplog):
+    """A save runs on the trio thread: a mount sharing the state directory that holds the lock while stopped
+    (SIGSTOP, a debugger) must cost this one a bounded wait, not every FUSE request from then on."""
+    import fcntl
+    import time
+
+    from xofs.import_state import LOCK_WAIT, ImportRecord, ImportStore
+
+    store = ImportStore(tmp_path, "http://xo")
+    store.directory.mkdir(parents=True)
+    with open(store.directory / ".lock", "a") as held:  # another open file: flock locks it against the store
+        fcntl.flock(held, fcntl.LOCK_EX)
+        record = ImportRecord("0c7f0d5e-1111-4222-8333-944455556666", 5, 1, 0o644)
+        started = time.monotonic()
+        store.save("sr", {"a.raw": record}, known={"a.raw"})
+        assert LOCK_WAIT <= time.monotonic() - started < LOCK_WAIT + 1
+    assert store.load("sr") == {"a.raw": record}
+    assert "another process has held" in caplog.text

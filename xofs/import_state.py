@@ -15,13 +15,16 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
+LOCK_WAIT = 1.0  # seconds a save waits for another mount's lock: it runs on the trio thread
 
 
 @dataclass
@@ -79,10 +82,7 @@ class ImportStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(self.directory / ".lock", "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
-                except OSError as err:  # a network filesystem without locks (ENOLCK): save unlocked
-                    log.debug("saving the import records in %s without a lock: %s", path, err.strerror)
+                _lock(lock, path)
                 others = {n: r for n, r in self.load(sr_id).items() if n not in known and n not in records}
                 merged = {**others, **records}
                 if not merged:
@@ -94,3 +94,22 @@ class ImportStore:
                 os.replace(tmp, path)
         except OSError as err:
             log.warning("cannot save the import records in %s: %s", path, err)
+
+
+def _lock(lock: IO[str], path: Path) -> None:
+    """Take the directory's lock, waiting at most LOCK_WAIT: a mount that holds it while stopped (SIGSTOP,
+    a debugger) must not hang this one, whose every FUSE request waits while a save does."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                log.warning("saving the import records in %s without a lock: another process has held %s for "
+                            "over %.0f s", path, lock.name, LOCK_WAIT)
+                return
+            time.sleep(0.01)
+        except OSError as err:  # a network filesystem without locks (ENOLCK): save unlocked
+            log.debug("saving the import records in %s without a lock: %s", path, err.strerror)
+            return
