@@ -31,6 +31,17 @@ TOOL_PACKAGES = {
 }
 
 
+def missing(path: os.PathLike | str) -> bool:
+    """Whether `lstat` says ENOENT (any other error is raised). The kernel answers from its cached entry
+    until the daemon's invalidation worker drops it, a moment after a listing stopped showing the name: wait
+    for this, not for the listing, where the kernel's copy is what is checked."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
     """Poll `predicate` until it returns something true (OSErrors count as not yet); fail after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -132,6 +143,9 @@ def force_unmount(path: str | Path) -> None:
         subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20)
 
 
+MOUNTED = " mounted "  # in the daemon's INFO line once the mount is live ("… xofs.mount: mounted URL on PATH …")
+
+
 @dataclass
 class MountProcess:
     """`xofs mount --foreground` in a subprocess; live once /proc/mounts lists the mountpoint."""
@@ -155,9 +169,15 @@ class MountProcess:
         return self
 
     def start(self, timeout: float = 30.0) -> MountProcess:
+        """Spawn, then wait until /proc/mounts lists the mount and the daemon logged it live: the lines of
+        its start below WARNING are held back until just after the kernel mounted it (xofs.daemon.LogSetup),
+        and tests count "live" lines in the log."""
+        mounted_before = self.log_text().count(MOUNTED)
         self.spawn()
         deadline = time.monotonic() + timeout
-        while not is_mounted(self.mountpoint):
+        logs_info = self.log_path is not None and "--syslog" not in self.extra and not (
+            {"WARNING", "ERROR"} & {*self.extra, self.env.get("XOFS_LOG_LEVEL", "INFO")})
+        while not is_mounted(self.mountpoint) or (logs_info and self.log_text().count(MOUNTED) == mounted_before):
             if self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"xofs mount exited with {self.proc.returncode}: {self.log_text()[-2000:]}")

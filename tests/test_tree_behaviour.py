@@ -244,3 +244,22 @@ async def test_a_read_that_measures_an_export_replies_once_its_new_size_reached_
             assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length < bound
         finally:
             parts.invalidator.stop()
+
+
+async def test_waiting_for_the_invalidation_worker_is_bounded_and_logged(monkeypatch, caplog):
+    import pyfuse3
+    import trio
+
+    from xofs.invalidator import Invalidator
+
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only=False: time.sleep(1))  # stuck
+    invalidator = Invalidator()
+    invalidator.start()
+    try:
+        invalidator.inode(5, attr_only=True)
+        started = trio.current_time()
+        await invalidator.settled(timeout=0.2)
+        assert trio.current_time() - started < 0.8
+        assert "kernel invalidations still queued after 0.2 s (0 carried out so far)" in caplog.text
+    finally:
+        invalidator.stop()

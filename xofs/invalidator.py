@@ -56,6 +56,9 @@ class Invalidator:
         self._queue.put(("settled", trio.lowlevel.current_trio_token(), done))
         with trio.move_on_after(timeout):
             await done.wait()
+        if not done.is_set():
+            log.warning("kernel invalidations still queued after %g s (%d carried out so far): a stat may "
+                        "show an old size or name for a moment", timeout, self.done)
 
     def _run(self) -> None:
         while True:
