@@ -179,6 +179,11 @@ class ReceiveBuffers:
         """How many buffers the pool keeps mapped."""
         return len(self._pool)
 
+    @property
+    def held(self) -> int:
+        """How many of them a view still refers to (as in `take`: the pool's, the loop's and getrefcount's)."""
+        return sum(1 for buffer in self._pool if sys.getrefcount(buffer) > 3)
+
     def unmap_free(self) -> int:
         """Unmap the pooled buffers that no one holds; returns how many."""
         kept = []
