@@ -142,6 +142,7 @@ class XoFS(pyfuse3.Operations):
         # stat and open: orjson takes microseconds, and keeping renderings would scatter them through the
         # heap during a `find` (RSS that is never given back).
         self._snapshot_sizes: cachetools.LRUCache[TypeSnapshot, tuple[int, int]] = cachetools.LRUCache(maxsize=64)
+        self._sizes_changed = 0  # exports whose size changed by a read (see `read`), counted
 
     # ---- helpers ----------------------------------------------------------------------------------
 
@@ -215,6 +216,7 @@ class XoFS(pyfuse3.Operations):
 
     def export_size_known(self, export: Export) -> None:
         """An export's exact length became known (or its bound changed): refresh its size in the kernel."""
+        self._sizes_changed += 1
         self.apply_invalidations([InvalidateInode(ino) for ino in self.tree.files_with(export)])
 
     def export_bounds_changed(self, obj_id: str) -> None:
@@ -504,11 +506,11 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         # A memoryview is fine: pyfuse3 takes any contiguous buffer and copies it into its reply at once.
-        queued = self.invalidator.queued
+        sizes_changed = self._sizes_changed
         try:
             return await self._handles[fh].file.read(off, size)
         finally:
-            if self.invalidator.queued != queued:
+            if self._sizes_changed != sizes_changed:
                 # This read measured the export's length, or found it wrong: the new size reaches the
                 # kernel before the reader hears of the end, so its `stat` right after never shows the old.
                 await self.invalidator.settled()

@@ -28,7 +28,6 @@ class Invalidator:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.done = 0  # invalidations carried out, for status and tests
-        self.queued = 0  # invalidations ever queued: a handler compares it before and after its work
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="xofs-invalidator", daemon=True)
@@ -41,11 +40,9 @@ class Invalidator:
             self._thread = None
 
     def entry(self, parent: int, name: str) -> None:
-        self.queued += 1
         self._queue.put(("entry", parent, name))
 
     def inode(self, ino: int, attr_only: bool) -> None:
-        self.queued += 1
         self._queue.put(("inode", ino, attr_only))
 
     async def settled(self, timeout: float = 1.0) -> None:
