@@ -180,16 +180,24 @@ def load_views(names: list[str] | None = None) -> dict[str, View]:
             problem = name_problem(view.name) or node_problem(getattr(view, "node", Dir()))
             if problem:
                 raise TypeError(f"its name {view.name!r} or node is unusable: {problem}")
-        except (Exception, SystemExit):  # a broken third-party plugin must not stop the mount
-            log.exception("view plugin %s (%s) failed to load; its directory is left out", ep.name, ep.value)
+        except (Exception, SystemExit) as err:  # a broken third-party plugin must not stop the mount
+            # The cause on the line itself: `xofs status` keeps only the first line of a log record.
+            log.error("view plugin %s failed to load; its directory is left out: %s: %s", _describe(ep),
+                      type(err).__name__, err, exc_info=True)
             continue
         if view.name in views:
             log.warning("two view plugins want /%s; keeping %s, ignoring %s", view.name, owners[view.name],
-                        ep.value)
+                        _describe(ep))
             continue
         views[view.name] = view
-        owners[view.name] = ep.value
+        owners[view.name] = _describe(ep)
     return views
+
+
+def _describe(ep: EntryPoint) -> str:
+    """An entry point as its package's author knows it: `distribution: name = module:attribute`."""
+    dist = f"{ep.dist.name}: " if ep.dist is not None else ""
+    return f"{dist}{ep.name} = {ep.value}"
 
 
 def _load_order(ep: EntryPoint) -> tuple[bool, str, str]:
