@@ -3,6 +3,7 @@ and the log says which plugin and why (once, not at every access)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from importlib.metadata import EntryPoint
@@ -13,7 +14,7 @@ import xofs.views
 from tests.test_tree import real_objects, vm_named, walk
 from xofs.cache import ObjectCache
 from xofs.tree import ROOT_INODE, InvalidateEntry, Tree, ViewFailed
-from xofs.views import Dir, File, Link, Rendered, load_views
+from xofs.views import Dir, File, Link, Rendered, TypeSnapshot, load_views
 
 
 class Flaky:
@@ -187,3 +188,62 @@ def test_what_was_logged_once_is_bounded(monkeypatch):
         assert tree.children(("churning",)) == {}
         tree._drop_listing(("churning",))
     assert len(tree._failed) <= 25
+
+
+# ---- render functions, through the filesystem object ----------------------------------------------------
+
+def _fails(render_error):
+    def render(obj):
+        raise render_error
+    return render
+
+
+class BadRenders:
+    """Files whose render function is broken the ways a plugin's author breaks one, beside a good one."""
+
+    name = "bad-renders"
+
+    def children(self, ctx, path):
+        vm = next(iter(ctx.of_type("VM")))
+        return {"good.txt": File(Rendered(vm, lambda obj: obj["name_label"].encode())),
+                "raises.txt": File(Rendered(vm, _fails(KeyError("nme_label")))),
+                "str.txt": File(Rendered(vm, lambda obj: obj["name_label"]))}
+
+
+class BadSnapshot:
+    """A file at the top of the mount, rendered from every VM, whose render function raises."""
+
+    name = "bad-snapshot.txt"
+    node = File(TypeSnapshot("VM", _fails(ValueError("no"))))
+
+    def children(self, ctx, path):
+        return None
+
+
+async def test_a_broken_render_function_fails_its_file_only(sim, tmp_path, monkeypatch, caplog):
+    """QA: a render function that returned a str ended the daemon (pyfuse3 takes only bytes); one that
+    raised failed the listing of its directory, or of the mount's top for a file there, with a traceback at
+    every access. Now that file fails with EIO, is left out of the listing, and its traceback is logged once."""
+    from tests.drivers import DirectDriver
+    from xofs.mount import MountOptions, assemble
+
+    third_party(monkeypatch, tmp_path, **{"bad-renders": f"{__name__}:BadRenders",
+                                          "bad-snapshot": f"{__name__}:BadSnapshot"})
+    parts = assemble(sim.url, sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        drv = DirectDriver(parts.fs)
+        assert "vms" in await drv.listdir("/") and "bad-snapshot.txt" not in await drv.listdir("/")
+        for _ in range(2):
+            assert await drv.listdir("/bad-renders") == ["good.txt"]
+            for name, why in (("raises.txt", "raised KeyError: 'nme_label'"), ("str.txt", "returned str, not bytes")):
+                with pytest.raises(OSError) as failed:
+                    await drv.read(f"/bad-renders/{name}")
+                assert failed.value.errno == errno.EIO
+                assert why in caplog.text
+        name = await drv.read("/bad-renders/good.txt")
+        assert name and (await drv.stat("/bad-renders/good.txt")).size == len(name)
+        with pytest.raises(OSError) as failed:
+            await drv.stat("/bad-snapshot.txt")
+        assert failed.value.errno == errno.EIO
+        assert caplog.text.count("Traceback") == 2  # raises.txt's and the snapshot's, each once
+        assert "render function tests.test_view_plugins._fails.<locals>.render raised ValueError: no" in caplog.text

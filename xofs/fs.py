@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import cachetools
 import pyfuse3
@@ -143,6 +143,8 @@ class XoFS(pyfuse3.Operations):
         # heap during a `find` (RSS that is never given back).
         self._snapshot_sizes: cachetools.LRUCache[TypeSnapshot, tuple[int, int]] = cachetools.LRUCache(maxsize=64)
         self._sizes_changed = 0  # exports whose size changed by a read (see `read`), counted
+        # Rendered files whose render function failed, logged with its traceback once until it renders again.
+        self._render_failures: cachetools.LRUCache[object, bool] = cachetools.LRUCache(maxsize=1024)
 
     # ---- helpers ----------------------------------------------------------------------------------
 
@@ -179,15 +181,39 @@ class XoFS(pyfuse3.Operations):
             else:
                 self.invalidator.entry(item.parent, item.name)
 
-    def render(self, content: Rendered | TypeSnapshot) -> bytes:
-        """The bytes of a Rendered or TypeSnapshot file as of now (ENOENT if its object is gone)."""
+    def render(self, content: Rendered | TypeSnapshot | Live) -> bytes:
+        """The bytes of a rendered file as of now (ENOENT if its object is gone)."""
         cache = self.tree.cache
+        if isinstance(content, Live):
+            return self._checked(content, content.render)
         if isinstance(content, TypeSnapshot):
-            return content.render(cache.of_type(content.type_))
+            return self._checked(content, content.render, cache.of_type(content.type_))
         obj = cache.get(content.obj_id)
         if obj is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return content.render(obj)
+        return self._checked(content, content.render, obj)
+
+    def _checked(self, content: Rendered | TypeSnapshot | Live, render: Callable[..., Any], *args: Any) -> bytes:
+        """What a render function of a view gives, if it is bytes. A plugin's bug (it raises, or gives a str)
+        fails that file with EIO and one line naming the function, its traceback logged once until it
+        renders again; it is left out of its directory's listing, and never fails the listing or the mount
+        (pyfuse3 ends the daemon on a read reply that is not bytes)."""
+        try:
+            data = render(*args)
+        except Exception as err:
+            self._render_failed(content, render, f"raised {type(err).__name__}: {err}", err)
+        if not isinstance(data, bytes | bytearray):
+            self._render_failed(content, render, f"returned {type(data).__name__}, not bytes", None)
+        self._render_failures.pop(content, None)
+        return data
+
+    def _render_failed(self, content: object, render: Callable[..., Any], what: str,
+                       err: Exception | None) -> NoReturn:
+        name = f"{getattr(render, '__module__', '?')}.{getattr(render, '__qualname__', repr(render))}"
+        if content not in self._render_failures:
+            self._render_failures[content] = True
+            log.error("render function %s %s (a bug of the view that made the file)", name, what, exc_info=err)
+        raise XofsError(f"its render function {name} {what}", errno_=errno.EIO)
 
     def rendered_size(self, content: Rendered | TypeSnapshot) -> int:
         """The length of `render(content)`, measured once per version of a whole-type file."""
@@ -264,7 +290,7 @@ class XoFS(pyfuse3.Operations):
         if isinstance(node.content, Rendered):
             return FileAttrs(self.rendered_size(node.content), self._obj_mtime_ns(node.obj_id), 0o400)
         if isinstance(node.content, Live):
-            return FileAttrs(len(node.content.render()), time.time_ns(), 0o400)
+            return FileAttrs(len(self.render(node.content)), time.time_ns(), 0o400)
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self.exports.attrs(node.content)
@@ -495,10 +521,8 @@ class XoFS(pyfuse3.Operations):
                             errno_=errno.EPERM)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if isinstance(node.content, Rendered | TypeSnapshot):
+        if isinstance(node.content, Rendered | TypeSnapshot | Live):
             return self._add_handle(inode, RenderedFile(self.render(node.content)))
-        if isinstance(node.content, Live):
-            return self._add_handle(inode, RenderedFile(node.content.render()))
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self._add_handle(inode, await self.exports.open(node.content, path))
