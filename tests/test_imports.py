@@ -490,7 +490,8 @@ async def test_concurrent_imports_into_two_srs_with_an_upload_limit(fresh_sim, t
             async with trio.open_nursery() as copies:
                 copies.start_soon(functools.partial(copy_in, env, "a.raw", data, sr=sr_a))
                 copies.start_soon(functools.partial(copy_in, env, "b.raw", data, sr=sr_b))
-                await eventually(lambda: env.manager._limiter.statistics().tasks_waiting == 1, "the second upload to wait")
+                await eventually(lambda: env.manager._limiter.statistics().tasks_waiting == 1,
+                                 "the second upload to wait")
             nursery.cancel_scope.cancel()
         assert peak == 1
         assert [v["$SR"] for v in env.vdis(name_label="a")] == [sr_a]

@@ -14,6 +14,7 @@ import pytest
 
 from tests.sim_rest_support import (
     ADMIN,
+    REFERENCE,
     Answer,
     basic,
     call,
@@ -543,3 +544,18 @@ async def test_get_all_objects_ndjson_is_a_one_shot_download(sim):
     signed_in = await trio.to_thread.run_sync(lambda: call(sim, "GET", path,
                                                            headers={"Cookie": f"token={sim.token}"}, token=None))
     assert signed_in.status == 404
+
+
+def test_a_changed_object_goes_last_in_its_collection_as_in_xo(fresh_sim):
+    """xo-collection's index by type deletes and adds again an updated object's key: XO's REST listing
+    shows it last. Recorded: web-01 listed first, changed four times (xapi/all-calls.jsonl), then last."""
+    before = [o["name_label"] for o in json.loads((REFERENCE / "rest" / "vms.fields-star.body").read_text())]
+    after = [o["name_label"] for o in json.loads((REFERENCE / "rest" / "vms.fields-star.etag-first.body").read_text())]
+    assert before[0] == "web-01" and after == [n for n in before if n not in ("web-01", "test-01")] + ["web-01"]
+
+    ids = [o["id"] for o in fresh_sim.get_json("/rest/v0/vms?fields=id")]
+    status, _, body = fresh_sim.request("PATCH", f"/rest/v0/vms/{ids[0]}", json.dumps({"nameLabel": "moved"}).encode(),
+                                        {"Content-Type": "application/json"})
+    assert status == 204, body
+    assert [o["id"] for o in fresh_sim.get_json("/rest/v0/vms?fields=id")] == [*ids[1:], ids[0]]
+    assert fresh_sim.get_json("/rest/v0/vms?fields=id&limit=1") == [{"id": ids[1], "href": f"/rest/v0/vms/{ids[1]}"}]

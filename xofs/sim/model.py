@@ -328,7 +328,9 @@ class SimModel:
         return obj
 
     def by_type(self, type_: str) -> list[dict[str, Any]]:
-        """Every object of this type, in a stable order (creation order)."""
+        """Every object of this type, in XO's order: the last changed last. (xo-collection's index by type
+        deletes and adds again the key of every object updated, so REST collections list it last; recorded:
+        real-xo/rest/vms.fields-star*.body. `xo.getAllObjects` keeps the order the objects came in.)"""
         return [self._objects[i] for i in self._by_type.get(type_, ())]
 
     def all_objects(self) -> dict[str, dict[str, Any]]:
@@ -342,7 +344,8 @@ class SimModel:
         if old is not None and old["type"] != obj["type"]:
             self._by_type[old["type"]].pop(obj_id, None)
         self._objects[obj_id] = obj
-        self._by_type.setdefault(obj["type"], {})[obj_id] = None
+        self._by_type.setdefault(obj["type"], {}).pop(obj_id, None)
+        self._by_type[obj["type"]][obj_id] = None
         self._by_ref[obj["_xapiRef"]] = obj_id
         self._queue(obj_id, "update" if old is not None else "add")
         if persist:
@@ -368,13 +371,21 @@ class SimModel:
         if new["type"] in VM_TYPES:
             new = order_vm_keys(new)
         self._objects[obj_id] = new
+        self._to_the_end(new)
         if announce:
             self._queue(obj_id, "update")
 
     def touch(self, obj_id: str) -> None:
         """Re-emit an unchanged object, as XO does when a VM's metrics object changes."""
         if obj_id in self._objects:
+            self._to_the_end(self._objects[obj_id])
             self._queue(obj_id, "update")
+
+    def _to_the_end(self, obj: dict[str, Any]) -> None:
+        """An updated object goes last in its type's order (see `by_type`)."""
+        order = self._by_type[obj["type"]]
+        order.pop(obj["id"], None)
+        order[obj["id"]] = None
 
     def remove(self, obj_id: str, *, persist: bool = True) -> None:
         """Remove an object; queues an `exit`."""
