@@ -257,7 +257,7 @@ class _SlowCheck:
         self.fed = 0
 
     def feed(self, data: memoryview) -> None:
-        time.sleep(0.4)
+        time.sleep(1.0)
         self.fed += len(data)
 
     def finish(self, length: int) -> None:
@@ -290,7 +290,7 @@ async def test_a_costly_check_leaves_the_mount_answering():
         with trio.fail_after(5):
             assert await feed.length_beyond(8192) == 8192
         nursery.cancel_scope.cancel()
-    assert check.fed == 8192 and max(gaps) < 0.2, max(gaps)
+    assert check.fed == 8192 and max(gaps) < 0.5, max(gaps)  # on the trio thread: 1 s
 
 
 def _with_size_in_pax_only(data: bytes, name: str) -> bytes:
