@@ -42,6 +42,17 @@ def missing(path: os.PathLike | str) -> bool:
     return False
 
 
+async def eventually(check, what: str, timeout: float = 10.0) -> None:
+    """`wait_for` inside a trio test: poll `check()` until it is true, without blocking the test's loop."""
+    import trio
+
+    with trio.move_on_after(timeout):
+        while not check():
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"waited {timeout:g} s for {what}")
+
+
 def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
     """Poll `predicate` until it returns something true (OSErrors count as not yet); fail after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -175,8 +186,9 @@ class MountProcess:
         mounted_before = self.log_text().count(MOUNTED)
         self.spawn()
         deadline = time.monotonic() + timeout
-        logs_info = self.log_path is not None and "--syslog" not in self.extra and not (
-            {"WARNING", "ERROR"} & {*self.extra, self.env.get("XOFS_LOG_LEVEL", "INFO")})
+        quiet = [arg for arg in (*self.extra, self.env.get("XOFS_LOG_LEVEL", "")) if "WARNING" in arg.upper()
+                 or "ERROR" in arg.upper() or "SYSLOG" in arg.upper()]
+        logs_info = self.log_path is not None and not quiet
         while not is_mounted(self.mountpoint) or (logs_info and self.log_text().count(MOUNTED) == mounted_before):
             if self.proc.poll() is not None:
                 self.stop()

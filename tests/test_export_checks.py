@@ -320,7 +320,7 @@ def test_a_member_sized_by_its_pax_record_is_walked_by_that_size(tmp_path):
                              check=True).stdout  # GNU tar reads the size from the pax record
     assert [line.split()[2] for line in listing.splitlines()] == ["700", "5000", "3"]
     passes(lambda: TarCheck("x", "XVA"), crafted)
-    cut = len(crafted) - 10240 + 512  # inside the last member's data, as "big" read by its ustar size would be
+    cut = len(crafted) - 10240 + 512  # inside the last member's pax records: still a cut
     fails(lambda: TarCheck("x", "XVA"), crafted[:cut], "before the tar header or end mark due at offset")
 
 

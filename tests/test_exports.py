@@ -19,7 +19,7 @@ import pytest
 import trio
 import zstandard
 
-from tests.support import SimProcess, set_faults
+from tests.support import SimProcess, eventually, set_faults
 from xofs.cache import COLLECTIONS, ObjectCache
 from xofs.client.rest import RestClient
 from xofs.errors import XofsError
@@ -295,13 +295,6 @@ async def test_far_backward_seek_restarts_into_the_spool_checked(xo, tmp_path):
         assert export_gets(xo, export.path) == gets + 2
 
 
-async def until(check, timeout: float = 10.0) -> None:
-    """Poll `check()` until it is true; fail after `timeout` s (a fixed sleep is too short on a busy machine)."""
-    with trio.fail_after(timeout):
-        while not check():
-            await trio.sleep(0.02)
-
-
 async def settled(file) -> int:
     """What the export of an open file received once it stopped receiving (the same for 0.3 s)."""
     seen = [-1]
@@ -342,7 +335,7 @@ async def test_a_later_export_takes_the_buffers_an_earlier_one_left(xo, tmp_path
             assert await f.read(0, MiB) == want[:MiB]
             await settled(f)  # its whole read-ahead received
             await f.release()
-            await until(lambda: m.buffers.held == 0)  # its receiving task ended, and with it its buffers' views
+            await eventually(lambda: m.buffers.held == 0, "its receiving task to end, and its buffers' views")
             mapped.append(m.buffers.mapped)
         assert mapped[0] > 0 and mapped[2] == mapped[1] == mapped[0]  # no new mapping after the first
 
@@ -442,7 +435,7 @@ async def test_sniffer_costs_one_cancelled_export(xo, tmp_path, caplog):
         assert (await f.read(0, 1024))[:7] == b"ova.xml"
         feed = f.feed
         await f.release()
-        await until(lambda: feed.done and not feed.running)
+        await eventually(lambda: feed.done and not feed.running, "the feed to stop")
         assert feed.received < 70 * MiB  # stopped long before the end
         assert export_gets(xo, export.path) == gets + 1
         assert m.slots.free == m.max_exports
@@ -628,7 +621,7 @@ async def test_a_read_of_a_stream_that_stops_coming_answers_what_came_also_at_th
         first, second = await m.open(export, "/a"), await m.open(export, "/b")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first.read, len(small) - 512, 512)
-            await until(lambda: m.spool.lookup(export.path) is not None)
+            await eventually(lambda: m.spool.lookup(export.path) is not None, "the spool to take the export")
             with trio.fail_after(10):
                 assert await second.read(0, MiB) == small[:100_000]
             nursery.cancel_scope.cancel()

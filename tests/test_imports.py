@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.support import SimProcess, require_tool
+from tests.support import SimProcess, eventually, require_tool
 from xofs.cache import Change, ObjectCache
 from xofs.client.rest import RestClient
 from xofs.errors import XofsError
@@ -707,14 +707,6 @@ def test_planned_vhd_length_comes_from_the_block_table_once_it_is_in(tmp_path) -
     broken = bytearray(image)
     broken[header:header + 8] = b"notcxspa"  # no dynamic header where the footer points
     assert planned_vhd_length(lambda o, n: bytes(broken[o:o + n]), len(broken)) is None
-
-
-async def eventually(check, what: str, timeout: float = 10.0) -> None:
-    with trio.move_on_after(timeout):
-        while not check():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"waited {timeout:g} s for {what}")
 
 
 async def start_copy(env: Env, name: str, image: bytes) -> tuple[ImportFile, dict]:

@@ -198,6 +198,15 @@ def _fails(render_error):
     return render
 
 
+class _Unhashable:
+    """A render function that is an object with `__call__` (a plugin may well write one), not hashable."""
+
+    __hash__ = None
+
+    def __call__(self, obj):
+        return bytearray(b"made by a callable")
+
+
 class BadRenders:
     """Files whose render function is broken the ways a plugin's author breaks one, beside a good one."""
 
@@ -206,6 +215,7 @@ class BadRenders:
     def children(self, ctx, path):
         vm = next(iter(ctx.of_type("VM")))
         return {"good.txt": File(Rendered(vm, lambda obj: obj["name_label"].encode())),
+                "callable.txt": File(Rendered(vm, _Unhashable())),
                 "raises.txt": File(Rendered(vm, _fails(KeyError("nme_label")))),
                 "str.txt": File(Rendered(vm, lambda obj: obj["name_label"]))}
 
@@ -234,12 +244,13 @@ async def test_a_broken_render_function_fails_its_file_only(sim, tmp_path, monke
         drv = DirectDriver(parts.fs)
         assert "vms" in await drv.listdir("/") and "bad-snapshot.txt" not in await drv.listdir("/")
         for _ in range(2):
-            assert await drv.listdir("/bad-renders") == ["good.txt"]
+            assert await drv.listdir("/bad-renders") == ["callable.txt", "good.txt"]
             for name, why in (("raises.txt", "raised KeyError: 'nme_label'"), ("str.txt", "returned str, not bytes")):
                 with pytest.raises(OSError) as failed:
                     await drv.read(f"/bad-renders/{name}")
                 assert failed.value.errno == errno.EIO
                 assert why in caplog.text
+        assert await drv.read("/bad-renders/callable.txt") == b"made by a callable"
         name = await drv.read("/bad-renders/good.txt")
         assert name and (await drv.stat("/bad-renders/good.txt")).size == len(name)
         with pytest.raises(OSError) as failed:

@@ -79,6 +79,15 @@ _NAMED_OPS = frozenset({"lookup", "create", "unlink", "mkdir", "rmdir", "symlink
 _XATTR_OPS = frozenset({"getxattr", "setxattr", "removexattr"})
 
 
+def _render_key(content: Rendered | TypeSnapshot | Live, render: Callable[..., Any]) -> tuple[str, str]:
+    """A failing render function, for its traceback logged once: named (a view makes new lambdas at each
+    listing, and a plugin's callable need not be hashable) and with what it renders from."""
+    name = f"{getattr(render, '__module__', '?')}.{getattr(render, '__qualname__', type(render).__qualname__)}"
+    of = content.obj_id if isinstance(content, Rendered) else content.type_ if isinstance(content, TypeSnapshot) \
+        else content.key
+    return name, of
+
+
 def _op(fn: F) -> F:
     """Turn what a handler raises into a FUSEError, with one log line for every failure."""
 
@@ -143,8 +152,8 @@ class XoFS(pyfuse3.Operations):
         # heap during a `find` (RSS that is never given back).
         self._snapshot_sizes: cachetools.LRUCache[TypeSnapshot, tuple[int, int]] = cachetools.LRUCache(maxsize=64)
         self._sizes_changed = 0  # exports whose size changed by a read (see `read`), counted
-        # Rendered files whose render function failed, logged with its traceback once until it renders again.
-        self._render_failures: cachetools.LRUCache[object, bool] = cachetools.LRUCache(maxsize=1024)
+        # Render functions that failed (and what for), each logged with its traceback once until it renders again.
+        self._render_failures: cachetools.LRUCache[tuple[str, str], bool] = cachetools.LRUCache(maxsize=1024)
 
     # ---- helpers ----------------------------------------------------------------------------------
 
@@ -204,16 +213,17 @@ class XoFS(pyfuse3.Operations):
             self._render_failed(content, render, f"raised {type(err).__name__}: {err}", err)
         if not isinstance(data, bytes | bytearray):
             self._render_failed(content, render, f"returned {type(data).__name__}, not bytes", None)
-        self._render_failures.pop(content, None)
+        if self._render_failures:
+            self._render_failures.pop(_render_key(content, render), None)
         return data
 
-    def _render_failed(self, content: object, render: Callable[..., Any], what: str,
+    def _render_failed(self, content: Rendered | TypeSnapshot | Live, render: Callable[..., Any], what: str,
                        err: Exception | None) -> NoReturn:
-        name = f"{getattr(render, '__module__', '?')}.{getattr(render, '__qualname__', repr(render))}"
-        if content not in self._render_failures:
-            self._render_failures[content] = True
-            log.error("render function %s %s (a bug of the view that made the file)", name, what, exc_info=err)
-        raise XofsError(f"its render function {name} {what}", errno_=errno.EIO)
+        key = _render_key(content, render)
+        if key not in self._render_failures:
+            self._render_failures[key] = True
+            log.error("render function %s %s (a bug of the view that made the file)", key[0], what, exc_info=err)
+        raise XofsError(f"its render function {key[0]} {what}", errno_=errno.EIO)
 
     def rendered_size(self, content: Rendered | TypeSnapshot) -> int:
         """The length of `render(content)`, measured once per version of a whole-type file."""
@@ -535,8 +545,8 @@ class XoFS(pyfuse3.Operations):
             return await self._handles[fh].file.read(off, size)
         finally:
             if self._sizes_changed != sizes_changed:
-                # This read measured the export's length, or found it wrong: the new size reaches the
-                # kernel before the reader hears of the end, so its `stat` right after never shows the old.
+                # This read measured the export's length, or found it wrong: the new size reaches the kernel
+                # before the reader hears of the end (within 1 s), so its `stat` right after sees the new one.
                 await self.invalidator.settled()
 
     @_op

@@ -77,7 +77,8 @@ class ImportStore:
         """Write the SR's records of this mount: `records` replace those of the names in `known` (every
         name the mount had as an import), and the file's other records stay. Two mounts of one XO that share
         a state directory each keep theirs (a plain replace dropped the other's: its next `cp -u` imported
-        again). Atomic, under a lock on the directory; a failure is logged, not raised (module docstring)."""
+        again). Atomic, under a lock on the directory (waited for at most LOCK_WAIT, then done without it); a
+        failure is logged, not raised (module docstring)."""
         path = self._path(sr_id)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)

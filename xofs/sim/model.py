@@ -371,8 +371,8 @@ class SimModel:
         if new["type"] in VM_TYPES:
             new = order_vm_keys(new)
         self._objects[obj_id] = new
-        self._to_the_end(new)
-        if announce:
+        if announce:  # an object XO is not told of is not updated in its collection either
+            self._to_the_end(new)
             self._queue(obj_id, "update")
 
     def touch(self, obj_id: str) -> None:
@@ -534,7 +534,8 @@ class SimModel:
         while True:
             await trio.sleep(rng.expovariate(rate))
             if time.monotonic() - listed_at > 1:  # list running VMs once a second, not once an event
-                running = [vm["id"] for vm in self.by_type("VM") if vm["power_state"] == "Running"]
+                # By id: the order of by_type changes with every update, and the seed must pick the same VMs.
+                running = sorted(vm["id"] for vm in self.by_type("VM") if vm["power_state"] == "Running")
                 listed_at = time.monotonic()
             vm = self._objects.get(rng.choice(running)) if running else None
             if vm is None or vm["power_state"] != "Running":

@@ -72,6 +72,7 @@ def run(ns: argparse.Namespace) -> int:
     tokens = list(ns.token)
     if os.environ.get("XOFS_TOKEN"):
         tokens.append(os.environ["XOFS_TOKEN"])
+        print("xofs sim: accepting the token in $XOFS_TOKEN", file=sys.stderr, flush=True)
     if not tokens:
         tokens.append(new_token())
         print(f"xofs sim: demo token {tokens[0]}", file=sys.stderr, flush=True)
