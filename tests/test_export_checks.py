@@ -335,3 +335,22 @@ def test_a_malformed_pax_record_fails():
     for bad, match in ((b"9 size=x\n", "gives no valid size"), (b"8 size=0\n", "has a malformed record"),
                        (b"9 size 0\n", "has a malformed record")):
         fails(lambda: TarCheck("x", "XVA"), data.replace(b"9 size=0\n", bad, 1), match)
+
+
+def test_global_pax_headers_and_a_pax_size_on_a_directory_walk_as_tar_does(tmp_path):
+    """A global header (`g`) is walked as a member with data; a `size` record before a directory says
+    nothing about data, which a directory has none of (as GNU tar reads them)."""
+    require_tool("tar")
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "g" * 700}) as tar:
+        info = tarfile.TarInfo("dir")
+        info.type = tarfile.DIRTYPE
+        info.pax_headers = {"size": "1000"}
+        tar.addfile(info)
+        info = tarfile.TarInfo("file")
+        info.size = 600
+        tar.addfile(info, io.BytesIO(bytes(600)))
+    (tmp_path / "t.tar").write_bytes(out.getvalue())
+    listing = subprocess.run(["tar", "tvf", str(tmp_path / "t.tar")], capture_output=True, text=True, check=True)
+    assert [line.split()[-1] for line in listing.stdout.splitlines()] == ["dir/", "file"]
+    passes(lambda: TarCheck("x", "XVA"), out.getvalue())
