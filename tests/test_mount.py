@@ -399,6 +399,53 @@ async def test_a_view_plugin_that_breaks_on_an_event_leaves_the_mount_up(fresh_s
     wait_for(lambda: os.path.isdir(mount.mountpoint / "buggy" / "ok"), 10, "the view to list again")
 
 
+BAD_RENDER_VIEW = """
+from xofs.views import File, Rendered, TypeSnapshot
+
+
+class Notes:
+    name = "notes"
+
+    def children(self, ctx, path):
+        vm = next(iter(ctx.of_type("VM")))
+        return {"good.txt": File(Rendered(vm, lambda obj: obj["name_label"].encode())),
+                "str.txt": File(Rendered(vm, lambda obj: obj["name_label"])),
+                "raises.txt": File(Rendered(vm, lambda obj: obj["nme_label"]))}
+
+
+class Summary:
+    name = "summary.txt"
+    node = File(TypeSnapshot("VM", lambda vms: 1 / 0))
+
+    def children(self, ctx, path):
+        return None
+"""
+
+
+def test_a_view_whose_render_function_is_broken_fails_its_files_only(sim, make_mount, tmp_path):
+    """QA: `cat` of a file whose render function returned a str ended the daemon (pyfuse3 takes only
+    bytes); one that raised failed `ls` of its directory, or of the mount's top for a file there."""
+    site = tmp_path / "site"
+    (site / "notes-0.1.dist-info").mkdir(parents=True)
+    (site / "notes_view.py").write_text(BAD_RENDER_VIEW)
+    (site / "notes-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: notes\nVersion: 0.1\n")
+    (site / "notes-0.1.dist-info" / "entry_points.txt").write_text(
+        "[xofs.views]\nnotes = notes_view:Notes\nsummary = notes_view:Summary\n")
+    mount = make_mount(sim, env={"PYTHONPATH": str(site)})
+    top = os.listdir(mount.mountpoint)
+    assert "notes" in top and "vms" in top and "summary.txt" not in top
+    assert os.listdir(mount.mountpoint / "notes") == ["good.txt"]
+    for name in ("str.txt", "raises.txt"):
+        result = subprocess.run(["cat", str(mount.mountpoint / "notes" / name)], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode != 0 and "Input/output error" in result.stderr, result
+    assert (mount.mountpoint / "notes" / "good.txt").read_bytes()
+    assert mount.proc.poll() is None and is_mounted(mount.mountpoint)
+    log = mount.log_text()
+    assert "render function notes_view.Notes.children.<locals>.<lambda> returned str, not bytes" in log
+    assert "raised KeyError: 'nme_label'" in log and "raised ZeroDivisionError: division by zero" in log
+
+
 def test_listing_ten_thousand_vms_costs_a_constant_number_of_requests(tmp_path, make_mount):
     big = SimProcess(args=["--seed", "5", "--vms", "10000"], log_path=tmp_path / "big.log").start(timeout=60)
     try:
