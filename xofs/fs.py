@@ -83,9 +83,9 @@ def _render_key(content: Rendered | TypeSnapshot | Live, render: Callable[..., A
     """A failing render function, for its traceback logged once: named (a view makes new lambdas at each
     listing, and a plugin's callable need not be hashable) and with what it renders from."""
     name = f"{getattr(render, '__module__', '?')}.{getattr(render, '__qualname__', type(render).__qualname__)}"
-    of = content.obj_id if isinstance(content, Rendered) else content.type_ if isinstance(content, TypeSnapshot) \
-        else content.key
-    return name, of
+    if isinstance(content, Rendered):
+        return name, content.obj_id
+    return name, content.type_ if isinstance(content, TypeSnapshot) else content.key
 
 
 def _op(fn: F) -> F:

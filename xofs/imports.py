@@ -301,7 +301,7 @@ class ImportManager:
         for sr_id, imports in self._dirs.items():
             gone = [imp for imp in imports.values() if imp.phase is Phase.IMPORTED and imp.vdi in deleted]
             for imp in gone:
-                log.info("the VDI %s of %s was deleted in XO: forgetting the import", imp.vdi, imp.name)
+                log.info("the VDI %s of %s was deleted in XO: forgetting the import", imp.vdi, _mount_path(imp))
                 self._forget(imp, "its VDI was deleted in XO")
             if gone:
                 self._save(sr_id)
@@ -359,7 +359,7 @@ class ImportManager:
             for imp in imports.values():
                 imp.from_disk = False
             for imp in stale:
-                log.info("forgetting the import %s: its VDI %s is no longer in XO", imp.name, imp.vdi)
+                log.info("forgetting the import %s: its VDI %s is no longer in XO", _mount_path(imp), imp.vdi)
                 self._forget(imp, "its VDI is no longer in XO")
             if stale:
                 self._save(sr_id)
@@ -507,7 +507,7 @@ class ImportManager:
     def _start_rewrite(self, imp: _Import) -> None:
         """A writer changes a just-imported file: its next upload replaces the VDI of this one."""
         log.info("%s changes after its import as VDI %s: it will be imported again and that VDI replaced",
-                 imp.name, imp.vdi)
+                 _mount_path(imp), imp.vdi)
         assert imp.spool is not None  # the earlier image, still kept
         if imp.kind.format is ImageFormat.VHD:
             imp.superseded_has_data = vhd_maps_blocks(imp.spool.read, imp.size)
@@ -868,7 +868,7 @@ class ImportManager:
                             "stays in XO", _mount_path(imp), superseded)
                 return
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-                await self._delete_vdi(superseded, f"the import of {imp.name} that was to replace it failed "
+                await self._delete_vdi(superseded, f"the import of {_mount_path(imp)} that was to replace it failed "
                                                    "(it was of an empty image, as qemu-img writes first)")
 
     def _forget(self, imp: _Import, reason: str | None) -> None:

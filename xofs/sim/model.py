@@ -344,8 +344,8 @@ class SimModel:
         if old is not None and old["type"] != obj["type"]:
             self._by_type[old["type"]].pop(obj_id, None)
         self._objects[obj_id] = obj
-        self._by_type.setdefault(obj["type"], {}).pop(obj_id, None)
-        self._by_type[obj["type"]][obj_id] = None
+        self._by_type.setdefault(obj["type"], {})
+        self._to_the_end(obj)  # new, or replaced: an update
         self._by_ref[obj["_xapiRef"]] = obj_id
         self._queue(obj_id, "update" if old is not None else "add")
         if persist:
