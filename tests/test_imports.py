@@ -555,6 +555,29 @@ async def test_truncated_vhd_fails_at_close(fresh_sim, tmp_path) -> None:
         await assert_nothing_left(env, "disk", before)
 
 
+async def test_vhd_with_a_block_size_not_a_power_of_two_fails_at_close_before_any_upload(fresh_sim, tmp_path,
+                                                                                        caplog) -> None:
+    """vhd-lib (XO's VHD code) takes only power-of-two block sizes; the simulator's converter refuses others
+    with XAPI's bare 500. Caught at the close with that reason (it was taken for a truncated file before),
+    and nothing is sent, not even the upload a VHD written in order starts while it is written."""
+    image, _ = make_vhd(tmp_path)
+    crafted = bytearray(image)
+    header = int.from_bytes(crafted[16:24], "big")  # the footer copy's data offset: the dynamic header
+    crafted[header + 32:header + 36] = (3 << 20).to_bytes(4, "big")  # 3 MiB blocks
+    crafted[header + 36:header + 40] = bytes(4)
+    crafted[header + 36:header + 40] = (~sum(crafted[header:header + 1024]) & 0xFFFFFFFF).to_bytes(4, "big")
+    caplog.set_level(logging.DEBUG, logger="xofs")
+    async with running(fresh_sim, tmp_path) as env:
+        before = len(env.vdis())
+        f = await env.manager.create(env.entry("odd.vhd"), 0o644, ME, "/odd.vhd")
+        await write_all(f, bytes(crafted))
+        err = await expect_error(errno.EINVAL, f.flush(Caller()))
+        assert "block size 3145728 is not a power of two" in err.describe()
+        await f.release()
+        await assert_nothing_left(env, "odd", before)
+    assert "upload" not in " ".join(r.getMessage() for r in caplog.records if "odd" in r.getMessage()).lower()
+
+
 async def test_non_image_content_is_refused(fresh_sim, tmp_path) -> None:
     async with running(fresh_sim, tmp_path) as env:
         before = len(env.vdis())

@@ -103,8 +103,9 @@ def check_complete_vhd(path: str | os.PathLike[str], size: int, data_offset: int
         if len(header) < HEADER_SIZE or header[:8] != HEADER_COOKIE:
             raise bad(f"no dynamic disk header at offset {data_offset}")
         _, _, table_offset, _, entries, block_size = _DYNAMIC_HEADER.unpack_from(header)
-        if block_size == 0 or block_size % 512:
-            raise bad(f"block size {block_size} is not a multiple of 512")
+        if not block_size_valid(block_size):
+            raise bad(f"its block size {block_size} is not a power of two of at least 512 bytes, which XO's VHD "
+                      f"code (vhd-lib) refuses")
         end = size - FOOTER_SIZE
         if table_offset + 4 * entries > end:
             raise bad(f"its block table ({entries} entries at offset {table_offset}) runs past the end")
@@ -128,9 +129,14 @@ def _block_table(read: Callable[[int, int], bytes], available: int) -> tuple[byt
     if header[:8] != HEADER_COOKIE:
         return None
     _, _, table_offset, _, entries, block_size = _DYNAMIC_HEADER.unpack_from(header)
-    if block_size == 0 or block_size % 512 or table_offset + 4 * entries > available:
+    if not block_size_valid(block_size) or table_offset + 4 * entries > available:
         return None
     return read(table_offset, 4 * entries), block_size
+
+
+def block_size_valid(block_size: int) -> bool:
+    """A VHD block size vhd-lib takes (its header check): a power of two of at least one sector."""
+    return block_size >= 512 and block_size & (block_size - 1) == 0
 
 
 def vhd_maps_blocks(read: Callable[[int, int], bytes], size: int) -> bool:
