@@ -295,6 +295,24 @@ async def test_not_xo_at_all_is_a_protocol_error(nursery):
     await client.aclose()
 
 
+async def test_a_redirect_to_the_sign_in_page_says_the_url_has_no_rest_api(nursery):
+    """XO sends a path it has no route for (XO served under another prefix, a typo in the URL) to its web UI's
+    sign-in page; a redirect elsewhere (http to https) keeps XO's words and where it points."""
+    fake = await start_fake(nursery, lambda r: answer(302, "Found. Redirecting to /signin",
+                                                      {"Location": "/signin", "Content-Type": "text/plain"}))
+    client = RestClient(fake.url + "/xo", "t")
+    with pytest.raises(XoProtocolError, match=r"no XO REST API at .*/xo/rest/v0/: GET vms answered 302, a "
+                                              r"redirect to XO's sign-in page"):
+        await client.check()
+    await client.aclose()
+    fake = await start_fake(nursery, lambda r: answer(301, "", {"Location": "https://xo.example.org/rest/v0/vms"}))
+    client = RestClient(fake.url, "t")
+    with pytest.raises(XoError, match="redirected to https://xo.example.org/rest/v0/vms") as caught:
+        await client.check()
+    assert not isinstance(caught.value, XoProtocolError)
+    await client.aclose()
+
+
 @pytest.mark.parametrize("status, body, headers", [
     (200, UUID_A, {}),  # legacy: bare uuid, no Content-Type
     (201, json.dumps({"id": UUID_A}, indent=2), {"Content-Type": "application/json; charset=utf-8",

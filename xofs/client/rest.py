@@ -27,6 +27,7 @@ from xofs.client.auth import cookie_header, ssl_context
 from xofs.client.export import ExportResponse, HttpTarget, open_stream
 from xofs.client.upload import upload_file
 from xofs.errors import (
+    XoError,
     XofsError,
     XoNotFound,
     XoProtocolError,
@@ -94,6 +95,14 @@ class RestClient:
             resp = await self._get("vms", params={"fields": "id", "limit": "1"})
         except XoNotFound as err:
             raise XoProtocolError(f"no XO REST API at {self.api_url}: GET vms answered 404") from err
+        except XoError as err:
+            # XO sends a path it has no route for to its web UI's sign-in page: a wrong path in the URL
+            # (XO served under another prefix, a typo), not a sign-in to make.
+            if 300 <= err.status < 400 and "/signin" in err.xo_message:
+                raise XoProtocolError(f"no XO REST API at {self.api_url}: GET vms answered {err.status}, a "
+                                      f"redirect to XO's sign-in page, as XO answers a path it has no route "
+                                      f"for") from err
+            raise
         parse_collection(resp.content, resp.headers.get("content-type", ""), what=str(resp.url))
 
     async def collection(self, coll: str, *, fields: str = "*", filter: str | None = None,
