@@ -452,3 +452,21 @@ def test_touch_during_an_upload_does_not_wait_for_it(fresh_sim, make_mount, tmp_
             cp.kill()
             cp.wait()
     assert len([v for v in vdis(fresh_sim) if v["name_label"] == "slow"]) == 1
+
+
+def test_cp_a_and_mv_into_an_import_directory_leave_no_warning_for_acls(fresh_sim, make_mount, tmp_path):
+    """`cp -a` and `mv` set a POSIX ACL on the copy and go on quietly when the mount refuses it (ENOTSUP);
+    the mount logs that at debug level, so warnings (and `xofs status`'s recent errors) keep to real failures.
+    A `user.*` attribute a user sets on purpose is still refused with a warning."""
+    require_tool("setfattr")
+    mount = make_mount(fresh_sim)
+    target = import_dir(mount, sr_ids(fresh_sim)[0])
+    for name in ("kept.raw", "moved.raw"):
+        make_raw(tmp_path / name, 1 << 20)
+    sh("cp", "-a", str(tmp_path / "kept.raw"), str(target / "kept.raw"))
+    sh("mv", str(tmp_path / "moved.raw"), str(target / "moved.raw"))
+    refused = sh("setfattr", "-n", "user.note", "-v", "x", str(target / "kept.raw"), check=False)
+    assert refused.returncode != 0 and "Operation not supported" in refused.stderr
+    warnings = [line for line in mount.log_text().splitlines() if " WARNING " in line]
+    assert any("user.note" in line for line in warnings), warnings
+    assert not any("posix_acl" in line for line in warnings), warnings

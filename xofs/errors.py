@@ -25,6 +25,9 @@ class XofsError(Exception):
         # The same failure as the operation just before on the same open file met (a reader that goes on
         # past a failed read, as rsync does, 256 KiB at a time): logged at debug level after the first.
         self.repeated = False
+        # A refusal tools expect and go on after, such as `cp -a` and `mv` setting a POSIX ACL: logged at
+        # debug level, so that the warnings (and `xofs status`'s recent errors) keep to real failures.
+        self.routine = False
 
     def describe(self) -> str:
         where = f" (XO object {self.object_id})" if self.object_id else ""

@@ -104,7 +104,8 @@ def _op(fn: F) -> F:
             words = err.describe()
             if words.startswith(f"{where}: "):  # the error names the file itself (an export read's does)
                 words = words[len(where) + 2:]
-            log.log(logging.DEBUG if err.repeated else logging.WARNING, "%s %s: %s", fn.__name__, where, words)
+            log.log(logging.DEBUG if err.repeated or err.routine else logging.WARNING, "%s %s: %s", fn.__name__,
+                    where, words)
             raise pyfuse3.FUSEError(err.errno) from None
         except Exception:
             log.exception("%s %s: unexpected failure", fn.__name__, self.describe(fn.__name__, args))
