@@ -278,18 +278,22 @@ async def test_a_file_only_named_like_rsyncs_temporary_file_keeps_its_vdi_when_r
         assert ".later.img.backup" not in env.manager.entries(env.sr)
 
 
-async def test_rename_of_an_imported_file_renames_the_vdi(fresh_sim, tmp_path) -> None:
+async def test_rename_of_an_imported_file_renames_the_vdi(fresh_sim, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "xofs.imports")
     data = make_raw(tmp_path / "src.raw", 1 << 20)
     async with running(fresh_sim, tmp_path) as env:
         await copy_in(env, "old.raw", data)
         [vdi] = env.vdis(name_label="old")
         await env.manager.rename(env.entry("old.raw"), "new.img", "/old.raw")
         assert [v["id"] for v in env.vdis(name_label="new")] == [vdi["id"]]
+        # Every change xofs makes in XO is logged, imports as renames and descriptions
+        assert f"/old.raw renamed to new.img: VDI {vdi['id']} is now named 'new' in XO" in caplog.messages
         assert list(env.manager.entries(env.sr)) == ["new.img"]
         await expect_error(errno.EPERM, env.manager.rename(env.entry("new.img"), "new.vhd", "/new.img"))
 
 
-async def test_description_from_the_xattr_before_and_after_the_upload(fresh_sim, tmp_path) -> None:
+async def test_description_from_the_xattr_before_and_after_the_upload(fresh_sim, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, "xofs.imports")
     data = make_raw(tmp_path / "src.raw", 1 << 20)
     async with running(fresh_sim, tmp_path) as env:
         entry = env.entry("d.raw")
@@ -302,6 +306,7 @@ async def test_description_from_the_xattr_before_and_after_the_upload(fresh_sim,
         assert vdi["name_description"] == "web server, 2024"
         await env.manager.setxattr(entry, "user.xo.name_description", b"retired", "/d.raw")
         assert env.vdis(name_label="d")[0]["name_description"] == "retired"
+        assert f"VDI {vdi['id']} of /d.raw now has name_description 'retired'" in caplog.messages
         await expect_error(errno.EPERM, env.manager.setxattr(entry, "user.xo.vdi", b"x", "/d.raw"))
 
 
@@ -347,6 +352,7 @@ async def test_a_rename_during_the_upload_names_the_vdi_and_the_log_line(fresh_s
         [vdi] = env.vdis(name_label="after")
         assert raw_export(fresh_sim, vdi["id"]) == data
         assert any(r.getMessage().startswith("imported /after.raw as VDI") for r in caplog.records)
+        assert f"VDI {vdi['id']} of /after.raw now has name_label 'after'" in caplog.messages
 
 
 async def test_reopen_and_change_replaces_the_vdi(fresh_sim, tmp_path) -> None:

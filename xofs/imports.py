@@ -768,6 +768,7 @@ class ImportManager:
             try:
                 await self.client.patch("vdis", vdi, changes)
                 imp.sent_label, imp.sent_description = imp.kind.label, imp.description
+                log.info("VDI %s of %s now has %s", vdi, path, _changes_words(changes))
             except XofsError as err:
                 log.warning("VDI %s of %s keeps %r: renaming it failed: %s", vdi, path, label, err.describe())
         if imp.superseded is not None:
@@ -967,6 +968,7 @@ class ImportManager:
                 raise XofsError(f"{path}: cannot rename VDI {imp.vdi} to {kind.label!r}: {err.describe()}",
                                 errno_=errno.EIO) from None
             imp.sent_label = kind.label
+            log.info("%s renamed to %s: VDI %s is now named %r in XO", path, new_name, imp.vdi, kind.label)
         target = imports.get(new_name)
         if target is not None and target is not imp:
             log.info("%s replaces %s; VDI %s stays in XO", entry.name, new_name, target.vdi)
@@ -1029,7 +1031,13 @@ class ImportManager:
                 raise XofsError(f"{path}: cannot set the description of VDI {imp.vdi}: {err.describe()}",
                                 errno_=errno.EIO) from None
             imp.sent_description = text
+            log.info("VDI %s of %s now has %s", imp.vdi, path, _changes_words({"name_description": text}))
             self._save(imp.sr_id)
+
+
+def _changes_words(changes: dict[str, str]) -> str:
+    """A PATCH's fields for a log line: `name_label 'x' and name_description 'y'`."""
+    return " and ".join(f"{key} {value!r}" for key, value in changes.items())
 
 
 def _mount_path(imp: _Import) -> str:
