@@ -160,6 +160,14 @@ class DirectDriver:
         except pyfuse3.FUSEError as err:
             raise OSError(err.errno, os.strerror(err.errno), path) from None
 
+    async def rmdir(self, path: str) -> None:
+        parent, name = path.rsplit("/", 1)
+        ino = await self._resolve(parent)
+        try:
+            await self.fs.rmdir(ino, name.encode(), self.ctx)
+        except pyfuse3.FUSEError as err:
+            raise OSError(err.errno, os.strerror(err.errno), path) from None
+
     async def rename(self, old: str, new: str) -> None:
         pold, nold = old.rsplit("/", 1)
         pnew, nnew = new.rsplit("/", 1)
@@ -239,6 +247,9 @@ class MountDriver:
 
     async def rename(self, old: str, new: str) -> None:
         os.rename(self._p(old), self._p(new))
+
+    async def rmdir(self, path: str) -> None:
+        os.rmdir(self._p(path))
 
     async def open_write(self, path: str) -> None:
         os.close(os.open(self._p(path), os.O_WRONLY))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -172,6 +173,27 @@ async def test_nothing_outside_import_directories_can_be_changed(drv, sim):
             await attempt()
         assert err.value.errno in (errno.EPERM, errno.EACCES), err.value
     assert sim.request("GET", f"/rest/v0/vms/{vm['id']}")[2] == before
+
+
+async def test_a_refused_change_names_the_xo_object_in_its_log_line(sim, tmp_path, caplog):
+    """`rm` of a /by-name link or `rm -r` of a VM's directory: the log line names the VM, which the path of
+    a link does not."""
+    from xofs.mount import MountOptions, assemble
+
+    caplog.set_level(logging.WARNING, "xofs")
+    parts = assemble(sim.url, sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        drv = DirectDriver(parts.fs)
+        name = (await drv.listdir("/by-name/vms"))[0]
+        vm_id = (await drv.readlink(f"/by-name/vms/{name}")).rsplit("/", 1)[1]
+        for attempt in (drv.unlink(f"/by-name/vms/{name}"), drv.rename(f"/by-name/vms/{name}", "/by-name/vms/x"),
+                        drv.rmdir(f"/vms/{vm_id}")):
+            caplog.clear()
+            with pytest.raises(OSError) as err:
+                await attempt
+            assert err.value.errno == errno.EPERM
+            (line,) = [r.getMessage() for r in caplog.records]
+            assert line.endswith(f"(XO object {vm_id})"), line
 
 
 async def test_statfs_adds_up_the_srs_and_leaves_file_counts_free(drv, sim):

@@ -357,12 +357,22 @@ class XoFS(pyfuse3.Operations):
     def _import_entry(self, parent: int, name: bytes) -> ImportEntry:
         """The import-directory entry `name` in `parent`, or EPERM when `parent` is no import directory."""
         if not self._is_import_dir(parent):
-            raise XofsError("only import directories (/srs/<uuid>/import/) can be written to", errno_=errno.EPERM)
+            raise XofsError("only import directories (/srs/<uuid>/import/) can be written to", errno_=errno.EPERM,
+                            object_id=self._object_of(parent, name))
         if self.read_only:
             raise XofsError("the mount is read-only (--read-only)", errno_=errno.EROFS)
         pnode = self._inode(parent).node
         assert isinstance(pnode, Dir) and pnode.obj_id
         return ImportEntry(pnode.obj_id, name.decode("utf-8", "surrogateescape"))
+
+    def _object_of(self, parent: int, name: bytes) -> str | None:
+        """The XO object the entry `name` of `parent` stands for (for the log line of a refusal), if any."""
+        try:
+            listing = self.tree.children(self._inode(parent).path)
+        except (XofsError, pyfuse3.FUSEError):
+            return None
+        node = None if listing is None else listing.get(name.decode("utf-8", "surrogateescape"))
+        return None if node is None else node.obj_id
 
     def _is_import_dir(self, ino: int) -> bool:
         node = self._inode(ino).node
@@ -619,7 +629,8 @@ class XoFS(pyfuse3.Operations):
         self._check_length(name_new)
         if not self._is_import_dir(parent_inode_old):
             raise XofsError("only files in import directories can be renamed (to import a file, copy it into "
-                            "/srs/<uuid>/import/)", errno_=errno.EPERM)
+                            "/srs/<uuid>/import/)", errno_=errno.EPERM,
+                            object_id=self._object_of(parent_inode_old, name_old))
         entry = self._import_entry(parent_inode_old, name_old)
         if parent_inode_new != parent_inode_old:
             self._import_entry(parent_inode_new, name_new)  # EPERM when the target is no import directory
@@ -639,7 +650,7 @@ class XoFS(pyfuse3.Operations):
     @_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise XofsError("directories cannot be removed on xofs (nothing in XO is deleted through the mount)",
-                        errno_=errno.EPERM)
+                        errno_=errno.EPERM, object_id=self._object_of(parent_inode, name))
 
     @_op
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> None:
