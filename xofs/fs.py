@@ -153,6 +153,11 @@ class XoFS(pyfuse3.Operations):
         # heap during a `find` (RSS that is never given back).
         self._snapshot_sizes: cachetools.LRUCache[TypeSnapshot, tuple[int, int]] = cachetools.LRUCache(maxsize=64)
         self._sizes_changed = 0  # exports whose size changed by a read (see `read`), counted
+        self._size_invalidations: set[int] = set()  # open export files whose size changed, until their close
+        # Open export files: how many times their attributes went to the kernel and the last size told
+        # (see `read`), and sizes shown instead of the length until the file's next read or close.
+        self._told: dict[int, tuple[int, int]] = {}
+        self._held: dict[int, int] = {}
         # Render functions that failed (and what for), each logged with its traceback once until it renders again.
         self._render_failures: cachetools.LRUCache[tuple[str, str], bool] = cachetools.LRUCache(maxsize=1024)
 
@@ -188,6 +193,9 @@ class XoFS(pyfuse3.Operations):
         for item in items:
             if isinstance(item, InvalidateInode):
                 self.invalidator.inode(item.ino, attr_only=self._open_count.get(item.ino, 0) > 0)
+                if item.ino in self._told:  # the kernel's attributes of an open file change (see `read`)
+                    count, size = self._told[item.ino]
+                    self._told[item.ino] = (count + 1, size)
             else:
                 self.invalidator.entry(item.parent, item.name)
 
@@ -252,9 +260,16 @@ class XoFS(pyfuse3.Operations):
         log.debug("top-level listings worked out in %.3f s", time.monotonic() - started)
 
     def export_size_known(self, export: Export) -> None:
-        """An export's exact length became known (or its bound changed): refresh its size in the kernel."""
+        """An export's exact length became known (or its bound changed): refresh its size in the kernel, at
+        once for the files no one has open, at their close for the others (see `read`)."""
         self._sizes_changed += 1
-        self.apply_invalidations([InvalidateInode(ino) for ino in self.tree.files_with(export)])
+        now = []
+        for ino in self.tree.files_with(export):
+            if ino in self._open_count:
+                self._size_invalidations.add(ino)
+            else:
+                now.append(InvalidateInode(ino))
+        self.apply_invalidations(now)
 
     def export_bounds_changed(self, obj_id: str) -> None:
         """The size bounds of `obj_id`'s exports changed (a disk of the VM grew): refresh them in the kernel,
@@ -306,7 +321,8 @@ class XoFS(pyfuse3.Operations):
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self.exports.attrs(node.content)
 
-    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+    def attributes(self, inode: Inode, told: bool = True) -> pyfuse3.EntryAttributes:
+        """What `stat` shows of `inode`; `told`: the answer goes to the kernel (not kept for a handle)."""
         node = inode.node
         mtime = self.started_ns
         blksize = 4096
@@ -323,6 +339,9 @@ class XoFS(pyfuse3.Operations):
             mode, nlink, size, mtime = 0o100000 | attrs.mode, 1, attrs.size, attrs.mtime_ns
             if isinstance(node, ImportEntry) or isinstance(node.content, Export):
                 blksize = EXPORT_BLKSIZE  # cp and friends then move 1 MiB per request
+            if told and isinstance(node, File) and inode.ino in self._open_count:
+                size = self._held.get(inode.ino, size)
+                self._told[inode.ino] = (self._told.get(inode.ino, (0, 0))[0] + 1, size)
         if not isinstance(node, (ImportEntry, Link)):  # a symlink is lrwxrwxrwx, as Linux shows every one
             mode = (mode & ~0o777) | (((mode >> 6) & 0o7) * 0o111 & ~self.umask)
         entry = pyfuse3.EntryAttributes()
@@ -347,8 +366,10 @@ class XoFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         inode = self.tree.inode(ino)
-        kept = self.attributes(inode) if inode is not None and isinstance(inode.node, File) else None
+        kept = self.attributes(inode, told=False) if inode is not None and isinstance(inode.node, File) else None
         self._handles[fh] = _Handle(ino, file, kept)
+        if kept is not None and ino not in self._told:
+            self._told[ino] = (0, kept.st_size)  # as the kernel took it at the lookup, near enough
         self._open_count[ino] = self._open_count.get(ino, 0) + 1
         info = file.info
         return pyfuse3.FileInfo(fh=fh, direct_io=info.direct_io, keep_cache=info.keep_cache,
@@ -550,15 +571,26 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        """A read of an open file. Where a read measures an export's length (its end came), the kernel hears
+        of the new size at the file's close (`export_size_known`, `flush`), not before: `sendfile` and
+        `splice` (`shutil.copyfile`, `pv`) read even a direct-I/O file through the page cache, in pages. The
+        short answer at the end is zero-filled to the end of its page, and the kernel then shrinks the file
+        to where the answer ended, so that the copy stops there, unless the file's attributes changed while
+        that read was out: it then copies the zeros up to the size it holds. When attributes were told all
+        the same (a `stat`), that size is kept shown (`_held`) until the file's next read, which comes past
+        the end and fails (EIO), or its close: a `stat` in between would let the copy end there, padded.
+        """
+        handle = self._handles[fh]
+        ino = handle.ino
+        self._held.pop(ino, None)
+        told = self._told.get(ino, (0, 0))
         # A memoryview is fine: pyfuse3 takes any contiguous buffer and copies it into its reply at once.
-        sizes_changed = self._sizes_changed
-        try:
-            return await self._handles[fh].file.read(off, size)
-        finally:
-            if self._sizes_changed != sizes_changed:
-                # This read measured the export's length, or found it wrong: the new size reaches the kernel
-                # before the reader hears of the end (within 1 s), so its `stat` right after sees the new one.
-                await self.invalidator.settled()
+        data = await handle.file.read(off, size)
+        if len(data) < size and ino in self._size_invalidations:
+            now = self._told.get(ino, (0, 0))
+            if now[0] != told[0] and now[1] > off + len(data):
+                self._held[ino] = now[1]  # the kernel will not shrink the file: it holds that size
+        return data
 
     @_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -566,7 +598,15 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def flush(self, fh: int) -> None:
-        await self._handles[fh].file.flush(Caller())
+        handle = self._handles[fh]
+        await handle.file.flush(Caller())
+        if handle.ino in self._size_invalidations:
+            # The size a read measured reaches the kernel before the reader's close returns (`read`), so
+            # that its `stat` or `rsync` right after sees it.
+            self._size_invalidations.discard(handle.ino)
+            self._held.pop(handle.ino, None)
+            self.apply_invalidations([InvalidateInode(handle.ino)])
+            await self.invalidator.settled()
 
     @_op
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -582,6 +622,11 @@ class XoFS(pyfuse3.Operations):
             self._open_count[handle.ino] = left
         else:
             self._open_count.pop(handle.ino, None)
+            self._told.pop(handle.ino, None)
+            self._held.pop(handle.ino, None)
+            if handle.ino in self._size_invalidations:  # no flush came (the reader was killed)
+                self._size_invalidations.discard(handle.ino)
+                self.apply_invalidations([InvalidateInode(handle.ino)])
         await handle.file.release()
 
     @_op

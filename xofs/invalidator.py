@@ -4,8 +4,9 @@
 calling them from a request handler (or while the trio loop is needed to finish those requests) can
 deadlock the mount (fuse-lessons §1.8, pyfuse3 #2). They run here instead, in a thread of their own,
 fed by a queue that handlers and the event feed only ever append to. A handler that changed what the kernel
-holds by its own doing (a read that measured an export's length) awaits `settled()` before it replies, so
-the reader's next `stat` never meets the old copy; the trio loop serves other requests meanwhile.
+holds by its own doing (the close of a file whose read measured an export's length) awaits `settled()`
+before it replies, so the reader's next `stat` never meets the old copy; the trio loop serves other requests
+meanwhile.
 """
 
 from __future__ import annotations
