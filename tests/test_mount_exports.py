@@ -177,7 +177,10 @@ def test_page_cache_copies_of_a_size_that_is_a_bound_are_byte_exact(fresh_sim, m
     cache. The short answer at the end is zero-filled to the end of its page: where that read also learnt
     the length (the end of a `.xva.zst` comes once its check has decompressed it), the copies came out
     padded with zeros up to the next 64 KiB boundary, then failed (EIO), or succeeded so when a `stat` came
-    in between."""
+    in between. A `stat` every 2 ms runs all along: a size told while the last read was out kept the kernel
+    from ending the copy there."""
+    import threading
+
     import trio
 
     from tests.test_mount import rpc
@@ -194,15 +197,27 @@ def test_page_cache_copies_of_a_size_that_is_a_bound_are_byte_exact(fresh_sim, m
         want = curl(fresh_sim, f"vms/{vm['id']}.xva?compress=zstd", tmp_path / "curl.xva.zst").read_bytes()
         assert len(want) % 4096
         out = tmp_path / f"{copier}.xva.zst"
-        if copier == "sendfile":
-            shutil.copyfile(src, out)  # os.sendfile from the mount
-        else:  # os.splice from the mount into a pipe, as pv does, the pipe drained into a file
-            read_end, write_end = os.pipe()
-            with open(src, "rb") as f, open(out, "wb") as dest:
-                while n := os.splice(f.fileno(), write_end, 1 << 16):
-                    dest.write(os.read(read_end, n))
-            os.close(read_end)
-            os.close(write_end)
+        copied = threading.Event()
+
+        def stat_all_along(copied: threading.Event) -> None:
+            while not copied.wait(0.002):
+                src.stat()
+
+        stats = threading.Thread(target=stat_all_along, args=(copied,))
+        stats.start()
+        try:
+            if copier == "sendfile":
+                shutil.copyfile(src, out)  # os.sendfile from the mount
+            else:  # os.splice from the mount into a pipe, as pv does, the pipe drained into a file
+                read_end, write_end = os.pipe()
+                with open(src, "rb") as f, open(out, "wb") as dest:
+                    while n := os.splice(f.fileno(), write_end, 1 << 16):
+                        dest.write(os.read(read_end, n))
+                os.close(read_end)
+                os.close(write_end)
+        finally:
+            copied.set()
+            stats.join()
         assert out.stat().st_size == len(want) and out.read_bytes() == want, copier
         assert xattr(src, "user.xo.size_exact") == b"true" and src.stat().st_size == len(want)
 

@@ -370,7 +370,8 @@ class ExportFile:
         self.generation = manager._generations(export)
         self._shown_at_open = manager.size_of(export)
         self.position = 0  # end of the last read, for log lines
-        self.first_read: int | None = None  # where the first read began (see `_positioned_end`)
+        self.first_read: int | None = None  # where the first read began, for log lines
+        self.read_start = False  # a read began at offset 0 (see `_positioned_end`)
         self.opened = time.monotonic()
         # Once an export of this file was dropped, any next one must match what it delivered.
         self._verify: tuple[int, bytes] | None = None
@@ -402,7 +403,8 @@ class ExportFile:
                 await self._check_end(source, offset, len(data) if partial else size)
                 if not data and source.length is not None and offset > source.length:
                     self._beyond_end(offset, source.length)
-                if source.length is not None and offset + len(data) >= source.length:
+                past_end = source.length is not None and offset + size > source.length  # asked for more
+                if past_end and not self.read_start and offset > 0:
                     self._positioned_end(offset if self.first_read is None else self.first_read, source.length)
         except ExportReadError:
             raise
@@ -413,6 +415,7 @@ class ExportFile:
         self.position = offset + len(data)
         if self.first_read is None:
             self.first_read = offset
+        self.read_start = self.read_start or offset == 0
         if self._failure is not None:  # a later failure, even the same one, is a new incident
             self._count_repeats()
             self._failure = None
@@ -504,12 +507,12 @@ class ExportFile:
                             "was more than its length; the size shown now is the length: read it again")
 
     def _positioned_end(self, first: int, length: int) -> None:
-        """The end of the stream, reached by a reader that began at `first` rather than at the start, in a
+        """The end of the stream, reached by a reader that never read the start (it began at `first`), in a
         file shown larger than its length (a bound). Such a reader placed itself from the size shown
         (`tail -c N`, `tail -n`, a seek from the end): it read the wrong bytes and would end with 0, so the
         read fails, and the size is now the length. `dd skip=` placed from the start, meets it too."""
         shown = self._shown_at_open[0]
-        if first > 0 and shown > length:
+        if shown > length:
             raise XofsError(f"a read that began at offset {first}, not at the start, reached the end of the "
                             f"export ({length} bytes) before the size shown when the file was opened, {shown} "
                             f"({self._shown_at_open[1]}): a position taken from that size (tail -c, a seek from "

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import cachetools
 import pyfuse3
+import trio
 
 from xofs.errors import XofsError
 from xofs.files import Caller, ExportService, FileAttrs, ImportEntry, ImportService, OpenFile, OpenInfo
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_BLKSIZE = 1 << 20  # readers of streamed exports then ask for 1 MiB at a time (fuse-lessons §7)
 FREE_INODES = 1 << 30  # what statfs reports free: files here are made from XO's objects, no table fills up
+GETATTR_WAIT = 0.5  # at most, for the read out on a file to answer first (see `XoFS.getattr`)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -158,6 +160,8 @@ class XoFS(pyfuse3.Operations):
         # (see `read`), and sizes shown instead of the length until the file's next read or close.
         self._told: dict[int, tuple[int, int]] = {}
         self._held: dict[int, int] = {}
+        self._reading: dict[int, int] = {}  # files with reads out, how many
+        self._reads_idle: dict[int, trio.Event] = {}  # set when a file's last read out is answered
         # Render functions that failed (and what for), each logged with its traceback once until it renders again.
         self._render_failures: cachetools.LRUCache[tuple[str, str], bool] = cachetools.LRUCache(maxsize=1024)
 
@@ -426,6 +430,13 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        idle = self._reads_idle.get(inode)
+        if idle is not None:
+            # A read of this file is out: answered in between, the kernel would not shrink the file where
+            # that read ends short (see `read`), so a page-cache copy ending there would fail. A moment's
+            # wait lets it answer first (stat during a copy: sequential reads leave gaps between them).
+            with trio.move_on_after(GETATTR_WAIT):
+                await idle.wait()
         found = self.tree.inode(inode)
         if found is None or found.stale:  # gone from XO; still open?
             kept = next((h.attrs for h in self._handles.values() if h.ino == inode and h.attrs), None)
@@ -576,16 +587,28 @@ class XoFS(pyfuse3.Operations):
         `splice` (`shutil.copyfile`, `pv`) read even a direct-I/O file through the page cache, in pages. The
         short answer at the end is zero-filled to the end of its page, and the kernel then shrinks the file
         to where the answer ended, so that the copy stops there, unless the file's attributes changed while
-        that read was out: it then copies the zeros up to the size it holds. When attributes were told all
-        the same (a `stat`), that size is kept shown (`_held`) until the file's next read, which comes past
-        the end and fails (EIO), or its close: a `stat` in between would let the copy end there, padded.
+        that read was out: it then copies the zeros up to the size it holds. A `getattr` meanwhile waits for
+        the read's answer (at most GETATTR_WAIT); when attributes were told all the same, that size is kept
+        shown (`_held`) until the file's next read, which comes past the end and fails (EIO), or its close:
+        a `stat` in between would let the copy end there, padded.
         """
         handle = self._handles[fh]
         ino = handle.ino
         self._held.pop(ino, None)
         told = self._told.get(ino, (0, 0))
-        # A memoryview is fine: pyfuse3 takes any contiguous buffer and copies it into its reply at once.
-        data = await handle.file.read(off, size)
+        reading = self._reading.get(ino, 0)
+        self._reading[ino] = reading + 1
+        if not reading:
+            self._reads_idle[ino] = trio.Event()
+        try:
+            # A memoryview is fine: pyfuse3 takes any contiguous buffer and copies it into its reply at once.
+            data = await handle.file.read(off, size)
+        finally:
+            if self._reading[ino] == 1:
+                del self._reading[ino]
+                self._reads_idle.pop(ino).set()  # a getattr waiting runs after this answer (see `getattr`)
+            else:
+                self._reading[ino] -= 1
         if len(data) < size and ino in self._size_invalidations:
             now = self._told.get(ino, (0, 0))
             if now[0] != told[0] and now[1] > off + len(data):
