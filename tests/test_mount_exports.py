@@ -526,3 +526,4 @@ def test_an_xva_ended_in_the_padding_of_its_last_record_makes_cp_fail(fresh_sim,
     assert status == 200
     assert run("cp", str(src), str(tmp_path / "out")).returncode == 0
     assert sha256_of(tmp_path / "out") == sha256_of(tmp_path / "want")
+

@@ -39,7 +39,7 @@ import xxhash
 from xofs.client.export import ExportResponse
 from xofs.errors import XofsError
 from xofs.export_checks import StreamCheck
-from xofs.spool import SpoolEntry
+from xofs.spool import SpoolEntry, too_slow
 
 log = logging.getLogger(__name__)
 
@@ -443,8 +443,8 @@ class ExportFeed:
         return self.spool is None and self.window_start <= offset <= self.received + skip_limit
 
     async def read(self, offset: int, size: int, partial_after: float = math.inf) -> bytes | memoryview:
-        """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream, or
-        when the stream is so slow that they took more than `partial_after` seconds to come."""
+        """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream. Fails
+        when some of them came but not all within `partial_after` seconds (`too_slow`)."""
         self._reading += 1
         try:
             return await self._read(offset, size, partial_after)
@@ -458,15 +458,17 @@ class ExportFeed:
         self._trim()
         self.make_room()
         # A stream that trickles (a byte now and then: the read timeout never fires) would hold the reader
-        # in the kernel, where not even SIGKILL ends a read the daemon has taken: after `partial_after`, what
-        # came is answered (a short read, which readers loop on), or the first byte that comes.
+        # in the kernel, where not even SIGKILL ends a read the daemon has taken: once some of the read's
+        # bytes came but not all within `partial_after`, it fails. Not a short answer: through the page
+        # cache (sendfile, splice, mmap) the kernel takes one for the end of the file, and the copy would
+        # end there, exit 0.
         partial_at = trio.current_time() + partial_after
         while (self.received < end or not self.verified) and self.length is None:
             if self.error is not None:
                 raise self.error
             late = trio.current_time() >= partial_at
             if late and self.received > offset and self.verified:
-                break
+                raise too_slow(self.label, offset, size, self.received - offset, partial_after)
             self._wanted = offset + 1 if late else end
             with trio.move_on_at(math.inf if late else partial_at):
                 await self._wait()

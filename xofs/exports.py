@@ -396,11 +396,8 @@ class ExportFile:
                 data = b""  # past the end of a file whose length is known: no export for that
             else:
                 source = await self._source(offset)
-                data = await source.read(offset, size, self.manager.partial_after)
-                # A short answer of a slow stream (not its end) reaches only as far as its bytes: the end check
-                # would wait for the stream to pass the size shown, with no bound.
-                partial = len(data) < size and source.length is None
-                await self._check_end(source, offset, len(data) if partial else size)
+                data = await source.read(offset, size, self.manager.partial_after)  # short only at the end
+                await self._check_end(source, offset, size)
                 if not data and source.length is not None and offset > source.length:
                     self._beyond_end(offset, source.length)
                 past_end = source.length is not None and offset + size > source.length  # asked for more

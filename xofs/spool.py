@@ -84,18 +84,17 @@ class SpoolEntry:
     # --- the readers' side ---
 
     async def read(self, offset: int, size: int, partial_after: float = math.inf) -> bytes:
-        """The bytes at [offset, offset+size), short only at the end of the export, or when they took more
-        than `partial_after` seconds to come."""
+        """The bytes at [offset, offset+size), short only at the end of the export. Fails when some of them
+        came but not all within `partial_after` seconds (see `ExportFeed.read`)."""
         self.last_used = time.monotonic()
         end = offset + size
-        partial_at = trio.current_time() + partial_after  # see ExportFeed.read: a stream that trickles
+        partial_at = trio.current_time() + partial_after
         while self.readable < end and self.length is None:
             if self.error is not None:
                 raise self.error
             late = trio.current_time() >= partial_at
             if late and self.readable > offset:
-                end = self.readable
-                break
+                raise too_slow(self.key, offset, size, self.readable - offset, partial_after)
             with trio.move_on_at(math.inf if late else partial_at):  # late: woken by the next write
                 await self._wait()
         if self.length is not None:
@@ -245,3 +244,10 @@ class Spool:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def too_slow(label: str, offset: int, size: int, came: int, seconds: float) -> XofsError:
+    """A read whose bytes began to come but not all within `seconds`: a stalled or trickling export."""
+    return XofsError(f"export {label}: {came} of the {size} bytes of a read at {offset} came in {seconds:g} s: "
+                     "XO's export is stalled or too slow (a short answer would end a copy made through the page "
+                     "cache there)")
