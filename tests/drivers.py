@@ -144,29 +144,23 @@ class DirectDriver:
         ino = await self._resolve(path)
         return sorted(n.decode() for n in await self.fs.listxattr(ino, self.ctx))
 
-    async def mkdir(self, path: str) -> None:
+    async def _in_parent(self, path: str, op, *args) -> None:
+        """`op(parent inode, name, *args, ctx)` for `path`; a FUSEError as the OSError the kernel would give."""
         parent, name = path.rsplit("/", 1)
         ino = await self._resolve(parent)
         try:
-            await self.fs.mkdir(ino, name.encode(), 0o755, self.ctx)
+            await op(ino, name.encode(), *args, self.ctx)
         except pyfuse3.FUSEError as err:
             raise OSError(err.errno, os.strerror(err.errno), path) from None
+
+    async def mkdir(self, path: str) -> None:
+        await self._in_parent(path, self.fs.mkdir, 0o755)
 
     async def unlink(self, path: str) -> None:
-        parent, name = path.rsplit("/", 1)
-        ino = await self._resolve(parent)
-        try:
-            await self.fs.unlink(ino, name.encode(), self.ctx)
-        except pyfuse3.FUSEError as err:
-            raise OSError(err.errno, os.strerror(err.errno), path) from None
+        await self._in_parent(path, self.fs.unlink)
 
     async def rmdir(self, path: str) -> None:
-        parent, name = path.rsplit("/", 1)
-        ino = await self._resolve(parent)
-        try:
-            await self.fs.rmdir(ino, name.encode(), self.ctx)
-        except pyfuse3.FUSEError as err:
-            raise OSError(err.errno, os.strerror(err.errno), path) from None
+        await self._in_parent(path, self.fs.rmdir)
 
     async def rename(self, old: str, new: str) -> None:
         pold, nold = old.rsplit("/", 1)
