@@ -154,7 +154,6 @@ class XoFS(pyfuse3.Operations):
         # stat and open: orjson takes microseconds, and keeping renderings would scatter them through the
         # heap during a `find` (RSS that is never given back).
         self._snapshot_sizes: cachetools.LRUCache[TypeSnapshot, tuple[int, int]] = cachetools.LRUCache(maxsize=64)
-        self._sizes_changed = 0  # exports whose size changed by a read (see `read`), counted
         self._size_invalidations: set[int] = set()  # open export files whose size changed, until their close
         # Open export files: how many times their attributes went to the kernel and the last size told
         # (see `read`), and sizes shown instead of the length until the file's next read or close.
@@ -266,7 +265,6 @@ class XoFS(pyfuse3.Operations):
     def export_size_known(self, export: Export) -> None:
         """An export's exact length became known (or its bound changed): refresh its size in the kernel, at
         once for the files no one has open, at their close for the others (see `read`)."""
-        self._sizes_changed += 1
         now = []
         for ino in self.tree.files_with(export):
             if ino in self._open_count:
