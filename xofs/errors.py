@@ -16,7 +16,8 @@ class XofsError(Exception):
 
     errno: int = errno.EIO
 
-    def __init__(self, message: str, *, object_id: str | None = None, errno_: int | None = None) -> None:
+    def __init__(self, message: str, *, object_id: str | None = None, errno_: int | None = None,
+                 routine: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.object_id = object_id
@@ -27,7 +28,7 @@ class XofsError(Exception):
         self.repeated = False
         # A refusal tools expect and go on after, such as `cp -a` and `mv` setting a POSIX ACL: logged at
         # debug level, so that the warnings (and `xofs status`'s recent errors) keep to real failures.
-        self.routine = False
+        self.routine = routine
 
     def describe(self) -> str:
         where = f" (XO object {self.object_id})" if self.object_id else ""

@@ -22,6 +22,7 @@ from xofs.formats.vhd import (
     FOOTER_SIZE,
     HEADER_COOKIE,
     HEADER_SIZE,
+    block_size_valid,
     mapped_end,
     vhd_checksum,
 )
@@ -132,11 +133,6 @@ def _block_table(read: Callable[[int, int], bytes], available: int) -> tuple[byt
     if not block_size_valid(block_size) or table_offset + 4 * entries > available:
         return None
     return read(table_offset, 4 * entries), block_size
-
-
-def block_size_valid(block_size: int) -> bool:
-    """A VHD block size vhd-lib takes (its header check): a power of two of at least one sector."""
-    return block_size >= 512 and block_size & (block_size - 1) == 0
 
 
 def vhd_maps_blocks(read: Callable[[int, int], bytes], size: int) -> bool:

@@ -1016,9 +1016,9 @@ class ImportManager:
             if key.startswith("user.xo."):
                 raise XofsError(f"{path}: {key} is read-only; only {DESCRIPTION_XATTR} can be set",
                                 errno_=errno.EPERM)
-            err = XofsError(f"{path}: extended attribute {key} is not supported", errno_=errno.ENOTSUP)
-            err.routine = not key.startswith("user.")  # ACLs and security labels, which copies try to keep
-            raise err
+            # ACLs and security labels, which copies try to keep: routine (a debug line)
+            raise XofsError(f"{path}: extended attribute {key} is not supported", errno_=errno.ENOTSUP,
+                            routine=not key.startswith("user."))
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError:

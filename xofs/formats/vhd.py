@@ -327,9 +327,14 @@ def parse_dynamic_header(b: bytes) -> DynamicHeader:
         raise VhdError(f"invalid header checksum {checksum}, expected {expected}")
     if version != HEADER_VERSION:
         raise VhdError(f"unsupported VHD header version {version:#010x}")
-    if block_size < SECTOR or block_size % SECTOR or block_size & (block_size - 1):
+    if not block_size_valid(block_size):
         raise VhdError(f"invalid VHD block size {block_size}")
     return DynamicHeader(table_offset, entries, block_size)
+
+
+def block_size_valid(block_size: int) -> bool:
+    """A block size vhd-lib takes (its header check): a power of two of at least one sector."""
+    return block_size >= SECTOR and block_size & (block_size - 1) == 0
 
 
 def _open_source(src: BinaryIO | str | os.PathLike[str]) -> tuple[BinaryIO, bool]:
