@@ -3,6 +3,7 @@
 Run through `scripts/bench exports`. Prints one line per figure with its goal (issue 4):
 
 - `cp` of a 4 GiB `.raw` and of its `.vhd` (every block allocated) to /dev/null: at least 0.9x curl's speed;
+  beside it, `cp` from scripts/export_floor.py on the same URL: what a bare pyfuse3 reader gets (the floor);
   the same for the `.raw` framed as a real XO frames exports (64 KiB chunks; three runs each), and for a
   2 GiB `.raw` over HTTPS (`xofs sim --tls`; three runs each);
 - the daemon's memory while it streams a 20 GiB export: flat, under 100 MB above its size at mount;
@@ -12,8 +13,8 @@ Run through `scripts/bench exports`. Prints one line per figure with its goal (i
 The 4 GiB disk is imported into the simulator first (its bytes do not compress, and no block is empty),
 which needs 8 GiB of free space under $TMPDIR (default /var/tmp) for the image and the simulator's copy.
 The export is read once untimed first (the simulator's disk file is then in the page cache for both), then
-curl and cp take turns, five runs each, the order swapped every round; each speed is the best of its
-five runs (every run is printed, and the ratio of the medians beside the goal's), so that a hiccup of the
+curl, cp and the floor take turns, five runs each, the order turned every round; each speed is the best of
+its five runs (every run is printed, and the ratio of the medians beside the goal's), so that a hiccup of the
 machine does not decide: on the 2-vCPU build machine one run of curl took up to 55% longer than the one
 before it. Four exports read whole one after another and the same four read at once take turns the same
 way, three rounds, by `dd` from the mount and then by curl.
@@ -86,12 +87,18 @@ class PeakRss(Sampler):
 
 def take_turns(rounds: int, curl: list[str], cp: list[str]) -> tuple[list[float], list[float]]:
     """The seconds of `rounds` runs each of curl and cp, the order swapped every round."""
-    curls: list[float] = []
-    cps: list[float] = []
+    runs = take_turns_of(rounds, {"curl": curl, "cp": cp})
+    return runs["curl"], runs["cp"]
+
+
+def take_turns_of(rounds: int, cmds: dict[str, list[str]]) -> dict[str, list[float]]:
+    """The seconds of `rounds` runs of each command, the order turned by one every round."""
+    runs: dict[str, list[float]] = {name: [] for name in cmds}
+    names = list(cmds)
     for n in range(rounds):
-        for turn in ("curl", "cp") if n % 2 == 0 else ("cp", "curl"):
-            (curls if turn == "curl" else cps).append(timed(curl if turn == "curl" else cp))
-    return curls, cps
+        for name in names[n % len(names):] + names[:n % len(names)]:
+            runs[name].append(timed(cmds[name]))
+    return runs
 
 
 def report_turns(size: int, curls: list[float], cps: list[float], curl_name: str, cp_name: str, ratio_name: str,
@@ -108,15 +115,59 @@ def report_turns(size: int, curls: list[float], cps: list[float], curl_name: str
     report(ratio_name, ratio, ">= 0.9x", t_curl / t_cp >= 0.9)
 
 
-def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
+def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str, work: Path) -> None:
+    """cp from the mount against curl, and against cp from scripts/export_floor.py on the same URL: the
+    least a pyfuse3 file system can do to stream an export (one receive into a 1 MiB buffer per read, no
+    read-ahead, no checks), so what any such daemon can get on this machine."""
     for fmt in ("raw", "vhd"):
         export = f"vdis/{vdi}.{fmt}"
         src = mount.mountpoint / export
-        timed(curl_cmd(sim, export))  # warm-up: the simulator's disk file into the page cache
-        curls, cps = take_turns(ROUNDS, curl_cmd(sim, export), ["cp", str(src), "/dev/null"])
-        report_turns(src.stat().st_size, curls, cps, f"curl of the {fmt} export (4 GiB disk) to /dev/null",
+        # Warm-up: the simulator's disk file into the page cache; and the export's length, for the floor.
+        length = int(subprocess.run([*curl_cmd(sim, export), "-w", "%{size_download}"], check=True,
+                                    capture_output=True, text=True).stdout)
+        with ExportFloor(work / f"floor-{fmt}", f"{sim.url}/rest/v0/{export}", sim.token, length) as floor:
+            runs = take_turns_of(ROUNDS, {"curl": curl_cmd(sim, export), "cp": ["cp", str(src), "/dev/null"],
+                                          "floor": ["cp", str(floor.file), "/dev/null"]})
+        report_turns(src.stat().st_size, runs["curl"], runs["cp"],
+                     f"curl of the {fmt} export (4 GiB disk) to /dev/null",
                      f"cp of {src.name[-12:]} from the mount to /dev/null",
                      f"  cp speed / curl speed ({fmt}), best runs", medians=True)
+        t_curl, t_cp, t_floor = min(runs["curl"]), min(runs["cp"]), min(runs["floor"])
+        report(f"  cp from scripts/export_floor.py ({fmt})",
+               f"{length / t_floor / 1e6:.0f} MB/s ({t_floor:.2f} s; all: "
+               f"{', '.join(f'{t:.2f}' for t in runs['floor'])})", "baseline", None)
+        report(f"  floor speed / curl speed ({fmt}); cp speed / floor speed", f"{t_curl / t_floor:.2f}x; "
+               f"{t_floor / t_cp:.2f}x", "", None)
+
+
+class ExportFloor:
+    """scripts/export_floor.py mounted at `mountpoint` for one export URL, while the `with` block runs."""
+
+    def __init__(self, mountpoint: Path, url: str, token: str, length: int) -> None:
+        self.mountpoint = mountpoint
+        self.file = mountpoint / "export"
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.cmd = [sys.executable, str(TOP / "scripts" / "export_floor.py"), str(mountpoint), url, token, str(length)]
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> ExportFloor:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.__exit__()
+            raise RuntimeError(f"scripts/export_floor.py did not mount at {self.mountpoint}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
 
 
 def bench_real_framing(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
@@ -245,7 +296,7 @@ def main() -> int:
                     raise RuntimeError("the imported disk never showed on the mount")
                 time.sleep(0.1)
             at_mount = rss_mb(mount.proc.pid)
-            bench_speed(sim, mount, vdi)
+            bench_speed(sim, mount, vdi, work)
             bench_real_framing(sim, mount, vdi)
             bench_memory(sim, mount, at_mount)
             bench_concurrency(sim, mount, vdi)
