@@ -273,6 +273,75 @@ async def test_a_measured_size_reaches_the_kernel_after_the_answer_and_before_th
             parts.invalidator.stop()
 
 
+async def test_a_size_told_during_the_last_read_stays_shown_until_the_next_read(fresh_sim, tmp_path, monkeypatch):
+    """Direct only. A `getattr` answered while the read that measures a `.vhd`'s length is out (it waited
+    GETATTR_WAIT for the read in vain) tells the kernel the bound; the kernel then keeps that size where the
+    read ends short, and a page-cache copy goes on to the next page, whose read fails. Until that read (or
+    the close), `getattr` must keep showing the bound: told the measured length in between, the kernel
+    would end the copy there, padded with the zeros it filled the short page with."""
+    import trio
+
+    import xofs.fs
+    from tests.test_exports import disk_bytes, import_raw
+    from xofs.client.export import ExportResponse
+    from xofs.mount import MountOptions, assemble
+
+    vdi = import_raw(fresh_sim, disk_bytes(3 * (1 << 20) + 5, 4), "held-size")
+    status, _, body = fresh_sim.request("GET", f"/rest/v0/vdis/{vdi}.vhd")
+    assert status == 200
+    length = len(body)
+    last = length - length % (1 << 20)  # the offset of the last read, the short one
+    assert length - last > 100
+    hold_back = length - 100  # the export's bytes stop coming here until the getattr was answered
+    release = trio.Event()
+    receive_into = ExportResponse.receive_into
+
+    async def gated_receive_into(self: ExportResponse, view: memoryview) -> int:
+        if self.bytes_received >= hold_back:
+            await release.wait()
+        elif self.bytes_received + len(view) > hold_back:
+            view = view[:hold_back - self.bytes_received]
+        return await receive_into(self, view)
+
+    monkeypatch.setattr(ExportResponse, "receive_into", gated_receive_into)
+    monkeypatch.setattr(xofs.fs, "GETATTR_WAIT", 0.05)
+    parts = assemble(fresh_sim.url, fresh_sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        parts.invalidator.start()
+        try:
+            drv = DirectDriver(parts.fs)
+            ino = await drv._resolve(f"/vdis/{vdi}.vhd")
+            bound = (await parts.fs.getattr(ino, drv.ctx)).st_size
+            assert bound > length
+            info = await parts.fs.open(ino, os.O_RDONLY, drv.ctx)
+            try:
+                for offset in range(0, last, 1 << 20):
+                    assert len(await parts.fs.read(info.fh, offset, 1 << 20)) == 1 << 20
+                answer: list[bytes] = []
+                async with trio.open_nursery() as nursery:
+                    async def last_read() -> None:
+                        answer.append(bytes(await parts.fs.read(info.fh, last, 1 << 20)))
+
+                    nursery.start_soon(last_read)
+                    with trio.fail_after(5):
+                        while not parts.fs._reading.get(ino):
+                            await trio.sleep(0.01)
+                    # answered while the read is out and before it measured anything: the bound
+                    assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound
+                    release.set()
+                assert answer == [body[last:]]  # short: the export's end came
+                assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound  # held
+                assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound
+                assert await parts.fs.read(info.fh, length, 1 << 20) == b""
+                assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length  # the next read let it go
+                await parts.fs.flush(info.fh)
+            finally:
+                await parts.fs.release(info.fh)
+            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length
+        finally:
+            parts.invalidator.stop()
+
+
 async def test_waiting_for_the_invalidation_worker_is_bounded_and_logged(monkeypatch, caplog):
     import pyfuse3
     import trio
