@@ -600,16 +600,16 @@ async def test_only_failures_in_a_row_are_logged_as_repeats(fresh_sim, tmp_path)
         await f.release()
 
 
-async def test_a_read_whose_bytes_stop_coming_fails_after_partial_after(fresh_sim, tmp_path):
+async def test_a_read_whose_bytes_stop_coming_fails_after_its_deadline(fresh_sim, tmp_path):
     """A read waited for its whole MiB: a stream that trickles (a byte now and then, so the read timeout
-    never fires) held the reader in the kernel, where not even SIGKILL ends it. After `partial_after` it
+    never fires) held the reader in the kernel, where not even SIGKILL ends it. After `read_deadline` it
     fails, from the memory window and from the spool. Not a short answer (it was one): through the page
     cache (sendfile, splice, mmap) the kernel takes a short answer for the end of the file, so a copy made
     that way would have ended there, exit 0, even of a `.raw` whose size is exact."""
     small = disk_bytes(300_000, 12)
     vdi = import_raw(fresh_sim, small, "trickle")
     set_faults(fresh_sim, stall_export_after_bytes=100_000)
-    async with running(fresh_sim, tmp_path / "spool", partial_after=1.0) as m:
+    async with running(fresh_sim, tmp_path / "spool", read_deadline=1.0) as m:
         export = vdi_export(m, vdi, "raw")
         f = await m.open(export, "/vdis/trickle.raw")
         started = trio.current_time()

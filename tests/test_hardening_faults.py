@@ -291,6 +291,33 @@ def test_slow_server_listings_from_cache_and_a_stalled_export_fails_after_the_re
     record("faults", "stalled export", failed_after_s=round(took, 1), read_timeout_s=3)
 
 
+def test_an_export_that_trickles_fails_the_read_after_twice_the_read_timeout(rsim, make_mount, tmp_path):
+    """XO sends, but slowly: never silent for the read timeout, so the socket never gives up. A read the
+    daemon has taken holds its reader in the kernel, unkillable; once some of its bytes came but not all
+    within twice the read timeout, it fails (EIO) instead of answering short, which a copy through the page
+    cache would take for the end of the file."""
+    data = pattern_bytes(4 * MiB, 5)
+    vdi = import_raw(rsim.sim, data, "trickle")
+    sim = rsim.sim
+    mount = make_mount(sim, "--read-timeout", "1")
+    src = mount / "vdis" / f"{vdi}.raw"
+    wait_for(src.exists, 10, "the disk on the mount")
+    set_faults(sim, export_bytes_per_second=64 << 10)  # a MiB in 16 s, a piece every 0.1 s
+    try:
+        began = time.monotonic()
+        slow = run("cp", str(src), str(tmp_path / "slow.raw"), timeout=60)
+        took = time.monotonic() - began
+    finally:
+        reset_faults(sim)
+    assert slow.returncode != 0 and "Input/output error" in slow.stderr
+    assert 2 <= took < 10, f"a trickling export must fail a read after 2 s (twice the read timeout), not {took:.1f} s"
+    assert re.search(rf"/vdis/{vdi}\.raw.* of the 1048576 bytes of a read at 0 came in 2 s: XO's export is stalled "
+                     "or too slow", mount.log_text())
+    assert run("cp", str(src), str(tmp_path / "after.raw")).returncode == 0
+    assert (tmp_path / "after.raw").read_bytes() == data
+    record("faults", "trickling export", failed_after_s=round(took, 1), read_timeout_s=1)
+
+
 # ---- 5xx and dropped connections -------------------------------------------------------------------------
 
 def test_5xx_bursts_and_dropped_connections_on_gets_are_retried(rsim, make_mount, tmp_path):

@@ -47,7 +47,8 @@ def test_knobs_need_auth_and_take_partial_updates(fresh_sim):
     defaults = call(fresh_sim, "GET", "/_sim/faults").json()
     assert defaults == {"latency_ms": 0, "cut_export_after_bytes": None, "end_export_after_bytes": None,
                         "stall_export_after_bytes": None,
-                        "export_chunk_bytes": None, "fail_next_import": 0, "import_bytes_per_second": None,
+                        "export_chunk_bytes": None, "export_bytes_per_second": None, "fail_next_import": 0,
+                        "import_bytes_per_second": None,
                         "http_5xx_next": 0, "http_5xx_status": 503, "reset_next_gets": 0, "corrupt_listing": None,
                         "silent_websockets": False}
     assert set_faults(fresh_sim, latency_ms=5)["latency_ms"] == 5
@@ -144,6 +145,23 @@ def test_export_chunk_bytes_frames_exports_as_small_as_a_real_xo(fresh_sim):
     bad = call(fresh_sim, "POST", "/_sim/faults", b'{"export_chunk_bytes": 0}', {"Content-Type": "application/json"})
     assert bad.status == 400 and "export_chunk_bytes" in bad.json()["error"]
     assert set_faults(fresh_sim, export_chunk_bytes=None)["export_chunk_bytes"] is None
+
+
+def test_export_bytes_per_second_paces_exports_in_small_chunks(fresh_sim):
+    vdi = find(fresh_sim, "vdis", "spare disk")
+    path = f"/rest/v0/vdis/{vdi['id']}.vhd"
+    _, body = chunk_sizes(fresh_sim, path, MiB)
+    set_faults(fresh_sim, export_bytes_per_second=2 * MiB)
+    began = time.monotonic()
+    sizes, paced = chunk_sizes(fresh_sim, path, MiB)
+    took = time.monotonic() - began
+    assert 0.4 <= took < 3, took  # 1 MiB at 2 MiB/s
+    assert max(sizes) <= 2 * MiB // 10 and len(sizes) >= 5  # a tenth of a second's bytes per chunk at most
+    assert paced[:MiB] == body[:MiB]
+    bad = call(fresh_sim, "POST", "/_sim/faults", b'{"export_bytes_per_second": 0}',
+               {"Content-Type": "application/json"})
+    assert bad.status == 400 and "export_bytes_per_second" in bad.json()["error"]
+    assert set_faults(fresh_sim, export_bytes_per_second=None)["export_bytes_per_second"] is None
 
 
 def test_stalled_export_sends_nothing_more_until_the_client_leaves(fresh_sim):

@@ -442,35 +442,35 @@ class ExportFeed:
         """Whether a read at `offset` can be answered from the memory window (now or after a short wait)."""
         return self.spool is None and self.window_start <= offset <= self.received + skip_limit
 
-    async def read(self, offset: int, size: int, partial_after: float = math.inf) -> bytes | memoryview:
+    async def read(self, offset: int, size: int, deadline: float = math.inf) -> bytes | memoryview:
         """Bytes at [offset, offset+size) from the memory window; short only at the end of the stream. Fails
-        when some of them came but not all within `partial_after` seconds (`too_slow`)."""
+        when some of them came but not all within `deadline` seconds (`too_slow`)."""
         self._reading += 1
         try:
-            return await self._read(offset, size, partial_after)
+            return await self._read(offset, size, deadline)
         finally:
             self._reading -= 1
             self.last_read = trio.current_time()
 
-    async def _read(self, offset: int, size: int, partial_after: float) -> bytes | memoryview:
+    async def _read(self, offset: int, size: int, deadline: float) -> bytes | memoryview:
         end = offset + size
         self.reader_pos = max(self.reader_pos, offset)
         self._trim()
         self.make_room()
         # A stream that trickles (a byte now and then: the read timeout never fires) would hold the reader
         # in the kernel, where not even SIGKILL ends a read the daemon has taken: once some of the read's
-        # bytes came but not all within `partial_after`, it fails. Not a short answer: through the page
+        # bytes came but not all within `deadline`, it fails. Not a short answer: through the page
         # cache (sendfile, splice, mmap) the kernel takes one for the end of the file, and the copy would
         # end there, exit 0.
-        partial_at = trio.current_time() + partial_after
+        deadline_at = trio.current_time() + deadline
         while (self.received < end or not self.verified) and self.length is None:
             if self.error is not None:
                 raise self.error
-            late = trio.current_time() >= partial_at
+            late = trio.current_time() >= deadline_at
             if late and self.received > offset and self.verified:
-                raise too_slow(self.label, offset, size, self.received - offset, partial_after)
+                raise too_slow(self.label, offset, size, self.received - offset, deadline)
             self._wanted = offset + 1 if late else end
-            with trio.move_on_at(math.inf if late else partial_at):
+            with trio.move_on_at(math.inf if late else deadline_at):
                 await self._wait()
         self._wanted = 0
         if offset < self.window_start:  # another reader of the same file moved the window on meanwhile

@@ -74,7 +74,7 @@ class ExportManager:
                  max_exports: int = 4, readahead: int = 8 << 20,
                  on_size_known: Callable[[Export], None] | None = None, park_idle_after: float = 10.0,
                  buffers_idle: float = BUFFERS_IDLE, on_bounds_changed: Callable[[str], None] | None = None,
-                 partial_after: float = 60.0) -> None:
+                 read_deadline: float = 120.0) -> None:
         self.client = client
         self.cache = cache
         self.spool = Spool(spool_dir, spool_limit)
@@ -86,9 +86,9 @@ class ExportManager:
         # Called when the size bounds of an object's exports changed through an event about another object
         # (a VM's .xva when one of its disks grew): the mount invalidates the attributes of its export files.
         self.on_bounds_changed = on_bounds_changed
-        # How long a read waits for all its bytes before it answers with those that came (the read timeout):
-        # bounds the time a reader spends in the kernel, unkillable, on a stream that trickles.
-        self.partial_after = partial_after
+        # How long a read may wait for the rest of its bytes once some came (then it fails: `too_slow`): bounds
+        # the time a reader spends in the kernel, unkillable, on a stream that trickles.
+        self.read_deadline = read_deadline
         self.slots = ExportSlots(max_exports, park_idle_after)
         # As many buffers as the exports' windows can span together: each read-ahead + BACK_WINDOW, and a
         # buffer at each end and one being filled.
@@ -396,7 +396,7 @@ class ExportFile:
                 data = b""  # past the end of a file whose length is known: no export for that
             else:
                 source = await self._source(offset)
-                data = await source.read(offset, size, self.manager.partial_after)  # short only at the end
+                data = await source.read(offset, size, self.manager.read_deadline)  # short only at the end
                 await self._check_end(source, offset, size)
                 if not data and source.length is not None and offset > source.length:
                     self._beyond_end(offset, source.length)

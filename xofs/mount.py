@@ -62,6 +62,10 @@ log = logging.getLogger("xofs")
 # it, cutting the uploads under way instead of giving them the import wait.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FEED_START_WAIT = 15.0  # seconds the event feed gets at start before the mount is served from a plain load
+# A read of an export fails once some of its bytes came but not all within this many read timeouts
+# (`ExportManager.read_deadline`). Twice: a pause the socket's read timeout lets pass never fails a read by
+# itself, even one that began just before it; only a stream that trickles does (under 1 MiB in 120 s).
+READ_DEADLINE_TIMES = 2
 INSECURE_WARNING = ("WARNING: --insecure: the TLS certificate of {url} is NOT checked; anyone between this "
                     "machine and XO can read the token and every byte of data (use --ca-file instead)")
 
@@ -308,7 +312,7 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
                             max_exports=options.max_exports, readahead=options.readahead,
                             on_size_known=lambda export: fs_ref[0].export_size_known(export),
                             on_bounds_changed=lambda obj_id: fs_ref[0].export_bounds_changed(obj_id),
-                            partial_after=options.read_timeout)
+                            read_deadline=READ_DEADLINE_TIMES * options.read_timeout)
     imports = ImportManager(client, cache, state_dir=options.state_dir, spool_dir=spool / "imports",
                             server_key=server_key, max_uploads=options.max_uploads, read_only=options.read_only,
                             notify=lambda sr_id, names: fs_ref[0].import_entries_changed(sr_id, names),

@@ -83,19 +83,19 @@ class SpoolEntry:
 
     # --- the readers' side ---
 
-    async def read(self, offset: int, size: int, partial_after: float = math.inf) -> bytes:
+    async def read(self, offset: int, size: int, deadline: float = math.inf) -> bytes:
         """The bytes at [offset, offset+size), short only at the end of the export. Fails when some of them
-        came but not all within `partial_after` seconds (see `ExportFeed.read`)."""
+        came but not all within `deadline` seconds (see `ExportFeed.read`)."""
         self.last_used = time.monotonic()
         end = offset + size
-        partial_at = trio.current_time() + partial_after
+        deadline_at = trio.current_time() + deadline
         while self.readable < end and self.length is None:
             if self.error is not None:
                 raise self.error
-            late = trio.current_time() >= partial_at
+            late = trio.current_time() >= deadline_at
             if late and self.readable > offset:
-                raise too_slow(self.key, offset, size, self.readable - offset, partial_after)
-            with trio.move_on_at(math.inf if late else partial_at):  # late: woken by the next write
+                raise too_slow(self.key, offset, size, self.readable - offset, deadline)
+            with trio.move_on_at(math.inf if late else deadline_at):  # late: woken by the next write
                 await self._wait()
         if self.length is not None:
             end = min(end, self.length)

@@ -16,6 +16,9 @@ No real XO has any of this. The REST app serves it under `/_sim/` (same authenti
     xo-server pipes XAPI's answer through, one chunk per piece its socket read: 64 KiB at most. Without
     the knob the simulator sends chunks of 1 MiB or more, which its Python HTTP stack needs to keep up
     with curl above 1 GB/s (with 64 KiB it serves an export at 35-45% of that speed);
+  - `export_bytes_per_second`: every export's body goes out at most this fast, in chunks of a tenth of a
+    second's bytes at most (a slow link, or XAPI reading a busy SR): a stream that never stalls long
+    enough for a client's read timeout, yet takes long over each MiB;
   - `fail_next_import`: `true` or a count: the next import(s) fail on the "XAPI" side after the VDI was
     created, as `import-raw-xapi-500` recorded: 500 `{"error": "500 Internal Server Error"}`, VDI destroyed;
   - `import_bytes_per_second`: imports read their body at most this fast (a slow XAPI), so that an upload
@@ -79,8 +82,8 @@ class Stats:
 
 
 _KNOBS = ("latency_ms", "cut_export_after_bytes", "end_export_after_bytes", "stall_export_after_bytes",
-          "export_chunk_bytes", "fail_next_import", "import_bytes_per_second", "http_5xx_next", "http_5xx_status",
-          "reset_next_gets", "corrupt_listing", "silent_websockets")
+          "export_chunk_bytes", "export_bytes_per_second", "fail_next_import", "import_bytes_per_second",
+          "http_5xx_next", "http_5xx_status", "reset_next_gets", "corrupt_listing", "silent_websockets")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Faults:
     end_export_after_bytes: int | None = None
     stall_export_after_bytes: int | None = None
     export_chunk_bytes: int | None = None
+    export_bytes_per_second: int | None = None
     fail_next_import: int = 0
     import_bytes_per_second: int | None = None
     http_5xx_next: int = 0
@@ -219,7 +223,7 @@ def _check(name: str, value: Any) -> Any:
         raise FaultsError(f"{name} must be a non-negative number, not {value!r}")
     if name == "latency_ms":
         return float(value)
-    if name in ("import_bytes_per_second", "export_chunk_bytes") and value == 0:
+    if name in ("import_bytes_per_second", "export_chunk_bytes", "export_bytes_per_second") and value == 0:
         raise FaultsError(f"{name} must be positive (null for no limit)")
     if value != int(value):
         raise FaultsError(f"{name} must be a whole number, not {value!r}")

@@ -16,8 +16,8 @@ the recorded `Vary: Accept-Encoding`: a client that sends `Accept-Encoding: gzip
 gzip-encoded on the fly, as from a real XO. HEAD runs the whole export (snapshot included) and sends only
 the headers, as a real XO does.
 
-Fault knobs (`faults.py`) cut or stall an export after a number of body bytes, or send it in chunks as small
-as a real XO's (`export_chunk_bytes`).
+Fault knobs (`faults.py`) cut or stall an export after a number of body bytes, send it in chunks as small
+as a real XO's (`export_chunk_bytes`), or slowly (`export_bytes_per_second`).
 """
 
 from __future__ import annotations
@@ -183,7 +183,12 @@ class Exporter:
                  "stall": self.faults.stall_export_after_bytes}
         stop = min((n for n in knobs.values() if n is not None), default=None)
         fault = next((kind for kind, n in knobs.items() if n == stop), "")
+        rate = self.faults.export_bytes_per_second
+        piece_size = self.faults.export_chunk_bytes
+        if rate is not None:  # paced: pieces of a tenth of a second's bytes at most, each sent on time
+            piece_size = min(piece_size or rate, max(1, rate // 10))
         first = True
+        began = trio.current_time()
         while True:
             chunk = await trio.to_thread.run_sync(next, chunks, end) if in_thread else next(chunks, end)
             if first:
@@ -195,7 +200,7 @@ class Exporter:
                     await out.end()
                 return True
             assert isinstance(chunk, bytes)
-            for piece in _pieces(chunk, self.faults.export_chunk_bytes):
+            for piece in _pieces(chunk, piece_size):
                 if stop is not None and out.sent + len(piece) >= stop:
                     await out.write(piece[: stop - out.sent])
                     self.faults.note_export_fault(fault)
@@ -205,6 +210,8 @@ class Exporter:
                         await trio.sleep_forever()  # until the client gives up (the disconnect watcher)
                     return False  # unless it was ended above, the server drops the connection mid-body
                 await out.write(piece)
+                if rate is not None:
+                    await trio.sleep_until(began + out.sent / rate)
             if req.method == "HEAD":
                 await trio.sleep(0)  # nothing is sent, so let the rest of the server run between chunks
 
