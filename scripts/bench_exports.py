@@ -17,7 +17,7 @@ curl, cp and the floor take turns, five runs each, the order turned every round;
 its five runs (every run is printed, and the ratio of the medians beside the goal's), so that a hiccup of the
 machine does not decide: on the 2-vCPU build machine one run of curl took up to 55% longer than the one
 before it. Four exports read whole one after another and the same four read at once take turns the same
-way, three rounds, by `dd` from the mount and then by curl.
+way, three rounds, by `dd` from the mount, then by curl, then by `dd` from the floor.
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str, work: Path) -> N
         # Warm-up: the simulator's disk file into the page cache; and the export's length, for the floor.
         length = int(subprocess.run([*curl_cmd(sim, export), "-w", "%{size_download}"], check=True,
                                     capture_output=True, text=True).stdout)
-        with ExportFloor(work / f"floor-{fmt}", f"{sim.url}/rest/v0/{export}", sim.token, length) as floor:
+        with ExportFloor(work / f"floor-{fmt}", sim.token, [(f"{sim.url}/rest/v0/{export}", length)]) as floor:
             runs = take_turns_of(ROUNDS, {"curl": curl_cmd(sim, export), "cp": ["cp", str(src), "/dev/null"],
-                                          "floor": ["cp", str(floor.file), "/dev/null"]})
+                                          "floor": ["cp", str(floor.files[0]), "/dev/null"]})
         report_turns(src.stat().st_size, runs["curl"], runs["cp"],
                      f"curl of the {fmt} export (4 GiB disk) to /dev/null",
                      f"cp of {src.name[-12:]} from the mount to /dev/null",
@@ -141,13 +141,15 @@ def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str, work: Path) -> N
 
 
 class ExportFloor:
-    """scripts/export_floor.py mounted at `mountpoint` for one export URL, while the `with` block runs."""
+    """scripts/export_floor.py mounted at `mountpoint` for export URLs and their lengths, while the `with`
+    block runs: `files` are theirs, in the same order."""
 
-    def __init__(self, mountpoint: Path, url: str, token: str, length: int) -> None:
+    def __init__(self, mountpoint: Path, token: str, exports: list[tuple[str, int]]) -> None:
         self.mountpoint = mountpoint
-        self.file = mountpoint / "export"
+        self.files = [mountpoint / f"export-{i}" for i in range(len(exports))]
         mountpoint.mkdir(parents=True, exist_ok=True)
-        self.cmd = [sys.executable, str(TOP / "scripts" / "export_floor.py"), str(mountpoint), url, token, str(length)]
+        self.cmd = [sys.executable, str(TOP / "scripts" / "export_floor.py"), str(mountpoint), token,
+                    *(str(x) for url_length in exports for x in url_length)]
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> ExportFloor:
@@ -231,12 +233,13 @@ def bench_memory(sim: SimProcess, mount: MountProcess, at_mount: float) -> None:
            "flat", max(late) - min(late) < 20)
 
 
-def bench_concurrency(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
+def bench_concurrency(sim: SimProcess, mount: MountProcess, vdi: str, work: Path) -> None:
     """Four exports read whole at once against the same four read one after another (the imported disk and
     the three smallest of the simulator's seeded disks of at least 2 GiB, which are mostly zeros and cost the
     simulator less: compared with the imported one alone, four at once would have that advantage). curl of
     the same four URLs, the same two ways, shows what the simulator itself gives four readers on this
-    machine: a ceiling, not a goal."""
+    machine, and `dd` from scripts/export_floor.py (the four files in one such daemon) what a bare pyfuse3
+    reader does: ceilings, not goals."""
     vdis = sim.get_json("/rest/v0/vdis?fields=id,size")
     size = {v["id"]: v["size"] for v in vdis}
     others = [v["id"] for v in sorted(vdis, key=lambda v: v["size"]) if v["size"] >= 2 * GiB and v["id"] != vdi][:3]
@@ -246,18 +249,20 @@ def bench_concurrency(sim: SimProcess, mount: MountProcess, vdi: str) -> None:
            for i in ids]
     curls = [curl_cmd(sim, f"vdis/{i}.raw") for i in ids]
     label = f"four .raw ({total / GiB:.1f} GiB)"
-    for tool, cmds in (("dd", dds), ("curl", curls)):
-        apart, together = apart_and_together(cmds, total)
-        name = f"{tool} of {label}" if tool == "dd" else "  curl of the same four (no mount)"
-        report(f"{name}, one after another", f"{max(apart):.0f} MB/s (all: {', '.join(f'{x:.0f}' for x in apart)})",
-               "baseline", None)
-        if tool == "dd":
-            report("the same four dd at once, together",
-                   f"{max(together):.0f} MB/s (all: {', '.join(f'{x:.0f}' for x in together)})",
-                   ">= one after another", max(together) >= max(apart))
-        else:
-            report("  the same four curl at once, together",
-                   f"{max(together):.0f} MB/s (all: {', '.join(f'{x:.0f}' for x in together)})", "", None)
+    exports = [(f"{sim.url}/rest/v0/vdis/{i}.raw", size[i]) for i in ids]
+    with ExportFloor(work / "floor-four", sim.token, exports) as floor:
+        floor_dds = [["dd", f"if={f}", "of=/dev/null", "bs=1M", "status=none"] for f in floor.files]
+        for cmds, apart_name, together_name in (
+                (dds, f"dd of {label}", "the same four dd at once"),
+                (curls, "  curl of the same four (no mount)", "  the same four curl at once"),
+                (floor_dds, "  dd of the same four from scripts/export_floor.py", "  the same four from it at once")):
+            apart, together = apart_and_together(cmds, total)
+            goal = cmds is dds
+            report(f"{apart_name}, one after another",
+                   f"{max(apart):.0f} MB/s (all: {', '.join(f'{x:.0f}' for x in apart)})", "baseline", None)
+            report(f"{together_name}, together", f"{max(together):.0f} MB/s (all: "
+                   f"{', '.join(f'{x:.0f}' for x in together)})", ">= one after another" if goal else "",
+                   max(together) >= max(apart) if goal else None)
 
 
 def apart_and_together(cmds: list[list[str]], total: int) -> tuple[list[float], list[float]]:
@@ -299,7 +304,7 @@ def main() -> int:
             bench_speed(sim, mount, vdi, work)
             bench_real_framing(sim, mount, vdi)
             bench_memory(sim, mount, at_mount)
-            bench_concurrency(sim, mount, vdi)
+            bench_concurrency(sim, mount, vdi, work)
         finally:
             mount.stop()
             sim.stop()

@@ -1,4 +1,4 @@
-"""The floor under `cp` of an export on any pyfuse3 + trio filesystem: one file that streams one URL.
+"""The floor under `cp` of an export on any pyfuse3 + trio filesystem: files that each stream one URL.
 
 Used by scripts/bench_exports.py beside curl: the same export, served by a file system that does the least
 any FUSE reader of an HTTP stream can do. Each read receives just the bytes it asks for (one `recv_into`
@@ -6,12 +6,12 @@ copy into a single 1 MiB buffer, HTTP chunk framing decoded on the way) and hand
 (the second copy, into the reader's pages); nothing is read ahead, checked, hashed or kept. Whatever `cp`
 gets from it against curl is what FUSE, pyfuse3 and trio leave on this machine with no xofs in between.
 
-    python scripts/export_floor.py MOUNTPOINT URL TOKEN SIZE
+    python scripts/export_floor.py MOUNTPOINT TOKEN URL SIZE [URL SIZE ...]
 
-Mounts at MOUNTPOINT a directory holding one file, `export`, of SIZE bytes (the export's length: a reader
-stops at the stream's end in any case), whose reads stream a GET of URL with XO's `authenticationToken`
-cookie, one GET per open. Reads must come in order (cp, cat, dd); any other read fails with EIO. Serves
-until SIGTERM or SIGINT (then unmounts).
+Mounts at MOUNTPOINT a directory holding a file per URL, `export-0`, `export-1`…, of SIZE bytes (the
+export's length: a reader stops at the stream's end in any case), whose reads stream a GET of that URL with
+XO's `authenticationToken` cookie, one GET per open. Reads must come in order (cp, cat, dd); any other
+read fails with EIO. Serves until SIGTERM or SIGINT (then unmounts).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-FILE_INODE = pyfuse3.ROOT_INODE + 1
-NAME = b"export"
 BUFFER = 1 << 20  # the kernel asks for at most 1 MiB per read (st_blksize below)
 TTL = 60.0
 
@@ -123,9 +121,12 @@ class HttpBody:
 
 
 class ExportFloorFS(pyfuse3.Operations):
-    def __init__(self, url: str, token: str, size: int) -> None:
+    def __init__(self, token: str, exports: list[tuple[str, int]]) -> None:
         super().__init__()
-        self.url, self.token, self.size = url, token, size
+        self.token = token
+        # inode -> (name, URL, size); the root is inode 1
+        self.files = {pyfuse3.ROOT_INODE + 1 + i: (f"export-{i}".encode(), url, size)
+                      for i, (url, size) in enumerate(exports)}
         # fh -> (body, its reply buffer, [position]); a buffer each: a read waiting for bytes has half filled it
         self.streams: dict[int, tuple[HttpBody, memoryview, list[int]]] = {}
         self.next_fh = 1
@@ -135,8 +136,8 @@ class ExportFloorFS(pyfuse3.Operations):
         attrs.st_ino = inode
         if inode == pyfuse3.ROOT_INODE:
             attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o500, 2
-        elif inode == FILE_INODE:
-            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o400, 1, self.size
+        elif inode in self.files:
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o400, 1, self.files[inode][2]
             attrs.st_blksize = BUFFER
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -148,23 +149,26 @@ class ExportFloorFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
                      ) -> pyfuse3.EntryAttributes:
-        if parent_inode == pyfuse3.ROOT_INODE and name == NAME:
-            return self._attrs(FILE_INODE)
+        for inode, (file_name, _, _) in self.files.items():
+            if parent_inode == pyfuse3.ROOT_INODE and name == file_name:
+                return self._attrs(inode)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if start_id == 0:
-            pyfuse3.readdir_reply(token, NAME, self._attrs(FILE_INODE), 1)
+        inodes = sorted(self.files)
+        for index in range(start_id, len(inodes)):
+            if not pyfuse3.readdir_reply(token, self.files[inodes[index]][0], self._attrs(inodes[index]), index + 1):
+                return
 
     async def releasedir(self, fh: int) -> None:
         return None
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         fh, self.next_fh = self.next_fh, self.next_fh + 1
-        self.streams[fh] = (HttpBody(self.url, self.token), memoryview(bytearray(BUFFER)), [0])
+        self.streams[fh] = (HttpBody(self.files[inode][1], self.token), memoryview(bytearray(BUFFER)), [0])
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
@@ -197,8 +201,9 @@ async def serve() -> None:
 
 
 def main() -> int:
-    mountpoint, url, token, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    pyfuse3.init(ExportFloorFS(url, token, size), mountpoint, {"fsname=xofs-export-floor", "default_permissions"})
+    mountpoint, token, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    exports = [(rest[i], int(rest[i + 1])) for i in range(0, len(rest), 2)]
+    pyfuse3.init(ExportFloorFS(token, exports), mountpoint, {"fsname=xofs-export-floor", "default_permissions"})
     try:
         trio.run(serve)
     finally:
