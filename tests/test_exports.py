@@ -624,7 +624,7 @@ async def test_a_read_whose_bytes_stop_coming_fails_after_its_deadline(fresh_sim
         first, second = await m.open(export, "/a"), await m.open(export, "/b")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first.read, len(small) - 512, 512)
-            await eventually(lambda: m.spool.lookup(export.path) is not None, "the spool to take the export")
+            await eventually(lambda: m.spool.lookup(export.url_path) is not None, "the spool to take the export")
             with trio.fail_after(10), pytest.raises(XofsError) as err:
                 await second.read(0, MiB)
             assert "100000 of the 1048576 bytes of a read at 0 came in 1 s" in err.value.describe()

@@ -241,7 +241,7 @@ class ExportManager:
 
     def spooled_copy(self, export: Export) -> SpoolEntry | None:
         """A spool entry of `export` a new open may read from: not for a live export (`live`)."""
-        return None if self.live(export) else self.spool.lookup(export.path)
+        return None if self.live(export) else self.spool.lookup(export.url_path)
 
     def _objects_of(self, export: Export) -> frozenset[str]:
         obj = self.cache.get(export.obj_id) or {}
@@ -289,7 +289,7 @@ class ExportManager:
             else:
                 continue
             size, basis = self.size_of(file.export)
-            out.append({"kind": "export", "path": file.path, "export": f"/rest/v0/{file.export.path}",
+            out.append({"kind": "export", "path": file.path, "export": file.export.url_path,
                         "phase": phase, "done": received, "read": file.position, "size": size,
                         "size_exact": basis != "bound", "complete": complete, "elapsed": now - file.opened})
         return out
@@ -300,7 +300,7 @@ class ExportManager:
               spool: SpoolEntry | None = None, resume_at: int = 0, resuming: bool = False) -> ExportFeed:
         async def open_response() -> ExportResponse:
             self.exports_started += 1
-            log.debug("export %s: starting", export.path)
+            log.debug("export %s: starting", export.url_path)
             response = await self.client.open_export(export.path)
             if response.close_delimited and export.exact_size is None:
                 # Where no size checks the length (a .vhd, an .xva), a cut that closes the connection cleanly
@@ -311,10 +311,10 @@ class ExportManager:
                                       "rewrites XO's answers?)", object_id=export.obj_id)
             return response
 
-        return ExportFeed(export.path, open_response, self.slots, self.buffers, readahead=self.readahead,
+        return ExportFeed(export.url_path, open_response, self.slots, self.buffers, readahead=self.readahead,
                           back_window=BACK_WINDOW, verify=verify, spool=spool, resume_at=resume_at,
                           repeatable=not self.live(export), resuming=resuming,
-                          check=check_for(export.path, export.fmt, compression_of(export.query)))
+                          check=check_for(export.url_path, export.fmt, compression_of(export.query)))
 
     async def _start(self, feed: ExportFeed) -> None:
         if self._nursery is None:
@@ -337,7 +337,7 @@ class ExportManager:
         if entry is not None and verify is None:
             self.spool.acquire(entry)
             return entry
-        entry = self.spool.create(export.path, self._objects_of(export))
+        entry = self.spool.create(export.url_path, self._objects_of(export))
         self.spool.acquire(entry)
         feed = self._feed(export, verify=verify, spool=entry)
         entry.on_drop = feed.cancel
@@ -350,7 +350,7 @@ class ExportManager:
 
     def divert(self, export: Export, feed: ExportFeed) -> SpoolEntry:
         """Move a running memory export into a new spool entry (acquired by the caller)."""
-        entry = self.spool.create(export.path, self._objects_of(export))
+        entry = self.spool.create(export.url_path, self._objects_of(export))
         self.spool.acquire(entry)
         entry.on_drop = feed.cancel
         feed.divert(entry)
@@ -533,7 +533,7 @@ class ExportFile:
         if self.manager.cache.get(self.export.obj_id) is None and errno_ == errno.EIO:
             errno_ = errno.ENOENT
             words += " (the object is no longer in XO)"
-        error = ExportReadError(f"{self.path}: export /rest/v0/{self.export.path} at offset {offset}: {words}",
+        error = ExportReadError(f"{self.path}: export {self.export.url_path} at offset {offset}: {words}",
                                 object_id=self.export.obj_id, errno_=errno_)
         error.repeated = words == self._failure
         if error.repeated:

@@ -56,6 +56,11 @@ class Export:
     def path(self) -> str:
         return f"{self.collection}/{self.obj_id}.{self.fmt}" + (f"?{self.query}" if self.query else "")
 
+    @property
+    def url_path(self) -> str:
+        """The GET's path on XO, as log lines and errors name the export."""
+        return f"/rest/v0/{self.path}"
+
 
 @dataclass(frozen=True, slots=True)
 class TypeSnapshot:
