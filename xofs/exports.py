@@ -529,7 +529,8 @@ class ExportFile:
 
     def _error(self, err: XofsError, offset: int) -> ExportReadError:
         errno_ = err.errno
-        words = err.message
+        # The feed's and the spool's own errors start by naming the export, which this one names already.
+        words = err.message.removeprefix(f"export {self.export.url_path}: ")
         if self.manager.cache.get(self.export.obj_id) is None and errno_ == errno.EIO:
             errno_ = errno.ENOENT
             words += " (the object is no longer in XO)"

@@ -324,7 +324,13 @@ class XoFS(pyfuse3.Operations):
         return self.exports.attrs(node.content)
 
     def attributes(self, inode: Inode, told: bool = True) -> pyfuse3.EntryAttributes:
-        """What `stat` shows of `inode`; `told`: the answer goes to the kernel (not kept for a handle)."""
+        """What `stat` shows of `inode`; `told`: the answer goes to the kernel (not kept for a handle).
+
+        Not a pure function: for an open export file, an answer `told` is counted (`_told`, which `read`
+        compares to see whether attributes reached the kernel while a read was out), and a size `_held`
+        is shown instead of the current one. Every path that hands attributes to the kernel must come
+        through here with `told=True`, and nothing else may.
+        """
         node = inode.node
         mtime = self.started_ns
         blksize = 4096
