@@ -51,7 +51,9 @@ class HttpBody:
         self.sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nCookie: authenticationToken="
                           f"{self.token}\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n".encode())
         while b"\r\n\r\n" not in self.framing:
-            self.framing += await self._recv(64 << 10)
+            if not (data := await self._recv(64 << 10)):
+                raise OSError(f"{self.url.geturl()} closed the connection without answering")
+            self.framing += data
         head, self.framing = self.framing.split(b"\r\n\r\n", 1)
         lines = head.decode("latin-1").split("\r\n")
         if lines[0].split(" ")[1] != "200":
