@@ -17,7 +17,6 @@ read fails with EIO. Serves until SIGTERM or SIGINT (then unmounts).
 from __future__ import annotations
 
 import errno
-import signal
 import socket
 import stat
 import sys
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 
 import pyfuse3
 import trio
+from fuse_floor import mount_and_serve  # this script's directory is first on sys.path
 
 BUFFER = 1 << 20  # the kernel asks for at most 1 MiB per read (st_blksize below)
 TTL = 60.0
@@ -192,25 +192,10 @@ class ExportFloorFS(pyfuse3.Operations):
         body.close()
 
 
-async def serve() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pyfuse3.main)
-            print("ready", flush=True)
-            async for _ in signals:
-                break
-            nursery.cancel_scope.cancel()
-
-
 def main() -> int:
     mountpoint, token, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
     exports = [(rest[i], int(rest[i + 1])) for i in range(0, len(rest), 2)]
-    pyfuse3.init(ExportFloorFS(token, exports), mountpoint, {"fsname=xofs-export-floor", "default_permissions"})
-    try:
-        trio.run(serve)
-    finally:
-        pyfuse3.close(unmount=True)
-    return 0
+    return mount_and_serve(ExportFloorFS(token, exports), mountpoint, "xofs-export-floor")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,16 @@ async def serve() -> None:
             nursery.cancel_scope.cancel()
 
 
+def mount_and_serve(fs: pyfuse3.Operations, mountpoint: str, fsname: str) -> int:
+    """Mount `fs`, print "ready", serve until SIGTERM or SIGINT, unmount (scripts/export_floor.py too)."""
+    pyfuse3.init(fs, mountpoint, {f"fsname={fsname}", "default_permissions"})
+    try:
+        trio.run(serve)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
 def main() -> int:
     args = sys.argv[1:]
     wide = args[:1] == ["--wide"]
@@ -116,12 +126,7 @@ def main() -> int:
     fs = FloorFS(dirs, entries, wide=wide)
     dirs_made, entries_made = fs.shape
     print(f"shape {dirs_made} directories, {entries_made} entries", flush=True)
-    pyfuse3.init(fs, mountpoint, {"fsname=xofs-floor", "default_permissions"})
-    try:
-        trio.run(serve)
-    finally:
-        pyfuse3.close(unmount=True)
-    return 0
+    return mount_and_serve(fs, mountpoint, "xofs-floor")
 
 
 if __name__ == "__main__":

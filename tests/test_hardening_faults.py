@@ -64,6 +64,17 @@ def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
 
 
+def disk_on_a_mount(rsim, make_mount, name: str, seed: int, *mount_args: str):
+    """A new 4 MiB disk of `pattern_bytes(seed)` called `name`, and a mount (`mount_args`) that shows it:
+    (the bytes, the VDI's id, the simulator, the mount, its `.raw` on the mount)."""
+    data = pattern_bytes(4 * MiB, seed)
+    vdi = import_raw(rsim.sim, data, name)
+    mount = make_mount(rsim.sim, *mount_args)
+    src = mount / "vdis" / f"{vdi}.raw"
+    wait_for(src.exists, 10, "the disk on the mount")
+    return data, vdi, rsim.sim, mount, src
+
+
 def wait_live_again(mount: MountProcess, before: int, timeout: float = 30) -> None:
     wait_for(lambda: live_count(mount) > before, timeout, "the event feed to be live again")
 
@@ -261,12 +272,7 @@ def test_while_the_feed_stays_down_changes_in_xo_show_within_the_poll_interval(f
 
 def test_slow_server_listings_from_cache_and_a_stalled_export_fails_after_the_read_timeout(rsim, make_mount,
                                                                                            tmp_path):
-    data = pattern_bytes(4 * MiB, 3)
-    vdi = import_raw(rsim.sim, data, "slow")
-    sim = rsim.sim
-    mount = make_mount(sim, "--read-timeout", "3")
-    src = mount / "vdis" / f"{vdi}.raw"
-    wait_for(src.exists, 10, "the disk on the mount")
+    data, vdi, sim, mount, src = disk_on_a_mount(rsim, make_mount, "slow", 3, "--read-timeout", "3")
     set_faults(sim, latency_ms=700)
     reset_stats(sim)
     began = time.monotonic()
@@ -296,12 +302,7 @@ def test_an_export_that_trickles_fails_the_read_after_twice_the_read_timeout(rsi
     daemon has taken holds its reader in the kernel, unkillable; once some of its bytes came but not all
     within twice the read timeout, it fails (EIO) instead of answering short, which a copy through the page
     cache would take for the end of the file."""
-    data = pattern_bytes(4 * MiB, 5)
-    vdi = import_raw(rsim.sim, data, "trickle")
-    sim = rsim.sim
-    mount = make_mount(sim, "--read-timeout", "1")
-    src = mount / "vdis" / f"{vdi}.raw"
-    wait_for(src.exists, 10, "the disk on the mount")
+    data, vdi, sim, mount, src = disk_on_a_mount(rsim, make_mount, "trickle", 5, "--read-timeout", "1")
     set_faults(sim, export_bytes_per_second=64 << 10)  # a MiB in 16 s, a piece every 0.1 s
     try:
         began = time.monotonic()
@@ -337,13 +338,8 @@ def test_an_export_that_trickles_fails_the_read_after_twice_the_read_timeout(rsi
 # ---- 5xx and dropped connections -------------------------------------------------------------------------
 
 def test_5xx_bursts_and_dropped_connections_on_gets_are_retried(rsim, make_mount, tmp_path):
-    data = pattern_bytes(4 * MiB, 4)
-    vdi = import_raw(rsim.sim, data, "retried")
-    sim = rsim.sim
-    mount = make_mount(sim, "--attr-ttl", "300")
+    data, vdi, sim, mount, src = disk_on_a_mount(rsim, make_mount, "retried", 4, "--attr-ttl", "300")
     vm = first_vm(sim)
-    src = mount / "vdis" / f"{vdi}.raw"
-    wait_for(src.exists, 10, "the disk on the mount")
     for knob in ("http_5xx_next", "reset_next_gets"):
         started = live_count(mount)
         set_faults(sim, **{knob: 2})

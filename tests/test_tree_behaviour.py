@@ -5,6 +5,7 @@ Both drivers look at the same shared simulator (seed 1), so what the REST API sa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -230,6 +231,23 @@ async def test_import_entries_are_never_kept_in_the_kernels_cache(fresh_sim, tmp
         assert meta.entry_timeout == meta.attr_timeout == parts.fs.freshness.ttl > 0
 
 
+@contextlib.asynccontextmanager
+async def vhd_served_directly(sim: SimProcess, tmp_path, vdi: str):
+    """A mount's parts running on `sim` without a kernel mount, the invalidation worker started: (the parts,
+    a DirectDriver, the inode of the VDI's `.vhd`, the size it shows before any read: a bound)."""
+    from xofs.mount import MountOptions, assemble
+
+    parts = assemble(sim.url, sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        parts.invalidator.start()
+        try:
+            drv = DirectDriver(parts.fs)
+            ino = await drv._resolve(f"/vdis/{vdi}.vhd")
+            yield parts, drv, ino, (await parts.fs.getattr(ino, drv.ctx)).st_size
+        finally:
+            parts.invalidator.stop()
+
+
 async def test_a_measured_size_reaches_the_kernel_after_the_answer_and_before_the_close(fresh_sim, tmp_path,
                                                                                        monkeypatch):
     """Direct only: the invalidation worker is slowed down, as on a busy machine. The read that learnt the
@@ -239,7 +257,6 @@ async def test_a_measured_size_reaches_the_kernel_after_the_answer_and_before_th
     import pyfuse3
 
     from tests.test_exports import disk_bytes, import_raw
-    from xofs.mount import MountOptions, assemble
 
     vdi = import_raw(fresh_sim, disk_bytes(3 * (1 << 20) + 5, 4), "measure-me")
     carried_out: list[int] = []
@@ -249,28 +266,20 @@ async def test_a_measured_size_reaches_the_kernel_after_the_answer_and_before_th
         carried_out.append(ino)
 
     monkeypatch.setattr(pyfuse3, "invalidate_inode", slow_invalidate_inode)
-    parts = assemble(fresh_sim.url, fresh_sim.token, MountOptions(state_dir=tmp_path))
-    async with parts.running(load_only=True):
-        parts.invalidator.start()
+    async with vhd_served_directly(fresh_sim, tmp_path, vdi) as (parts, drv, ino, bound):
+        info = await parts.fs.open(ino, os.O_RDONLY, drv.ctx)
+        length = 0
         try:
-            drv = DirectDriver(parts.fs)
-            ino = await drv._resolve(f"/vdis/{vdi}.vhd")
-            bound = (await parts.fs.getattr(ino, drv.ctx)).st_size
-            info = await parts.fs.open(ino, os.O_RDONLY, drv.ctx)
-            length = 0
-            try:
-                while len(data := await parts.fs.read(info.fh, length, 1 << 20)) == 1 << 20:
-                    length += len(data)
-                length += len(data)  # the short answer at the end, which measured the length
-                assert ino not in carried_out  # not waited for
-                assert await parts.fs.read(info.fh, length, 1 << 20) == b""
-                await parts.fs.flush(info.fh)
-                assert ino in carried_out  # the close waited
-            finally:
-                await parts.fs.release(info.fh)
-            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length < bound
+            while len(data := await parts.fs.read(info.fh, length, 1 << 20)) == 1 << 20:
+                length += len(data)
+            length += len(data)  # the short answer at the end, which measured the length
+            assert ino not in carried_out  # not waited for
+            assert await parts.fs.read(info.fh, length, 1 << 20) == b""
+            await parts.fs.flush(info.fh)
+            assert ino in carried_out  # the close waited
         finally:
-            parts.invalidator.stop()
+            await parts.fs.release(info.fh)
+        assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length < bound
 
 
 async def test_a_size_told_during_the_last_read_stays_shown_until_the_next_read(fresh_sim, tmp_path, monkeypatch):
@@ -284,7 +293,6 @@ async def test_a_size_told_during_the_last_read_stays_shown_until_the_next_read(
     import xofs.fs
     from tests.test_exports import disk_bytes, import_raw
     from xofs.client.export import ExportResponse
-    from xofs.mount import MountOptions, assemble
 
     vdi = import_raw(fresh_sim, disk_bytes(3 * (1 << 20) + 5, 4), "held-size")
     status, _, body = fresh_sim.request("GET", f"/rest/v0/vdis/{vdi}.vhd")
@@ -305,41 +313,33 @@ async def test_a_size_told_during_the_last_read_stays_shown_until_the_next_read(
 
     monkeypatch.setattr(ExportResponse, "receive_into", gated_receive_into)
     monkeypatch.setattr(xofs.fs, "GETATTR_WAIT", 0.05)
-    parts = assemble(fresh_sim.url, fresh_sim.token, MountOptions(state_dir=tmp_path))
-    async with parts.running(load_only=True):
-        parts.invalidator.start()
+    async with vhd_served_directly(fresh_sim, tmp_path, vdi) as (parts, drv, ino, bound):
+        assert bound > length
+        info = await parts.fs.open(ino, os.O_RDONLY, drv.ctx)
         try:
-            drv = DirectDriver(parts.fs)
-            ino = await drv._resolve(f"/vdis/{vdi}.vhd")
-            bound = (await parts.fs.getattr(ino, drv.ctx)).st_size
-            assert bound > length
-            info = await parts.fs.open(ino, os.O_RDONLY, drv.ctx)
-            try:
-                for offset in range(0, last, 1 << 20):
-                    assert len(await parts.fs.read(info.fh, offset, 1 << 20)) == 1 << 20
-                answer: list[bytes] = []
-                async with trio.open_nursery() as nursery:
-                    async def last_read() -> None:
-                        answer.append(bytes(await parts.fs.read(info.fh, last, 1 << 20)))
+            for offset in range(0, last, 1 << 20):
+                assert len(await parts.fs.read(info.fh, offset, 1 << 20)) == 1 << 20
+            answer: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+                async def last_read() -> None:
+                    answer.append(bytes(await parts.fs.read(info.fh, last, 1 << 20)))
 
-                    nursery.start_soon(last_read)
-                    with trio.fail_after(5):
-                        while not parts.fs._reading.get(ino):
-                            await trio.sleep(0.01)
-                    # answered while the read is out and before it measured anything: the bound
-                    assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound
-                    release.set()
-                assert answer == [body[last:]]  # short: the export's end came
-                assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound  # held
+                nursery.start_soon(last_read)
+                with trio.fail_after(5):
+                    while not parts.fs._reading.get(ino):
+                        await trio.sleep(0.01)
+                # answered while the read is out and before it measured anything: the bound
                 assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound
-                assert await parts.fs.read(info.fh, length, 1 << 20) == b""
-                assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length  # the next read let it go
-                await parts.fs.flush(info.fh)
-            finally:
-                await parts.fs.release(info.fh)
-            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length
+                release.set()
+            assert answer == [body[last:]]  # short: the export's end came
+            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound  # held
+            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound
+            assert await parts.fs.read(info.fh, length, 1 << 20) == b""
+            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length  # the next read let it go
+            await parts.fs.flush(info.fh)
         finally:
-            parts.invalidator.stop()
+            await parts.fs.release(info.fh)
+        assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length
 
 
 async def test_waiting_for_the_invalidation_worker_is_bounded_and_logged(monkeypatch, caplog):
