@@ -208,3 +208,36 @@ def test_a_feed_that_never_came_up_is_not_lost_and_is_said_once(caplog):
         "XO event feed not connected (no answer to session.signIn within 1 s): retrying; kernel caches last 1 s "
         "meanwhile",
         "XO event feed lost (the socket closed): reconnecting; kernel caches last 1 s meanwhile"]
+
+
+async def test_a_costly_listing_put_off_by_a_burst_is_computed_when_due_without_another_event():
+    """The tree puts off a costly listing touched again soon after it was computed (`Tree.on_changes`);
+    `relist_when_due` computes it at its due time and hands the invalidations on, with no event after."""
+    import time
+
+    from xofs.views import Link
+
+    class SlowNames:
+        name = "slow"
+
+        def children(self, ctx, path):
+            time.sleep(0.005)
+            return {vm["name_label"]: Link(f"../vms/{i}") for i, vm in ctx.of_type("VM", ("name_label",)).items()}
+
+    cache = ObjectCache()
+    tree = Tree(cache, {**load_views(), "slow": SlowNames()})
+    sent: list = []
+    syncer = Syncer(FakeXo(), cache, tree, Freshness(), invalidate=sent.extend)  # type: ignore[arg-type]
+    vm = {"id": VM_ID, "type": "VM", "name_label": "first", "power_state": "Halted"}
+    syncer.apply("enter", {VM_ID: vm})
+    assert tree.children(("slow",)) and tree.lookup(1, "slow") is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(syncer.relist_when_due)
+        syncer.apply("enter", {VM_ID: {**vm, "name_label": "second"}})  # within ten times its cost: put off
+        assert "first" in tree.children(("slow",))
+        with trio.fail_after(2):
+            while "second" not in tree.children(("slow",)):
+                await trio.sleep(0.01)
+        assert tree.next_due() is None
+        assert any(getattr(inv, "name", None) == "first" for inv in sent)
+        nursery.cancel_scope.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,46 @@ def test_the_feed_state_counts_from_the_last_live_feed():
         assert syncer.state_since == since, state
     syncer.feed_state("connected")
     assert syncer.state_since > since
+
+
+class SlowNamesView:
+    """A view whose listing costs 5 ms (as a search over thousands of objects does): the VMs by name."""
+
+    name = "slow"
+
+    def children(self, ctx, path):
+        if path:
+            return None
+        time.sleep(0.005)
+        return {vm["name_label"]: Link(f"../vms/{vm_id}") for vm_id, vm in ctx.of_type("VM", ("name_label",)).items()}
+
+
+def test_a_costly_listing_follows_a_burst_of_changes_at_most_once_per_ten_times_its_cost():
+    """Recomputed for every batch, a listing that costs milliseconds made the daemon fall behind a burst of
+    events (hundreds a second), and every other view with it. The first change relists it at once; those
+    that come within ten times its cost wait until then (`next_due`, `relist_due`); cheap listings follow
+    every change."""
+    cache = ObjectCache()
+    cache.replace_all(real_objects())
+    tree = Tree(cache, {**load_views(), "slow": SlowNamesView()})
+    web = vm_named(tree, "web-01")
+    slow = walk(tree, "slow")
+    walk(tree, "slow", "web-01")
+    walk(tree, "by-name", "vms", "web-01")
+    time.sleep(0.1)  # long after it was computed: the next change relists it at once
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: {**web, "name_label": "web-02"}}))
+    assert InvalidateEntry(slow.ino, "web-01") in out and "web-02" in tree.children(("slow",))
+    assert tree.next_due() is None
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: {**web, "name_label": "web-03"}}))
+    assert "web-03" in tree.children(("by-name", "vms"))  # cheap: at once
+    assert "web-02" in tree.children(("slow",)) and InvalidateEntry(slow.ino, "web-02") not in out  # put off
+    due = tree.next_due()
+    assert due is not None and 0 < due - time.monotonic() <= 10 * 0.05
+    tree.on_changes(tree.cache.apply("enter", {web["id"]: {**web, "name_label": "web-04"}}))
+    assert tree.next_due() == due  # still the same due time
+    assert tree.relist_due() == []  # not yet
+    time.sleep(max(0.0, due - time.monotonic()) + 0.001)
+    out = tree.relist_due()
+    assert "web-04" in tree.children(("slow",)) and "web-02" not in tree.children(("slow",))
+    assert InvalidateEntry(slow.ino, "web-02") in out
+    assert tree.next_due() is None

@@ -251,6 +251,7 @@ class Parts:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.exports.run)
                 await nursery.start(self.imports.run)
+                nursery.start_soon(self.syncer.relist_when_due)
                 if load_only:
                     await self.syncer.load()
                 else:

@@ -57,6 +57,7 @@ class Syncer:
         self._said_not_up = False  # "not connected" logged since the feed was last live (or ever)
         self._state_changed = trio.Event()
         self._loading = trio.Lock()
+        self._put_off = trio.Event()  # the tree put off a costly listing (see `relist_when_due`)
 
     async def load(self) -> None:
         """Read every collection the views need, one request each, all at once (after any full read that
@@ -203,6 +204,20 @@ class Syncer:
         if self.on_changes is not None:
             self.on_changes(changes)
         self.invalidate(self.tree.on_changes(changes))
+        if self.tree.next_due() is not None:
+            self._put_off.set()
+
+    async def relist_when_due(self) -> None:
+        """Compute again, when they are due, the costly listings the tree put off (`Tree.on_changes`), so
+        that they follow the changes even when no more come."""
+        while True:
+            due = self.tree.next_due()
+            if due is None:
+                await self._put_off.wait()
+                self._put_off = trio.Event()
+                continue
+            await trio.sleep(max(0.0, due - time.monotonic()))
+            self.invalidate(self.tree.relist_due())
 
 
 def _seconds(value: float) -> str:
