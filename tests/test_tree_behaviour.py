@@ -359,3 +359,27 @@ async def test_waiting_for_the_invalidation_worker_is_bounded_and_logged(monkeyp
         assert "kernel invalidations still queued after 0.2 s (0 carried out so far)" in caplog.text
     finally:
         invalidator.stop()
+
+
+async def test_an_open_meta_json_never_shows_a_size_below_the_version_it_reads(fresh_sim, tmp_path):
+    """Direct only. Each open of a meta.json reads the version it opened; after a rename to a shorter name,
+    `fstat` of the older descriptor gave the new, smaller size (helper 42: `wc -c <&3` said 2219 where the
+    descriptor read 2279 bytes). The size shown covers the longest version still open."""
+    from xofs.mount import MountOptions, assemble
+
+    parts = assemble(fresh_sim.url, fresh_sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        drv = DirectDriver(parts.fs)
+        vm = next(iter(parts.cache.of_type("VM").values()))
+        ino = await drv._resolve(f"/vms/{vm['id']}/meta.json")
+        first = await parts.fs.open(ino, os.O_RDONLY, drv.ctx)
+        old = bytes(await parts.fs.read(first.fh, 0, 1 << 20))
+        parts.syncer.apply("enter", {vm["id"]: {**vm, "name_label": "s"}})
+        second = await parts.fs.open(ino, os.O_RDONLY, drv.ctx)
+        new = bytes(await parts.fs.read(second.fh, 0, 1 << 20))
+        assert len(new) < len(old) and bytes(await parts.fs.read(first.fh, 0, 1 << 20)) == old
+        assert (await parts.fs.getattr(ino, drv.ctx)).st_size == len(old)
+        await parts.fs.release(first.fh)
+        assert (await parts.fs.getattr(ino, drv.ctx)).st_size == len(new)
+        await parts.fs.release(second.fh)
+        assert (await parts.fs.getattr(ino, drv.ctx)).st_size == len(new)

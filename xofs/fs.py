@@ -347,6 +347,11 @@ class XoFS(pyfuse3.Operations):
             mode, nlink, size, mtime = 0o100000 | attrs.mode, 1, attrs.size, attrs.mtime_ns
             if isinstance(node, ImportEntry) or isinstance(node.content, Export):
                 blksize = EXPORT_BLKSIZE  # cp and friends then move 1 MiB per request
+            if isinstance(node, File) and inode.ino in self._open_count:
+                # Each open of a rendered file reads the version it opened: the size must cover the
+                # longest of those still open (`wc -c` of an open descriptor takes fstat's size), never less.
+                size = max([size, *(len(h.file.data) for h in self._handles.values()
+                                    if h.ino == inode.ino and isinstance(h.file, RenderedFile))])
             if told and isinstance(node, File) and inode.ino in self._open_count:
                 size = self._held.get(inode.ino, size)
                 self._told[inode.ino] = (self._told.get(inode.ino, (0, 0))[0] + 1, size)
