@@ -633,6 +633,20 @@ async def test_a_read_whose_bytes_stop_coming_fails_after_its_deadline(fresh_sim
         await second.release()
 
 
+async def test_a_read_ahead_of_a_slow_stream_gets_its_deadline_from_its_first_byte(fresh_sim, tmp_path):
+    """qemu-img reads ahead of the stream (from the spool): its reads wait for the stream to get there. Their
+    deadline counted from the read's start, so on a steady but slow stream they failed ("… came in 2 s: XO's
+    export is stalled") as soon as their first bytes came (helper 41). It counts from the first byte."""
+    data = disk_bytes(5 * MiB, 13)
+    vdi = import_raw(fresh_sim, data, "paced")
+    set_faults(fresh_sim, export_bytes_per_second=2 * MiB)  # 3 MiB in 1.5 s, then 1 MiB in 0.5 s
+    async with running(fresh_sim, tmp_path / "spool", read_deadline=1.0) as m:
+        f = await m.open(vdi_export(m, vdi, "raw"), "/vdis/paced.raw")
+        with trio.fail_after(10):
+            assert await f.read(3 * MiB, MiB) == data[3 * MiB:4 * MiB]
+        await f.release()
+
+
 async def test_vanished_vdi_is_enoent_and_bad_token_eacces(fresh_sim, tmp_path):
     vdi = import_raw(fresh_sim, disk_bytes(SMALL, 4), "gone")
     async with running(fresh_sim, tmp_path / "spool") as m:

@@ -458,19 +458,21 @@ class ExportFeed:
         self._trim()
         self.make_room()
         # A stream that trickles (a byte now and then: the read timeout never fires) would hold the reader
-        # in the kernel, where not even SIGKILL ends a read the daemon has taken: once some of the read's
-        # bytes came but not all within `deadline`, it fails. Not a short answer: through the page
-        # cache (sendfile, splice, mmap) the kernel takes one for the end of the file, and the copy would
-        # end there, exit 0.
-        deadline_at = trio.current_time() + deadline
+        # in the kernel, where not even SIGKILL ends a read the daemon has taken: once the read's first
+        # byte came, the rest must come within `deadline`, or it fails. Not from the read's start: a read
+        # ahead of the stream (qemu-img's) waits for the stream to get there first. Not a short answer:
+        # through the page cache (sendfile, splice, mmap) the kernel takes one for the end of the file,
+        # and the copy would end there, exit 0.
+        deadline_at = math.inf  # set when the read's first byte comes
         while (self.received < end or not self.verified) and self.length is None:
             if self.error is not None:
                 raise self.error
-            late = trio.current_time() >= deadline_at
-            if late and self.received > offset and self.verified:
+            if deadline_at == math.inf and self.received > offset and self.verified:
+                deadline_at = trio.current_time() + deadline
+            if trio.current_time() >= deadline_at:
                 raise too_slow(self.label, offset, size, self.received - offset, deadline)
-            self._wanted = offset + 1 if late else end
-            with trio.move_on_at(math.inf if late else deadline_at):
+            self._wanted = offset + 1 if deadline_at == math.inf else end  # woken for the first byte, then all
+            with trio.move_on_at(deadline_at):
                 await self._wait()
         self._wanted = 0
         if offset < self.window_start:  # another reader of the same file moved the window on meanwhile

@@ -84,18 +84,19 @@ class SpoolEntry:
     # --- the readers' side ---
 
     async def read(self, offset: int, size: int, deadline: float = math.inf) -> bytes:
-        """The bytes at [offset, offset+size), short only at the end of the export. Fails when some of them
-        came but not all within `deadline` seconds (see `ExportFeed.read`)."""
+        """The bytes at [offset, offset+size), short only at the end of the export. Fails when they do not
+        all come within `deadline` seconds of the first (see `ExportFeed.read`)."""
         self.last_used = time.monotonic()
         end = offset + size
-        deadline_at = trio.current_time() + deadline
+        deadline_at = math.inf  # set when the read's first byte comes
         while self.readable < end and self.length is None:
             if self.error is not None:
                 raise self.error
-            late = trio.current_time() >= deadline_at
-            if late and self.readable > offset:
+            if deadline_at == math.inf and self.readable > offset:
+                deadline_at = trio.current_time() + deadline
+            if trio.current_time() >= deadline_at:
                 raise too_slow(self.key, offset, size, self.readable - offset, deadline)
-            with trio.move_on_at(math.inf if late else deadline_at):  # late: woken by the next write
+            with trio.move_on_at(deadline_at):  # woken by every write too
                 await self._wait()
         if self.length is not None:
             end = min(end, self.length)
