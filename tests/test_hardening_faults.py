@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -333,6 +334,31 @@ def test_an_export_that_trickles_fails_the_read_after_twice_the_read_timeout(rsi
     assert run("cp", str(src), str(tmp_path / "after.raw")).returncode == 0
     assert (tmp_path / "after.raw").read_bytes() == data
     record("faults", "trickling export", failed_after_s=round(took, 1), read_timeout_s=1)
+
+
+def test_a_stop_cancels_the_export_reads_under_way_at_once(rsim, make_mount, tmp_path):
+    """SIGTERM while a read waits for a stalled export: the stop gave it the whole import wait (30 s) and its
+    reader, in the kernel, could not even be killed meanwhile (helper 41). Exports are cancelled at once."""
+    data, vdi, sim, mount, src = disk_on_a_mount(rsim, make_mount, "stopped", 6)
+    set_faults(sim, stall_export_after_bytes=MiB + 5)
+    out = tmp_path / "out.raw"
+    with open(out, "wb") as sink:
+        reader = subprocess.Popen(["cat", str(src)], stdout=sink, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: out.stat().st_size >= MiB, 10, "the first MiB")
+        time.sleep(0.5)  # the next read waits for the stalled export
+        began = time.monotonic()
+        mount.proc.send_signal(signal.SIGTERM)
+        assert reader.wait(timeout=15) != 0
+        took = time.monotonic() - began
+    finally:
+        reader.kill()
+        reader.wait()
+    assert took < 5, f"the reader waited {took:.1f} s for the stop"
+    assert mount.proc.wait(timeout=30) == 0
+    assert "was cancelled: the mount is stopping" in mount.log_text()
+    assert out.read_bytes() == data[:len(out.read_bytes())]
+    reset_faults(sim)
 
 
 # ---- 5xx and dropped connections -------------------------------------------------------------------------

@@ -246,6 +246,7 @@ class ExportFeed:
         self._arrived = trio.Event()  # new bytes, the end, or an error
         self._room = trio.Event()  # the reader moved on, or the feed was diverted
         self._scope = trio.CancelScope()
+        self._cancelled_because = ""  # what `cancel` was told, for the readers' error
         self.running = False
         self._buffers = buffers
 
@@ -300,7 +301,7 @@ class ExportFeed:
             if self.parked:
                 self._fail(Parked(f"export {self.label} was parked after {self.received} bytes"))
             else:
-                self._fail(XofsError(f"export {self.label} was cancelled"))
+                self._fail(XofsError(f"export {self.label} was cancelled{self._cancelled_because}"))
         if not started:
             assert self.error is not None
             raise self.error
@@ -323,11 +324,13 @@ class ExportFeed:
         self.parked = True
         self._scope.cancel()
 
-    def cancel(self) -> None:
-        """Stop receiving and drop the connection (which cancels the export on XO's side)."""
+    def cancel(self, because: str = "") -> None:
+        """Stop receiving and drop the connection (which cancels the export on XO's side); `because` ends
+        the readers' error ("export … was cancelled: the mount is stopping")."""
+        self._cancelled_because = f": {because}" if because else ""
         self._scope.cancel()
         if not self.running and not self.done:
-            self._fail(XofsError(f"export {self.label} was cancelled"))
+            self._fail(XofsError(f"export {self.label} was cancelled{self._cancelled_because}"))
 
     async def _receive_all(self, response: ExportResponse) -> None:
         response.gather(GATHER)

@@ -272,8 +272,12 @@ class ExportManager:
         return file
 
     def stop_starting(self) -> None:
-        """The mount is stopping: no export starts any more (readers waiting for a slot fail)."""
+        """The mount is stopping: no export starts any more (readers waiting for a slot fail), and those
+        running are cancelled, so that a read waiting for their bytes (a slow or stalled stream) fails now
+        instead of holding up the stop, its reader unkillable meanwhile."""
         self.slots.stop()
+        for feed in list(self.slots.holders):
+            feed.cancel("the mount is stopping")
 
     def transfers(self) -> list[dict]:
         """The exports under way, for `xofs status`: one per open file that started reading. `done` counts
