@@ -525,7 +525,8 @@ async def read_until_failure(f, what: str) -> tuple[int, XofsError]:
 
 
 async def test_broken_stream_fails_with_eio_naming_path_offset_and_cause(fresh_sim, tmp_path):
-    vdi = import_raw(fresh_sim, disk_bytes(MEDIUM, 3), "cut")
+    data = disk_bytes(MEDIUM, 3)
+    vdi = import_raw(fresh_sim, data, "cut")
     set_faults(fresh_sim, cut_export_after_bytes=5 * MiB)
     async with running(fresh_sim, tmp_path / "spool") as m:
         export = vdi_export(m, vdi, "raw")
@@ -539,6 +540,10 @@ async def test_broken_stream_fails_with_eio_naming_path_offset_and_cause(fresh_s
         # and it stays failed: no silent resumption
         with pytest.raises(XofsError):
             await f.read(offset, MiB)
+        # but the bytes it received before it broke are still its bytes (`head`, `file` reading the start)
+        assert await f.read(offset - 4096, 4096) == data[offset - 4096:offset]
+        with pytest.raises(XofsError):
+            await f.read(offset - 4096, MiB)
         await f.release()
 
 

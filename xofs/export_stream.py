@@ -97,6 +97,9 @@ class ExportSlots:
         while True:
             with trio.move_on_after(PARK_CHECK):
                 await self._free.acquire()
+                if self.stopped:  # the slot came free because the stop cancelled its export
+                    self._free.release()
+                    self._check_stopped(feed)
                 self.holders.add(feed)
                 return
             self._check_stopped(feed)

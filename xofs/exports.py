@@ -399,7 +399,7 @@ class ExportFile:
             if exact is not None and offset >= exact:
                 data = b""  # past the end of a file whose length is known: no export for that
             else:
-                source = await self._source(offset)
+                source = await self._source(offset, size)
                 data = await source.read(offset, size, self.manager.read_deadline)  # short only at the end
                 await self._check_end(source, offset, size)
                 if not data and source.length is not None and offset > source.length:
@@ -422,7 +422,7 @@ class ExportFile:
             self._failure = None
         return data
 
-    async def _source(self, offset: int) -> ExportFeed | SpoolEntry:
+    async def _source(self, offset: int, size: int) -> ExportFeed | SpoolEntry:
         if self.released:
             raise XofsError("the file was closed")
         if self.entry is not None:
@@ -436,7 +436,11 @@ class ExportFile:
             resuming = True
         if feed is not None:
             if feed.error is not None:
-                raise feed.error  # a broken export is not resumed: its bytes could not all be checked
+                # A broken export is not resumed (its bytes could not all be checked), but what it received
+                # before it broke is its bytes: a reader of the start (`head`, `file`) still gets them.
+                if feed.verified and feed.window_start <= offset and offset + size <= feed.received:
+                    return feed
+                raise feed.error
             if feed.length is not None and feed.window_start <= offset:
                 return feed  # the whole rest of the export is in memory
             # A jump forward before anything was dropped is how random readers start (qemu-img, file):
