@@ -165,7 +165,7 @@ class RestClient:
                     raise err
             if delay is None or not _worth_retrying(err):
                 raise err
-            log.info("export %s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
+            log.info("export /rest/v0/%s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
             await trio.sleep(delay)
         raise AssertionError("unreachable")
 
