@@ -650,7 +650,7 @@ async def test_endless_export_loop_can_be_cancelled(nursery):
 
 async def test_aclose_fails_a_receive_waiting_in_another_task(nursery):
     async def silent(stream: trio.SocketStream) -> None:
-        await stream.send_all(EXPORT_HEAD + b"Content-Length: 10\r\n\r\n")
+        await stream.send_all(EXPORT_HEAD + b"Content-Length: 10\r\n\r\nx")  # a first byte, then silence
         await trio.sleep(30)
 
     fake = await start_fake(nursery, lambda r: silent)
@@ -660,6 +660,7 @@ async def test_aclose_fails_a_receive_waiting_in_another_task(nursery):
 
     async def reader() -> None:
         try:
+            assert await response.receive() == b"x"
             await response.receive()
         except XoUnreachable as exc:
             outcome.append(exc)
@@ -669,6 +670,36 @@ async def test_aclose_fails_a_receive_waiting_in_another_task(nursery):
         await trio.sleep(0.1)
         await response.aclose()
     assert len(outcome) == 1
+    await client.aclose()
+
+
+async def test_an_export_dropped_after_its_head_is_tried_again_and_a_silent_one_is_not(nursery):
+    """A 200 whose connection closes before any byte of the body: nothing was handed out, so the GET is
+    tried again (it was EIO; helper 41). One silent after its head for the read timeout is not: XO is slow,
+    not gone, and each try would wait that long again."""
+    body = b"0123456789"
+
+    async def dropped(stream: trio.SocketStream) -> None:
+        await stream.send_all(EXPORT_HEAD + b"transfer-encoding: chunked\r\n\r\n")
+
+    async def whole(stream: trio.SocketStream) -> None:
+        await stream.send_all(EXPORT_HEAD + b"Content-Length: 10\r\n\r\n" + body)
+
+    fake = await start_fake(nursery, lambda r: dropped if len(fake.seen) < 3 else whole)
+    client = RestClient(fake.url, "t")
+    assert await read_export(client, "vdis/x.raw") == body
+    assert len(fake.seen) == 3
+    await client.aclose()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await stream.send_all(EXPORT_HEAD + b"transfer-encoding: chunked\r\n\r\n")
+        await trio.sleep(30)
+
+    quiet = await start_fake(nursery, lambda r: silent)
+    client = RestClient(quiet.url, "t", read_timeout=0.3)
+    with trio.fail_after(5), pytest.raises(XoUnreachable, match="timed out"):
+        await client.open_export("vdis/x.raw")
+    assert len(quiet.seen) == 1
     await client.aclose()
 
 

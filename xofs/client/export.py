@@ -350,6 +350,14 @@ class ExportResponse:
             return
         self._gather = nbytes
 
+    async def first_bytes(self) -> None:
+        """Wait for the body's first bytes (kept for `receive_into`). A connection that closes or stalls after
+        the head, before any of them, raises `XoUnreachable` here, while nothing was handed out and trying
+        the GET again is safe."""
+        if self._start < self._end or self._done or self._left == 0:
+            return
+        await self._fill(eof_ok=self.close_delimited)
+
     async def receive(self, max_bytes: int = DEFAULT_RECEIVE) -> bytes:
         """Up to `max_bytes` of the body (what is already there, waiting only if nothing is); b"" at the end.
         A copy of what `receive_into` gives: for error bodies and tests, not for bulk bytes."""

@@ -137,7 +137,8 @@ class RestClient:
         """Start downloading `/rest/v0/<path>` (e.g. `vdis/<id>.raw`); the caller reads it and closes it.
 
         A non-200 answer raises the matching `XoError` before any byte is handed over. Connection failures
-        and 5xx are retried, since nothing was delivered yet; never HEAD (it would start a real export).
+        (also one that drops after a 200's head, before any body byte) and 5xx are retried, since nothing was
+        delivered yet; never HEAD (it would start a real export).
         """
         url = self._http.build_request("GET", path).url
         target = HttpTarget(
@@ -156,13 +157,21 @@ class RestClient:
                 err = exc
             else:
                 if response.status == 200:
-                    return response
-                async with response:
-                    body = await _error_body(response)
-                err = xo_error_from_response(response.status, body, url=str(url), object_id=object_id,
-                                             location=response.headers.get("location"))
-                if response.status not in RETRY_STATUSES:
-                    raise err
+                    try:
+                        await response.first_bytes()  # a drop right after the head is tried again too
+                        return response
+                    except BaseException as exc:
+                        await response.aclose()
+                        if not isinstance(exc, XoUnreachable) or isinstance(exc.__cause__, trio.TooSlowError):
+                            raise  # silent for the read timeout after its head: XO is slow, not gone
+                        err = exc
+                else:
+                    async with response:
+                        body = await _error_body(response)
+                    err = xo_error_from_response(response.status, body, url=str(url), object_id=object_id,
+                                                 location=response.headers.get("location"))
+                    if response.status not in RETRY_STATUSES:
+                        raise err
             if delay is None or not _worth_retrying(err):
                 raise err
             log.info("export /rest/v0/%s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
