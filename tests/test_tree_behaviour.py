@@ -383,3 +383,33 @@ async def test_an_open_meta_json_never_shows_a_size_below_the_version_it_reads(f
         assert (await parts.fs.getattr(ino, drv.ctx)).st_size == len(new)
         await parts.fs.release(second.fh)
         assert (await parts.fs.getattr(ino, drv.ctx)).st_size == len(new)
+
+
+async def test_a_deleted_objects_directory_held_as_working_directory_is_an_empty_deleted_one(fresh_sim, tmp_path):
+    """Direct only. `cd /mnt/xo/vms/<uuid>`, then XO deletes the VM: `ls`, `stat .` and `find .` there
+    failed with ENOENT (helper 42). As on a local disk, the directory is now a deleted one: attributes with
+    no links, and an empty listing."""
+    import unittest.mock
+
+    import pyfuse3
+
+    from xofs.mount import MountOptions, assemble
+
+    parts = assemble(fresh_sim.url, fresh_sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        drv = DirectDriver(parts.fs)
+        vm = next(iter(parts.cache.of_type("VM").values()))
+        ino = await drv._resolve(f"/vms/{vm['id']}")  # the kernel holds it (a shell's working directory)
+        assert (await parts.fs.getattr(ino, drv.ctx)).st_nlink == 2
+        parts.syncer.apply("exit", {vm["id"]: 0})
+        assert vm["id"] not in await drv.listdir("/vms")
+        attrs = await parts.fs.getattr(ino, drv.ctx)
+        assert attrs.st_nlink == 0 and attrs.st_mode & 0o170000 == 0o040000
+        fh = await parts.fs.opendir(ino, drv.ctx)
+        listed: list = []
+        with unittest.mock.patch.object(pyfuse3, "readdir_reply", lambda *args: listed.append(args) or True):
+            await parts.fs.readdir(fh, 0, None)
+        await parts.fs.releasedir(fh)
+        assert listed == []
+        with pytest.raises(pyfuse3.FUSEError):  # nothing in it
+            await parts.fs.lookup(ino, b"meta.json", drv.ctx)

@@ -451,6 +451,11 @@ class XoFS(pyfuse3.Operations):
             kept = next((h.attrs for h in self._handles.values() if h.ino == inode and h.attrs), None)
             if kept is not None:
                 return kept
+            if found is not None and isinstance(found.node, Dir):
+                # Still a program's working directory (or open): a deleted directory, as on a local disk.
+                gone = self.attributes(found, told=False)
+                gone.st_nlink = 0
+                return gone
         return self.attributes(self._inode(inode))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -466,10 +471,14 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        entry = self._inode(inode)
-        names = self.tree.sorted_names(entry.path)
-        if names is None:  # a directory that is none any more (its object went) is gone
-            raise pyfuse3.FUSEError(errno.ENOENT if isinstance(entry.node, Dir) else errno.ENOTDIR)
+        found = self.tree.inode(inode)
+        if found is not None and found.stale and isinstance(found.node, Dir):
+            names: list[str] | None = []  # its object went, but a program is in it: empty, as a deleted directory
+        else:
+            entry = self._inode(inode)
+            names = self.tree.sorted_names(entry.path)
+            if names is None:  # a directory that is none any more (its object went) is gone
+                raise pyfuse3.FUSEError(errno.ENOENT if isinstance(entry.node, Dir) else errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
         # A snapshot taken at opendir (listings are replaced, never changed in place): offsets stay valid
