@@ -241,3 +241,43 @@ async def test_a_costly_listing_put_off_by_a_burst_is_computed_when_due_without_
         assert tree.next_due() is None
         assert any(getattr(inv, "name", None) == "first" for inv in sent)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_listing_put_off_later_but_due_sooner_is_not_kept_waiting():
+    """Two costly listings: one costing 50 ms put off first (due in about half a second), then one costing
+    5 ms (due in about 50 ms). The second is computed when it is due, not when the first is."""
+    import time
+
+    from xofs.views import Link
+
+    def slow_view(name: str, seconds: float, field: str):
+        class View:
+            def children(self, ctx, path):
+                time.sleep(seconds)
+                return {f"{vm[field]}-{i}": Link(f"../vms/{i}") for i, vm in ctx.of_type("VM", (field,)).items()}
+
+        view = View()
+        view.name = name
+        return view
+
+    cache = ObjectCache()
+    tree = Tree(cache, {**load_views(), "slow": slow_view("slow", 0.05, "name_label"),
+                        "quick": slow_view("quick", 0.005, "name_description")})
+    syncer = Syncer(FakeXo(), cache, tree, Freshness(), invalidate=lambda out: None)  # type: ignore[arg-type]
+    vm = {"id": VM_ID, "type": "VM", "name_label": "a", "name_description": "a", "power_state": "Halted"}
+    syncer.apply("enter", {VM_ID: vm})
+    tree.children(("slow",))
+    tree.children(("quick",))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(syncer.relist_when_due)
+        vm = {**vm, "name_label": "b"}
+        syncer.apply("enter", {VM_ID: vm})  # the slow one put off
+        await trio.sleep(0.01)
+        vm = {**vm, "name_description": "b"}
+        syncer.apply("enter", {VM_ID: vm})  # the quick one put off, due sooner
+        began = time.monotonic()
+        with trio.fail_after(2):
+            while f"b-{VM_ID}" not in tree.children(("quick",)):
+                await trio.sleep(0.005)
+        assert time.monotonic() - began < 0.3
+        nursery.cancel_scope.cancel()

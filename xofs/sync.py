@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -212,11 +213,11 @@ class Syncer:
         that they follow the changes even when no more come."""
         while True:
             due = self.tree.next_due()
-            if due is None:
+            # Woken early when another listing is put off: it may be due sooner than this one.
+            with trio.move_on_after(math.inf if due is None else max(0.0, due - time.monotonic())):
                 await self._put_off.wait()
                 self._put_off = trio.Event()
                 continue
-            await trio.sleep(max(0.0, due - time.monotonic()))
             self.invalidate(self.tree.relist_due())
 
 
