@@ -508,3 +508,34 @@ def test_fstat_of_an_open_file_works_after_its_object_is_deleted(fresh_sim, make
         wait_for(lambda: missing(path), 10, "stat to say ENOENT once the kernel dropped its entry")
     finally:
         os.close(fd)
+
+
+def test_an_open_meta_json_and_a_working_directory_outlive_their_objects_changes(fresh_sim, make_mount):
+    """Through the kernel. A descriptor opened before a rename to a shorter name: fstat showed the new,
+    smaller size while the descriptor reads its own longer version (`wc -c <&3`). A shell's working
+    directory whose VM XO deletes: `ls`, `stat .` and `find .` failed with ENOENT; now it is a deleted
+    directory, as on a local disk (helper 42)."""
+    mount = make_mount(fresh_sim)
+    vm = next(v for v in fresh_sim.get_json("/rest/v0/vms?fields=id,name_label,power_state")
+              if v["power_state"] == "Halted")
+    path = mount.mountpoint / "vms" / vm["id"] / "meta.json"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        status, _, body = fresh_sim.request("PATCH", f"/rest/v0/vms/{vm['id']}", b'{"nameLabel": "s"}',
+                                            {"Content-Type": "application/json"})
+        assert status == 204, body
+        wait_for(lambda: meta(mount, f"vms/{vm['id']}")["name_label"] == "s", 10, "the rename")
+        content = os.read(fd, 1 << 20)
+        assert json.loads(content)["name_label"] == vm["name_label"]
+        assert os.fstat(fd).st_size >= len(content) > path.stat().st_size - 1
+    finally:
+        os.close(fd)
+    assert path.stat().st_size == len(path.read_bytes())
+    vm_dir = mount.mountpoint / "vms" / vm["id"]
+    script = (f"cd {vm_dir} && curl -sS -o /dev/null -w '%{{http_code}} ' -X DELETE "
+              f"-b authenticationToken={fresh_sim.token} {fresh_sim.url}/rest/v0/vms/{vm['id']} && "
+              f"while [ -e ../{vm['id']} ]; do sleep 0.05; done && "
+              "stat -c '%h %F' . && ls -A . | wc -l && find . && echo done")
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["204", "0", "directory", "0", ".", "done"], done.stdout

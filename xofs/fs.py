@@ -8,6 +8,7 @@ object and XO's words. What each operation does on each kind of path is in docs/
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -123,6 +124,7 @@ class _Handle:
     # What `getattr` answers once the file's object is gone while it is open (`fstat` must work on an open
     # descriptor, as on any filesystem; the descriptor reads what it opened). None for import files.
     attrs: pyfuse3.EntryAttributes | None = None
+    flushed: bool = False  # closed once (a meta.json's version then no longer holds its size up)
 
 
 class XoFS(pyfuse3.Operations):
@@ -351,7 +353,7 @@ class XoFS(pyfuse3.Operations):
                 # Each open of a rendered file reads the version it opened: the size must cover the
                 # longest of those still open (`wc -c` of an open descriptor takes fstat's size), never less.
                 size = max([size, *(len(h.file.data) for h in self._handles.values()
-                                    if h.ino == inode.ino and isinstance(h.file, RenderedFile))])
+                                    if h.ino == inode.ino and isinstance(h.file, RenderedFile) and not h.flushed)])
             if told and isinstance(node, File) and inode.ino in self._open_count:
                 size = self._held.get(inode.ino, size)
                 self._told[inode.ino] = (self._told.get(inode.ino, (0, 0))[0] + 1, size)
@@ -648,6 +650,17 @@ class XoFS(pyfuse3.Operations):
             self._held.pop(handle.ino, None)
             self.apply_invalidations([InvalidateInode(handle.ino)])
             await self.invalidator.settled()
+        elif isinstance(handle.file, RenderedFile) and not handle.flushed:
+            # Its version no longer holds the size shown (`attributes`); where it held it above the current
+            # one, the kernel drops that before the close returns: a `stat` right after shows the exact size.
+            handle.flushed = True
+            inode = self.tree.inode(handle.ino)
+            if inode is not None and not inode.stale and isinstance(inode.node, File):
+                with contextlib.suppress(pyfuse3.FUSEError, XofsError):  # a render that fails: no size to fix
+                    held_up = self._file_attrs(inode).size < len(handle.file.data)
+                    if held_up:
+                        self.apply_invalidations([InvalidateInode(handle.ino)])
+                        await self.invalidator.settled()
 
     @_op
     async def fsync(self, fh: int, datasync: bool) -> None:
