@@ -20,12 +20,15 @@ import errno
 import socket
 import stat
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import pyfuse3
 import trio
 from fuse_floor import mount_and_serve  # this script's directory is first on sys.path
 
+T = TypeVar("T")
 BUFFER = 1 << 20  # the kernel asks for at most 1 MiB per read (st_blksize below)
 TTL = 60.0
 
@@ -107,17 +110,18 @@ class HttpBody:
 
     async def _recv(self, n: int) -> bytes:
         assert self.sock is not None
-        while True:
-            try:
-                return self.sock.recv(n)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+        return await self._when_readable(self.sock.recv, n)
 
     async def _recv_into(self, view: memoryview) -> int:
         assert self.sock is not None
+        return await self._when_readable(self.sock.recv_into, view)
+
+    async def _when_readable(self, op: Callable[[Any], T], arg: Any) -> T:
+        """`op(arg)` on the non-blocking socket, waiting until it has something."""
+        assert self.sock is not None
         while True:
             try:
-                return self.sock.recv_into(view)
+                return op(arg)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
 

@@ -354,9 +354,9 @@ class XoFS(pyfuse3.Operations):
                 # longest of those still open (`wc -c` of an open descriptor takes fstat's size), never less.
                 size = max([size, *(len(h.file.data) for h in self._handles.values()
                                     if h.ino == inode.ino and isinstance(h.file, RenderedFile) and not h.flushed)])
-            if told and isinstance(node, File) and inode.ino in self._open_count:
-                size = self._held.get(inode.ino, size)
-                self._told[inode.ino] = (self._told.get(inode.ino, (0, 0))[0] + 1, size)
+                if told:
+                    size = self._held.get(inode.ino, size)
+                    self._told[inode.ino] = (self._told.get(inode.ino, (0, 0))[0] + 1, size)
         if not isinstance(node, (ImportEntry, Link)):  # a symlink is lrwxrwxrwx, as Linux shows every one
             mode = (mode & ~0o777) | (((mode >> 6) & 0o7) * 0o111 & ~self.umask)
         entry = pyfuse3.EntryAttributes()

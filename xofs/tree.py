@@ -189,12 +189,9 @@ class Tree:
             view = self.views.get(path[0])
             if view is None:
                 return None
-            started = time.perf_counter()
             listing = self._list_view(view, path)
             if listing is None:
                 return None
-            listing.cost = time.perf_counter() - started
-            listing.made = time.monotonic()
         self._store_listing(path, listing)
         return listing.children
 
@@ -202,10 +199,10 @@ class Tree:
         """A view's listing, checked: a view that raises or answers no mapping fails the directory with
         `ViewFailed` (its traceback logged once, until it lists again); a third-party view's entries that
         the kernel would refuse are left out with a warning, and its slow listings logged. A buggy view must
-        not take the mount down."""
+        not take the mount down. The listing keeps what it cost (`_Listing.cost`: see `on_changes`)."""
         ctx = ViewContext(self.cache)
         where = "/" + "/".join(path)
-        own = type(view).__module__.startswith("xofs.")  # xofs's own views are not checked nor timed
+        own = type(view).__module__.startswith("xofs.")  # xofs's own views are not checked nor logged slow
         started = time.monotonic()
         try:
             answer = view.children(ctx, path[1:])
@@ -222,8 +219,9 @@ class Tree:
         self._failed.discard(path)
         if entries is None:
             return None
+        made = time.monotonic()
         if own:  # checking costs 18 ms per 40,000 entries
-            return _Listing(entries, tuple(ctx.ids), ctx.types or None)
+            return _Listing(entries, tuple(ctx.ids), ctx.types or None, cost=made - started, made=made)
         checked = {}
         for name, node in entries.items():
             problem = name_problem(name) or node_problem(node)
@@ -231,7 +229,7 @@ class Tree:
                 checked[name] = node
             elif self._first_time((path, repr(name))):
                 log.warning("view /%s lists %r in %s, left out: %s", path[0], name, where, problem)
-        return _Listing(checked, tuple(ctx.ids), ctx.types or None)
+        return _Listing(checked, tuple(ctx.ids), ctx.types or None, cost=made - started, made=made)
 
     def _first_time(self, key: Hashable) -> bool:
         """Whether a plugin's problem `key` is new (logged once); the memory of them is bounded."""
