@@ -355,6 +355,21 @@ def test_qemu_img_reading_ahead_of_a_slow_steady_export_is_not_taken_for_a_stall
     assert "stalled or too slow" not in mount.log_text()
 
 
+def test_head_of_an_export_cut_further_on_gets_its_bytes_and_cp_fails(rsim, make_mount, tmp_path):
+    """The read-ahead met the cut before `head` read on: every later read failed, even of bytes received
+    before the break (helper 41: `head -c 3000000` of a stream cut at 5 MB exited 1). They are the export's
+    bytes; a read past them still fails."""
+    data, vdi, sim, mount, src = disk_on_a_mount(rsim, make_mount, "cut-later", 8)
+    set_faults(sim, cut_export_after_bytes=3 * MiB + 11)
+    try:
+        head = subprocess.run(["head", "-c", "1000000", str(src)], capture_output=True, timeout=60)
+        copied = run("cp", str(src), str(tmp_path / "cut.raw"))
+    finally:
+        reset_faults(sim)
+    assert head.returncode == 0 and head.stdout == data[:1000000], head.stderr
+    assert copied.returncode != 0 and "Input/output error" in copied.stderr
+
+
 def test_a_stop_cancels_the_export_reads_under_way_at_once(rsim, make_mount, tmp_path):
     """SIGTERM while a read waits for a stalled export: the stop gave it the whole import wait (30 s) and its
     reader, in the kernel, could not even be killed meanwhile (helper 41). Exports are cancelled at once."""
