@@ -580,6 +580,9 @@ async def test_an_export_ended_early_but_cleanly_fails_and_its_length_is_not_lea
         assert error.errno == errno.EIO and offset <= 5 * MiB and not error.repeated
         text = error.describe()
         assert "/vdis/ends.vhd" in text and vdi in text and "is not a whole VHD: it ended after 5242880 bytes" in text
+        assert text.count(export.url_path) == 1, text  # named once, not again by the check's own words
+        # `xofs status` and the stop's "export read(s) cancelled" line tell it from one under way
+        assert [t["phase"] for t in m.transfers()] == ["failed"]
         with pytest.raises(XofsError) as again:  # as rsync does: on past the failure (logged at debug level)
             await f.read(offset + MiB, MiB)
         assert again.value.repeated

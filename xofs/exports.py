@@ -282,16 +282,21 @@ class ExportManager:
     def transfers(self) -> list[dict]:
         """The exports under way, for `xofs status`: one per open file that started reading. `done` counts
         the bytes received from XO, `read` the reader's position, `complete` whether XO sent the whole
-        export, `elapsed` the seconds since the open."""
+        export, `elapsed` the seconds since the open; `phase` is "failed" for an export that broke off (a
+        next read may start it again)."""
         now = time.monotonic()
         out = []
         for file in self.open_files:
             if file.entry is not None:
                 phase, received, complete = "spooling", file.entry.written, file.entry.complete
+                failed = file.entry.error is not None
             elif file.feed is not None:
                 phase, received, complete = "streaming", file.feed.received, file.feed.length is not None
+                failed = file.feed.error is not None
             else:
                 continue
+            if failed and not complete:
+                phase = "failed"
             size, basis = self.size_of(file.export)
             out.append({"kind": "export", "path": file.path, "export": file.export.url_path,
                         "phase": phase, "done": received, "read": file.position, "size": size,
@@ -538,7 +543,10 @@ class ExportFile:
     def _error(self, err: XofsError, offset: int) -> ExportReadError:
         errno_ = err.errno
         # The feed's and the spool's own errors start by naming the export, which this one names already.
-        words = err.message.removeprefix(f"export {self.export.url_path}: ")
+        words = err.message
+        if words.startswith(named := f"export {self.export.url_path}"):
+            rest = words[len(named):]
+            words = rest[2:] if rest.startswith(": ") else "the export" + rest
         if self.manager.cache.get(self.export.obj_id) is None and errno_ == errno.EIO:
             errno_ = errno.ENOENT
             words += " (the object is no longer in XO)"

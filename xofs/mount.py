@@ -283,7 +283,7 @@ class Parts:
                                f"{err.describe()}") from None
 
     def _say_what_is_cut(self) -> None:
-        cut = [t["path"] for t in self.exports.transfers() if not t["complete"]]
+        cut = [t["path"] for t in self.exports.transfers() if not t["complete"] and t["phase"] != "failed"]
         if cut:
             log.info("stopping: %d export read(s) cancelled: %s", len(cut), ", ".join(sorted(cut)))
 
