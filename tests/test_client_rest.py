@@ -20,7 +20,7 @@ import trio
 
 from tests.support import SimProcess, require_tool, set_faults
 from xofs.client.rest import RestClient
-from xofs.errors import XoAuthError, XoError, XofsError, XoNotFound, XoProtocolError, XoUnreachable
+from xofs.errors import XoAuthError, XoError, XofsError, XoNotFound, XoProtocolError, XoStalled, XoUnreachable
 
 UUID_A = "0c7f0d5e-1111-4222-8333-944455556666"
 UUID_B = "1d8e1e6f-2222-4333-9444-a55566667777"
@@ -697,7 +697,7 @@ async def test_an_export_dropped_after_its_head_is_tried_again_and_a_silent_one_
 
     quiet = await start_fake(nursery, lambda r: silent)
     client = RestClient(quiet.url, "t", read_timeout=0.3)
-    with trio.fail_after(5), pytest.raises(XoUnreachable, match="timed out"):
+    with trio.fail_after(5), pytest.raises(XoStalled, match="timed out"):
         await client.open_export("vdis/x.raw")
     assert len(quiet.seen) == 1
     await client.aclose()

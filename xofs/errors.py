@@ -73,6 +73,10 @@ class XoUnreachable(XofsError):
     errno = errno.EIO
 
 
+class XoStalled(XoUnreachable):
+    """The connection is up, but the server sent nothing for the read timeout: slow, not gone."""
+
+
 class XoProtocolError(XofsError):
     """The server answered something that is not what XO answers (malformed JSON, wrong types)."""
 

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import httpx
 import trio
 
-from xofs.errors import XoProtocolError, XoUnreachable, describe_connection_error
+from xofs.errors import XoProtocolError, XoStalled, XoUnreachable, describe_connection_error
 
 T = TypeVar("T")
 
@@ -544,8 +544,9 @@ class ExportResponse:
             raise self._broken(exc) from exc
 
     def _broken(self, exc: BaseException) -> XoUnreachable:
-        return XoUnreachable(f"export from {self.url} broke after {self.bytes_received} bytes: "
-                             f"{connection_failure_reason(exc, self.read_timeout)}")
+        kind = XoStalled if isinstance(exc, trio.TooSlowError) else XoUnreachable
+        return kind(f"export from {self.url} broke after {self.bytes_received} bytes: "
+                    f"{connection_failure_reason(exc, self.read_timeout)}")
 
     def _ended_early(self) -> XoUnreachable:
         due = f" of {self.content_length}" if self.content_length is not None else ""

@@ -31,6 +31,7 @@ from xofs.errors import (
     XofsError,
     XoNotFound,
     XoProtocolError,
+    XoStalled,
     XoUnreachable,
     error_chain,
     xo_error_from_response,
@@ -162,7 +163,7 @@ class RestClient:
                         return response
                     except BaseException as exc:
                         await response.aclose()
-                        if not isinstance(exc, XoUnreachable) or isinstance(exc.__cause__, trio.TooSlowError):
+                        if not isinstance(exc, XoUnreachable) or isinstance(exc, XoStalled):
                             raise  # silent for the read timeout after its head: XO is slow, not gone
                         err = exc
                 else:
