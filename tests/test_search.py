@@ -18,6 +18,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support import MountProcess, SimProcess, missing, wait_for
@@ -332,3 +333,38 @@ def test_saved_searches_are_listed(sim, make_mount, tmp_path):
     running = {obj["id"] for obj in xo_filter(sim, "type:VM power_state:running")}
     assert {t.rsplit("/", 1)[1] for t in linked(root / "type:VM power_state:running").values()} == running
     assert "name_label:(broken" in mount.log_text()  # the broken line is said once, and left out
+
+
+def test_a_kept_bare_term_search_does_not_hold_the_mount_behind_a_burst_of_renames(make_mount, tmp_path):
+    """With 300 VMs a bare-term search costs its listing some 12 ms; listed again for every batch of a
+    burst of renames (hundreds a second) it held the daemon tens of seconds behind XO in every view and
+    the feed was taken for lost (helper 42). It is now listed again at most once per ten times its cost."""
+    big = SimProcess(args=["--seed", "3", "--vms", "300", "--state-dir", str(tmp_path / "sim-state")],
+                     log_path=tmp_path / "sim.log").start()
+    try:
+        mount = make_mount(big)
+        vms = [vm["id"] for vm in big.get_json("/rest/v0/vms?fields=id")]
+        batch = search_dir(mount, "batch")  # a bare term: its listing depends on every field of everything
+        assert os.listdir(batch) == []
+        with httpx.Client(base_url=big.url, cookies={"authenticationToken": big.token}, timeout=10) as xo:
+            renamed, started = 0, time.monotonic()
+            while time.monotonic() - started < 4:
+                answer = xo.patch(f"/rest/v0/vms/{vms[renamed % len(vms)]}", json={"nameLabel": f"batch {renamed}"})
+                assert answer.status_code == 204, answer.text
+                renamed += 1
+                if renamed % 50 == 0:
+                    os.listdir(batch)  # kept in use, as a file browser showing it does
+            assert renamed > 400, f"only {renamed} renames in 4 s: the burst is too slow to test anything"
+            answer = xo.patch(f"/rest/v0/vms/{vms[0]}", json={"nameLabel": "the last rename"})
+            assert answer.status_code == 204, answer.text
+        ended = time.monotonic()
+        wait_for(lambda: os.path.lexists(mount.mountpoint / "by-name" / "vms" / "the last rename"), timeout=30,
+                 what="the last rename to show")
+        behind = time.monotonic() - ended
+        assert behind < 3, f"the mount showed the last rename {behind:.1f} s after XO made it ({renamed} before it)"
+        last_names = {n % len(vms): f"batch {n}" for n in range(renamed)}
+        expected = {name for index, name in last_names.items() if index != 0}
+        wait_for(lambda: expected <= set(os.listdir(batch)), timeout=10, what="the search to catch up")
+        assert "feed lost" not in mount.log_text()
+    finally:
+        big.stop()
