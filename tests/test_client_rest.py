@@ -357,7 +357,8 @@ async def test_import_without_uuid_in_answer_is_a_protocol_error_and_not_retried
     assert isinstance(err, XoProtocolError)
     # a second copy would make a second VDI: the words say so
     assert f"XO may have made the VDI 'd' on SR {UUID_B} all the same" in err.describe()
-    assert len(fake.seen) == 1 and "raw=false" in fake.seen[0].target and "name_description" not in \
+    # a VHD: no `raw` at all, which legacy XO took for "raw" whatever its value
+    assert len(fake.seen) == 1 and "raw" not in fake.seen[0].target.split("?")[1] and "name_description" not in \
         fake.seen[0].target
 
 

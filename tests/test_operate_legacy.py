@@ -12,7 +12,7 @@ import pytest
 
 from tests.operate_support import assert_documented, halted_vm, meta, rest, status_of, wait_for, xofs
 from tests.support import SimProcess
-from tests.test_imports import make_raw, sr_ids, vdis
+from tests.test_imports import make_raw, make_vhd, sr_ids, vdis
 
 
 @pytest.fixture
@@ -68,6 +68,13 @@ def test_a_legacy_xo_mounts_reads_exports_and_imports(legacy_sim, make_mount, tm
     made = vdis(legacy_sim, name_label="old-era")
     assert len(made) == 1 and made[0]["$SR"] == sr
     assert os.getxattr(target, "user.xo.vdi").decode() == made[0]["id"]
+    # A VHD: the legacy router took any `raw` in the query, `raw=false` too, for a raw upload, and stored
+    # the VHD file itself as the disk (helper 43).
+    vhd, content = make_vhd(tmp_path, "old.vhd")
+    subprocess.run(["cp", str(tmp_path / "old.vhd"), str(target.with_name("old-vhd.vhd"))], check=True, timeout=60)
+    made = vdis(legacy_sim, name_label="old-vhd")
+    assert len(made) == 1 and made[0]["size"] == len(content)
+    assert export_start(legacy_sim, made[0]["id"], len(content)) == content
 
     # A token that expires mid-mount: the text 401 is EACCES too.
     assert rest(legacy_sim, "POST", "/_sim/expire-token", {"token": legacy_sim.token})[0] == 204

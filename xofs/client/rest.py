@@ -186,12 +186,15 @@ class RestClient:
 
         The body streams from disk with an explicit Content-Length, which XO requires (a chunked upload is
         a 500): the file's size, or `size` for a file still being written (`ready`: see `upload_file`).
-        `raw=False` means a dynamic or differencing VHD; `raw` is always sent as `true`/`false` because a
-        bare `?raw` is a 422 today and meant "raw" in legacy XO.
+        `raw=False` means a dynamic or differencing VHD, XO's default: `raw` is left out then, since legacy
+        XO (up to 5.110) took its mere presence, `raw=false` too, for "raw" and stored the VHD file itself
+        as the disk; a raw upload sends `raw=true` (a bare `?raw` is a 422 since 5.111).
         """
         if size is None:
             size = body_path.stat().st_size
-        params = {"name_label": name_label, "raw": "true" if raw else "false"}
+        params = {"name_label": name_label}
+        if raw:
+            params["raw"] = "true"
         if name_description is not None:
             params["name_description"] = name_description
         url = self._http.build_request("POST", f"srs/{quote(sr_id, safe='')}/vdis", params=params).url
