@@ -10,6 +10,7 @@ import errno
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -470,3 +471,37 @@ def test_cp_a_and_mv_into_an_import_directory_leave_no_warning_for_acls(fresh_si
     warnings = [line for line in mount.log_text().splitlines() if " WARNING " in line]
     assert any("user.note" in line for line in warnings), warnings
     assert not any("posix_acl" in line for line in warnings), warnings
+
+
+def test_a_failed_import_leaves_another_clients_import_of_the_same_name_under_way_alone(fresh_sim, make_mount,
+                                                                                        tmp_path):
+    """After a failed upload xofs looks for the VDI XO should have destroyed: one on the SR with the same
+    name and the same import mark. Another client's import of the same name and length, begun meanwhile
+    and still under way, looked just like it and was deleted under that client (helper 43): its pending
+    XAPI task (the event feed's) now tells it apart."""
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = import_dir(mount, sr) / "same.raw"
+    data = make_raw(tmp_path / "same.raw", 16 << 20)
+    set_faults(fresh_sim, import_bytes_per_second=2 << 20)  # 8 s for each upload
+    cp = subprocess.Popen(["cp", str(tmp_path / "same.raw"), str(target)], stderr=subprocess.PIPE, text=True)
+    theirs: list = []
+    try:
+        wait_for(lambda: os.path.exists(target) and os.getxattr(target, "user.xo.state") == b"uploading", 10,
+                 "our upload to begin")
+        other = threading.Thread(target=lambda: theirs.append(fresh_sim.request(
+            "POST", f"/rest/v0/srs/{sr}/vdis?raw=true&name_label=same", data,
+            {"Content-Type": "application/octet-stream"})))
+        other.start()
+        wait_for(lambda: len(vdis(fresh_sim, name_label="same")) == 2, 10, "their VDI to be made")
+        os.unlink(target)  # ours fails: its upload is cancelled
+        assert cp.wait(30) != 0
+        other.join(60)
+    finally:
+        cp.kill()
+        cp.wait()
+    status, _, body = theirs[0]
+    assert status == 201, body
+    assert raw_export(fresh_sim, one_vdi(fresh_sim, "same", sr)["id"]) == data
+    log = mount.log_text()
+    assert "an import of that name is under way" in log and "did not destroy" not in log

@@ -104,7 +104,7 @@ class FeedRunner:
     def _feed(self) -> EventFeed | SseFeed:
         token = self.credentials.token
         if self.kind == "sse":
-            return SseFeed(self.url, token, self.sink, types=KEPT_TYPES, verify=self.verify,
+            return SseFeed(self.url, token, self.sink, types=KEPT_TYPES | {"task"}, verify=self.verify,
                            connect_timeout=self.connect_timeout, keepalive=self.keepalive)
         return EventFeed(self.url, token, self.sink, verify=self.verify, connect_timeout=self.connect_timeout,
                          keepalive=self.keepalive)

@@ -68,7 +68,9 @@ SHUTDOWN_WAIT = 30.0  # seconds running uploads get to finish when the mount goe
 UNLINK_WAIT = 30.0  # seconds an unlink waits for the upload it cancels to be cleaned up
 CLEANUP_TIMEOUT = 30.0  # seconds for the XO requests that remove what a failed import left
 LEFTOVER_CHECKS = (0.0, 0.2, 0.5, 1.0, 2.0)  # when to look for a VDI XO should have destroyed itself
-LEFTOVER_RETRY_MAX = 60.0  # seconds between two looks for such a VDI while XO does not answer
+IMPORT_TASK = "[XO] Importing content into VDI"  # how XO names the XAPI task of an import: "… NAME on SR SR"
+LEFTOVER_RETRY_MAX = 15.0  # seconds between two looks for such a VDI while that cannot be told
+TASKS_SETTLE = 10.0  # seconds of a live event feed after which every import under way has shown its task
 PF_EXITING = 0x4  # task flag: the process is exiting (include/linux/sched.h)
 EARLY_PROBE_LIMIT = 16 << 20  # a VHD whose block table is not within its first 16 MiB is uploaded at its close
 ABANDON_WINDOW = 60.0  # seconds after its import that removing rsync's temporary file deletes its VDI
@@ -706,7 +708,7 @@ class ImportManager:
         label, description = imp.kind.label, imp.description
         size = early.length if early is not None else imp.size
         ready = None if early is None else functools.partial(self._early_ready, imp, early)
-        before = self._vdis_named(imp.sr_id, label)
+        before, since = self._vdis_named(imp.sr_id, label), time.monotonic()
         vdi: str | None = None
         error: XofsError | None = None
         with trio.CancelScope(shield=True):
@@ -741,8 +743,8 @@ class ImportManager:
                 with trio.move_on_after(CLEANUP_TIMEOUT):
                     if error is None and vdi is not None:
                         error = await self._imported(imp, vdi, label, description, path)
-                    elif not await self._remove_leftovers(imp.sr_id, label, size, before):
-                        self._remove_leftovers_later(imp.sr_id, label, size, before)
+                    elif (why := await self._remove_leftovers(imp.sr_id, label, size, before, since)) is not None:
+                        self._remove_leftovers_later(imp.sr_id, label, size, before, since, why)
                 if error is not None and not given_up:
                     await self._fail(imp, error)
             finally:
@@ -784,49 +786,68 @@ class ImportManager:
         return {vdi_id for vdi_id, vdi in self.cache.of_type("VDI").items()
                 if vdi.get("$SR") == sr_id and vdi.get("name_label") == label}
 
-    async def _remove_leftovers(self, sr_id: str, label: str, length: int, before: set[str]) -> bool:
+    async def _remove_leftovers(self, sr_id: str, label: str, length: int, before: set[str],
+                                since: float) -> str | None:
         """Delete the VDI a failed import left, if XO did not destroy it (xo-api.md §1.5: it should).
 
-        It is the VDI on the SR with the import's name that did not exist before the upload and is
-        none of ours, still marked with the body length (`xo:import:length`): XO removes that mark when an
-        import ends, so an unmarked VDI of that name is someone else's (another client's import that
-        finished meanwhile, one made in XO's web UI) and is never touched. False when XO could not be asked.
+        It is the VDI on the SR with the import's name that did not exist before the upload (`since`) and
+        is none of ours, still marked with the body length (`xo:import:length`): XO removes that mark when
+        an import ends, so an unmarked VDI of that name is someone else's (another client's import that
+        finished meanwhile, one made in XO's web UI) and is never touched. A marked one is another import
+        still under way (another client's, or another file of this mount of the same name and length)
+        while an XAPI import task for that name is pending, and is left alone till none is. The event feed
+        tells the tasks: while it is down nothing is decided, and once it is back, a task pending from
+        before shows at its next progress update, within TASKS_SETTLE. None when done; otherwise why it
+        must be looked at again later.
         """
-        ours = {i.vdi for d in self._dirs.values() for i in d.values()} | {
-            i.superseded for d in self._dirs.values() for i in d.values()}
         for attempt, delay in enumerate(LEFTOVER_CHECKS):
             await trio.sleep(delay)
             try:
                 vdis = await self.client.collection("vdis", fields="name_label,$SR,other_config")
             except XofsError as err:
                 log.debug("cannot check SR %s for a VDI the failed import left: %s", sr_id, err.describe())
-                return False
+                return "XO does not answer"
+            ours = {i.vdi for d in self._dirs.values() for i in d.values()} | {
+                i.superseded for d in self._dirs.values() for i in d.values()}
             new = [v for v in vdis if v.get("$SR") == sr_id and v.get("name_label") == label
                    and v["id"] not in before and v["id"] not in ours]
-            leftovers = [v["id"] for v in new if (v.get("other_config") or {}).get("xo:import:length") == str(length)]
-            if not leftovers:
+            marked = [v for v in new if (v.get("other_config") or {}).get("xo:import:length") == str(length)]
+            if not marked:
                 finished = [v["id"] for v in new]
                 if finished:  # XO read the whole image before the upload was cut, or another client's import
                     log.info("VDI %s named %r appeared on SR %s during the failed import, as a finished import "
                              "(XO removed its import mark): left in XO, since it may be another client's",
                              ", ".join(finished), label, sr_id)
-                return True
-            if attempt == len(LEFTOVER_CHECKS) - 1:
-                for vdi_id in leftovers:
-                    await self._delete_vdi(vdi_id, f"XO did not destroy it after the failed import of {label!r}")
-        return True
+                return None
+            if attempt < len(LEFTOVER_CHECKS) - 1:
+                continue
+            followed = self.cache.tasks_since
+            if followed is None:
+                return "the event feed, which tells the imports under way, is down"
+            if followed > since and time.monotonic() - followed < TASKS_SETTLE:
+                return "the event feed, which tells the imports under way, came back during the upload"
+            tasks = self.cache.pending_tasks
+            under_way = [task for task, name in tasks.items() if name.startswith(f"{IMPORT_TASK} {label} on SR ")]
+            under_way += [task for v in marked if (task := v["other_config"].get("xo:import:task")) in tasks]
+            if under_way:
+                return (f"an import of that name is under way (XAPI task {', '.join(sorted(set(under_way)))}): "
+                        f"VDI {', '.join(v['id'] for v in marked)} may be its")
+            for v in marked:
+                await self._delete_vdi(v["id"], f"XO did not destroy it after the failed import of {label!r}")
+        return None
 
-    def _remove_leftovers_later(self, sr_id: str, label: str, length: int, before: set[str]) -> None:
-        """XO did not answer after a failed upload (it went down mid-upload, say: a restarted XO keeps the
-        VDI it was filling): look for the leftover again, with backoff, until XO answers or the mount ends."""
-        log.warning("cannot check SR %s for a VDI the failed import of %r left: XO does not answer; looking "
-                    "again until it does", sr_id, label)
+    def _remove_leftovers_later(self, sr_id: str, label: str, length: int, before: set[str], since: float,
+                                why: str) -> None:
+        """Look for the VDI a failed upload left again, with backoff, until `_remove_leftovers` can tell
+        (XO went down mid-upload, say: a restarted XO keeps the VDI it was filling) or the mount ends."""
+        log.warning("cannot check SR %s for a VDI the failed import of %r left yet: %s; looking again until "
+                    "it can", sr_id, label, why)
 
         async def retry() -> None:
             delay = 1.0
             while True:
                 await trio.sleep(delay)
-                if await self._remove_leftovers(sr_id, label, length, before):
+                if await self._remove_leftovers(sr_id, label, length, before, since) is None:
                     return
                 delay = min(delay * 2, LEFTOVER_RETRY_MAX)
 

@@ -433,6 +433,12 @@ class SimModel:
                   "_xapiRef": c["_xapiRef"]}, persist=False)
         return c["id"]
 
+    def task_progress(self, task_id: str, progress: float) -> None:
+        """A pending task's progress (0 to 1) moved on."""
+        task = self._objects.get(task_id)
+        if task is not None and task["status"] == "pending":
+            self.update(task_id, {"progress": round(min(progress, 1.0), 4)}, persist=False)
+
     def finish_task(self, task_id: str, *, status: str = "success", result: str = "") -> None:
         """Mark a task finished; it leaves (`exit`) shortly after, as XAPI tasks do once XO destroys them."""
         if task_id not in self._objects:
