@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -505,3 +506,19 @@ def test_a_failed_import_leaves_another_clients_import_of_the_same_name_under_wa
     assert raw_export(fresh_sim, one_vdi(fresh_sim, "same", sr)["id"]) == data
     log = mount.log_text()
     assert "an import of that name is under way" in log and "did not destroy" not in log
+
+
+def test_an_import_xo_refused_is_not_followed_by_a_search_for_its_vdi(fresh_sim, make_mount, tmp_path):
+    """XO's own answer to the upload (a 401 here, a 500 above) means no VDI is left: XO made none, or
+    destroyed it. xofs looked all the same, and with a revoked token it listed every VDI once a minute,
+    per failed file, until the token worked again, saying that XO did not answer (helper 45)."""
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    make_raw(tmp_path / "refused.raw", 1 << 20)
+    status, _, _ = fresh_sim.request("POST", "/_sim/expire-token", json.dumps({"token": fresh_sim.token}).encode(),
+                                     {"Content-Type": "application/json"})
+    assert status == 204
+    proc = sh("cp", str(tmp_path / "refused.raw"), str(import_dir(mount, sr) / "refused.raw"), check=False)
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr
+    time.sleep(1)
+    assert "cannot check SR" not in mount.log_text()

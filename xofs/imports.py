@@ -44,8 +44,8 @@ from pathlib import Path
 import trio
 
 from xofs.cache import Change, ObjectCache
-from xofs.client.rest import RestClient
-from xofs.errors import XofsError
+from xofs.client.rest import GATEWAY_STATUSES, RestClient
+from xofs.errors import XoError, XofsError
 from xofs.files import Caller, FileAttrs, ImportEntry, OpenFile, OpenInfo
 from xofs.formats.vhd import FOOTER_SIZE, VhdError, check_import_footer
 from xofs.import_format import (
@@ -711,6 +711,7 @@ class ImportManager:
         before, since = self._vdis_named(imp.sr_id, label), time.monotonic()
         vdi: str | None = None
         error: XofsError | None = None
+        xo_answered = False  # XO's own answer ended the upload: nothing made, or what it made destroyed
         with trio.CancelScope(shield=True):
             try:
                 with trio.CancelScope() as scope:
@@ -729,6 +730,7 @@ class ImportManager:
                     error = XofsError(f"import into SR {imp.sr_id} cancelled: {upload.cancel_reason}")
             except XofsError as err:
                 error = _upload_error(imp.sr_id, err)
+                xo_answered = isinstance(err, XoError) and err.status != 0 and err.status not in GATEWAY_STATUSES
             except OSError as err:
                 error = XofsError(f"import into SR {imp.sr_id} failed: cannot read the spool: {err.strerror}")
             except Exception as err:  # a bug must fail this import, never the mount
@@ -743,6 +745,8 @@ class ImportManager:
                 with trio.move_on_after(CLEANUP_TIMEOUT):
                     if error is None and vdi is not None:
                         error = await self._imported(imp, vdi, label, description, path)
+                    elif xo_answered:
+                        pass  # a refusal (401, 404, 422) made no VDI; a 500 destroyed the one it made
                     elif (why := await self._remove_leftovers(imp.sr_id, label, size, before, since)) is not None:
                         self._remove_leftovers_later(imp.sr_id, label, size, before, since, why)
                 if error is not None and not given_up:
@@ -805,8 +809,7 @@ class ImportManager:
             try:
                 vdis = await self.client.collection("vdis", fields="name_label,$SR,other_config")
             except XofsError as err:
-                log.debug("cannot check SR %s for a VDI the failed import left: %s", sr_id, err.describe())
-                return "XO does not answer"
+                return f"XO's VDIs cannot be read: {err.describe()}"
             ours = {i.vdi for d in self._dirs.values() for i in d.values()} | {
                 i.superseded for d in self._dirs.values() for i in d.values()}
             new = [v for v in vdis if v.get("$SR") == sr_id and v.get("name_label") == label
