@@ -142,6 +142,7 @@ async def serve_rpc(fake: FakeWs, ws: WebSocketConnection, *, token: str = GOOD,
 def test_ws_url_is_exactly_slash_api_slash():
     assert ws_url("http://xo.lan") == "ws://xo.lan/api/"
     assert ws_url("https://xo.lan:8443/") == "wss://xo.lan:8443/api/"
+    assert ws_url("HTTPS://xo.lan:8443/") == "wss://xo.lan:8443/api/"  # it took the mount down (helper 44)
     assert ws_url("https://proxy.lan/xo") == "wss://proxy.lan/xo/api/"
     with pytest.raises(ValueError):
         ws_url("xo.lan")

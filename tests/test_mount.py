@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -539,3 +540,12 @@ def test_an_open_meta_json_and_a_working_directory_outlive_their_objects_changes
     done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["204", "0", "directory", "0", ".", "done"], done.stdout
+
+
+def test_a_url_with_its_scheme_in_capitals_mounts(sim, make_mount):
+    """`HTTP://host` passed the URL check and the REST calls, and then took the daemon down where the event
+    feed's URL is made (helper 44)."""
+    shouting = types.SimpleNamespace(url=sim.url.replace("http://", "HTTP://", 1), token=sim.token)
+    mount = make_mount(shouting)
+    assert os.listdir(mount.mountpoint / "vms")
+    wait_for(lambda: "live" in mount.log_text(), what="the event feed to be live")

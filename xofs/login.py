@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     url = args.url.rstrip("/")
     try:
-        _check_url(args.url)
+        url = _check_url(url)
         user = args.user or _ask("XO user (email): ")
         password = _read_password(args, user, url)
     except (EOFError, KeyboardInterrupt):
@@ -91,7 +91,7 @@ class LoginError(Exception):
     """Signing in did not give a token; the message is the one line the user sees (never the password)."""
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: str) -> str:
     """Refuse what `xofs mount` refuses: a URL that is not http(s), or one that carries credentials (the
     command line is every user's to read; login takes the user as an argument and asks the password)."""
     from xofs.daemon import StartupError
@@ -102,7 +102,7 @@ def _check_url(url: str) -> None:
         raise LoginError("credentials in the URL are refused (every user can read command lines): give the "
                          "user after the URL; the password is asked for, or read with --password-stdin")
     try:
-        check_url(url)  # the port too
+        return check_url(url)  # the port too; the scheme in lower case
     except StartupError as err:
         raise LoginError(str(err)) from None
 

@@ -101,7 +101,7 @@ def run_mount(args: argparse.Namespace, *, sloppy: bool = False, fake: bool = Fa
     try:
         fuse_flags = resolve(args, sloppy=sloppy)
         pin_paths(args, os.environ)
-        check_url(args.url)
+        args.url = check_url(args.url)
         verify = tls_verify(args)
         credentials = Credentials(args.url.rstrip("/"), choose_source(args.url, token_file=args.token_file,
                                                                       basic_file=args.basic_file),
@@ -126,7 +126,8 @@ def run_mount(args: argparse.Namespace, *, sloppy: bool = False, fake: bool = Fa
     return detach(mount.run, lambda: mount.setup_logging(detached=True))
 
 
-def check_url(url: str) -> None:
+def check_url(url: str) -> str:
+    """The URL, its scheme in lower case (`HTTPS://xo` took the event feed down), or StartupError."""
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises on a port that is no number from 0 to 65535
@@ -137,6 +138,7 @@ def check_url(url: str) -> None:
     if parts.username or parts.password:
         raise StartupError("credentials in the URL are refused (every user can read command lines): "
                            "use --token-file or XOFS_TOKEN")
+    return parts.scheme + url[len(parts.scheme):]
 
 
 def tls_verify(args: argparse.Namespace) -> bool | str:

@@ -231,6 +231,7 @@ def ws_url(base_url: str) -> str:
     """The JSON-RPC socket URL of an XO: http(s)://host[:port][/prefix] -> ws(s)://host[:port][/prefix]/api/."""
     base = base_url.rstrip("/")
     scheme, sep, rest = base.partition("://")
+    scheme = scheme.lower()  # `HTTPS://xo` is a URL like any other (RFC 3986 §3.1)
     if not sep or scheme not in ("http", "https", "ws", "wss"):
         raise ValueError(f"not an http(s) URL: {base_url!r}")
     scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
