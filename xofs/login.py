@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     url = args.url.rstrip("/")
     try:
-        url = _check_url(url)
+        url = _check_url(args.url).rstrip("/")
         user = args.user or _ask("XO user (email): ")
         password = _read_password(args, user, url)
     except (EOFError, KeyboardInterrupt):
