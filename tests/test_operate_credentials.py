@@ -57,6 +57,26 @@ def test_a_token_file_readable_by_others_is_refused(sim, tmp_path):
     assert not is_mounted(mnt)
 
 
+def test_a_token_of_more_than_one_line_is_refused_without_showing_it(sim, tmp_path):
+    """A second line in the token file (a comment) or in XOFS_TOKEN went into the cookie header: refused
+    there as "cannot reach XO", retried, and the whole token shown in the message and the log (helper 44)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    token = write_private(tmp_path / "token", f"{sim.token}\n# the token for the lab XO\n", 0o600)
+    state = {"XOFS_STATE_DIR": str(tmp_path / "state")}
+    for args, env, says in ((["--token-file", str(token)], state, f"{token} must hold one line, but it holds 2"),
+                            ([], {**state, "XOFS_TOKEN": f"{sim.token}\nx"},
+                             "XOFS_TOKEN is no XO token: it holds spaces, line breaks or control characters")):
+        proc = xofs("mount", sim.url, str(mnt), "--foreground", *args, env=env, clean_env=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and says in lines[0], proc.stderr
+        assert_documented(lines[0])
+        assert sim.token not in proc.stderr
+        log = tmp_path / "state" / "xofs.log"
+        assert not log.exists() or sim.token not in log.read_text()
+    assert not is_mounted(mnt)
+
+
 def test_each_token_source_mounts(sim, tmp_path):
     token = write_private(tmp_path / "token", sim.token + "\n")
     by_file = mount_clean(sim, tmp_path, "--token-file", str(token), name="file")

@@ -114,7 +114,17 @@ def read_secret_file(path: Path) -> str:
         raise CredentialError(f"{path} is not UTF-8 text") from None
     if not text:
         raise CredentialError(f"{path} is empty")
+    if "\n" in text or "\r" in text:  # never shown: it is a secret, and a header would refuse it anyway
+        raise CredentialError(f"{path} must hold one line, but it holds {len(text.splitlines())}")
     return text
+
+
+def _one_token(token: str, where: str) -> str:
+    """`token`, refused (without showing it) if it has a space or a control character, which no XO token
+    has: sent in a header it failed as "cannot reach XO", its whole value in the message (helper 44)."""
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise CredentialError(f"{where} is no XO token: it holds spaces, line breaks or control characters")
+    return token
 
 
 def write_secret_file(path: Path, text: str) -> None:
@@ -234,17 +244,17 @@ class Credentials:
             return self.token
         if kind in ("token-file", "login"):
             assert path is not None
-            return read_secret_file(path)
+            return _one_token(read_secret_file(path), str(path))
         if kind == "env":
             token = self._env.get("XOFS_TOKEN", "").strip()
             if not token:
                 raise CredentialError("XOFS_TOKEN is empty")
-            return token
+            return _one_token(token, "XOFS_TOKEN")
         assert path is not None
         config = _xo_cli_config(path, self.url)
         if config is None:
             raise CredentialError(f"{path} no longer holds a token for {self.url}")
-        return str(config["token"])
+        return _one_token(str(config["token"]), f"the token for {self.url} in {path}")
 
     def _read_basic(self) -> None:
         assert self.source.path is not None
