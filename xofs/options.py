@@ -21,11 +21,13 @@ from xofs.proc_mounts import resolve_parent
 
 # mount(8)'s own options, which reach a helper but mean nothing to the filesystem.
 MOUNT_ONLY = frozenset({"_netdev", "nofail", "noauto", "auto", "user", "nouser", "users", "owner", "group",
-                        "defaults", "rw", "loud", "silent"})
+                        "defaults", "rw", "loud", "silent",
+                        # access times, which xofs never changes; libfuse refuses these two (helper 44)
+                        "nodiratime", "strictatime"})
 MOUNT_ONLY_PREFIXES = ("x-", "comment=")
 # Options libfuse and the kernel understand, passed through as they are.
 FUSE_FLAGS = frozenset({"default_permissions", "auto_unmount", "nosuid", "suid", "nodev", "dev", "noexec",
-                        "exec", "noatime", "atime", "relatime", "strictatime", "nodiratime", "sync", "async",
+                        "exec", "noatime", "atime", "relatime", "sync", "async",
                         "dirsync", "allow_root"})
 SECRETS = frozenset({"token", "password", "pass", "xo_token"})
 
