@@ -276,6 +276,13 @@ async def test_a_file_only_named_like_rsyncs_temporary_file_keeps_its_vdi_when_r
         await env.manager.unlink(env.entry(".later.img.backup"), "/.later.img.backup")
         assert len(env.vdis(name_label="later")) == 1
         assert ".later.img.backup" not in env.manager.entries(env.sr)
+        # Imported under another name and renamed to one like rsync's (helper 43): rsync renames its
+        # temporary file only to its final name, never to it.
+        await copy_in(env, "renamed.raw", data)
+        await env.manager.rename(env.entry("renamed.raw"), ".x.raw.ABCDEF", "/renamed.raw")
+        monkeypatch.setattr("xofs.imports.ABANDON_WINDOW", 60.0)
+        await env.manager.unlink(env.entry(".x.raw.ABCDEF"), "/.x.raw.ABCDEF")
+        assert len(env.vdis(name_label="x")) == 1
 
 
 async def test_rename_of_an_imported_file_renames_the_vdi(fresh_sim, tmp_path, caplog) -> None:

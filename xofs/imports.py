@@ -146,6 +146,7 @@ class _Import:
     from_disk: bool = False  # a record from an earlier mount, not yet checked against XO's VDIs
     kept_since: float = 0.0  # when the last handle closed on an imported spool
     imported_at: float | None = None  # trio.current_time() when this mount's upload made the VDI
+    renamed: bool = False  # renamed since it was made: rsync never renames its temporary file but to its end
 
     @property
     def description(self) -> str:
@@ -919,6 +920,8 @@ class ImportManager:
         vdi = self.cache.get(imp.vdi or "")
         if imp.imported_at is None:
             why = "it was imported by an earlier mount"
+        elif imp.renamed:
+            why = "it was renamed since it was written"
         elif trio.current_time() - imp.imported_at > ABANDON_WINDOW:
             why = f"it was imported {trio.current_time() - imp.imported_at:.0f} s ago"
         elif vdi is not None and vdi.get("$VBDs"):
@@ -999,7 +1002,7 @@ class ImportManager:
             self._forget(target, "another file was renamed over it")
         if imports.get(entry.name) is imp:
             del imports[entry.name]
-        imp.name, imp.kind = new_name, kind
+        imp.name, imp.kind, imp.renamed = new_name, kind, True
         imports[new_name] = imp
         self._known[entry.sr_id].add(new_name)
         self._save(entry.sr_id)
