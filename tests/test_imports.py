@@ -879,3 +879,24 @@ def test_import_records_are_saved_when_another_process_keeps_the_lock(tmp_path, 
         assert LOCK_WAIT <= time.monotonic() - started < LOCK_WAIT + 1
     assert store.load("sr") == {"a.raw": record}
     assert "another process has held" in caplog.text
+
+
+async def test_an_upload_under_way_is_counted_once_in_the_sr_free_space(fresh_sim, tmp_path) -> None:
+    """XO counts a new VDI in its SR's `usage` from the moment it makes it, at the start of the upload (the
+    recordings' SR comes with the VDI's `enter`, usage up by its size): taking the uploads under way off
+    the free space again refused a second import that fits with ENOSPC (helper 43)."""
+    data = make_raw(tmp_path / "src.raw", 2 << 20)
+    async with running(fresh_sim, tmp_path) as env, trio.open_nursery() as nursery:
+        async def close(f: ImportFile) -> None:
+            await f.flush(Caller())
+            await f.release()
+
+        await uploading_slowly(env, "first.raw", data, nursery, close)
+        await refresh_cache(env)
+        sr = env.cache.get(env.sr)
+        assert len(env.vdis(name_label="first")) == 1  # XO made its VDI: the SR's usage counts it
+        entry = env.entry("second.raw")
+        f = await env.manager.create(entry, 0o644, ME, "/second.raw")
+        fits = sr["size"] - sr["usage"] - (1 << 20)
+        await env.manager.setattr(entry, size=fits, mode=None, mtime_ns=None, path="/second.raw")
+        await f.release()  # closed without a flush: dropped, nothing uploaded

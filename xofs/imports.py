@@ -532,14 +532,14 @@ class ImportManager:
         self._check_room(imp, footer.current_size, path)
 
     def _check_room(self, imp: _Import, need: int, path: str) -> None:
-        """ENOSPC when a disk of `need` bytes does not fit in the SR's free space, less running uploads."""
+        """ENOSPC when a disk of `need` bytes does not fit in the SR's free space (`size - usage`). XO counts
+        an import's VDI in `usage` from its start, when it makes the VDI (the recordings' SR comes with the
+        VDI's `enter`, usage up by its size): the uploads under way are in it already."""
         sr = self.cache.get(imp.sr_id)
         size, usage = (sr.get("size"), sr.get("usage")) if sr else (None, None)
         if not isinstance(size, int) or not isinstance(usage, int):
             return
-        reserved = sum(other.virtual_size or other.size for other in self._dir(imp.sr_id).values()
-                       if other.phase is Phase.UPLOADING and other is not imp)
-        free = size - usage - reserved
+        free = size - usage
         if need > free:
             raise XofsError(f"a disk of {need} bytes does not fit in SR {sr.get('name_label')!r} ({imp.sr_id}): "
                             f"{max(free, 0)} bytes free", errno_=errno.ENOSPC)
