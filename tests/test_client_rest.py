@@ -1063,3 +1063,26 @@ async def test_a_listing_coded_other_than_one_gzip_is_refused(nursery, coding):
         await client.collection("vms")
     await client.aclose()
     assert fake.seen[0].headers["accept-encoding"] == "gzip"
+
+
+async def test_a_server_silent_before_its_answer_is_asked_once(nursery, monkeypatch):
+    """XO that takes longer than the read timeout to answer (a big running VM's snapshot before its export,
+    a hung XO) is slow, not gone: the GET was tried three times, three times the wait, and an export
+    started (and snapshotted) three times; the mount's start said "cannot reach XO … timed out", which
+    troubleshooting.md gives to a connection that could not be made (helper 45)."""
+    import xofs.client.rest as rest
+
+    monkeypatch.setattr(rest, "RETRY_DELAYS", (0.01, 0.01))
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep(30)
+
+    fake = await start_fake(nursery, lambda r: silent)
+    client = RestClient(fake.url, "t", read_timeout=0.3)
+    with trio.fail_after(5), pytest.raises(XoStalled, match=r"did not answer within 0.3 s \(--read-timeout\)"):
+        await client.collection("vms")
+    assert len(fake.seen) == 1
+    with trio.fail_after(5), pytest.raises(XoStalled, match="did not answer: timed out after 0.3 s"):
+        await client.open_export("vms/x.xva")
+    assert len(fake.seen) == 2
+    await client.aclose()

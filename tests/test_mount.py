@@ -67,6 +67,29 @@ def test_startup_errors_say_what_is_wrong_in_one_line(sim, tmp_path):
         assert not is_mounted(mnt)
 
 
+def test_a_hung_xo_fails_the_start_after_one_read_timeout_saying_so(tmp_path):
+    """A stopped XO (SIGSTOP: it takes connections, answers nothing) made `xofs mount` wait three read
+    timeouts (3 minutes by default) and then blame the connection (helper 45)."""
+    hung = SimProcess(args=["--seed", "1"], log_path=tmp_path / "sim.log").start()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        hung.proc.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        proc = xofs("mount", hung.url, str(mnt), "--foreground", "--read-timeout", "1",
+                    env={"XOFS_TOKEN": hung.token, "XOFS_STATE_DIR": str(tmp_path / "state")})
+        took = time.monotonic() - began
+    finally:
+        hung.proc.send_signal(signal.SIGCONT)
+        hung.stop()
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "did not answer within 1 s (--read-timeout)" in lines[0], lines[0]
+    assert_documented(lines[0])
+    assert took < 8, f"the start took {took:.1f} s"
+    assert not is_mounted(mnt)
+
+
 def test_an_already_mounted_directory_is_refused(sim, make_mount):
     mount = make_mount(sim)
     proc = xofs("mount", sim.url, str(mount.mountpoint), "--foreground", env={"XOFS_TOKEN": sim.token})

@@ -594,7 +594,7 @@ class ExportResponse:
                 answered = await self._fill(eof_ok=True)
             except XoUnreachable as exc:  # a silence past the read timeout, a reset: not a close
                 reason = connection_failure_reason(exc.__cause__, self.read_timeout) if exc.__cause__ else str(exc)
-                raise XoUnreachable(f"{self.url} did not answer: {reason}") from None
+                raise type(exc)(f"{self.url} did not answer: {reason}") from None
             if not answered:
                 raise XoUnreachable(f"{self.url} closed the connection without answering")
         head = bytes(self._buf[self._start:end]).decode("latin-1")

@@ -248,6 +248,9 @@ class RestClient:
             try:
                 with trio.fail_after(deadline):
                     answer = await self._read_answer(path, params)
+            except httpx.ReadTimeout:
+                err = XoStalled(f"XO at {url} did not answer within {self._read_timeout:g} s (--read-timeout)",
+                                object_id=object_id)
             except httpx.TransportError as exc:
                 err = xo_unreachable(exc, url)
             except httpx.DecodingError as exc:
@@ -311,8 +314,10 @@ class _Answer:
 
 
 def _worth_retrying(err: XofsError) -> bool:
-    """A 5xx or a connection failure may pass in a second; a certificate or TLS failure will not."""
-    return not any(isinstance(e, ssl.SSLError) for e in error_chain(err))
+    """A 5xx or a connection failure may pass in a second; a certificate or TLS failure will not, and an XO
+    silent for the read timeout is slow, not gone: trying again would wait as long again (and start a new
+    export, a snapshot of a running VM, each time)."""
+    return not isinstance(err, XoStalled) and not any(isinstance(e, ssl.SSLError) for e in error_chain(err))
 
 
 # --- parsing ---
