@@ -590,6 +590,21 @@ async def test_an_export_ended_early_but_cleanly_fails_and_its_length_is_not_lea
         assert not m.attrs(export).exact
 
 
+async def test_a_read_waiting_for_its_export_to_start_shows_in_the_transfers(fresh_sim, tmp_path):
+    """`xofs status`, where the docs send a user whose copy seems stuck, said "transfers: none" while the
+    read waited for XO to answer the export (a running VM's snapshot; a hung XO) (helper 45)."""
+    vdi = import_raw(fresh_sim, disk_bytes(SMALL, 6), "slow-start")
+    async with running(fresh_sim, tmp_path / "spool") as m:
+        export = vdi_export(m, vdi, "raw")
+        f = await m.open(export, "/vdis/slow-start.raw")
+        set_faults(fresh_sim, latency_ms=1500)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(f.read, 0, MiB)
+            await eventually(lambda: [t["phase"] for t in m.transfers()] == ["starting"], "the read to wait")
+        assert [t["phase"] for t in m.transfers()] == ["streaming"]
+        await f.release()
+
+
 async def test_only_failures_in_a_row_are_logged_as_repeats(fresh_sim, tmp_path):
     """A failure after a read that succeeded is a new incident, logged as a warning again (review)."""
     vdi = import_raw(fresh_sim, disk_bytes(SMALL, 8), "again")

@@ -29,9 +29,9 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import trio
 
@@ -54,6 +54,7 @@ from xofs.spool import Spool, SpoolEntry
 from xofs.views import Export
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BACK_WINDOW = 1 << 20  # bytes kept behind a reader for small backward seeks (mountpoint-s3 keeps 1 MiB too)
 SKIP_LIMIT = 16 << 20  # a later forward jump up to this far is received and dropped; further ones spool
@@ -282,8 +283,8 @@ class ExportManager:
     def transfers(self) -> list[dict]:
         """The exports under way, for `xofs status`: one per open file that started reading. `done` counts
         the bytes received from XO, `read` the reader's position, `complete` whether XO sent the whole
-        export, `elapsed` the seconds since the open; `phase` is "failed" for an export that broke off (a
-        next read may start it again)."""
+        export, `elapsed` the seconds since the open; `phase` is "starting" while a read waits for its export
+        to start (a slot, XO's answer), "failed" for one that broke off (a next read may start it again)."""
         now = time.monotonic()
         out = []
         for file in self.open_files:
@@ -293,6 +294,8 @@ class ExportManager:
             elif file.feed is not None:
                 phase, received, complete = "streaming", file.feed.received, file.feed.length is not None
                 failed = file.feed.error is not None
+            elif file.starting:
+                phase, received, complete, failed = "starting", 0, False, False
             else:
                 continue
             if failed and not complete:
@@ -382,6 +385,7 @@ class ExportFile:
         self.first_read: int | None = None  # where the first read began, for log lines
         self.read_start = False  # a read began at offset 0 (see `_positioned_end`)
         self.opened = time.monotonic()
+        self.starting = False  # a read waits for an export to start (a slot, XO's answer): `xofs status`
         # Once an export of this file was dropped, any next one must match what it delivered.
         self._verify: tuple[int, bytes] | None = None
         self._resume_at = 0  # where the reader of a parked export was
@@ -466,19 +470,28 @@ class ExportFile:
                 self._verify = feed.digest()
                 feed.cancel()
                 self.feed = None
-                self.entry = await self.manager.spooled(self.export, self._verify)
+                self.entry = await self._started(self.manager.spooled(self.export, self._verify))
             self.feed = None
             return self.entry
         if self._verify is not None and offset >= self._resume_at - BACK_WINDOW:
-            self.feed = await self.manager.stream(self.export, self._verify, self._resume_at, resuming)
+            self.feed = await self._started(self.manager.stream(self.export, self._verify, self._resume_at,
+                                                                resuming))
             return self.feed
         entry = self.manager.spooled_copy(self.export)
         # A first read at 0 is sequential; one elsewhere is random access, unless too far for the spool.
         if entry is not None or 0 < offset < self.manager.spool.limit or self._verify is not None:
-            self.entry = await self.manager.spooled(self.export, self._verify)
+            self.entry = await self._started(self.manager.spooled(self.export, self._verify))
             return self.entry
-        self.feed = await self.manager.stream(self.export)
+        self.feed = await self._started(self.manager.stream(self.export))
         return self.feed
+
+    async def _started(self, starting: Awaitable[T]) -> T:
+        """`starting` awaited, the file shown meanwhile as waiting for its export to start."""
+        self.starting = True
+        try:
+            return await starting
+        finally:
+            self.starting = False
 
     async def _check_end(self, source: ExportFeed | SpoolEntry, offset: int, size: int) -> None:
         """Where the read meets the end of the stream or a size the reader may rely on, make sure they agree.
