@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pty
 import select
@@ -280,3 +281,18 @@ def test_a_rotated_token_is_picked_up_and_a_refused_one_logged_once_a_minute(two
     finally:
         mount.stop()
         force_unmount(mount.mountpoint)
+
+
+def test_a_refused_token_is_logged_once_a_minute_by_each_part_of_the_daemon():
+    """One line a minute in all hid an import's or a poll's first refusal behind a read's (helper 45)."""
+    from xofs.credentials import REFUSED_MARK, OncePerMinute
+
+    once = OncePerMinute()
+
+    def line(name: str, at: float) -> bool:
+        record = logging.LogRecord(name, logging.WARNING, __file__, 1, f"x: {REFUSED_MARK} y", None, None)
+        record.created = at
+        return once.filter(record)
+
+    assert [line("xofs.fs", 0), line("xofs.fs", 30), line("xofs.imports", 31), line("xofs.sync", 32),
+            line("xofs.imports", 50), line("xofs.fs", 61)] == [True, False, True, True, False, True]

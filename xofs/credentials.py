@@ -370,19 +370,21 @@ class RotatingClient:
 
 
 class OncePerMinute(logging.Filter):
-    """Lets through one log line a minute about a refused token (`REFUSED_MARK`), all other lines always."""
+    """Lets through one log line a minute about a refused token (`REFUSED_MARK`) from each part of the
+    daemon (its logger: reads, imports, the polls), all other lines always. One a minute in all hid the
+    first refusal of an import or a poll behind a read's (helper 45)."""
 
     def __init__(self, interval: float = 60.0) -> None:
         super().__init__()
         self.interval = interval
-        self._last = float("-inf")
+        self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or REFUSED_MARK not in record.getMessage():
             return True
-        if record.created - self._last < self.interval:
+        if record.created - self._last.get(record.name, float("-inf")) < self.interval:
             return False
-        self._last = record.created
+        self._last[record.name] = record.created
         return True
 
 
