@@ -365,8 +365,10 @@ class RotatingClient:
         lets through once a minute."""
         if err.status != 401:
             return err
+        again = ("a new sign-in follows a refusal at most once a minute" if self.credentials.source.kind == "basic-file"
+                 else "it is read again at the next refusal")  # the file is fine: its session token is not
         return XoAuthError(err.status, f"{err.xo_message} ({REFUSED_MARK} from {self.credentials.describe()}; "
-                           "it is read again at the next refusal)", object_id=err.object_id, url=err.url)
+                           f"{again})", object_id=err.object_id, url=err.url)
 
 
 class OncePerMinute(logging.Filter):
