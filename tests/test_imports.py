@@ -297,6 +297,9 @@ async def test_rename_of_an_imported_file_renames_the_vdi(fresh_sim, tmp_path, c
         assert f"/old.raw renamed to new.img: VDI {vdi['id']} is now named 'new' in XO" in caplog.messages
         assert list(env.manager.entries(env.sr)) == ["new.img"]
         await expect_error(errno.EPERM, env.manager.rename(env.entry("new.img"), "new.vhd", "/new.img"))
+        # An unsupported name: EPERM too (EINVAL made `mv` say "cannot move to a subdirectory of itself")
+        await expect_error(errno.EPERM, env.manager.rename(env.entry("new.img"), "new.txt", "/new.img"))
+        await expect_error(errno.EPERM, env.manager.rename(env.entry("new.img"), ".DS_Store", "/new.img"))
 
 
 async def test_description_from_the_xattr_before_and_after_the_upload(fresh_sim, tmp_path, caplog) -> None:

@@ -970,7 +970,12 @@ class ImportManager:
         self._check_writable(path)
         if new_name == entry.name:
             return
-        kind = _parse(new_name, path)
+        try:
+            kind = _parse(new_name, path)
+        except XofsError as err:
+            if err.errno == errno.EINVAL:  # EPERM, as below: `mv` words EINVAL as a move into a subdirectory
+                err.errno = errno.EPERM
+            raise
         if kind.format is not imp.kind.format:
             # EPERM, not EINVAL: `mv` words EINVAL from rename as "cannot move a directory into itself".
             raise XofsError(f"{path} cannot become {new_name!r}: that is a {kind.format.value} name and the file "
