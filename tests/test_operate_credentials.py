@@ -55,6 +55,13 @@ def test_a_token_file_readable_by_others_is_refused(sim, tmp_path):
         assert f"{token} is readable by others (mode {mode:04o})" in lines[0] and f"chmod 600 {token}" in lines[0]
         assert_documented(lines[0])
         assert sim.token not in proc.stderr
+    for mode in (0o620, 0o602):  # another user could put their token in it (helper 44)
+        token = write_private(tmp_path / "token", sim.token, mode)
+        proc = xofs("mount", sim.url, str(mnt), "--foreground", "--token-file", str(token), clean_env=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+        assert f"{token} is writable by others (mode {mode:04o})" in lines[0] and f"chmod 600 {token}" in lines[0]
+        assert_documented(lines[0])
     assert not is_mounted(mnt)
 
 

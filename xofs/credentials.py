@@ -100,13 +100,16 @@ def choose_source(url: str, *, token_file: Path | None, basic_file: Path | None,
 
 
 def read_secret_file(path: Path) -> str:
-    """The stripped content of a file that holds a secret; refused if its group or others may read it."""
+    """The stripped content of a file that holds a secret; refused if its group or others may read or write it."""
     try:
         with open(path, encoding="utf-8") as f:
             mode = os.fstat(f.fileno()).st_mode
             if mode & (stat.S_IRGRP | stat.S_IROTH):
                 raise CredentialError(f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); "
                                       f"it holds a secret: chmod 600 {path}")
+            if mode & (stat.S_IWGRP | stat.S_IWOTH):  # xofs reads it again at a refusal: it takes what is there
+                raise CredentialError(f"{path} is writable by others (mode {stat.S_IMODE(mode):04o}); they could "
+                                      f"put their token in it: chmod 600 {path}")
             text = f.read().strip()
     except OSError as err:
         raise CredentialError(f"cannot read {path}: {err.strerror}") from None
