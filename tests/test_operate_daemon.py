@@ -205,8 +205,8 @@ def test_stopping_cuts_an_import_that_takes_longer_than_the_wait_and_leaves_noth
     assert mount.proc.wait(30) == 0
     cp.wait(10)
     log = mount.log_text()
-    assert "cancelling an unfinished import upload" in log
-    for words in ("requests still under way after", "cancelling an unfinished import upload"):
+    assert "cancelling the unfinished import upload of /srs/" in log and "/import/cut.raw" in log
+    for words in ("requests still under way after", "cancelling the unfinished import upload of"):
         assert_documented(next(line for line in log.splitlines() if words in line))
     assert vdis(fresh_sim, name_label="cut") == []
     assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []
@@ -244,7 +244,7 @@ def test_a_second_signal_stops_at_once_and_leaves_nothing(fresh_sim, make_mount,
     line = next(line for line in log.splitlines() if "got SIGTERM again" in line)
     assert "impatient.raw" in line
     assert_documented(line)
-    assert "cancelling an unfinished import upload" in log and "unmounted" in log
+    assert "cancelling the unfinished import upload of /srs/" in log and "unmounted" in log
     assert not is_mounted(mount.mountpoint)
     assert vdis(fresh_sim, name_label="impatient") == []
     assert spools_left(Path(mount.env["XOFS_STATE_DIR"])) == []
@@ -346,3 +346,24 @@ def test_ctrl_c_while_xo_is_slow_to_answer_calls_the_start_off(fresh_sim, tmp_pa
         proc.kill()
         set_faults(fresh_sim, latency_ms=0)
         force_unmount(mnt)
+
+
+def test_stopping_names_a_file_still_being_written_into_an_import_directory(fresh_sim, make_mount):
+    """A raw image a program was still writing when the mount stopped was dropped without a word in the log
+    (helper 43)."""
+    mount = make_mount(fresh_sim)
+    sr = sr_ids(fresh_sim)[0]
+    target = mount.mountpoint / "srs" / sr / "import" / "unfinished.raw"
+    writer = open(target, "wb")  # noqa: SIM115 - closed after the daemon ends
+    try:
+        writer.write(os.urandom(1 << 20))
+        writer.flush()
+        mount.proc.send_signal(signal.SIGTERM)
+        assert mount.proc.wait(30) == 0
+    finally:
+        with contextlib.suppress(OSError):  # the mount is gone
+            writer.close()
+    line = next(line for line in mount.log_text().splitlines() if "unfinished.raw" in line and "stopping" in line)
+    assert f"/srs/{sr}/import/unfinished.raw is being written: it is not imported" in line, line
+    assert_documented(line)
+    assert vdis(fresh_sim, name_label="unfinished") == []

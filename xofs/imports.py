@@ -89,6 +89,7 @@ class Phase(Enum):
 class _Upload:
     """One upload of a spool; `done` is set once it succeeded or everything it made was removed."""
 
+    path: str  # the file it uploads, as the mount showed it when the upload began
     done: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope | None = None
     cancel_reason: str | None = None
@@ -256,6 +257,11 @@ class ImportManager:
                 self._stop_early(imp, "the mount is stopping while the file is being written", final=True)
 
     async def _stop_uploads(self) -> None:
+        for imports in self._dirs.values():
+            for imp in imports.values():
+                if imp.phase is Phase.WRITING and imp.dirty and imp.early is None:
+                    log.warning("the mount is stopping while %s is being written: it is not imported",
+                                _mount_path(imp))
         self.stop_writers()
         with trio.CancelScope(shield=True) as scope:
             self._shutdown_scope = scope
@@ -267,7 +273,7 @@ class ImportManager:
                 await trio.sleep(0.05)
         self._shutdown_scope = None
         for upload in list(self._uploads):
-            log.warning("the mount is going away: cancelling an unfinished import upload")
+            log.warning("the mount is going away: cancelling the unfinished import upload of %s", upload.path)
             self._cancel(upload, "the mount was stopped before the upload finished")
 
     def stop_waiting(self) -> None:
@@ -462,7 +468,7 @@ class ImportManager:
         length = planned_vhd_length(imp.spool.read, imp.size)
         if length is None or length <= imp.size:
             return
-        early = imp.early = _Early(_Upload(), length)
+        early = imp.early = _Early(_Upload(path), length)
         log.debug("%s: its block table says %d bytes; uploading while it is written", path, length)
         self._nursery.start_soon(self._upload, imp, early.upload, path, early)
 
@@ -689,7 +695,7 @@ class ImportManager:
                 await early.upload.done.wait()
             if self._nursery is None:
                 raise XofsError("imports are not running (the mount is stopping)", errno_=errno.EIO)
-            upload = imp.upload = _Upload()
+            upload = imp.upload = _Upload(path)
             self._nursery.start_soon(self._upload, imp, upload, path)
         imp.phase = Phase.UPLOADING
         imp.dirty = False
