@@ -247,6 +247,14 @@ def test_refused_content_fails_the_copy_and_leaves_nothing(fresh_sim, make_mount
     sh("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(fixed), "2M")
     proc = sh("cp", str(fixed), str(target / "fixed.vhd"), check=False)
     assert_refused(proc, "Invalid argument", fresh_sim, before, target, mount)
+    # One warning for the failure, not one more for each operation that reports it again, as qemu-img's
+    # write, fsync and close do (helper 43)
+    fd = os.open(target / "again.vhd", os.O_WRONLY | os.O_CREAT, 0o644)
+    for step in (lambda: os.write(fd, fixed.read_bytes()), lambda: os.fsync(fd), lambda: os.close(fd)):
+        with pytest.raises(OSError):
+            step()
+    warned = [line for line in mount.log_text().splitlines() if "WARNING" in line and "again.vhd" in line]
+    assert len(warned) == 1, warned
 
     image, _ = make_vhd(tmp_path, "good.vhd")
     truncated = tmp_path / "truncated.vhd"

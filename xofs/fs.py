@@ -109,6 +109,7 @@ def _op(fn: F) -> F:
                 words = words[len(where) + 2:]
             log.log(logging.DEBUG if err.repeated or err.routine else logging.WARNING, "%s %s: %s", fn.__name__,
                     where, words)
+            err.repeated = True  # a failure kept and raised again (a dead import: its fsync, its close) once
             raise pyfuse3.FUSEError(err.errno) from None
         except Exception:
             log.exception("%s %s: unexpected failure", fn.__name__, self.describe(fn.__name__, args))
