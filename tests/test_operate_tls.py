@@ -84,6 +84,16 @@ def test_an_unknown_certificate_is_refused_with_the_way_out(tls_sim, tmp_path):
         assert "TLS certificate verification failed" in lines[0] and "--ca-file" in lines[0]
         assert_documented(lines[0])
         assert not is_mounted(mnt)
+    # A CA file given, but not the one that signed XO's certificate: no advice to give one (helper 44)
+    other_ca = str(tmp_path / "other-ca.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key"),
+                    "-out", other_ca, "-subj", "/CN=another CA", "-days", "1"], check=True, capture_output=True)
+    proc = xofs("mount", tls_sim.url, str(mnt), "--foreground", "--ca-file", other_ca,
+                env={"XOFS_TOKEN": tls_sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert f"(checked against --ca-file {other_ca}: is it the CA that signed XO's certificate" in lines[0]
+    assert_documented(lines[0])
 
 
 def test_with_its_ca_file_everything_works_over_tls(tls_sim, make_mount):

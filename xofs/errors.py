@@ -35,11 +35,15 @@ class XofsError(Exception):
         return f"{self.message}{where}"
 
 
-def with_tls_hint(words: str) -> str:
-    """A failed check of XO's certificate, with the option that fixes it (`xofs mount`, `xofs login`)."""
-    if "certificate verification failed" in words:
-        return words + " (for a private CA or XOA's self-signed certificate: --ca-file FILE)"
-    return words
+def with_tls_hint(words: str, ca_file: object = None) -> str:
+    """A failed check of XO's certificate, with the option that fixes it (`xofs mount`, `xofs login`); with
+    `--ca-file` given, what else to check."""
+    if "certificate verification failed" not in words:
+        return words
+    if ca_file:
+        return words + (f" (checked against --ca-file {ca_file}: is it the CA that signed XO's certificate, "
+                        "and does the certificate name the host of the URL?)")
+    return words + " (for a private CA or XOA's self-signed certificate: --ca-file FILE)"
 
 
 class XoError(XofsError):

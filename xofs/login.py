@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             client_id=f"xofs-login:{host}:{getpass.getuser()}",
             description=args.description or f"xofs login on {host}"))
     except LoginError as err:
-        print(f"xofs login: {with_tls_hint(str(err))}", file=sys.stderr)
+        print(f"xofs login: {with_tls_hint(str(err), args.ca_file)}", file=sys.stderr)
         return 1
     path = args.token_file or stored_token_path(url)
     try:

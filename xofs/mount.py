@@ -453,7 +453,8 @@ async def _check_server(parts: Parts) -> None:
         raise StartupError(f"{err.describe()}: XO refuses the token from {parts.credentials.describe()}") from None
     except XofsError as err:
         await parts.client.aclose()
-        raise StartupError(with_tls_hint(err.describe())) from None
+        verify = parts.credentials.verify
+        raise StartupError(with_tls_hint(err.describe(), verify if isinstance(verify, str) else None)) from None
 
 
 class _Stopper:
