@@ -802,6 +802,28 @@ async def test_a_writer_that_pauses_gives_the_early_upload_up(fresh_sim, tmp_pat
         assert raw_export(fresh_sim, vdi["id"]) == expected
 
 
+async def test_uploads_that_follow_their_writers_leave_a_slot_for_a_close(fresh_sim, tmp_path) -> None:
+    """One program writing two VHDs at once (both uploaded while written, holding both upload slots) and
+    then a third file: its close waited 20 s, until the writers' pause gave an upload up (helper 43). The
+    uploads that follow writers now take a slot only while another is free for a close."""
+    image, expected = make_vhd(tmp_path, size=8 << 20)
+    raw = make_raw(tmp_path / "c.raw", 1 << 20)
+    async with running(fresh_sim, tmp_path, max_uploads=2) as env:
+        a, _ = await start_copy(env, "a.vhd", image)
+        b = await env.manager.create(env.entry("b.vhd"), 0o644, ME, "/b.vhd")
+        await write_all(b, image[:len(image) // 2])
+        await trio.sleep(1)  # time enough for its upload to begin, had it taken the last slot
+        assert env.manager._limiter.available_tokens == 1
+        with trio.fail_after(10):
+            await copy_in(env, "c.raw", raw)
+        assert raw_export(fresh_sim, env.vdis(name_label="c")[0]["id"]) == raw
+        for f in (a, b):
+            await finish_copy(f, image)
+        for label in ("a", "b"):
+            [vdi] = env.vdis(name_label=label)
+            assert raw_export(fresh_sim, vdi["id"]) == expected
+
+
 async def test_unlink_or_a_stopping_mount_while_written_leaves_no_vdi(fresh_sim, tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, "xofs.imports")
     image, _ = make_vhd(tmp_path, size=8 << 20)

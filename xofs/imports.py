@@ -463,7 +463,9 @@ class ImportManager:
         if (imp.early is not None or not imp.in_order or imp.kind.format is not ImageFormat.VHD
                 or imp.phase is not Phase.WRITING or imp.virtual_size is None or imp.size > EARLY_PROBE_LIMIT
                 or imp.vdi is not None or imp.superseded is not None or imp.spool is None or self._nursery is None
-                or not self._limiter.available_tokens):
+                or self._limiter.available_tokens < min(2, self._limiter.total_tokens)):
+            # It would wait for its writer holding a slot: it leaves one for a close (a program writing
+            # two VHDs at once and then a third file waited EARLY_STALL at that close).
             return
         length = planned_vhd_length(imp.spool.read, imp.size)
         if length is None or length <= imp.size:
