@@ -54,7 +54,8 @@ def test_startup_errors_say_what_is_wrong_in_one_line(sim, tmp_path):
         (["mount", sim.url, str(tmp_path / "missing"), "--foreground"], env_token, "does not exist"),
         (["mount", sim.url, str(tmp_path / "file"), "--foreground"], env_token, "not a directory"),
         (["mount", "http://127.0.0.1:9", str(mnt), "--foreground"], env_token, "127.0.0.1:9"),
-        (["mount", "http://127.0.0.1:abc", str(mnt), "--foreground"], env_token, "its port is no number"),
+        (["mount", "http://127.0.0.1:abc", str(mnt), "--foreground"], env_token, "its port is no number from 0"),
+        (["mount", "http://127.0.0.1:99999", str(mnt), "--foreground"], env_token, "its port is no number from 0"),
         (["mount", sim.url, str(mnt), "--foreground"], {"XOFS_TOKEN": "wrong-token"}, "401"),
         (["mount", sim.url, str(mnt)], {"XOFS_TOKEN": "wrong-token"}, "401"),
     ]

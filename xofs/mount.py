@@ -72,7 +72,7 @@ INSECURE_WARNING = ("WARNING: --insecure: the TLS certificate of {url} is NOT ch
 
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="the XO server, e.g. https://xo.example.org")
-    p.add_argument("mountpoint", type=Path, help="an empty directory to mount it on")
+    p.add_argument("mountpoint", type=Path, help="the directory to mount it on (what it holds is hidden while mounted)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay attached to the terminal")
     add_arguments(p)
 
@@ -132,7 +132,8 @@ def check_url(url: str) -> str:
     try:
         parts.port  # noqa: B018 - raises on a port that is no number from 0 to 65535
     except ValueError:
-        raise StartupError(f"{url!r} is not an http(s) URL of an XO server (its port is no number)") from None
+        raise StartupError(f"{url!r} is not an http(s) URL of an XO server "
+                           "(its port is no number from 0 to 65535)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise StartupError(f"{url!r} is not an http(s) URL of an XO server")
     if parts.username or parts.password:
