@@ -102,6 +102,10 @@ def test_xofs_status_says_what_is_wrong(tmp_path):
     proc = xofs("status", str(tmp_path / "nope"))
     assert proc.returncode == 1 and f"{tmp_path / 'nope'} does not exist or is not a directory" in proc.stderr
     assert_documented(proc.stderr.strip())
+    (tmp_path / "a-file").write_text("x")  # it said "cannot read …/a-file/.xofs/status.json" (helper 44)
+    proc = xofs("status", str(tmp_path / "a-file"))
+    assert proc.returncode == 1 and f"{tmp_path / 'a-file'} is not an xofs mount" in proc.stderr
+    assert_documented(proc.stderr.strip())
 
 
 def auto_unmount_helper(daemon: int) -> int:

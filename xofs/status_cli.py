@@ -49,8 +49,8 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
     path = mountpoint / ".xofs" / "status.json"
     try:
         return json.loads(path.read_bytes())
-    except FileNotFoundError:
-        if not mountpoint.is_dir():
+    except (FileNotFoundError, NotADirectoryError):  # a file outside the mounts: not a directory
+        if not mountpoint.exists():
             raise StatusError(f"{mountpoint} does not exist or is not a directory") from None
         raise StatusError(f"{mountpoint} is not an xofs mount (it has no .xofs/status.json)") from None
     except OSError as err:
