@@ -6,9 +6,10 @@ and systemd's mount units work:
 mount(8) calls `/sbin/mount.xofs SPEC DIR [-sfnv] [-N NAMESPACE] [-o OPTIONS]`. Every `-o` word is an
 `xofs mount` option (`xofs.options`), a FUSE flag, or one of mount(8)'s own (`_netdev`, `nofail`,
 `noauto`…), which are ignored; `-s` (sloppy) drops unknown words instead of failing, `-f` (fake) checks
-everything and mounts nothing, `-n` and `-v` change nothing here. The daemon detaches once the mount is
-live, so `mount` returns then, or fails with the reason in one line. `umount DIR` needs no helper: the
-kernel ends the FUSE connection and the daemon exits on its own.
+the options, the mount point and the credentials' source, and mounts nothing (XO is not asked), `-n` and
+`-v` change nothing here. The daemon detaches once the mount is live, so `mount` returns then, or fails
+with the reason in one line. `umount DIR` needs no helper: the kernel ends the FUSE connection and the
+daemon exits on its own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     helper.add_argument("dir", help="the mount point")
     helper.add_argument("-o", dest="options", action="append", default=[], help="mount options")
     helper.add_argument("-s", dest="sloppy", action="store_true", help="ignore unknown options")
-    helper.add_argument("-f", dest="fake", action="store_true", help="check everything, mount nothing")
+    helper.add_argument("-f", dest="fake", action="store_true",
+                        help="check the options, mount point and credentials; mount nothing, ask XO nothing")
     helper.add_argument("-n", dest="no_mtab", action="store_true", help="accepted; there is no mtab to write")
     helper.add_argument("-v", dest="verbose", action="store_true", help="accepted")
     helper.add_argument("-N", dest="namespace", help="mount namespace (not supported)")
