@@ -96,6 +96,27 @@ def test_an_unknown_certificate_is_refused_with_the_way_out(tls_sim, tmp_path):
     assert_documented(lines[0])
 
 
+def test_a_ca_file_that_holds_no_pem_certificate_is_refused_in_one_line(tls_sim, tmp_path):
+    """A DER certificate, a key or an empty file as --ca-file took the daemon down ("the mount daemon died
+    before the mount was live"), and `xofs login` printed a traceback (helper 47)."""
+    der = tmp_path / "ca.der"
+    subprocess.run(["openssl", "x509", "-in", tls_sim.cafile, "-outform", "DER", "-out", str(der)], check=True)
+    (tmp_path / "empty.pem").write_text("")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {"XOFS_TOKEN": tls_sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")}
+    cases = [(der, "holds no PEM certificate"), (tmp_path / "empty.pem", "holds no PEM certificate"),
+             (tmp_path, "is a directory"), (tmp_path / "missing.pem", "No such file or directory")]
+    for ca, words in cases:
+        for command in (["mount", tls_sim.url, str(mnt), "--foreground"],
+                        ["login", tls_sim.url, "admin@admin.net", "--password-stdin"]):
+            proc = xofs(*command, "--ca-file", str(ca), env=env, input="admin\n")
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode != 0 and len(lines) == 1 and words in lines[0], (command, proc.stderr)
+            assert_documented(lines[0].replace("xofs login: ", "xofs: "))
+    assert not is_mounted(mnt)
+
+
 def test_with_its_ca_file_everything_works_over_tls(tls_sim, make_mount):
     mount = make_mount(tls_sim, "--ca-file", tls_sim.cafile, "--attr-ttl", "300")
     assert status_of(mount.mountpoint)["options"]["tls"] == f"CA file {tls_sim.cafile}"

@@ -64,10 +64,17 @@ def run(args: argparse.Namespace) -> int:
     except LoginError as err:
         print(f"xofs login: {err}", file=sys.stderr)
         return 2
+    from xofs.daemon import StartupError
+    from xofs.mount import tls_verify
+
+    try:
+        verify = tls_verify(args)
+    except StartupError as err:
+        print(f"xofs login: {err}", file=sys.stderr)
+        return 2
     if args.insecure:
         print(f"xofs login: WARNING: --insecure: XO's TLS certificate is NOT checked; anyone on the way to "
               f"{url} can read the password", file=sys.stderr)
-    verify: bool | str = False if args.insecure else str(args.ca_file) if args.ca_file else True
     host = socket.gethostname()
     try:
         token = trio.run(lambda: request_token(

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ import trio
 
 from xofs import status
 from xofs.cache import Change, ObjectCache
+from xofs.client.auth import ssl_context
 from xofs.client.rest import RestClient
 from xofs.credentials import (
     CredentialError,
@@ -149,9 +151,20 @@ def tls_verify(args: argparse.Namespace) -> bool | str:
     if args.insecure:
         return False
     if args.ca_file:
-        if not os.access(args.ca_file, os.R_OK):
-            raise StartupError(f"cannot read the CA file {args.ca_file}")
-        return str(args.ca_file)
+        path = str(args.ca_file)
+        try:
+            with open(path, "rb"):  # the reason (missing, no permission), and a directory is refused here
+                pass
+            ssl_context(path)  # the certificates themselves: a DER file or a key file took the daemon down
+        except IsADirectoryError:
+            raise StartupError(f"the CA file {path} is a directory: give the PEM file of the CA") from None
+        except OSError as err:
+            if isinstance(err, ssl.SSLError):
+                raise StartupError(f"the CA file {path} holds no PEM certificate that OpenSSL takes "
+                                   f"({err.reason or err}): give the CA's certificate in PEM "
+                                   "(openssl x509 -inform DER -in FILE -out FILE.pem converts a DER one)") from None
+            raise StartupError(f"cannot read the CA file {path}: {err.strerror}") from None
+        return path
     return True
 
 
