@@ -58,6 +58,10 @@ def test_startup_errors_say_what_is_wrong_in_one_line(sim, tmp_path):
         (["mount", "http://127.0.0.1:99999", str(mnt), "--foreground"], env_token, "its port is no number from 0"),
         (["mount", sim.url, str(mnt), "--foreground"], {"XOFS_TOKEN": "wrong-token"}, "401"),
         (["mount", sim.url, str(mnt)], {"XOFS_TOKEN": "wrong-token"}, "401"),
+        # A flag's bad value: one line, not argparse's whole usage (helper 47); a gid past what the kernel
+        # takes failed every stat of the mount.
+        (["mount", sim.url, str(mnt), "--gid", "4294967296"], env_token, "--gid: 4294967296 is more than"),
+        (["mount", sim.url, str(mnt), "--umask", "999"], env_token, "--umask"),
     ]
     (tmp_path / "file").write_text("x")
     for args, env, words in cases:

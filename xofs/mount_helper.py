@@ -14,14 +14,13 @@ daemon exits on its own.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from xofs.cli import build_parser
+from xofs.cli import OneLineParser, build_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    helper = argparse.ArgumentParser(prog="mount.xofs", description="mount(8) helper for xofs fstab entries")
+    helper = OneLineParser(prog="mount.xofs", description="mount(8) helper for xofs fstab entries")
     helper.add_argument("spec", help="the XO server's URL, fstab's first field")
     helper.add_argument("dir", help="the mount point")
     helper.add_argument("-o", dest="options", action="append", default=[], help="mount options")

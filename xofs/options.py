@@ -74,7 +74,7 @@ def non_negative(text: str) -> float:
     return value
 
 
-def whole_number(least: int) -> Callable[[str], int]:
+def whole_number(least: int, most: int | None = None) -> Callable[[str], int]:
     def check(text: str) -> int:
         try:
             value = int(text)
@@ -82,6 +82,8 @@ def whole_number(least: int) -> Callable[[str], int]:
             raise BadValue(f"{text!r} is not a whole number") from None
         if value < least:
             raise BadValue(f"{text} is less than {least}")
+        if most is not None and value > most:
+            raise BadValue(f"{text} is more than {most}")
         return value
 
     check.__name__ = "whole number"
@@ -89,7 +91,7 @@ def whole_number(least: int) -> Callable[[str], int]:
 
 
 count = whole_number(1)  # slots: with none, every read or import would wait for ever
-user_id = whole_number(0)
+user_id = whole_number(0, (1 << 32) - 2)  # (uid_t)-1 means "no change" to the kernel; above, every stat failed
 
 
 def byte_size(text: str) -> int:
