@@ -72,6 +72,32 @@ def test_startup_errors_say_what_is_wrong_in_one_line(sim, tmp_path):
         assert not is_mounted(mnt)
 
 
+def test_what_the_daemon_writes_is_its_users_alone_and_its_directories_are_checked(sim, tmp_path):
+    """The state directory, log, spools and import records came out 0755/0644 (the umask's): the log names
+    the XO account, VMs and disks; and a --spool-dir or --state-dir that is a file took the daemon down
+    (helper 47)."""
+    state, mnt = tmp_path / "state", tmp_path / "mnt"
+    mnt.mkdir()
+    env = {"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(state)}
+    proc = xofs("mount", sim.url, str(mnt), env=env)  # detached: it logs to <state dir>/xofs.log
+    try:
+        assert proc.returncode == 0, proc.stderr
+        os.listdir(mnt / "vms")
+        made = [state, state / "xofs.log", *state.rglob("*")]
+        assert len(made) > 3 and {p.stat().st_mode & 0o077 for p in made} == {0}, \
+            [(p, oct(p.stat().st_mode)) for p in made]
+    finally:
+        assert xofs("umount", str(mnt)).returncode == 0
+    (tmp_path / "a-file").write_text("x")
+    env = {"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state-refused")}
+    for flag in ("--spool-dir", "--state-dir"):
+        proc = xofs("mount", sim.url, str(mnt), "--foreground", flag, str(tmp_path / "a-file"), env=env)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and lines == [f"xofs: {flag} {tmp_path / 'a-file'} is not a directory"], \
+            proc.stderr
+        assert_documented(lines[0])
+
+
 def test_a_hung_xo_fails_the_start_after_one_read_timeout_saying_so(tmp_path):
     """A stopped XO (SIGSTOP: it takes connections, answers nothing) made `xofs mount` wait three read
     timeouts (3 minutes by default) and then blame the connection (helper 45)."""

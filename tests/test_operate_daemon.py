@@ -169,7 +169,7 @@ def test_stopping_gives_up_at_once_the_upload_that_follows_a_file_being_written(
     "uploaded when it is closed". No write reaches a stopping mount: it is given up at once."""
     image, _ = make_vhd(tmp_path, size=8 << 20)
     make_raw(tmp_path / "disk.raw", 2 << 20)
-    mount = make_mount(fresh_sim, "--import-wait", "20")
+    mount = make_mount(fresh_sim, "--import-wait", "20", "--max-uploads", "3")  # one slot kept for closes
     target = mount.mountpoint / "srs" / sr_ids(fresh_sim)[0] / "import"
     set_faults(fresh_sim, import_bytes_per_second=100_000)  # the cp's upload takes 20 s
     # Started before the test opens its own file: a fork closing an inherited descriptor is a FUSE flush.

@@ -115,7 +115,15 @@ def run_mount(args: argparse.Namespace, *, sloppy: bool = False, fake: bool = Fa
         return 2
     if fake:
         return 0
+    # What the daemon writes (its log, the spools, the import records) is its user's alone: the log names the
+    # XO account, VMs and disks (helper 47). The modes the mount shows are `--umask`'s, not this.
+    os.umask(0o077)
     mount = Mount(args, credentials, fuse_flags, verify)
+    try:
+        make_directories(mount.options)
+    except StartupError as err:
+        print(f"xofs: {err}", file=sys.stderr)
+        return 2
     if args.insecure and not (args.foreground and args.log_file is None and not args.syslog):
         print("xofs: " + INSECURE_WARNING.format(url=args.url), file=sys.stderr)  # the log may not be seen
     if args.foreground:
@@ -166,6 +174,20 @@ def tls_verify(args: argparse.Namespace) -> bool | str:
             raise StartupError(f"cannot read the CA file {path}: {err.strerror}") from None
         return path
     return True
+
+
+def make_directories(options: MountOptions) -> None:
+    """The state and spool directories, made now (0700) so that one that cannot be (a file there, no
+    permission) fails the start in one line, not the daemon later."""
+    for flag, path in (("--state-dir", options.state_dir), ("--spool-dir", options.spool_dir)):
+        if path is None:
+            continue
+        if path.exists() and not path.is_dir():
+            raise StartupError(f"{flag} {path} is not a directory")
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise StartupError(f"cannot make the directory {path} ({flag}): {err.strerror}") from None
 
 
 def check_mountpoint(path: Path) -> None:
