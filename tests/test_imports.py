@@ -25,7 +25,7 @@ import trio
 from tests.support import SimProcess, eventually, require_tool
 from xofs.cache import Change, ObjectCache
 from xofs.client.rest import RestClient
-from xofs.errors import XofsError
+from xofs.errors import TasksUnknown, XofsError
 from xofs.files import Caller, ImportEntry
 from xofs.formats.vhd import build_footer
 from xofs.import_format import parse_name, planned_vhd_length
@@ -681,6 +681,62 @@ async def test_a_failed_import_never_deletes_a_vdi_of_the_same_name_made_meanwhi
         assert [v["id"] for v in vdis(fresh_sim, name_label="f")] == [theirs]
         assert f"VDI {theirs} named 'f' appeared on SR {env.sr} during the failed import, as a finished " \
             "import (XO removed its import mark): left in XO, since it may be another client's" in caplog.text
+
+
+@pytest.mark.parametrize("answer", ["pending", "success", "failure", "unknown", "unanswered"])
+async def test_a_marked_vdi_of_the_same_name_is_deleted_only_when_xapis_tasks_say_its_import_is_over(
+        fresh_sim, tmp_path, caplog, answer) -> None:
+    """Another import of the same name and length, still marked: under way (its task pending), just ended
+    (XO marks the task `success` a moment before it removes the marks), or left by a failed one (its task
+    failed, or gone). Only the last is deleted. Tasks that cannot be asked (the REST event stream; a silent
+    feed) delete nothing. The event cache's idea of the tasks was wrong with the REST stream (XO's own
+    tasks), a silent feed and that moment (helper 46): XAPI's tasks are asked at the time of the decision."""
+    data = make_raw(tmp_path / "src.raw", 2 << 20)
+    caplog.set_level(logging.INFO, logger="xofs.imports")
+    async with running(fresh_sim, tmp_path) as env:
+        asked: list[str] = []
+
+        async def xapi_tasks() -> dict[str, dict]:
+            [theirs] = [v for v in env.vdis(name_label="f") if v["other_config"]]
+            asked.append(theirs["id"])
+            task = theirs["other_config"]["xo:import:task"]
+            if answer == "unknown":
+                raise TasksUnknown("the event feed is XO's REST event stream, which cannot ask XAPI's tasks")
+            if answer == "unanswered":
+                raise XofsError("XO did not answer xo.getAllObjects within 10 s")
+            return {task: {"status": answer, "name_label": "[XO] Importing content into VDI f on SR x"}}
+
+        env.manager.xapi_tasks = xapi_tasks
+        theirs_done: list = []
+        async with trio.open_nursery() as nursery:
+            async def close(f: ImportFile) -> None:
+                await expect_error(errno.EIO, f.flush(Caller()))
+                await f.release()
+
+            entry, _ = await uploading_slowly(env, "f.raw", data, nursery, close)  # 1 MiB/s: 2 s each
+
+            async def their_import() -> None:
+                theirs_done.append(await trio.to_thread.run_sync(
+                    fresh_sim.request, "POST", f"/rest/v0/srs/{env.sr}/vdis?raw=true&name_label=f", data,
+                    {"Content-Type": "application/octet-stream"}, abandon_on_cancel=True))
+
+            fresh_sim.request("POST", "/_sim/faults", json.dumps({"import_bytes_per_second": 100_000}).encode(),
+                              {"Content-Type": "application/json"})  # theirs outlasts the search: 20 s
+            nursery.start_soon(their_import)
+            await eventually(lambda: len(env.vdis(name_label="f")) == 2, "their VDI")
+            await env.manager.unlink(entry, "/f.raw")  # cancels our upload: it fails
+            await eventually(lambda: asked, "XAPI's tasks to be asked", timeout=15)
+            await trio.sleep(0.5)
+            left = [v["id"] for v in env.vdis(name_label="f")]
+            assert left == ([] if answer == "failure" else asked[:1]), left
+            fresh_sim.request("DELETE", "/_sim/faults")
+            nursery.cancel_scope.cancel()
+        if answer == "failure":
+            assert f"deleted VDI {asked[0]}: XO did not destroy it after the failed import of 'f'" in caplog.text
+        elif answer == "unknown":
+            assert f"VDI {asked[0]} named 'f' on SR {env.sr} is left in XO" in caplog.text
+        else:
+            assert "looking again until it can" in caplog.text
 
 
 async def test_unlink_during_the_upload_cancels_it(fresh_sim, tmp_path) -> None:

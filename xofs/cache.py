@@ -3,9 +3,7 @@
 Filled at start with one request per collection, then kept fresh by the `all` event feed. Every change
 comes out as a `Change` (old and new object), which the tree turns into kernel invalidations. Objects of
 types no view shows (tasks, messages, metrics) are not kept, and malformed objects are skipped with one
-log line each, so a bad answer from the server can never take the mount down. Of XAPI tasks only the ones
-pending are noted, by id and name (`pending_tasks`), for as long as the feed is up (`tasks_since`): the
-imports tell by them another client's import under way from the VDI a failed one of theirs left.
+log line each, so a bad answer from the server can never take the mount down.
 """
 
 from __future__ import annotations
@@ -124,16 +122,6 @@ class ObjectCache:
         self.type_version: dict[str, int] = dict.fromkeys(KEPT_TYPES, 0)  # bumped on every change of a type
         self.loaded = False
         self.last_event = 0.0
-        self.pending_tasks: dict[str, str] = {}  # XAPI task id -> name_label, while its status is "pending"
-        self.tasks_since: float | None = None  # time.monotonic() since when every task's events came in
-
-    def tasks_followed(self, since: float | None) -> None:
-        """The event feed, which carries tasks, came up (`since`, time.monotonic()) or went down (None: the
-        tasks noted are forgotten, since their ends may be missed). A task pending from before it came up
-        shows at its next update (XAPI's import tasks update their progress as the disk comes in)."""
-        if since is None:
-            self.pending_tasks.clear()
-        self.tasks_since = since
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -220,7 +208,6 @@ class ObjectCache:
         changes: list[Change] = []
         for obj_id, obj in items.items():
             if kind == "exit":
-                self.pending_tasks.pop(obj_id, None)
                 old = self._objects.get(obj_id)
                 if old is not None:
                     changes.append(Change(obj_id, old["type"], old, None))
@@ -230,11 +217,6 @@ class ObjectCache:
                 log.warning("skipping a malformed object in an XO event: %s", problem)
                 continue
             old = self._objects.get(obj_id)
-            if obj["type"] == "task":
-                if obj.get("status") == "pending":
-                    self.pending_tasks[obj_id] = str(obj.get("name_label", ""))
-                else:
-                    self.pending_tasks.pop(obj_id, None)
             if obj["type"] not in KEPT_TYPES:
                 if old is not None:  # the object changed type (a VM turned into a template): it left our view
                     changes.append(Change(obj_id, old["type"], old, None))

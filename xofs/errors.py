@@ -81,6 +81,10 @@ class XoStalled(XoUnreachable):
     """The connection is up, but the server sent nothing for the read timeout: slow, not gone."""
 
 
+class TasksUnknown(XofsError):
+    """XAPI's tasks cannot be asked at all on this mount (its event feed is XO's REST event stream)."""
+
+
 class XoProtocolError(XofsError):
     """The server answered something that is not what XO answers (malformed JSON, wrong types)."""
 

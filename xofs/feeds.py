@@ -21,7 +21,7 @@ from xofs.client.events import EventFeed
 from xofs.client.reconnect import EventSink
 from xofs.client.sse import SseFeed, SseUnavailable
 from xofs.credentials import CredentialError, Credentials
-from xofs.errors import XoAuthError
+from xofs.errors import TasksUnknown, XoAuthError, XofsError
 from xofs.sync import Syncer
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class FeedRunner:
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._checking = False
+        self._current: EventFeed | SseFeed | None = None
         credentials.listeners.append(self._rotated)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -104,10 +105,28 @@ class FeedRunner:
     def _feed(self) -> EventFeed | SseFeed:
         token = self.credentials.token
         if self.kind == "sse":
-            return SseFeed(self.url, token, self.sink, types=KEPT_TYPES | {"task"}, verify=self.verify,
-                           connect_timeout=self.connect_timeout, keepalive=self.keepalive)
-        return EventFeed(self.url, token, self.sink, verify=self.verify, connect_timeout=self.connect_timeout,
-                         keepalive=self.keepalive)
+            self._current = SseFeed(self.url, token, self.sink, types=KEPT_TYPES, verify=self.verify,
+                                    connect_timeout=self.connect_timeout, keepalive=self.keepalive)
+        else:
+            self._current = EventFeed(self.url, token, self.sink, verify=self.verify,
+                                      connect_timeout=self.connect_timeout, keepalive=self.keepalive)
+        return self._current
+
+    async def xapi_tasks(self) -> dict[str, dict]:
+        """XAPI's tasks as XO has them now (id -> object: `name_label`, `status`…), asked on the JSON-RPC
+        feed's socket: `XofsError` when it is down or XO does not answer within the connect timeout, and
+        `TasksUnknown` with the REST event stream, which has no call to ask them with (its `task`
+        collection is XO's own tasks, not XAPI's)."""
+        feed = self._current
+        if not isinstance(feed, EventFeed):
+            raise TasksUnknown("the event feed is XO's REST event stream, which cannot ask XAPI's tasks")
+        with trio.move_on_after(self.connect_timeout) as scope:
+            tasks = await feed.call("xo.getAllObjects", {"filter": {"type": "task"}})
+        if scope.cancelled_caught:
+            raise XofsError(f"XO did not answer xo.getAllObjects within {self.connect_timeout:g} s")
+        if not isinstance(tasks, dict):
+            raise XofsError(f"xo.getAllObjects answered {type(tasks).__name__}, not an object")
+        return {task_id: task for task_id, task in tasks.items() if isinstance(task, dict)}
 
     def _rotated(self, token: str) -> None:
         if self._scope is not None:

@@ -36,7 +36,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -45,7 +45,7 @@ import trio
 
 from xofs.cache import Change, ObjectCache
 from xofs.client.rest import GATEWAY_STATUSES, RestClient
-from xofs.errors import XoError, XofsError
+from xofs.errors import TasksUnknown, XoError, XofsError
 from xofs.files import Caller, FileAttrs, ImportEntry, OpenFile, OpenInfo
 from xofs.formats.vhd import FOOTER_SIZE, VhdError, check_import_footer
 from xofs.import_format import (
@@ -69,8 +69,7 @@ UNLINK_WAIT = 30.0  # seconds an unlink waits for the upload it cancels to be cl
 CLEANUP_TIMEOUT = 30.0  # seconds for the XO requests that remove what a failed import left
 LEFTOVER_CHECKS = (0.0, 0.2, 0.5, 1.0, 2.0)  # when to look for a VDI XO should have destroyed itself
 IMPORT_TASK = "[XO] Importing content into VDI"  # how XO names the XAPI task of an import: "… NAME on SR SR"
-LEFTOVER_RETRY_MAX = 15.0  # seconds between two looks for such a VDI while that cannot be told
-TASKS_SETTLE = 10.0  # seconds of a live event feed after which every import under way has shown its task
+LEFTOVER_RETRY_MAX = 60.0  # seconds between two looks for such a VDI while that cannot be told
 PF_EXITING = 0x4  # task flag: the process is exiting (include/linux/sched.h)
 EARLY_PROBE_LIMIT = 16 << 20  # a VHD whose block table is not within its first 16 MiB is uploaded at its close
 ABANDON_WINDOW = 60.0  # seconds after its import that removing rsync's temporary file deletes its VDI
@@ -226,6 +225,10 @@ class ImportManager:
         self._nursery: trio.Nursery | None = None
         self._shutdown_scope: trio.CancelScope | None = None  # the wait for running uploads, while it runs
         self._no_wait = False  # stop_waiting() was called
+        self._stopping = False  # the mount is going away: no later looks for what a failed import left
+        # XAPI's tasks now (id -> task), to tell an import under way from what a failed one left; set by the
+        # mount to its event feed's (`FeedRunner.xapi_tasks`); without it no such VDI is deleted
+        self.xapi_tasks: Callable[[], Awaitable[dict[str, dict]]] | None = None
 
     # ---- life cycle -------------------------------------------------------------------------------
 
@@ -257,6 +260,7 @@ class ImportManager:
                 self._stop_early(imp, "the mount is stopping while the file is being written", final=True)
 
     async def _stop_uploads(self) -> None:
+        self._stopping = True
         for imports in self._dirs.values():
             for imp in imports.values():
                 if imp.phase is Phase.WRITING and imp.dirty and imp.early is None:
@@ -717,7 +721,7 @@ class ImportManager:
         label, description = imp.kind.label, imp.description
         size = early.length if early is not None else imp.size
         ready = None if early is None else functools.partial(self._early_ready, imp, early)
-        before, since = self._vdis_named(imp.sr_id, label), time.monotonic()
+        before = self._vdis_named(imp.sr_id, label)
         vdi: str | None = None
         error: XofsError | None = None
         xo_answered = False  # XO's own answer ended the upload: nothing made, or what it made destroyed
@@ -756,8 +760,8 @@ class ImportManager:
                         error = await self._imported(imp, vdi, label, description, path)
                     elif xo_answered:
                         pass  # a refusal (401, 404, 422) made no VDI; a 500 destroyed the one it made
-                    elif (why := await self._remove_leftovers(imp.sr_id, label, size, before, since)) is not None:
-                        self._remove_leftovers_later(imp.sr_id, label, size, before, since, why)
+                    elif (why := await self._remove_leftovers(imp.sr_id, label, size, before)) is not None:
+                        self._remove_leftovers_later(imp.sr_id, label, size, before, why)
                 if error is not None and not given_up:
                     await self._fail(imp, error)
             finally:
@@ -799,21 +803,21 @@ class ImportManager:
         return {vdi_id for vdi_id, vdi in self.cache.of_type("VDI").items()
                 if vdi.get("$SR") == sr_id and vdi.get("name_label") == label}
 
-    async def _remove_leftovers(self, sr_id: str, label: str, length: int, before: set[str],
-                                since: float) -> str | None:
+    async def _remove_leftovers(self, sr_id: str, label: str, length: int, before: set[str], *,
+                                checks: tuple[float, ...] = LEFTOVER_CHECKS) -> str | None:
         """Delete the VDI a failed import left, if XO did not destroy it (xo-api.md §1.5: it should).
 
-        It is the VDI on the SR with the import's name that did not exist before the upload (`since`) and
-        is none of ours, still marked with the body length (`xo:import:length`): XO removes that mark when
-        an import ends, so an unmarked VDI of that name is someone else's (another client's import that
-        finished meanwhile, one made in XO's web UI) and is never touched. A marked one is another import
-        still under way (another client's, or another file of this mount of the same name and length)
-        while an XAPI import task for that name is pending, and is left alone till none is. The event feed
-        tells the tasks: while it is down nothing is decided, and once it is back, a task pending from
-        before shows at its next progress update, within TASKS_SETTLE. None when done; otherwise why it
-        must be looked at again later.
+        It is the VDI on the SR with the import's name that did not exist before the upload and is none of
+        ours, still marked with the body length (`xo:import:length`): XO removes that mark when an import
+        ends, so an unmarked VDI of that name is someone else's (another client's import that finished
+        meanwhile, one made in XO's web UI) and is never touched. A marked one may be another import of
+        that name and length still under way (another client's, or another file of this mount), or one
+        that has just ended (XO marks the task `success` a moment before it removes the marks): XAPI's
+        tasks, asked now, tell. One whose import task is pending or succeeded (or, not marked with its task
+        yet, any import task of that name) is left alone until it is not; XAPI's tasks that cannot be asked
+        leave it too. None when done; otherwise why it must be looked at again later.
         """
-        for attempt, delay in enumerate(LEFTOVER_CHECKS):
+        for attempt, delay in enumerate(checks):
             await trio.sleep(delay)
             try:
                 vdis = await self.client.collection("vdis", fields="name_label,$SR,other_config")
@@ -831,27 +835,38 @@ class ImportManager:
                              "(XO removed its import mark): left in XO, since it may be another client's",
                              ", ".join(finished), label, sr_id)
                 return None
-            if attempt < len(LEFTOVER_CHECKS) - 1:
+            if attempt < len(checks) - 1:
                 continue
-            followed = self.cache.tasks_since
-            if followed is None:
-                return "the event feed, which tells the imports under way, is down"
-            if followed > since and time.monotonic() - followed < TASKS_SETTLE:
-                return "the event feed, which tells the imports under way, came back during the upload"
-            tasks = self.cache.pending_tasks
-            under_way = [task for task, name in tasks.items() if name.startswith(f"{IMPORT_TASK} {label} on SR ")]
-            under_way += [task for v in marked if (task := v["other_config"].get("xo:import:task")) in tasks]
-            if under_way:
-                return (f"an import of that name is under way (XAPI task {', '.join(sorted(set(under_way)))}): "
-                        f"VDI {', '.join(v['id'] for v in marked)} may be its")
+            names = ", ".join(v["id"] for v in marked)
+            try:
+                if self.xapi_tasks is None:
+                    raise TasksUnknown("XAPI's tasks cannot be asked here")
+                tasks = await self.xapi_tasks()
+            except TasksUnknown as err:
+                log.warning("VDI %s named %r on SR %s is left in XO: it may be what the failed import left, or "
+                            "another import of that name under way, and %s; delete it in XO if no import of "
+                            "that name is running", names, label, sr_id, err.message)
+                return None
+            except XofsError as err:
+                return f"XAPI's tasks cannot be asked: {err.describe()}"
+            busy = [task_id for task_id, task in tasks.items() if task.get("status") in ("pending", "success")
+                    and any(task_id == v["other_config"].get("xo:import:task")
+                            or ("xo:import:task" not in v["other_config"]
+                                and str(task.get("name_label", "")).startswith(f"{IMPORT_TASK} {label} on SR "))
+                            for v in marked)]
+            if busy:
+                return (f"an import of that name is under way or just ended (XAPI task {', '.join(sorted(busy))}): "
+                        f"VDI {names} may be its")
             for v in marked:
                 await self._delete_vdi(v["id"], f"XO did not destroy it after the failed import of {label!r}")
         return None
 
-    def _remove_leftovers_later(self, sr_id: str, label: str, length: int, before: set[str], since: float,
-                                why: str) -> None:
-        """Look for the VDI a failed upload left again, with backoff, until `_remove_leftovers` can tell
-        (XO went down mid-upload, say: a restarted XO keeps the VDI it was filling) or the mount ends."""
+    def _remove_leftovers_later(self, sr_id: str, label: str, length: int, before: set[str], why: str) -> None:
+        """Look for the VDI a failed upload left again, with backoff (one listing each time), until
+        `_remove_leftovers` can tell (XO went down mid-upload, say: a restarted XO keeps the VDI it was
+        filling) or the mount ends."""
+        if self._stopping:
+            return  # nothing to look with: the mount ends
         log.warning("cannot check SR %s for a VDI the failed import of %r left yet: %s; looking again until "
                     "it can", sr_id, label, why)
 
@@ -859,7 +874,7 @@ class ImportManager:
             delay = 1.0
             while True:
                 await trio.sleep(delay)
-                if await self._remove_leftovers(sr_id, label, length, before, since) is None:
+                if await self._remove_leftovers(sr_id, label, length, before, checks=(0.0,)) is None:
                     return
                 delay = min(delay * 2, LEFTOVER_RETRY_MAX)
 

@@ -369,6 +369,7 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
                     poll_interval=options.poll_interval)
     feeds = FeedRunner(options.events, url, credentials, syncer, verify=options.verify,
                        connect_timeout=options.connect_timeout, keepalive=options.keepalive)
+    imports.xapi_tasks = feeds.xapi_tasks  # what tells an import under way from what a failed one left
     return Parts(url, credentials, client, cache, tree, fs, syncer, feeds, exports, imports, invalidator)
 
 

@@ -194,8 +194,6 @@ class Syncer:
             self._polled_this_outage = False
         if state == "connected":
             self._said_not_up = False
-        if state == "connected" or self.state == "connected":
-            self.cache.tasks_followed(time.monotonic() if state == "connected" else None)
         self.state = state
         self.freshness.feed_connected = state == "connected"
         self._state_changed.set()
