@@ -52,7 +52,8 @@ def test_a_token_file_readable_by_others_is_refused(sim, tmp_path):
         proc = xofs("mount", sim.url, str(mnt), "--foreground", "--token-file", str(token), clean_env=True)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1, proc.stderr
-        assert f"{token} is readable by others (mode {mode:04o})" in lines[0] and f"chmod 600 {token}" in lines[0]
+        assert f"{token} is readable by its group or others (mode {mode:04o})" in lines[0]
+        assert f"chmod 600 {token}" in lines[0]
         assert_documented(lines[0])
         assert sim.token not in proc.stderr
     for mode in (0o620, 0o602):  # another user could put their token in it (helper 44)
@@ -296,10 +297,32 @@ def test_a_refused_token_is_logged_once_a_minute_by_each_part_of_the_daemon():
 
     once = OncePerMinute()
 
-    def line(name: str, at: float) -> bool:
-        record = logging.LogRecord(name, logging.WARNING, __file__, 1, f"x: {REFUSED_MARK} y", None, None)
+    def line(name: str, at: float, op: str = "read") -> bool:
+        record = logging.LogRecord(name, logging.WARNING, __file__, 1, "%s %s: %s", (op, "/p", f"{REFUSED_MARK}"),
+                                   None)
         record.created = at
         return once.filter(record)
 
     assert [line("xofs.fs", 0), line("xofs.fs", 30), line("xofs.imports", 31), line("xofs.sync", 32),
             line("xofs.imports", 50), line("xofs.fs", 61)] == [True, False, True, True, False, True]
+    # reads and imports' closes both fail in xofs.fs: told apart by the operation (helper 46)
+    assert [line("xofs.fs", 62, "flush"), line("xofs.fs", 63, "read"), line("xofs.fs", 64, "flush")] == \
+        [True, False, False]
+
+
+def test_xo_clis_configuration_writable_by_others_is_refused(sim, tmp_path):
+    """It was read with no check at all, though xofs reads it again at every refusal (helper 46)."""
+    config = tmp_path / "cfg" / "xo-cli" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"server": sim.url, "token": sim.token}))
+    config.chmod(0o666)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = xofs("mount", sim.url, str(mnt), "--foreground", clean_env=True,
+                env={"XDG_CONFIG_HOME": str(tmp_path / "cfg"), "XOFS_STATE_DIR": str(tmp_path / "state"),
+                     "HOME": str(tmp_path)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and lines == [f"xofs: {config} is writable by others (mode 0666); they could put "
+                                              f"their token in it: chmod 600 {config}"], proc.stderr
+    assert_documented(lines[0])
+    assert not is_mounted(mnt)

@@ -105,7 +105,7 @@ def read_secret_file(path: Path) -> str:
         with open(path, encoding="utf-8") as f:
             mode = os.fstat(f.fileno()).st_mode
             if mode & (stat.S_IRGRP | stat.S_IROTH):
-                raise CredentialError(f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); "
+                raise CredentialError(f"{path} is readable by its group or others (mode {stat.S_IMODE(mode):04o}); "
                                       f"it holds a secret: chmod 600 {path}")
             if mode & (stat.S_IWGRP | stat.S_IWOTH):  # xofs reads it again at a refusal: it takes what is there
                 raise CredentialError(f"{path} is writable by others (mode {stat.S_IMODE(mode):04o}); they could "
@@ -118,7 +118,9 @@ def read_secret_file(path: Path) -> str:
     if not text:
         raise CredentialError(f"{path} is empty")
     if "\n" in text or "\r" in text:  # never shown: it is a secret, and a header would refuse it anyway
-        raise CredentialError(f"{path} must hold one line, but it holds {len(text.splitlines())}")
+        lines = [line for line in text.splitlines() if line.strip()]
+        raise CredentialError(f"{path} must hold one line, but it holds {len(lines)}" if len(lines) > 1 else
+                              f"{path} must hold one line, but it holds blank lines too")
     return text
 
 
@@ -153,7 +155,13 @@ def _xo_cli_config(path: Path, url: str) -> dict[str, Any] | None:
     if not isinstance(config, dict) or not isinstance(config.get("token"), str) or not config["token"]:
         return None
     server = config.get("server")
-    return config if isinstance(server, str) and same_server(server, url) else None
+    if not (isinstance(server, str) and same_server(server, url)):
+        return None
+    mode = path.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):  # read again at a refusal: whoever can write it picks the token
+        raise CredentialError(f"{path} is writable by others (mode {stat.S_IMODE(mode):04o}); they could put "
+                              f"their token in it: chmod 600 {path}")
+    return config
 
 
 def same_server(a: str, b: str) -> bool:
@@ -387,9 +395,14 @@ class OncePerMinute(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or REFUSED_MARK not in record.getMessage():
             return True
-        if record.created - self._last.get(record.name, float("-inf")) < self.interval:
+        # xofs.fs logs every operation's failure: its reads and its imports' closes are told apart by the
+        # operation (the line's first word), the rest by their logger
+        kind = record.name
+        if record.name == "xofs.fs" and isinstance(record.args, tuple) and record.args:
+            kind += f":{record.args[0]}"
+        if record.created - self._last.get(kind, float("-inf")) < self.interval:
             return False
-        self._last[record.name] = record.created
+        self._last[kind] = record.created
         return True
 
 
