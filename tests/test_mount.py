@@ -56,6 +56,7 @@ def test_startup_errors_say_what_is_wrong_in_one_line(sim, tmp_path):
         (["mount", "http://127.0.0.1:9", str(mnt), "--foreground"], env_token, "127.0.0.1:9"),
         (["mount", "http://127.0.0.1:abc", str(mnt), "--foreground"], env_token, "its port is no number from 0"),
         (["mount", "http://127.0.0.1:99999", str(mnt), "--foreground"], env_token, "its port is no number from 0"),
+        (["mount", " " + sim.url, str(mnt), "--foreground"], env_token, "it has spaces around it"),  # helper 46
         (["mount", sim.url, str(mnt), "--foreground"], {"XOFS_TOKEN": "wrong-token"}, "401"),
         (["mount", sim.url, str(mnt)], {"XOFS_TOKEN": "wrong-token"}, "401"),
         # A flag's bad value: one line, not argparse's whole usage (helper 47); a gid past what the kernel

@@ -204,3 +204,8 @@ def test_xofs_status_of_a_path_inside_a_mount_shows_that_mount(sim, make_mount, 
     (tmp_path / "link").symlink_to(mount.mountpoint / "vms")  # through a symbolic link too
     proc = xofs("status", "--json", str(tmp_path / "link"))
     assert proc.returncode == 0 and json.loads(proc.stdout)["mountpoint"] == str(mount.mountpoint), proc
+    # A reader that had enough (`| head`): no BrokenPipeError traceback (helpers 46, 47)
+    for plain in ("--json", ""):
+        cut = subprocess.run(f"{sys.executable} -m xofs status {plain} {mount.mountpoint} | true", shell=True,
+                             capture_output=True, text=True, timeout=60)
+        assert cut.stderr == "", cut.stderr

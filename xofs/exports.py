@@ -101,6 +101,7 @@ class ExportManager:
         self._generation: dict[str, int] = {}  # object id -> count of changes seen, to spot races
         self._nursery: trio.Nursery | None = None
         self.exports_started = 0  # for status lines and tests
+        self.cut_by_stop: list[str] | None = None  # what the stop signal found under way (`stop_starting`)
         self._started_ns = time.time_ns()  # the time of files whose object has not changed since
         self.open_files: set[ExportFile] = set()  # for `transfers()`
 
@@ -276,9 +277,14 @@ class ExportManager:
         """The mount is stopping: no export starts any more (readers waiting for a slot fail), and those
         running are cancelled, so that a read waiting for their bytes (a slow or stalled stream) fails now
         instead of holding up the stop, its reader unkillable meanwhile."""
+        self.cut_by_stop = self.under_way()  # before the cancels below make them "failed"
         self.slots.stop()
         for feed in list(self.slots.holders):
             feed.cancel("the mount is stopping")
+
+    def under_way(self) -> list[str]:
+        """The files whose export neither ended nor failed: what a stop now cuts."""
+        return sorted(t["path"] for t in self.transfers() if not t["complete"] and t["phase"] != "failed")
 
     def transfers(self) -> list[dict]:
         """The exports under way, for `xofs status`: one per open file that started reading. `done` counts
@@ -560,6 +566,9 @@ class ExportFile:
         if words.startswith(named := f"export {self.export.url_path}"):
             rest = words[len(named):]
             words = rest[2:] if rest.startswith(": ") else "the export" + rest
+        elif (url := _url_named(words, self.export.url_path)) is not None:
+            # the connection's words name the whole URL: "export from URL broke after …", "URL did not answer"
+            words = words.replace(f"export from {url} ", "the export ", 1).replace(f"{url} ", "XO ", 1)
         if self.manager.cache.get(self.export.obj_id) is None and errno_ == errno.EIO:
             errno_ = errno.ENOENT
             words += " (the object is no longer in XO)"
@@ -576,7 +585,7 @@ class ExportFile:
     def _count_repeats(self) -> None:
         """One line for the reads that failed as the one logged before them did, once they stop."""
         if self._repeats:
-            log.info("%s: %d more reads failed as the one logged before them (each logged at debug level)",
+            log.info("%s: %d more read(s) failed as the one logged before them (each logged at debug level)",
                      self.path, self._repeats)
         self._repeats = 0
 
@@ -602,3 +611,11 @@ class ExportFile:
         if self.entry is not None:
             entry, self.entry = self.entry, None
             self.manager.spool.release(entry)
+
+
+def _url_named(words: str, url_path: str) -> str | None:
+    """The URL ending in `url_path` (with its query, if any) that `words` names, if it names one."""
+    for word in words.split():
+        if word.startswith(("http://", "https://")) and url_path in word:
+            return word
+    return None

@@ -138,6 +138,8 @@ def run_mount(args: argparse.Namespace, *, sloppy: bool = False, fake: bool = Fa
 
 def check_url(url: str) -> str:
     """The URL, its scheme in lower case (`HTTPS://xo` took the event feed down), or StartupError."""
+    if url != url.strip():  # urlsplit drops the spaces, and the URL the daemon uses would not be the one checked
+        raise StartupError(f"{url!r} is not an http(s) URL of an XO server (it has spaces around it)")
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises on a port that is no number from 0 to 65535
@@ -321,7 +323,7 @@ class Parts:
                                f"{err.describe()}") from None
 
     def _say_what_is_cut(self) -> None:
-        cut = [t["path"] for t in self.exports.transfers() if not t["complete"] and t["phase"] != "failed"]
+        cut = self.exports.cut_by_stop if self.exports.cut_by_stop is not None else self.exports.under_way()
         if cut:
             log.info("stopping: %d export read(s) cancelled: %s", len(cut), ", ".join(sorted(cut)))
 

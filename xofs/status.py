@@ -108,7 +108,7 @@ def _with_rate(transfer: dict[str, Any]) -> dict[str, Any]:
     """A transfer with its average `rate` (bytes/s) and `eta` (seconds) when they can be told."""
     out = dict(transfer)
     elapsed, done, size = out.get("elapsed"), out.get("done") or 0, out.get("size")
-    rate = done / elapsed if elapsed else None
+    rate = done / elapsed if elapsed and out.get("phase") != "failed" else None  # a broken one goes nowhere
     out["rate"] = round(rate) if rate else None
     out["eta"] = round((size - done) / rate, 1) if rate and size is not None and size >= done else None
     if isinstance(elapsed, float):

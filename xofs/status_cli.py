@@ -154,6 +154,14 @@ def _state(pid: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BrokenPipeError:  # `xofs status | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     mounts = mount_points("fuse.xofs")
     targets = args.mountpoints or list(dict.fromkeys(mounts))  # a mount point mounted over twice: once
     if not targets:

@@ -175,7 +175,8 @@ class RestClient:
                         raise err
             if delay is None or not _worth_retrying(err):
                 raise err
-            log.info("export /rest/v0/%s: try %d failed (%s), retrying", path, attempt + 1, err.describe())
+            words = err.describe().replace(f"export from {url} ", "the export ", 1).replace(f"{url} ", "XO ", 1)
+            log.info("export /rest/v0/%s: try %d failed (%s), retrying", path, attempt + 1, words)
             await trio.sleep(delay)
         raise AssertionError("unreachable")
 
