@@ -56,6 +56,14 @@ def test_a_token_file_readable_by_others_is_refused(sim, tmp_path):
         assert f"chmod 600 {token}" in lines[0]
         assert_documented(lines[0])
         assert sim.token not in proc.stderr
+    token = write_private(tmp_path / "token", sim.token, 0o600)
+    os.chown(token, 12345, 12345)  # its owner could put their token in it (helper 47)
+    proc = xofs("mount", sim.url, str(mnt), "--foreground", "--token-file", str(token), clean_env=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and lines == [f"xofs: {token} belongs to another user (uid 12345); it holds a "
+                                              f"secret: chown {os.getuid()} {token}"], proc.stderr
+    assert_documented(lines[0])
+    os.chown(token, os.getuid(), os.getgid())
     for mode in (0o620, 0o602):  # another user could put their token in it (helper 44)
         token = write_private(tmp_path / "token", sim.token, mode)
         proc = xofs("mount", sim.url, str(mnt), "--foreground", "--token-file", str(token), clean_env=True)

@@ -107,6 +107,10 @@ def read_secret_file(path: Path) -> str:
             if mode & (stat.S_IRGRP | stat.S_IROTH):
                 raise CredentialError(f"{path} is readable by its group or others (mode {stat.S_IMODE(mode):04o}); "
                                       f"it holds a secret: chmod 600 {path}")
+            owner = os.fstat(f.fileno()).st_uid
+            if owner not in (os.getuid(), 0):  # its owner could put their token in it, as below
+                raise CredentialError(f"{path} belongs to another user (uid {owner}); it holds a secret: "
+                                      f"chown {os.getuid()} {path}")
             if mode & (stat.S_IWGRP | stat.S_IWOTH):  # xofs reads it again at a refusal: it takes what is there
                 raise CredentialError(f"{path} is writable by others (mode {stat.S_IMODE(mode):04o}); they could "
                                       f"put their token in it: chmod 600 {path}")

@@ -178,7 +178,8 @@ class LogSetup:
         elif log_file is not None:
             try:
                 log_file.parent.mkdir(parents=True, exist_ok=True)
-                handler = logging.FileHandler(log_file)
+                # reopened when logrotate (or anyone) moved it away: SIGHUP stops a mount, as SIGTERM does
+                handler = logging.handlers.WatchedFileHandler(log_file)
             except OSError as err:
                 raise StartupError(f"cannot write the log file {log_file}: {err.strerror}") from None
             handler.setFormatter(OneLineFormatter(FILE_FORMAT))
