@@ -87,8 +87,11 @@ def test_what_the_daemon_writes_is_its_users_alone_and_its_directories_are_check
         made = [state, state / "xofs.log", *state.rglob("*")]
         assert len(made) > 3 and {p.stat().st_mode & 0o077 for p in made} == {0}, \
             [(p, oct(p.stat().st_mode)) for p in made]
+        (state / "xofs.log").rename(state / "xofs.log.1")  # logrotate: the daemon goes on in a new file
     finally:
         assert xofs("umount", str(mnt)).returncode == 0
+    wait_for(lambda: "unmounted" in (state / "xofs.log").read_text() if (state / "xofs.log").exists() else False,
+             what="the stop's line in the new log")
     (tmp_path / "a-file").write_text("x")
     env = {"XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state-refused")}
     for flag in ("--spool-dir", "--state-dir"):
