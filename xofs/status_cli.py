@@ -54,6 +54,9 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
             raise StatusError(f"{mountpoint} does not exist or is not a directory") from None
         raise StatusError(f"{mountpoint} is not an xofs mount (it has no .xofs/status.json)") from None
     except OSError as err:
+        if err.errno == errno.EACCES:
+            raise StatusError(f"{mountpoint} is another user's mount, made without --allow-other: only that user "
+                              "can look into it (run xofs status as them)") from None
         if err.errno == errno.ENOTCONN:
             raise StatusError(f"the xofs daemon of {mountpoint} is gone: unmount it (fusermount3 -u "
                               f"{mountpoint})") from None
