@@ -201,3 +201,18 @@ def test_a_given_certificate_and_key(tmp_path):
         assert sim.url.startswith("https://") and sim.get_json("/rest/v0/ping")["result"] == "pong"
     finally:
         sim.stop()
+
+
+def test_the_hint_after_a_refused_certificate_fits_the_case():
+    """An expired certificate was answered with questions about the CA file (helper 47)."""
+    from xofs.errors import with_tls_hint
+
+    failed = "cannot reach XO at URL: TLS certificate verification failed: "
+    assert with_tls_hint(failed + "self-signed certificate").endswith("--ca-file FILE)")
+    assert "(checked against --ca-file ca.pem:" in with_tls_hint(failed + "unable to get local issuer", "ca.pem")
+    for expired in (with_tls_hint(failed + "certificate has expired"),
+                    with_tls_hint(failed + "certificate has expired", "ca.pem")):
+        assert expired.endswith("(XO's certificate is out of its dates: renew it on XO, or check this machine's "
+                                "clock)")
+        assert_documented("xofs: cannot mount URL: " + expired.replace("URL:", "URL/rest/v0/vms:"))
+    assert with_tls_hint("connection refused") == "connection refused"

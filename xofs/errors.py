@@ -40,6 +40,8 @@ def with_tls_hint(words: str, ca_file: object = None) -> str:
     `--ca-file` given, what else to check."""
     if "certificate verification failed" not in words:
         return words
+    if "certificate has expired" in words or "certificate is not yet valid" in words:
+        return words + " (XO's certificate is out of its dates: renew it on XO, or check this machine's clock)"
     if ca_file:
         return words + (f" (checked against --ca-file {ca_file}: is it the CA that signed XO's certificate, "
                         "and does the certificate name the host of the URL?)")
