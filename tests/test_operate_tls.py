@@ -216,3 +216,39 @@ def test_the_hint_after_a_refused_certificate_fits_the_case():
                                 "clock)")
         assert_documented("xofs: cannot mount URL: " + expired.replace("URL:", "URL/rest/v0/vms:"))
     assert with_tls_hint("connection refused") == "connection refused"
+
+
+def test_the_event_feed_says_why_xos_certificate_is_refused(tls_sim, tmp_path):
+    """trio-websocket turns a refused certificate into a connect timeout: a certificate changed on XO looked
+    like a firewall in the log (`timed out connecting after 10 s`), while REST said why (helper 47)."""
+    import trio
+
+    from xofs.client.events import EventFeed
+
+    other_ca = str(tmp_path / "other-ca.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key"),
+                    "-out", other_ca, "-subj", "/CN=another CA", "-days", "1"], check=True, capture_output=True)
+    reasons: list[str] = []
+
+    class Sink:
+        async def resync(self) -> None:
+            pass
+
+        def apply(self, kind: str, items: dict) -> None:
+            pass
+
+        def feed_state(self, state: str, detail: str = "") -> None:
+            pass
+
+        def session_failed(self, reason: str, refused: bool) -> None:
+            reasons.append(reason)
+
+    async def follow() -> None:
+        feed = EventFeed(tls_sim.url, tls_sim.token, Sink(), verify=other_ca, connect_timeout=1)
+        with trio.move_on_after(10):
+            while not reasons:
+                with trio.move_on_after(3):
+                    await feed.run()
+
+    trio.run(follow)
+    assert reasons and reasons[0].startswith("TLS certificate verification failed"), reasons

@@ -16,7 +16,9 @@ import itertools
 import json
 import logging
 import math
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -106,7 +108,10 @@ class EventFeed:
             if connecting.cancelled_caught:
                 self._lose(f"timed out connecting after {self._connect_timeout:g} s")
         except (HandshakeError, OSError, trio.BrokenResourceError) as exc:
-            self._lose(handshake_reason(exc, self._connect_timeout))
+            reason = handshake_reason(exc, self._connect_timeout)
+            if isinstance(exc, trio_websocket.ConnectionTimeout) and self._ssl is not None:
+                reason = await tls_failure(self.url, self._ssl, self._connect_timeout) or reason
+            self._lose(reason)
         finally:
             self._live = None
             self._session_scope = None
@@ -255,6 +260,24 @@ def _all_notification(params: Any) -> tuple[str, dict] | None:
         items = {k: v for k, v in items.items() if k not in bad}
     return (kind, items) if items else None
 
+
+
+async def tls_failure(url: str, ctx: ssl.SSLContext, timeout: float) -> str | None:
+    """Why a TLS handshake with the host of `url` fails, if it does: trio-websocket turns a certificate it
+    refuses into a connect timeout (a certificate changed on XO looked like a firewall), so it is asked
+    again here, for the words."""
+    parts = urlsplit(url)
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_ssl_over_tcp_stream(parts.hostname or "", parts.port or 443, ssl_context=ctx)
+            try:
+                await stream.do_handshake()
+            finally:
+                await stream.aclose()
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        words = describe_connection_error(exc)
+        return words if "TLS" in words else None
+    return None
 
 
 def handshake_reason(exc: BaseException, timeout: float) -> str:
