@@ -252,3 +252,15 @@ def test_the_event_feed_says_why_xos_certificate_is_refused(tls_sim, tmp_path):
 
     trio.run(follow)
     assert reasons and reasons[0].startswith("TLS certificate verification failed"), reasons
+
+
+def test_plain_http_to_xos_tls_port_says_the_url_is_https(tls_sim, tmp_path):
+    """It said only "Server disconnected without sending a response." (helper 47)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = xofs("mount", tls_sim.url.replace("https://", "http://"), str(mnt), "--foreground",
+                env={"XOFS_TOKEN": tls_sim.token, "XOFS_STATE_DIR": str(tmp_path / "state")})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0].endswith("(a TLS port, answered in plain HTTP? then the URL is https://)"), lines[0]
+    assert_documented(lines[0])

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import require_tool
 from xofs.sim.inventory import build_inventory
 from xofs.sim.model import SimModel
 
@@ -341,5 +342,21 @@ def test_state_dir_survives_a_restart(tmp_path):
     assert again.user_for_token(token) == again.user
     assert again.token_record(token)["description"] == "kept"
     assert again.disk(vdi["id"]).read(0, 4) == b"xxxx"
+    assert (state / "journal.jsonl").stat().st_mode & 0o077 == 0  # it holds the tokens (helper 47)
     with pytest.raises(Exception, match="--seed 3 --vms 12"):
         SimModel(seed=4, vms=12, state_dir=state)
+
+
+def test_a_self_signed_certificate_names_this_machine_when_served_on_all_addresses(tmp_path):
+    """It named only localhost: `https://<this host>:PORT` failed with "Hostname mismatch" (helper 47)."""
+    import socket
+
+    from xofs.sim.tls import self_signed
+
+    require_tool("openssl")
+    for host, named in (("127.0.0.1", False), ("0.0.0.0", True)):
+        cert, _ = self_signed(tmp_path / host, host=host)
+        sans = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
+                              capture_output=True, text=True, check=True).stdout
+        assert "DNS:localhost" in sans and "IP Address:127.0.0.1" in sans
+        assert (f"DNS:{socket.gethostname()}" in sans) == named, sans

@@ -40,6 +40,7 @@ def with_tls_hint(words: str, ca_file: object = None) -> str:
     `--ca-file` given, what else to check."""
     if "certificate verification failed" not in words:
         return words
+    words = words.rstrip(".")  # OpenSSL's "Hostname mismatch, certificate is not valid for 'h'."
     if "certificate has expired" in words or "certificate is not yet valid" in words:
         return words + " (XO's certificate is out of its dates: renew it on XO, or check this machine's clock)"
     if ca_file:

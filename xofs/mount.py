@@ -493,7 +493,10 @@ async def _check_server(parts: Parts) -> None:
     except XofsError as err:
         await parts.client.aclose()
         verify = parts.credentials.verify
-        raise StartupError(with_tls_hint(err.describe(), verify if isinstance(verify, str) else None)) from None
+        words = with_tls_hint(err.describe(), verify if isinstance(verify, str) else None)
+        if parts.url.startswith("http://") and "disconnected without sending a response" in words:
+            words += " (a TLS port, answered in plain HTTP? then the URL is https://)"
+        raise StartupError(words) from None
 
 
 class _Stopper:

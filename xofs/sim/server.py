@@ -99,7 +99,7 @@ def _tls_files(ns: argparse.Namespace, scratch: Callable[[], Path]) -> tuple[Pat
         return ns.tls_cert, ns.tls_key
     if not ns.tls:
         return None
-    cert, key = self_signed(ns.state_dir / "tls" if ns.state_dir else scratch())
+    cert, key = self_signed(ns.state_dir / "tls" if ns.state_dir else scratch(), host=ns.host)
     print(f"xofs sim: self-signed certificate {cert} (trust it with: xofs mount --ca-file {cert})",
           file=sys.stderr, flush=True)
     return cert, key

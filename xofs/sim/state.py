@@ -18,6 +18,7 @@ the journal applies to; starting with others is refused rather than mixing two i
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -62,7 +63,8 @@ class StateStore:
 
     def append(self, entry: dict[str, Any]) -> None:
         if self._journal is None:
-            self._journal = self.journal_path.open("a")
+            # it holds the tokens made (`token.create`): the simulator's user's alone
+            self._journal = open(os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
         self._journal.write(json.dumps(entry, separators=(",", ":")) + "\n")
         self._journal.flush()
 
