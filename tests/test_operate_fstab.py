@@ -25,7 +25,7 @@ def test_an_fstab_entry_mounts_through_the_helper_and_umount_ends_it(sim, tmp_pa
     # What mount(8) passes for `URL DIR xofs _netdev,token_file=…,allow_other,… 0 0`: its own options too.
     options = (f"rw,_netdev,nofail,x-systemd.automount,token_file={token},allow_other,uid=1234,gid=2345,"
                f"attr_ttl=30,max_exports=2,state_dir={tmp_path / 'state'},log_file={tmp_path / 'fstab.mount.log'},"
-               "noatime,nodiratime,nodev")  # nodiratime: libfuse refused it (helper 44)
+               "noatime,nodiratime,lazytime,nodev")  # nodiratime: libfuse refused it (44); lazytime: xofs (47)
     daemon = Daemon(mnt)
     try:
         proc = mount_helper(sim.url, str(mnt), "-o", options)

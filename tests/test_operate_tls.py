@@ -264,3 +264,16 @@ def test_plain_http_to_xos_tls_port_says_the_url_is_https(tls_sim, tmp_path):
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert lines[0].endswith("(a TLS port, answered in plain HTTP? then the URL is https://)"), lines[0]
     assert_documented(lines[0])
+
+
+def test_plain_http_to_another_machine_is_warned_about():
+    """The token went in clear to an `http://` XO without a word, while --insecure is warned about (helper 47)."""
+    from xofs.mount import transport_warning
+
+    assert transport_warning("http://xo.example.org", insecure=False) == (
+        "WARNING: http://xo.example.org is plain HTTP: anyone between this machine and XO can read the token "
+        "and every byte of data (use https://)")
+    assert_documented("xofs: " + transport_warning("http://10.0.0.5:8080", insecure=False))
+    for here in ("http://127.0.0.1:8080", "http://localhost", "http://[::1]:80", "https://xo.example.org"):
+        assert transport_warning(here, insecure=False) is None, here
+    assert "--insecure" in transport_warning("https://xo.example.org", insecure=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import logging
 import os
 import signal
@@ -70,6 +71,24 @@ FEED_START_WAIT = 15.0  # seconds the event feed gets at start before the mount 
 READ_DEADLINE_TIMES = 2
 INSECURE_WARNING = ("WARNING: --insecure: the TLS certificate of {url} is NOT checked; anyone between this "
                     "machine and XO can read the token and every byte of data (use --ca-file instead)")
+CLEAR_WARNING = ("WARNING: {url} is plain HTTP: anyone between this machine and XO can read the token and every "
+                 "byte of data (use https://)")
+
+
+def transport_warning(url: str, insecure: bool) -> str | None:
+    """The warning a mount's start gives about how its token travels, if it should give one: `--insecure`,
+    or plain HTTP to another machine (to this one, as the simulator runs, nothing is on the way)."""
+    if insecure:
+        return INSECURE_WARNING.format(url=url)
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname in (None, "localhost"):
+        return None
+    try:
+        if ipaddress.ip_address(parts.hostname).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: not this machine, as far as the URL says
+    return CLEAR_WARNING.format(url=url)
 
 
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,8 +143,9 @@ def run_mount(args: argparse.Namespace, *, sloppy: bool = False, fake: bool = Fa
     except StartupError as err:
         print(f"xofs: {err}", file=sys.stderr)
         return 2
-    if args.insecure and not (args.foreground and args.log_file is None and not args.syslog):
-        print("xofs: " + INSECURE_WARNING.format(url=args.url), file=sys.stderr)  # the log may not be seen
+    warning = transport_warning(args.url, args.insecure)
+    if warning and not (args.foreground and args.log_file is None and not args.syslog):
+        print("xofs: " + warning, file=sys.stderr)  # the log may not be seen
     if args.foreground:
         try:
             mount.setup_logging(detached=False)
@@ -416,8 +436,9 @@ class Mount:
 
     async def _serve(self, reporter: Reporter) -> None:
         args, credentials = self.args, self.credentials
-        if args.insecure:
-            log.warning(INSECURE_WARNING.format(url=args.url))
+        warning = transport_warning(args.url, args.insecure)
+        if warning:
+            log.warning(warning)
         try:
             await credentials.load()
         except CredentialError as err:

@@ -23,7 +23,9 @@ from xofs.proc_mounts import resolve_parent
 MOUNT_ONLY = frozenset({"_netdev", "nofail", "noauto", "auto", "user", "nouser", "users", "owner", "group",
                         "defaults", "rw", "loud", "silent",
                         # access times, which xofs never changes; libfuse refuses these two (helper 44)
-                        "nodiratime", "strictatime"})
+                        "nodiratime", "strictatime",
+                        # how a disk file system keeps its times and change counters: nothing to xofs (helper 47)
+                        "lazytime", "nolazytime", "iversion", "noiversion"})
 MOUNT_ONLY_PREFIXES = ("x-", "comment=")
 # Options libfuse and the kernel understand, passed through as they are.
 FUSE_FLAGS = frozenset({"default_permissions", "auto_unmount", "nosuid", "suid", "nodev", "dev", "noexec",
