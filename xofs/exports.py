@@ -36,7 +36,7 @@ from typing import NoReturn, TypeVar
 import trio
 
 from xofs.cache import Change, ObjectCache
-from xofs.client.export import ExportResponse
+from xofs.client.export import ExportResponse, without_url
 from xofs.client.rest import DISK_TYPES, RestClient
 from xofs.errors import XofsError, XoProtocolError
 from xofs.export_checks import check_for
@@ -567,8 +567,7 @@ class ExportFile:
             rest = words[len(named):]
             words = rest[2:] if rest.startswith(": ") else "the export" + rest
         elif (url := _url_named(words, self.export.url_path)) is not None:
-            # the connection's words name the whole URL: "export from URL broke after …", "URL did not answer"
-            words = words.replace(f"export from {url} ", "the export ", 1).replace(f"{url} ", "XO ", 1)
+            words = without_url(words, url)  # the connection's words name the whole URL
         if self.manager.cache.get(self.export.obj_id) is None and errno_ == errno.EIO:
             errno_ = errno.ENOENT
             words += " (the object is no longer in XO)"

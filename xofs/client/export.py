@@ -241,6 +241,12 @@ class TlsPipe:
             self._send_nowait()
 
 
+def without_url(words: str, url: str) -> str:
+    """An export failure's words, for a line that names the export already: "export from URL broke after …"
+    becomes "the export broke after …", "URL did not answer" "XO did not answer"."""
+    return words.replace(f"export from {url} ", "the export ", 1).replace(f"{url} ", "XO ", 1)
+
+
 def connection_failure_reason(exc: BaseException, timeout: float) -> str:
     """A few words on why sending or receiving failed (a timeout says after how long)."""
     if isinstance(exc, trio.TooSlowError):

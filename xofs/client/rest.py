@@ -24,7 +24,7 @@ import orjson
 import trio
 
 from xofs.client.auth import cookie_header, ssl_context
-from xofs.client.export import ExportResponse, HttpTarget, open_stream
+from xofs.client.export import ExportResponse, HttpTarget, open_stream, without_url
 from xofs.client.upload import upload_file
 from xofs.errors import (
     XoError,
@@ -175,8 +175,8 @@ class RestClient:
                         raise err
             if delay is None or not _worth_retrying(err):
                 raise err
-            words = err.describe().replace(f"export from {url} ", "the export ", 1).replace(f"{url} ", "XO ", 1)
-            log.info("export /rest/v0/%s: try %d failed (%s), retrying", path, attempt + 1, words)
+            log.info("export /rest/v0/%s: try %d failed (%s), retrying", path, attempt + 1,
+                     without_url(err.describe(), str(url)))
             await trio.sleep(delay)
         raise AssertionError("unreachable")
 
