@@ -103,17 +103,11 @@ def read_secret_file(path: Path) -> str:
     """The stripped content of a file that holds a secret; refused if its group or others may read or write it."""
     try:
         with open(path, encoding="utf-8") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if mode & (stat.S_IRGRP | stat.S_IROTH):
-                raise CredentialError(f"{path} is readable by its group or others (mode {stat.S_IMODE(mode):04o}); "
-                                      f"it holds a secret: chmod 600 {path}")
-            owner = os.fstat(f.fileno()).st_uid
-            if owner not in (os.getuid(), 0):  # its owner could put their token in it, as below
-                raise CredentialError(f"{path} belongs to another user (uid {owner}); it holds a secret: "
-                                      f"chown {os.getuid()} {path}")
-            if mode & (stat.S_IWGRP | stat.S_IWOTH):  # xofs reads it again at a refusal: it takes what is there
-                raise CredentialError(f"{path} is writable by others (mode {stat.S_IMODE(mode):04o}); they could "
-                                      f"put their token in it: chmod 600 {path}")
+            st = os.fstat(f.fileno())
+            if st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+                raise CredentialError(f"{path} is readable by its group or others (mode "
+                                      f"{stat.S_IMODE(st.st_mode):04o}); it holds a secret: chmod 600 {path}")
+            _check_only_ours(path, st)
             text = f.read().strip()
     except OSError as err:
         raise CredentialError(f"cannot read {path}: {err.strerror}") from None
@@ -161,11 +155,19 @@ def _xo_cli_config(path: Path, url: str) -> dict[str, Any] | None:
     server = config.get("server")
     if not (isinstance(server, str) and same_server(server, url)):
         return None
-    mode = path.stat().st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):  # read again at a refusal: whoever can write it picks the token
-        raise CredentialError(f"{path} is writable by others (mode {stat.S_IMODE(mode):04o}); they could put "
-                              f"their token in it: chmod 600 {path}")
+    _check_only_ours(path, path.stat())  # readable by others is xo-cli's own choice
     return config
+
+
+def _check_only_ours(path: Path, st: os.stat_result) -> None:
+    """Refuse a file holding a token that another user owns or may write: xofs reads it again whenever XO
+    refuses the token, so whoever can change it could make the mount act as them."""
+    if st.st_uid not in (os.getuid(), 0):
+        raise CredentialError(f"{path} belongs to another user (uid {st.st_uid}); it holds a secret: "
+                              f"chown {os.getuid()} {path}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CredentialError(f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); they could "
+                              f"put their token in it: chmod 600 {path}")
 
 
 def same_server(a: str, b: str) -> bool:
