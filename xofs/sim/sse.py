@@ -5,7 +5,8 @@ A client opens the stream and gets `event: init` with its subscriber id, then `e
 `{"collection": "VM", "fields": [...] | "*"}` (201 `{"id": "VM"}`) and unsubscribes with `DELETE
 …/subscriptions/VM` (204). Each change of a subscribed type then comes as `event: add|update|remove` with
 `data: {"$subscription": "VM", …fields…}`: the new object, or for a removal the object as it was (XO's
-collection index hands listeners the previous object). With a field list, an update that changed none of
+collection index hands listeners the previous object). The `task` collection is XO's own tasks, not XAPI's
+`task` objects: the simulator runs none, so it sends none. With a field list, an update that changed none of
 those fields is not sent. An unknown subscriber id is XO's `no such event <id>` (404).
 
 Authentication is the REST API's (cookie, or Basic). Answers are not compressed: an event stream must
@@ -179,7 +180,9 @@ def _frames(subscriber: _Subscriber, known: dict[str, dict], kind: str, items: d
         else:
             continue
         type_ = current.get("type")
-        fields = subscriber.fields.get(type_)
+        # A `task` subscription listens to XO's own tasks (`xoApp.tasks`), which the simulator does not run;
+        # XAPI's `task` objects reach no subscriber.
+        fields = subscriber.fields.get(type_) if type_ != "task" else None
         if fields is None:
             continue
         data = current
