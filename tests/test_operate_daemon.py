@@ -367,3 +367,25 @@ def test_stopping_names_a_file_still_being_written_into_an_import_directory(fres
     assert f"/srs/{sr}/import/unfinished.raw is being written: it is not imported" in line, line
     assert_documented(line)
     assert vdis(fresh_sim, name_label="unfinished") == []
+
+
+def test_why_fuse_refused_a_mount_is_in_the_startup_error(tmp_path):
+    """libfuse and fusermount3 say why a mount failed on stderr only, which a detached daemon's log never
+    sees: the start-up error (the line the user gets, and the log's) carries their words. Real libfuse,
+    given an option value it cannot parse, refuses before anything is mounted."""
+    script = (
+        "import os, sys, pyfuse3\n"
+        "from xofs.daemon import StartupError\n"
+        "from xofs.mount import fuse_init\n"
+        "try:\n"
+        "    fuse_init(pyfuse3.Operations(), sys.argv[1], {'max_read=abc'})\n"
+        "except StartupError as err:\n"
+        "    print(err)\n"
+        "print('stderr is back', file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.stdout == (f"the kernel refused the mount on {tmp_path}: fuse: invalid parameter in option "
+                           "`max_read=abc'\n"), proc
+    assert proc.stderr == "stderr is back\n"
+    assert_documented(f"xofs: cannot mount http://xo.example: {proc.stdout.strip()}")

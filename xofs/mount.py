@@ -24,6 +24,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -228,6 +229,29 @@ def state_dir(args: argparse.Namespace) -> Path:
         return Path(os.environ["XOFS_STATE_DIR"])
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(base) / "xofs"
+
+
+def fuse_init(fs: XoFS, mountpoint: Path, options: set[str]) -> None:
+    """`pyfuse3.init`, with what libfuse and `fusermount3` write on stderr (why a mount failed) in the
+    startup error, so that a log file or syslog gets it too, not only a terminal that may be gone."""
+    with tempfile.TemporaryFile() as said:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        refused: RuntimeError | None = None
+        try:
+            pyfuse3.init(fs, str(mountpoint), options)
+        except RuntimeError as err:
+            refused = err
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        words = " ".join(said.read().decode("utf-8", "replace").split())
+    if refused is not None:
+        raise StartupError(f"the kernel refused the mount on {mountpoint}: {words or refused}")
+    if words:  # libfuse's warnings on a mount that worked
+        log.warning("FUSE on %s: %s", mountpoint, words)
 
 
 def fuse_options(args: argparse.Namespace, flags: set[str]) -> set[str]:
@@ -463,10 +487,7 @@ class Mount:
                 # shows in /proc/mounts must unmount cleanly, not kill the process. (Nothing below yields
                 # until pyfuse3.main runs, so the stopper cannot act on a half-made mount.)
                 await signals.start(stopper.run)
-                try:
-                    pyfuse3.init(parts.fs, str(args.mountpoint), fuse_options(args, self.fuse_flags))
-                except RuntimeError as err:
-                    raise StartupError(f"the kernel refused the mount on {args.mountpoint}: {err}") from None
+                fuse_init(parts.fs, args.mountpoint, fuse_options(args, self.fuse_flags))
                 try:
                     parts.invalidator.start()
                     with fuse_scope:
