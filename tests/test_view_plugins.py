@@ -14,7 +14,7 @@ import xofs.views
 from tests.test_tree import real_objects, vm_named, walk
 from xofs.cache import ObjectCache
 from xofs.tree import ROOT_INODE, InvalidateEntry, Tree, ViewFailed
-from xofs.views import Dir, File, Link, Rendered, TypeSnapshot, load_views
+from xofs.views import Dir, Export, File, Link, Rendered, TypeSnapshot, load_views
 
 
 class Flaky:
@@ -70,7 +70,10 @@ def test_a_view_that_raises_fails_its_directory_with_eio_logged_once_and_recover
         with pytest.raises(ViewFailed) as failed:
             tree.children(("flaky", "ok"))
         assert failed.value.errno == 5 and "view /flaky failed to list /flaky/ok" in failed.value.describe()
-    assert caplog.text.count("RuntimeError: a bug in the plugin") == 1
+    # Once, with the cause on the line itself (what `xofs status` shows) and the traceback after it.
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        "view /flaky failed to list /flaky/ok: RuntimeError: a bug in the plugin"]
+    assert caplog.text.count("Traceback") == 1
     assert walk(tree, "vms", web["id"], "meta.json")  # the rest of the tree is untouched
     tree.cache.apply("enter", {web["id"]: web})  # the view lists again: so does the directory
     assert tree.children(ok.path) == {}
@@ -217,6 +220,7 @@ class BadRenders:
         return {"good.txt": File(Rendered(vm, lambda obj: obj["name_label"].encode())),
                 "callable.txt": File(Rendered(vm, _Unhashable())),
                 "raises.txt": File(Rendered(vm, _fails(KeyError("nme_label")))),
+                "exits.txt": File(Rendered(vm, _fails(SystemExit(4)))),
                 "str.txt": File(Rendered(vm, lambda obj: obj["name_label"]))}
 
 
@@ -245,7 +249,8 @@ async def test_a_broken_render_function_fails_its_file_only(sim, tmp_path, monke
         assert "vms" in await drv.listdir("/") and "bad-snapshot.txt" not in await drv.listdir("/")
         for _ in range(2):
             assert await drv.listdir("/bad-renders") == ["callable.txt", "good.txt"]
-            for name, why in (("raises.txt", "raised KeyError: 'nme_label'"), ("str.txt", "returned str, not bytes")):
+            for name, why in (("raises.txt", "raised KeyError: 'nme_label'"), ("str.txt", "returned str, not bytes"),
+                              ("exits.txt", "raised SystemExit: 4")):
                 with pytest.raises(OSError) as failed:
                     await drv.read(f"/bad-renders/{name}")
                 assert failed.value.errno == errno.EIO
@@ -258,3 +263,157 @@ async def test_a_broken_render_function_fails_its_file_only(sim, tmp_path, monke
         assert failed.value.errno == errno.EIO
         assert caplog.text.count("Traceback") == 2  # raises.txt's and the snapshot's, each once
         assert "render function tests.test_view_plugins._fails.<locals>.render raised ValueError: no" in caplog.text
+
+
+# ---- plugins that exit, answer ill-typed nodes, or hold up the start (QA helper 49) -----------------------
+
+class Exits:
+    """Lists `ok`; once the first VM is renamed `exit`, its listing and lookups call sys.exit."""
+
+    name = "exits"
+
+    def __init__(self, vm_id: str = "") -> None:
+        self.vm_id = vm_id
+
+    def _maybe_exit(self, ctx):
+        if self.vm_id and ctx.get(self.vm_id)["name_label"] == "exit":
+            raise SystemExit(9)
+
+    def children(self, ctx, path):
+        self._maybe_exit(ctx)
+        return {"ok": Dir()} if path == () else {}
+
+    def lookup(self, ctx, path, name):
+        self._maybe_exit(ctx)
+        raise RuntimeError(f"no lookup of {name}")
+
+
+def test_a_plugin_that_exits_fails_its_directory_not_the_daemon(caplog):
+    """SystemExit (a plugin's `sys.exit`) and KeyboardInterrupt in a view's code ended the daemon, even
+    from an XO event with no one using the mount; a lookup that raised said ENOENT. Now each is EIO for
+    that directory or file, logged once with its cause."""
+    tree = make_tree()
+    web = vm_named(tree, "web-01")
+    tree.views["exits"] = Exits(web["id"])
+    walk(tree, "exits", "ok")
+    parent = tree.lookup(ROOT_INODE, "exits")
+    for _ in range(2):
+        with pytest.raises(ViewFailed) as failed:
+            tree.lookup(parent.ino, "unlisted")
+        assert failed.value.errno == errno.EIO
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        "view /exits failed to look up /exits/unlisted: RuntimeError: no lookup of unlisted"]
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: {**web, "name_label": "exit"}}))
+    assert InvalidateEntry(parent.ino, "ok") in out
+    with pytest.raises(ViewFailed):
+        tree.children(("exits",))
+    assert "view /exits failed to list /exits: SystemExit: 9" in caplog.text
+
+
+class FieldsAsStr:
+    name = "fields-as-str"
+
+    def children(self, ctx, path):
+        return {vm_id: Dir() for vm_id in ctx.of_type("VM", fields=("name_label"))}
+
+
+def test_fields_given_as_a_str_fail_the_listing_with_a_clear_cause(caplog):
+    """`fields=("name_label")` is a str: taken letter by letter it never matched a change, and the listing
+    silently never followed XO again."""
+    tree = make_tree(FieldsAsStr())
+    with pytest.raises(ViewFailed):
+        tree.children(("fields-as-str",))
+    assert ("TypeError: of_type('VM', fields='name_label'): fields must be a tuple of field names, such as "
+            "('name_label',)") in caplog.text
+
+
+class IllTyped:
+    """Nodes whose fields have the wrong types, each of which got past the node check."""
+
+    name = "ill-typed"
+
+    def children(self, ctx, path):
+        vm = next(iter(ctx.of_type("VM")))
+        return {
+            "fine.xva": File(Export("vms", vm, "xva"), vm),
+            "list-id": File(Rendered(vm, bytes), ["list"]),
+            "str-size.raw": File(Export("vdis", vm, "raw", exact_size="10")),
+            "negative-size.raw": File(Export("vdis", vm, "raw", exact_size=-5)),
+            "bool-size.raw": File(Export("vdis", vm, "raw", exact_size=True)),
+            "elsewhere.xva": File(Export("../../etc", vm, "xva")),
+            "id-elsewhere.xva": File(Export("vms", f"../{vm}", "xva")),
+            "fmt-elsewhere": File(Export("vms", vm, "xva?x=1")),
+            "query-fragment": File(Export("vms", vm, "xva", "a=1#b")),
+            "nul-link": Link("a\0b"),
+            "long-link": Link("x" * 5000),
+            "bogus-kind": Dir(kind="bogus"),
+            "import-without-sr": Dir(kind="import"),
+            "uncallable": File(Rendered(vm, "text")),
+            "numbered": File(TypeSnapshot(42, bytes)),
+        }
+
+
+def test_nodes_with_ill_typed_fields_are_left_out_with_a_warning(caplog):
+    """QA: an Export of `../../etc` sent XO a request for /etc/…, with the token; a list as obj_id or a
+    str as exact_size failed the whole directory; a NUL in a link target cut it short silently."""
+    tree = make_tree(IllTyped())
+    assert set(tree.children(("ill-typed",))) == {"fine.xva"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 14, warnings
+    for name, why in (
+            ("list-id", "its obj_id is a list, not a str"),
+            ("str-size.raw", "an Export whose exact_size '10' is no length"),
+            ("negative-size.raw", "an Export whose exact_size -5 is no length"),
+            ("elsewhere.xva", "an Export from '../../etc', not one of vdi-snapshots, vdis, vm-snapshots, "
+                              "vm-templates, vms"),
+            ("fmt-elsewhere", "an Export whose fmt 'xva?x=1' is not a plain"),
+            ("nul-link", "a Link whose target is no path"),
+            ("long-link", "a Link target over 4095 bytes"),
+            ("bogus-kind", "a Dir of kind 'bogus', not 'plain' or 'import'"),
+            ("import-without-sr", "an import Dir without the SR's id"),
+            ("uncallable", "a Rendered whose render is not callable"),
+            ("numbered", "a TypeSnapshot keyed by a value of type int, not a str")):
+        assert any(w.startswith(f"view /ill-typed lists {name!r} in /ill-typed, left out: {why}")
+                   for w in warnings), name
+
+
+class Ghost:
+    """A top-level directory listing the export of an object XO does not have."""
+
+    name = "ghost"
+
+    def children(self, ctx, path):
+        return {"missing.xva": File(Export("vms", "no-such-id", "xva"))} if path == () else None
+
+
+class Stalls:
+    name = "stalls"
+    listed = 0
+
+    def children(self, ctx, path):
+        Stalls.listed += 1
+        time.sleep(1.2)
+        return {}
+
+
+async def test_third_party_views_do_not_hold_up_or_stop_the_start(sim, tmp_path, monkeypatch, caplog):
+    """The start lists the top-level directories before the mount goes live: a plugin listing the export
+    of an object XO does not have ended the daemon there, one that stalled held up `xofs mount` with an
+    empty log. Only xofs's own views are listed then; a plugin's are at their first use."""
+    from tests.drivers import DirectDriver
+    from xofs.mount import MountOptions, assemble
+
+    caplog.set_level(logging.INFO, "xofs.views")
+    third_party(monkeypatch, tmp_path, ghost=f"{__name__}:Ghost", stalls=f"{__name__}:Stalls")
+    parts = assemble(sim.url, sim.token, MountOptions(state_dir=tmp_path))
+    async with parts.running(load_only=True):
+        started = time.monotonic()
+        parts.fs.warm()
+        assert time.monotonic() - started < 1 and Stalls.listed == 0
+        assert ("vms",) in parts.fs.tree._listings and ("ghost",) not in parts.fs.tree._listings
+        drv = DirectDriver(parts.fs)
+        assert await drv.listdir("/ghost") == []  # left out, as a file whose object XO dropped is
+        with pytest.raises(OSError) as failed:
+            await drv.stat("/ghost/missing.xva")
+        assert failed.value.errno == errno.ENOENT
+    assert "view plugin ghost = tests.test_view_plugins:Ghost loaded: /ghost" in caplog.text

@@ -27,7 +27,7 @@ from xofs.files import Caller, ExportService, FileAttrs, ImportEntry, ImportServ
 from xofs.invalidator import Invalidator
 from xofs.names import NAME_MAX
 from xofs.tree import Inode, InvalidateInode, Invalidation, Tree, ViewFailed
-from xofs.views import Dir, Export, File, Link, Live, Rendered, TypeSnapshot
+from xofs.views import PLUGIN_FAILURES, Dir, Export, File, Link, Live, Rendered, TypeSnapshot, is_builtin
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class XoFS(pyfuse3.Operations):
         (pyfuse3 ends the daemon on a read reply that is not bytes)."""
         try:
             data = render(*args)
-        except Exception as err:
+        except PLUGIN_FAILURES as err:
             self._render_failed(content, render, f"raised {type(err).__name__}: {err}", err)
         if not isinstance(data, bytes | bytearray):
             self._render_failed(content, render, f"returned {type(data).__name__}, not bytes", None)
@@ -233,7 +233,7 @@ class XoFS(pyfuse3.Operations):
         return data
 
     def _render_failed(self, content: Rendered | TypeSnapshot | Live, render: Callable[..., Any], what: str,
-                       err: Exception | None) -> NoReturn:
+                       err: BaseException | None) -> NoReturn:
         key = _render_key(content, render)
         if key not in self._render_failures:
             self._render_failures[key] = True
@@ -251,10 +251,14 @@ class XoFS(pyfuse3.Operations):
         return known[1]
 
     def warm(self) -> None:
-        """Work out, before the mount goes live, what the first `ls -l` of each top-level directory needs:
-        its listing, sorted, and the sizes of the export files in it (bounds walk each VM's disks)."""
+        """Work out, before the mount goes live, what the first `ls -l` of each of xofs's own top-level
+        directories needs: its listing, sorted, and the sizes of the export files in it (bounds walk each
+        VM's disks). A third-party view's are left for their first use: a slow or broken one must not hold
+        up, or stop, the start."""
         started = time.monotonic()
         for name in self.tree.sorted_names(()) or ():
+            if not is_builtin(self.tree.views.get(name)):
+                continue
             try:
                 entries = self.tree.children((name,))
                 self.tree.sorted_names((name,))
@@ -262,7 +266,10 @@ class XoFS(pyfuse3.Operations):
                 continue
             for node in (entries or {}).values():
                 if isinstance(node, File) and isinstance(node.content, Export) and self.exports is not None:
-                    self.exports.attrs(node.content)
+                    try:
+                        self.exports.attrs(node.content)
+                    except XofsError:  # its object went meanwhile: the listing follows with the event
+                        continue
         log.debug("top-level listings worked out in %.3f s", time.monotonic() - started)
 
     def export_size_known(self, export: Export) -> None:

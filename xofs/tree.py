@@ -27,7 +27,19 @@ from typing import TypeVar
 from xofs.cache import Change, ObjectCache
 from xofs.errors import XofsError
 from xofs.files import ImportEntry, ImportService
-from xofs.views import Dir, Export, File, Node, TypeSnapshot, View, ViewContext, name_problem, node_problem
+from xofs.views import (
+    PLUGIN_FAILURES,
+    Dir,
+    Export,
+    File,
+    Node,
+    TypeSnapshot,
+    View,
+    ViewContext,
+    is_builtin,
+    name_problem,
+    node_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +171,15 @@ class Tree:
         lookup = getattr(view, "lookup", None)
         if lookup is None:
             return None
+        where = "/" + "/".join(path)
         try:
             node = lookup(ViewContext(self.cache), path[1:-1], path[-1])
-        except Exception:  # a buggy (third-party) view must not take the mount down
-            log.exception("view /%s failed to look up %s", path[0], "/" + "/".join(path))
-            return None
+        except PLUGIN_FAILURES as exc:  # a buggy (third-party) view must not take the mount down
+            if self._first_time((path, "lookup")):
+                log.error("view /%s failed to look up %s: %s: %s", path[0], where, type(exc).__name__, exc,
+                          exc_info=exc)
+            raise ViewFailed(f"view /{path[0]} failed to look up {where} (its traceback is in the log)") from None
+        self._failed.discard((path, "lookup"))
         problem = None if node is None else node_problem(node)
         if problem is not None:
             log.warning("view /%s answered a lookup of %s with no node: %s", path[0], "/" + "/".join(path), problem)
@@ -202,16 +218,17 @@ class Tree:
         not take the mount down. The listing keeps what it cost (`_Listing.cost`: see `on_changes`)."""
         ctx = ViewContext(self.cache)
         where = "/" + "/".join(path)
-        own = type(view).__module__.startswith("xofs.")  # xofs's own views are not checked nor logged slow
+        own = is_builtin(view)  # xofs's own views are not checked nor logged slow
         started = time.monotonic()
         try:
             answer = view.children(ctx, path[1:])
             if answer is not None and not isinstance(answer, Mapping):
                 raise TypeError(f"children() answered a {type(answer).__name__}, not a mapping of names to nodes")
             entries = None if answer is None else dict(answer)  # a plugin's own mapping may raise here too
-        except Exception as exc:
-            if self._first_time(path):
-                log.error("view /%s failed to list %s", path[0], where, exc_info=exc)
+        except PLUGIN_FAILURES as exc:
+            if self._first_time(path):  # the cause on the line itself: `xofs status` shows only that line
+                log.error("view /%s failed to list %s: %s: %s", path[0], where, type(exc).__name__, exc,
+                          exc_info=exc)
             raise ViewFailed(f"view /{path[0]} failed to list {where} (its traceback is in the log)") from None
         finally:
             if not own:

@@ -20,6 +20,7 @@ one. The nodes a view returns:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -124,35 +125,94 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+# What a plugin's code may raise that must fail its directory or file, not end the daemon: SystemExit and
+# KeyboardInterrupt too (a plugin, or a library it calls, that exits). The daemon takes its own stop
+# signals through trio's signal receiver, so no real Ctrl-C arrives as a KeyboardInterrupt there.
+PLUGIN_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
+# The collections XO exports from (`GET /rest/v0/<collection>/<id>.<format>`).
+EXPORT_COLLECTIONS = frozenset({"vms", "vm-snapshots", "vm-templates", "vdis", "vdi-snapshots"})
+_EXPORT_ID = re.compile(r"[A-Za-z0-9_-]+")  # nothing that moves the URL elsewhere: no '/', '.', '?', '%'
+_EXPORT_FORMAT = re.compile(r"[a-z0-9]+")
+_EXPORT_QUERY = re.compile(r"[A-Za-z0-9_.~=&+,-]*")
+LINK_MAX = 4095  # bytes: the kernel's PATH_MAX, less its NUL
+
+
 def node_problem(node: object) -> str | None:
-    """Why `node` is no node a view may answer (`Dir`, `File` of a known content, `Link` to a str), or None."""
+    """Why `node` is no node a view may answer, or None: a `Dir` of a known kind, a `File` of a known
+    content whose fields have their types (an `Export` that names an XO export), a `Link` to a path the
+    kernel takes; `obj_id` a str or None."""
+    if not isinstance(node, Dir | File | Link):
+        return f"a {type(node).__name__}, not a Dir, File or Link"
+    if node.obj_id is not None and not isinstance(node.obj_id, str):
+        return f"its obj_id is a {type(node.obj_id).__name__}, not a str"
     if isinstance(node, Dir):
-        return None
-    if isinstance(node, File):
-        return None if isinstance(node.content, Content) else f"a File of a {type(node.content).__name__}"
+        if node.kind not in ("plain", "import"):
+            return f"a Dir of kind {node.kind!r}, not 'plain' or 'import'"
+        return "an import Dir without the SR's id" if node.kind == "import" and node.obj_id is None else None
     if isinstance(node, Link):
-        return None if isinstance(node.target, str) and node.target else "a Link without a target"
-    return f"a {type(node).__name__}, not a Dir, File or Link"
+        target = node.target
+        if not isinstance(target, str) or not target or "\0" in target:
+            return "a Link whose target is no path (empty, not a str, or with NUL in it)"
+        try:
+            length = len(target.encode("utf-8", "surrogateescape"))  # as the adapter hands it to the kernel
+        except UnicodeEncodeError:
+            return "a Link target with a lone surrogate in it, which no path can hold"
+        return f"a Link target over {LINK_MAX} bytes" if length > LINK_MAX else None
+    return content_problem(node.content)
+
+
+def content_problem(content: object) -> str | None:
+    """Why `content` is no file content xofs can serve, or None."""
+    if isinstance(content, Export):
+        if content.collection not in EXPORT_COLLECTIONS:
+            return f"an Export from {content.collection!r}, not one of {', '.join(sorted(EXPORT_COLLECTIONS))}"
+        for what, value, pattern in (("obj_id", content.obj_id, _EXPORT_ID), ("fmt", content.fmt, _EXPORT_FORMAT),
+                                     ("query", content.query, _EXPORT_QUERY)):
+            if not isinstance(value, str) or not pattern.fullmatch(value):
+                return f"an Export whose {what} {value!r} is not a plain {pattern.pattern} word"
+        size = content.exact_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            return f"an Export whose exact_size {size!r} is no length (an int, 0 or more, or None)"
+        return None
+    if isinstance(content, Rendered | TypeSnapshot | Live):
+        key = content.obj_id if isinstance(content, Rendered) else (
+            content.type_ if isinstance(content, TypeSnapshot) else content.key)
+        if not isinstance(key, str):
+            return f"a {type(content).__name__} keyed by a value of type {type(key).__name__}, not a str"
+        return None if callable(content.render) else f"a {type(content).__name__} whose render is not callable"
+    return f"a File of a {type(content).__name__}"
+
+
+class ObjectSource(Protocol):
+    """What a `ViewContext` reads: xofs.cache.ObjectCache (so that a third-party view need not import it)."""
+
+    def get(self, obj_id: str) -> dict | None: ...
+
+    def of_type(self, type_: str) -> Mapping[str, dict]: ...
 
 
 @dataclass
 class ViewContext:
     """Read access to the object cache that records what a listing depended on."""
 
-    cache: object  # xofs.cache.ObjectCache (kept loose so third-party views need not import it)
+    cache: ObjectSource
     ids: set[str] = field(default_factory=set)
     types: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def get(self, obj_id: str) -> dict | None:
         """One object (or None); the listing is recomputed whenever it changes."""
         self.ids.add(obj_id)
-        return self.cache.get(obj_id)  # type: ignore[attr-defined]
+        return self.cache.get(obj_id)
 
     def of_type(self, type_: str, fields: tuple[str, ...] = ()) -> Mapping[str, dict]:
         """All objects of a type, id → object; the listing is recomputed when one appears or vanishes,
         or when one of them changes a field in `fields`."""
+        if isinstance(fields, str) or not all(isinstance(f, str) for f in fields):
+            # `fields=("name_label")` is a str: taken letter by letter, no change would ever recompute
+            raise TypeError(f"of_type({type_!r}, fields={fields!r}): fields must be a tuple of field names, "
+                            "such as ('name_label',)")
         self.types[type_] = self.types.get(type_, frozenset()) | frozenset(fields)
-        return self.cache.of_type(type_)  # type: ignore[attr-defined]
+        return self.cache.of_type(type_)
 
 
 class View(Protocol):
@@ -185,7 +245,7 @@ def load_views(names: list[str] | None = None) -> dict[str, View]:
             problem = name_problem(view.name) or node_problem(getattr(view, "node", Dir()))
             if problem:
                 raise TypeError(f"its name {view.name!r} or node is unusable: {problem}")
-        except (Exception, SystemExit) as err:  # a broken third-party plugin must not stop the mount
+        except PLUGIN_FAILURES as err:  # a broken third-party plugin must not stop the mount
             # The cause on the line itself: `xofs status` keeps only the first line of a log record.
             log.error("view plugin %s failed to load; its directory is left out: %s: %s", _describe(ep),
                       type(err).__name__, err, exc_info=True)
@@ -196,7 +256,15 @@ def load_views(names: list[str] | None = None) -> dict[str, View]:
             continue
         views[view.name] = view
         owners[view.name] = _describe(ep)
+        if not is_builtin(view):
+            log.info("view plugin %s loaded: /%s", _describe(ep), view.name)
     return views
+
+
+def is_builtin(view: object) -> bool:
+    """Whether `view` is one of xofs's own: those are trusted (their listings are not checked, nor timed)
+    and listed before the mount goes live."""
+    return type(view).__module__.startswith("xofs.")
 
 
 def _describe(ep: EntryPoint) -> str:
