@@ -129,6 +129,41 @@ def test_a_deleted_object_vanishes_and_its_inodes_go_stale(tree):
     assert tree.lookup(vdis.ino, vdi["id"]) is None
 
 
+def assert_below_complete(tree: Tree) -> None:
+    """`Tree._below` reaches every path with an inode or a listing from the root, and holds nothing else."""
+    known = {p for p in (*tree._by_path, *tree._listings) if p}
+    reachable, todo = set(), [()]
+    while todo:
+        todo.extend(below := tree._below.get(todo.pop(), ()))
+        reachable.update(below)
+    assert known <= reachable
+    assert all(p in known or tree._below.get(p) for p in reachable)  # a path kept only for its descendants
+
+
+def test_a_vanished_directory_takes_its_subtree_along_and_nothing_else(tree):
+    """QA: the paths below a vanished one were found by going through every known path, for each vanished
+    name: removing 3,000 VMs from a mount that had looked up 3,000 more held every request for 12 s."""
+    vms = list(tree.cache.of_type("VM").values())
+    for vm in vms:
+        walk(tree, "vms", vm["id"], "meta.json")
+        walk(tree, "vms", vm["id"], "vdis")
+    for name in tree.children(("by-name", "vms")):
+        walk(tree, "by-name", "vms", name)
+    gone, kept = vms[0], vms[1]
+    gone_meta = walk(tree, "vms", gone["id"], "meta.json")
+    kept_meta = walk(tree, "vms", kept["id"], "meta.json")
+    assert_below_complete(tree)
+    tree.on_changes(tree.cache.apply("exit", {gone["id"]: 0}))
+    assert tree.inode(gone_meta.ino).stale and not tree.inode(kept_meta.ino).stale
+    assert not [p for p in (*tree._by_path, *tree._listings) if gone["id"] in p]
+    assert_below_complete(tree)
+    tree.forget(kept_meta.ino, tree.inode(kept_meta.ino).lookups)
+    assert tree.inode(kept_meta.ino) is None
+    assert_below_complete(tree)
+    walk(tree, "vms", kept["id"], "meta.json")
+    assert_below_complete(tree)
+
+
 def test_a_new_object_appears(tree):
     sr = next(s for s in tree.cache.of_type("SR").values() if s["content_type"] != "iso")
     walk(tree, "srs", sr["id"], "vdis")

@@ -146,6 +146,10 @@ class Tree:
         self._files_of_type: dict[str, int | set[int]] = {}  # XO type -> inodes of files rendered from all of it
         self._failed: set[Hashable] = set()  # what was logged once: failed listings, bad entries, slow views
         self._deferred: dict[Path, float] = {}  # costly listings changes touched -> when to compute them again
+        # path -> the paths one level below it that have an inode or a listing, or such paths below them:
+        # what a vanished directory takes along is found without going through every path known (10,000
+        # VMs removed at once on a mount with 10,000 looked up took seconds, the whole mount waiting).
+        self._below: dict[Path, set[Path]] = {}
 
     # ---- reading the tree -------------------------------------------------------------------------
 
@@ -308,6 +312,7 @@ class Tree:
         if self._by_path.get(inode.path) == ino:
             del self._by_path[inode.path]
             self._drop_listing(inode.path)
+            self._unnote(inode.path)
         self._unindex_file(inode)
 
     # ---- changes from XO --------------------------------------------------------------------------
@@ -385,14 +390,17 @@ class Tree:
         replaced = self._by_path.pop(new_path, None)
         if replaced is not None:
             self.inodes[replaced].stale = True
+            self._unnote(new_path)
         ino = self._by_path.pop(old_path, None)
         if ino is None:
             return
+        self._unnote(old_path)
         inode = self.inodes[ino]
         inode.path = new_path
         if isinstance(inode.node, ImportEntry):
             inode.node = ImportEntry(inode.node.sr_id, new)
         self._by_path[new_path] = ino
+        self._note(new_path)
 
     def parent_ino(self, inode: Inode) -> int:
         """The inode of the directory holding `inode` (the root's own for the root, as for `/..`)."""
@@ -439,6 +447,7 @@ class Tree:
         self._next_ino += 1
         self.inodes[inode.ino] = inode
         self._by_path[path] = inode.ino
+        self._note(path)
         self._index_file(inode)
         return inode
 
@@ -449,26 +458,58 @@ class Tree:
 
     def _detach(self, path: Path) -> None:
         """The path is gone: its inode (and those below it) become stale until the kernel forgets them."""
-        prefix_len = len(path)
-        for p in [p for p in self._by_path if p[:prefix_len] == path]:
-            inode = self.inodes.get(self._by_path.pop(p))
-            if inode is not None:
+        todo = [path]
+        while todo:
+            p = todo.pop()
+            ino = self._by_path.pop(p, None)
+            if ino is not None and (inode := self.inodes.get(ino)) is not None:
                 inode.stale = True
-        for p in [p for p in self._listings if p[:prefix_len] == path]:
-            self._drop_listing(p)
+            self._drop_listing(p, unnote=False)
+            todo.extend(self._below.pop(p, ()))
+        self._unnote(path)
+
+    def _note(self, path: Path) -> None:
+        """`path` has an inode or a listing now: reachable from its parents in `_below`."""
+        while path:
+            parent = path[:-1]
+            below = self._below.get(parent)
+            if below is None:
+                self._below[parent] = {path}
+            elif path in below:
+                return
+            else:
+                below.add(path)
+                return
+            path = parent  # the parent was known through nothing else: it must be reachable too
+
+    def _unnote(self, path: Path) -> None:
+        """`path` lost its inode or listing: out of `_below` once nothing keeps it there, and so on up."""
+        while path and path not in self._by_path and path not in self._listings and path not in self._below:
+            parent = path[:-1]
+            below = self._below.get(parent)
+            if below is None:
+                return
+            below.discard(path)
+            if below:
+                return
+            del self._below[parent]
+            path = parent
 
     def _store_listing(self, path: Path, listing: _Listing) -> None:
         self._listings[path] = listing
+        self._note(path)
         for obj_id in listing.ids:
             _index_add(self._dep_ids, obj_id, path)
         for type_, fields in (listing.types or {}).items():
             self._dep_types.setdefault(type_, {})[path] = fields
 
-    def _drop_listing(self, path: Path) -> None:
+    def _drop_listing(self, path: Path, *, unnote: bool = True) -> None:
         self._deferred.pop(path, None)
         listing = self._listings.pop(path, None)
         if listing is None:
             return
+        if unnote:
+            self._unnote(path)
         for obj_id in listing.ids:
             _index_discard(self._dep_ids, obj_id, path)
         for type_ in listing.types or ():
