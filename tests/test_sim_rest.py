@@ -560,3 +560,18 @@ def test_a_changed_object_goes_last_in_its_collection_as_in_xo(fresh_sim):
     assert status == 204, body
     assert [o["id"] for o in fresh_sim.get_json("/rest/v0/vms?fields=id")] == [*ids[1:], ids[0]]
     assert fresh_sim.get_json("/rest/v0/vms?fields=id&limit=1") == [{"id": ids[1], "href": f"/rest/v0/vms/{ids[1]}"}]
+
+
+def test_a_connection_serves_any_number_of_requests(sim):
+    """Node's HTTP server has no cap on requests per connection; hypercorn's default closed the 1000th."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=10)
+    try:
+        for _ in range(1200):
+            conn.request("GET", "/rest/v0/pools?fields=id", headers={"Cookie": f"authenticationToken={sim.token}"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200 and response.getheader("Connection") == "keep-alive"
+    finally:
+        conn.close()

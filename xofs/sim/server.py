@@ -166,6 +166,9 @@ async def serve(model: SimModel, host: str, port: int, churn: float,
     config.alpn_protocols = []
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
+    # Node's HTTP server serves any number of requests on a connection (`maxRequestsPerSocket` 0); hypercorn
+    # would close each after its 1000th, a failure a long-lived client never meets with a real XO.
+    config.keep_alive_max_requests = 2**62
     config.websocket_ping_interval = None
     stop = trio.Event()
 
