@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -598,6 +601,50 @@ def test_an_open_meta_json_and_a_working_directory_outlive_their_objects_changes
     done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["204", "0", "directory", "0", ".", "done"], done.stdout
+
+
+def test_fstat_right_after_open_covers_what_the_descriptor_reads_while_xo_changes_fast(fresh_sim, make_mount):
+    """QA helper 48: while another client changed a VM hundreds of times a second, `fstat` right after `open`
+    showed the size of the version before about once in a thousand opens (the kernel's attributes were
+    still to be dropped by the invalidation thread), less than the descriptor then read."""
+    mount = make_mount(fresh_sim)
+    vm = next(v["id"] for v in fresh_sim.get_json("/rest/v0/vms?fields=id,power_state")
+              if v["power_state"] == "Halted")
+    path = mount.mountpoint / "vms" / vm / "meta.json"
+    stop = threading.Event()
+
+    def change() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", fresh_sim.port, timeout=10)
+        rng = random.Random(7)
+        while not stop.is_set():
+            body = json.dumps({"nameDescription": "x" * rng.randint(0, 3000)})
+            conn.request("PATCH", f"/rest/v0/vms/{vm}", body, {"Cookie": f"authenticationToken={fresh_sim.token}",
+                                                               "Content-Type": "application/json"})
+            assert conn.getresponse().read() == b""
+        conn.close()
+
+    changers = [threading.Thread(target=change) for _ in range(3)]
+    for thread in changers:
+        thread.start()
+    short, opens = [], 0
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size, data = os.fstat(fd).st_size, b""
+                while chunk := os.read(fd, 1 << 16):
+                    data += chunk
+            finally:
+                os.close(fd)
+            opens += 1
+            if size < len(data):
+                short.append((size, len(data)))
+    finally:
+        stop.set()
+        for thread in changers:
+            thread.join()
+    assert opens > 1000 and not short, (opens, short[:5])
 
 
 def test_a_url_with_its_scheme_in_capitals_mounts(sim, make_mount):

@@ -161,6 +161,8 @@ class XoFS(pyfuse3.Operations):
         # Open export files: how many times their attributes went to the kernel and the last size told
         # (see `read`), and sizes shown instead of the length until the file's next read or close.
         self._told: dict[int, tuple[int, int]] = {}
+        # file inode -> the number of its last attribute invalidation queued, until an open saw it done
+        self._attrs_dropping: dict[int, int] = {}
         self._held: dict[int, int] = {}
         self._reading: dict[int, int] = {}  # files with reads out, how many
         self._reads_idle: dict[int, trio.Event] = {}  # set when a file's last read out is answered
@@ -198,7 +200,9 @@ class XoFS(pyfuse3.Operations):
         """Queue kernel invalidations (never run inside a handler, at most awaited: see xofs.invalidator)."""
         for item in items:
             if isinstance(item, InvalidateInode):
-                self.invalidator.inode(item.ino, attr_only=self._open_count.get(item.ino, 0) > 0)
+                number = self.invalidator.inode(item.ino, attr_only=self._open_count.get(item.ino, 0) > 0)
+                if isinstance(getattr(self.tree.inode(item.ino), "node", None), File):
+                    self._attrs_dropping[item.ino] = number
                 if item.ino in self._told:  # the kernel's attributes of an open file change (see `read`)
                     count, size = self._told[item.ino]
                     self._told[item.ino] = (count + 1, size)
@@ -471,6 +475,8 @@ class XoFS(pyfuse3.Operations):
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
             self.tree.forget(ino, nlookup)
+            if self.tree.inode(ino) is None:
+                self._attrs_dropping.pop(ino, None)
 
     @_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -603,7 +609,15 @@ class XoFS(pyfuse3.Operations):
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if isinstance(node.content, Rendered | TypeSnapshot | Live):
-            return self._add_handle(inode, RenderedFile(self.render(node.content)))
+            opened = RenderedFile(self.render(node.content))
+            number = self._attrs_dropping.pop(inode, None)
+            if number is not None and self.invalidator.pending(number):
+                # The kernel may still hold the size of the version before: an fstat of this descriptor
+                # must not show less than it reads.
+                self._attrs_dropping[inode] = number
+                await self.invalidator.settled()
+                self._attrs_dropping.pop(inode, None)
+            return self._add_handle(inode, opened)
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self._add_handle(inode, await self.exports.open(node.content, path))

@@ -29,6 +29,8 @@ class Invalidator:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.done = 0  # invalidations carried out, for status and tests
+        self.queued = 0  # the number of the last item queued (by the trio thread)
+        self.reached = 0  # the number of the last item that reached the kernel (set by the worker thread)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="xofs-invalidator", daemon=True)
@@ -40,18 +42,29 @@ class Invalidator:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def entry(self, parent: int, name: str) -> None:
-        self._queue.put(("entry", parent, name))
+    def entry(self, parent: int, name: str) -> int:
+        """Queue it; the item's number (see `pending`)."""
+        return self._put("entry", parent, name)
 
-    def inode(self, ino: int, attr_only: bool) -> None:
-        self._queue.put(("inode", ino, attr_only))
+    def inode(self, ino: int, attr_only: bool) -> int:
+        """Queue it; the item's number (see `pending`)."""
+        return self._put("inode", ino, attr_only)
+
+    def pending(self, number: int) -> bool:
+        """Whether the item of that number has yet to reach the kernel."""
+        return self._thread is not None and number > self.reached
+
+    def _put(self, kind: str, target: object, arg: object) -> int:
+        self.queued += 1
+        self._queue.put((kind, target, arg, self.queued))
+        return self.queued
 
     async def settled(self, timeout: float = 1.0) -> None:
         """Return once everything queued so far has reached the kernel, or after `timeout` seconds."""
         if self._thread is None:
             return
         done = trio.Event()
-        self._queue.put(("settled", trio.lowlevel.current_trio_token(), done))
+        self._queue.put(("settled", trio.lowlevel.current_trio_token(), done, None))
         with trio.move_on_after(timeout):
             await done.wait()
         if not done.is_set():
@@ -63,7 +76,7 @@ class Invalidator:
             item = self._queue.get()
             if item is _STOP:
                 return
-            kind, target, arg = item
+            kind, target, arg, number = item
             if kind == "settled":
                 try:
                     target.run_sync_soon(arg.set)
@@ -82,3 +95,4 @@ class Invalidator:
                     log.warning("kernel invalidation of %s %s failed: %s", kind, target, err)
             except Exception:
                 log.exception("kernel invalidation of %s %s failed", kind, target)
+            self.reached = number
