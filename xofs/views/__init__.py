@@ -207,6 +207,7 @@ class ViewContext:
     def of_type(self, type_: str, fields: tuple[str, ...] = ()) -> Mapping[str, dict]:
         """All objects of a type, id → object; the listing is recomputed when one appears or vanishes,
         or when one of them changes a field in `fields`."""
+        fields = fields if isinstance(fields, str) else tuple(fields)  # once, were it an iterator
         if isinstance(fields, str) or not all(isinstance(f, str) for f in fields):
             # `fields=("name_label")` is a str: taken letter by letter, no change would ever recompute
             raise TypeError(f"of_type({type_!r}, fields={fields!r}): fields must be a tuple of field names, "
