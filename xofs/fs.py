@@ -610,13 +610,14 @@ class XoFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if isinstance(node.content, Rendered | TypeSnapshot | Live):
             opened = RenderedFile(self.render(node.content))
-            number = self._attrs_dropping.pop(inode, None)
-            if number is not None and self.invalidator.pending(number):
-                # The kernel may still hold the size of the version before: an fstat of this descriptor
-                # must not show less than it reads.
-                self._attrs_dropping[inode] = number
-                await self.invalidator.settled()
-                self._attrs_dropping.pop(inode, None)
+            number = self._attrs_dropping.get(inode)
+            if number is not None:
+                if self.invalidator.pending(number):
+                    # The kernel may still hold the size of the version before: an fstat of this descriptor
+                    # must not show less than it reads.
+                    await self.invalidator.settled()
+                if self._attrs_dropping.get(inode) == number:  # not one queued meanwhile, still on its way
+                    del self._attrs_dropping[inode]
             return self._add_handle(inode, opened)
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
