@@ -62,6 +62,7 @@ LIVE_POWER_STATES = frozenset({"Running", "Paused"})  # a VM in these may change
 BUFFERS_IDLE = 60.0  # seconds without a running export after which the receive buffers are unmapped
 
 VM_TYPES = frozenset({"VM", "VM-snapshot"})
+IMPORT_MARK = "xo:import:"  # the `other_config` keys XO sets on a disk while an import fills it
 
 
 class ExportReadError(XofsError):
@@ -133,10 +134,12 @@ class ExportManager:
             await trio.sleep(self.buffers_idle)
 
     def on_changes(self, changes: list[Change]) -> None:
-        """Forget what XO's events say may be out of date: for a VM its disks too, for a disk its VMs."""
+        """Forget what XO's events say may be out of date: for a VM its disks too, for a disk its VMs. The
+        end of an import into a disk is no change of its bytes: see `_import_marks_gone`."""
         ids: set[str] = set()
         for change in changes:
-            ids.add(change.obj_id)
+            if not _import_marks_gone(change):
+                ids.add(change.obj_id)
             for obj in (change.old, change.new):
                 if obj is not None:
                     ids.update(self._related(change.type, obj))
@@ -373,6 +376,22 @@ class ExportManager:
         entry.on_drop = feed.cancel
         feed.divert(entry)
         return entry
+
+
+def _import_marks_gone(change: Change) -> bool:
+    """Whether `change` only takes an import's `xo:import:*` marks off a disk. XO does that after the
+    import's task succeeded and after it answered the upload (`import-raw-4MiB.ws-frames.jsonl`: 0.2 s
+    later): the disk's bytes were final before, and a length measured since (an `rsync` right after the
+    import) still holds. The disk's VMs are forgotten all the same: an XVA holds its disks' records."""
+    if change.type not in DISK_TYPES or change.old is None or change.new is None:
+        return False
+    if change.changed_fields() != {"other_config"}:
+        return False
+    before, after = change.old.get("other_config"), change.new.get("other_config")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return False
+    marks = {k for k in before if isinstance(k, str) and k.startswith(IMPORT_MARK)}
+    return bool(marks) and after == {k: v for k, v in before.items() if k not in marks}
 
 
 class ExportFile:
