@@ -14,8 +14,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import trio
 
-from tests.sim_rest_support import call, recorded, recorded_header, recorded_names
+from tests.sim_rest_support import REFERENCE, call, recorded, recorded_header, recorded_names, watch_events
 from tests.support import SimProcess, require_tool
 
 MiB = 1 << 20
@@ -72,6 +73,18 @@ def assert_created(ans, recording: str) -> str:
     return new_id
 
 
+def imported(sim: SimProcess, vdi_id: str) -> dict:
+    """The VDI once its import is over: XO answers while its objects still show the import's marks, which
+    go with the task 0.2 s later (`import-raw-4MiB.ws-frames.jsonl`)."""
+    vdi = call(sim, "GET", f"/rest/v0/vdis/{vdi_id}").json()
+    assert set(vdi["other_config"]) == {"xo:import:task", "xo:import:length"}
+    deadline = time.monotonic() + 2
+    while vdi["other_config"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        vdi = call(sim, "GET", f"/rest/v0/vdis/{vdi_id}").json()
+    return vdi
+
+
 def assert_500(ans, message: str) -> None:
     assert ans.status == 500
     assert ans.body == json.dumps({"error": message}, indent=2).encode()
@@ -86,7 +99,7 @@ def test_raw_import_creates_a_vdi_that_exports_back_identical(fresh_sim):
     ans = call(fresh_sim, "POST", f"/rest/v0/srs/{sr['id']}/vdis?name_label=x&raw=true", data,
                {"Content-Type": "application/octet-stream"})
     new_id = assert_created(ans, "imports/import-raw-4MiB")
-    vdi = call(fresh_sim, "GET", f"/rest/v0/vdis/{new_id}").json()
+    vdi = imported(fresh_sim, new_id)
     _, after = recorded("imports/imported-vdi.after.raw-4MiB")
     expected = json.loads(after)
     assert list(vdi) == list(expected)
@@ -98,6 +111,58 @@ def test_raw_import_creates_a_vdi_that_exports_back_identical(fresh_sim):
     assert new_id in call(fresh_sim, "GET", f"/rest/v0/srs/{sr['id']}").json()["VDIs"]
 
 
+def import_batches(frames: list[dict]) -> list[list[tuple]]:
+    """Each `all` frame as what an importer's watcher sees: (kind, type, marks or task status) per item."""
+    kinds = {}
+    out = []
+    for params in frames:
+        items = []
+        for obj_id, obj in params["items"].items():
+            if obj == 0:
+                items.append(("exit", kinds.get(obj_id)))
+                continue
+            kinds[obj_id] = obj["type"]
+            detail = (obj["status"] if obj["type"] == "task"
+                      else sorted(obj["other_config"]) if obj["type"] == "VDI" else None)
+            items.append(("enter", obj["type"], detail))
+        out.append(items)
+    return out
+
+
+async def test_an_import_leaves_its_marks_until_after_the_answer(fresh_sim):
+    """`import-raw-4MiB.ws-frames.jsonl`: XAPI's task succeeds while the VDI still has its `xo:import:*`
+    marks, XO answers, and the marks go with the task in a later batch: a client that looks at XO's
+    objects just after the answer sees a marked VDI whose task has succeeded."""
+    recording = [json.loads(line) for line in
+                 (REFERENCE / "imports/import-raw-4MiB.ws-frames.jsonl").read_text().splitlines()]
+    sr = sr_named(fresh_sim, "nfs-vms")
+    async with watch_events(fresh_sim) as watcher:
+        ans = await trio.to_thread.run_sync(lambda: call(
+            fresh_sim, "POST", f"/rest/v0/srs/{sr['id']}/vdis?name_label=x&raw=true", pattern(4 * MiB),
+            {"Content-Type": "application/octet-stream"}))
+        answered = len(watcher.frames)
+        new_id = assert_created(ans, "imports/import-raw-4MiB")
+        assert await trio.to_thread.run_sync(imported, fresh_sim, new_id)
+    ours = import_batches(watcher.frames)
+    marks = ["xo:import:length", "xo:import:task"]
+    assert import_batches([json.loads(r["raw"])["params"] for r in recording]) == [
+        [("enter", "VDI", []), ("enter", "SR", None)],
+        [("enter", "task", "pending"), ("enter", "VDI", ["xo:import:length"])],
+        [("enter", "VDI", marks), ("enter", "task", "success")],
+        [("enter", "VDI", [])],
+        [("exit", "task")],
+    ]
+    # XO adds the two marks in two XAPI calls that the simulator makes as one change.
+    assert ours == [
+        [("enter", "VDI", []), ("enter", "SR", None)],
+        [("enter", "task", "pending"), ("enter", "VDI", marks)],
+        [("enter", "VDI", marks), ("enter", "task", "success")],
+        [("enter", "VDI", [])],
+        [("exit", "task")],
+    ]
+    assert answered <= 3  # the answer came before the marks went
+
+
 def test_dynamic_vhd_import_exports_back_identical(fresh_sim, tmp_path):
     sr = sr_named(fresh_sim, "nfs-vms")
     data = pattern(6 * MiB + 512 * 3)
@@ -105,7 +170,7 @@ def test_dynamic_vhd_import_exports_back_identical(fresh_sim, tmp_path):
     ans = call(fresh_sim, "POST", f"/rest/v0/srs/{sr['id']}/vdis?name_label=vhd-import", vhd,
                {"Content-Type": "application/octet-stream"})
     new_id = assert_created(ans, "imports/import-vhd-dynamic-16MiB")
-    vdi = call(fresh_sim, "GET", f"/rest/v0/vdis/{new_id}").json()
+    vdi = imported(fresh_sim, new_id)
     assert vdi["size"] == vhd_virtual_size(vhd)  # the footer's size, not the body's
     assert vdi["usage"] == len(vhd) and vdi["other_config"] == {}
     exported = call(fresh_sim, "GET", f"/rest/v0/vdis/{new_id}.raw").body
@@ -188,7 +253,7 @@ def test_import_marks_other_config_while_the_body_is_sent(fresh_sim):
     resp = conn.getresponse()
     assert resp.status == 201
     conn.close()
-    (vdi,) = vdi_named(fresh_sim, "slow")
+    vdi = imported(fresh_sim, vdi_named(fresh_sim, "slow")[0]["id"])
     assert vdi["other_config"] == {} and vdi["size"] == len(data)
 
 

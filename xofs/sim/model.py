@@ -439,13 +439,21 @@ class SimModel:
         if task is not None and task["status"] == "pending":
             self.update(task_id, {"progress": round(min(progress, 1.0), 4)}, persist=False)
 
-    def finish_task(self, task_id: str, *, status: str = "success", result: str = "") -> None:
-        """Mark a task finished; it leaves (`exit`) shortly after, as XAPI tasks do once XO destroys them."""
+    def finish_task(self, task_id: str, *, status: str = "success", result: str = "",
+                    with_exit: Callable[[], None] | None = None) -> None:
+        """Mark a task finished; it leaves (`exit`) shortly after, as XAPI tasks do once XO destroys them.
+        `with_exit` runs then too, so that its changes come in the batch of the task's exit."""
         if task_id not in self._objects:
             return
         self.update(task_id, {"allowedOperations": [], "finished": now_s(), "progress": 1, "result": result,
                               "status": status}, persist=False)
-        self.call_later(TASK_LINGER_S, lambda: self.remove(task_id, persist=False))
+
+        def leave() -> None:
+            if with_exit is not None:
+                with_exit()
+            self.remove(task_id, persist=False)
+
+        self.call_later(TASK_LINGER_S, leave)
 
     def call_later(self, delay: float, action: Callable[[], None]) -> None:
         """Run `action` about `delay` seconds from now, from the model's `run` loop (XAPI work XO waits for)."""

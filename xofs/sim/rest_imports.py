@@ -12,8 +12,9 @@ and event watchers see what they would see with a real XO:
    destroyed;
 5. an import task, and `other_config` `xo:import:task` / `xo:import:length` (the body length) while the
    body is written: raw bodies sparsely into a fresh disk file, VHD bodies converted as they arrive;
-6. the VDI takes the new content, the `other_config` keys go, and the answer is 201 with
-   `Location: /rest/v0/vdis/<id>` and `{"id": …}` (204 for a PUT). Any failure after step 3 destroys the
+6. the VDI takes the new content, the task succeeds, and the answer is 201 with `Location:
+   /rest/v0/vdis/<id>` and `{"id": …}` (204 for a PUT); the `other_config` keys go 0.2 s later, with the
+   task, as XO's next event batch shows them gone. Any failure after step 3 destroys the
    VDI created in step 3 and answers the XAPI-side error `{"error": "500 Internal Server Error"}`.
 
 The new VDI's `usage` is the body length, as with the recorded imports.
@@ -153,14 +154,21 @@ class Importer:
             log.info("import into VDI %s failed: %s", vdi["id"], error)
             raise RestError(500, UPLOAD_FAILED) from error
         finally:
-            self.model.finish_task(task, status="success" if ok else "failure")
-            current = self.model.get(vdi["id"])
-            if current is not None:
-                kept = {k: v for k, v in current["other_config"].items() if k not in marks}
-                self.model.update(vdi["id"], {"other_config": kept})
             if not ok:
+                self.model.finish_task(task, status="failure")
+                self._unmark(vdi["id"], marks)
                 path.unlink(missing_ok=True)
+        # XAPI ends the task and XO answers while its objects still show the marks: they go in XO's next
+        # event batch, with the task (`import-raw-4MiB.ws-frames.jsonl`: success at 0.425 s, 201 at 0.468 s,
+        # marks and task gone at 0.627 s).
         self.model.attach_disk_file(vdi["id"], path, usage=length)
+        self.model.finish_task(task, with_exit=lambda: self._unmark(vdi["id"], marks))
+
+    def _unmark(self, vdi_id: str, marks: dict[str, str]) -> None:
+        current = self.model.get(vdi_id)
+        if current is not None:
+            kept = {k: v for k, v in current["other_config"].items() if k not in marks}
+            self.model.update(vdi_id, {"other_config": kept})
 
     def _base_disk(self, vdi: dict[str, Any] | None) -> Any:
         return self.model.disk(vdi["id"]) if vdi is not None else None
