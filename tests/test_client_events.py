@@ -28,6 +28,7 @@ class Sink:
 
     def __init__(self, resync_hook: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.log: list[tuple] = []
+        self.quiet: list[float] = []  # each feed_state's quiet_for
         self.resyncs = 0
         self._busy = False
         self._hook = resync_hook
@@ -48,9 +49,10 @@ class Sink:
         assert not self._busy, "apply() during resync()"
         self.log.append(("apply", kind, items))
 
-    def feed_state(self, state: str, detail: str = "") -> None:
+    def feed_state(self, state: str, detail: str = "", quiet_for: float = 0.0) -> None:
         assert not self._busy, "feed_state() during resync()"
         self.log.append(("state", state, detail))
+        self.quiet.append(quiet_for)
 
     def session_failed(self, reason: str, refused: bool) -> None:
         self.log.append(("failed", reason))
@@ -251,6 +253,7 @@ async def test_silent_socket_is_detected_by_keepalive_then_reconnects(nursery):
     await sink.wait_for(lambda s: s.states == ["connecting", "connected", "disconnected", "connected"])
     detail = next(e[2] for e in sink.log if e[:2] == ("state", "disconnected"))
     assert "keepalive" in detail
+    assert sink.quiet[sink.states.index("disconnected")] == 0.3  # silent since the unanswered call at least
     assert sink.resyncs == 2 and len(fake.paths) == 2
     await trio.sleep(1)  # the second connection answers its keepalives: it stays up
     assert sink.states[-1] == "connected" and len(fake.paths) == 2

@@ -237,7 +237,7 @@ def test_the_event_feed_says_why_xos_certificate_is_refused(tls_sim, tmp_path):
         def apply(self, kind: str, items: dict) -> None:
             pass
 
-        def feed_state(self, state: str, detail: str = "") -> None:
+        def feed_state(self, state: str, detail: str = "", quiet_for: float = 0.0) -> None:
             pass
 
         def session_failed(self, reason: str, refused: bool) -> None:

@@ -99,6 +99,24 @@ async def test_while_the_feed_is_down_xo_is_read_again_every_interval_and_never_
         r"XO event feed down for [01] s: re-reading XO's objects every 0.5 s until it is back", announced[0])
 
 
+async def test_a_loss_noticed_after_a_silence_counts_from_the_silence(no_share):
+    """QA helper 48: a socket that fell silent is taken for lost only when a keepalive call goes unanswered
+    (up to 2 x --keepalive later), and the first re-read came a whole interval after that: a change made
+    as it fell silent showed 90 s later by default. The silence counts towards the interval now."""
+    xo = FakeXo()
+    syncer, cache = make_syncer(xo)
+    syncer.feed_state("connected")
+    await syncer.load()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(syncer.poll_while_down)
+        await trio.sleep(2 * INTERVAL)  # live a while: the last full read is older than an interval
+        xo.vm_name = "renamed"
+        syncer.feed_state("disconnected", "no answer to the keepalive call", quiet_for=INTERVAL)
+        await trio.sleep(INTERVAL / 4)
+        assert xo.reads == 2 and name_of(cache) == "renamed"
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_failed_read_is_logged_and_tried_again_and_the_cache_is_kept(caplog, no_share):
     caplog.set_level(logging.INFO, "xofs.sync")
     xo = FakeXo()

@@ -52,8 +52,8 @@ class _Sink:
     def apply(self, kind: str, items: dict) -> None:
         self.syncer.apply(kind, items)
 
-    def feed_state(self, state: str, detail: str = "") -> None:
-        self.syncer.feed_state(state, detail)
+    def feed_state(self, state: str, detail: str = "", quiet_for: float = 0.0) -> None:
+        self.syncer.feed_state(state, detail, quiet_for)
         if state == "disconnected":
             self.on_lost()
 

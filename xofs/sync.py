@@ -169,7 +169,9 @@ class Syncer:
         self.events += 1
         self._dispatch(self.cache.apply(kind, items))
 
-    def feed_state(self, state: str, detail: str = "") -> None:
+    def feed_state(self, state: str, detail: str = "", quiet_for: float = 0.0) -> None:
+        """The feed's new state. A loss noticed `quiet_for` seconds after the feed fell silent counts from
+        then: the first re-read comes `--poll-interval` after the silence began, not after it was noticed."""
         if state == self.state:
             return
         if state == "connected":
@@ -190,7 +192,7 @@ class Syncer:
         if not (state in down and self.state in down):  # "disconnected for" counts from the last live feed
             self.state_since = time.time()
         if self.state == "connected":
-            self._down_at = time.monotonic()
+            self._down_at = time.monotonic() - quiet_for
             self._polled_this_outage = False
         if state == "connected":
             self._said_not_up = False

@@ -69,6 +69,7 @@ class EventFeed:
         self._pending: dict[int, _PendingCall] = {}
         self._live: WebSocketConnection | None = None  # set while signed in
         self._drop_reason: str | None = None
+        self._drop_quiet = 0.0  # how long the socket had been silent when it was taken for lost
         self._session_scope: trio.CancelScope | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -91,7 +92,7 @@ class EventFeed:
     async def _session(self) -> None:
         """Connect, sign in, resync, then apply notifications until the connection is lost (raises
         `SessionEnded`, or `XoAuthError` for a refused sign-in: fatal at the first start only)."""
-        self._drop_reason = None
+        self._drop_reason, self._drop_quiet = None, 0.0
         refused: XoAuthError | None = None
         queue_in, queue_out = trio.open_memory_channel[tuple[str, dict]](math.inf)
         # trio-websocket's own connect_timeout fires, but its nursery then waits for its reader task, which a
@@ -118,7 +119,7 @@ class EventFeed:
             self._fail_pending(self._drop_reason or "connection closed")
         if refused is not None:
             raise refused
-        raise SessionEnded(self._drop_reason or "connection closed")
+        raise SessionEnded(self._drop_reason or "connection closed", self._drop_quiet)
 
     async def _signed_in(self, ws: WebSocketConnection, queue_in: trio.MemorySendChannel[tuple[str, dict]],
                          queue_out: trio.MemoryReceiveChannel[tuple[str, dict]]) -> XoAuthError | None:
@@ -160,7 +161,8 @@ class EventFeed:
                 except XoError:
                     pass  # an answer, even an error, proves the link is alive
             if scope.cancelled_caught:
-                self._lose(f"no answer to the keepalive call within {self._keepalive:g} s")
+                # Silent since the call at least: the changes made meanwhile are unknown since then.
+                self._lose(f"no answer to the keepalive call within {self._keepalive:g} s", self._keepalive)
                 return
 
     async def _read_frames(self, ws: WebSocketConnection,
@@ -174,10 +176,10 @@ class EventFeed:
                 if reason else ""
             self._lose(f"websocket closed{detail}")
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, quiet_for: float = 0.0) -> None:
         """Record why the session ends (the first reason wins) and end it."""
         if self._drop_reason is None:
-            self._drop_reason = reason
+            self._drop_reason, self._drop_quiet = reason, quiet_for
         self._live = None
         if self._session_scope is not None:
             self._session_scope.cancel()

@@ -28,8 +28,10 @@ class EventSink(Protocol):
     def apply(self, kind: str, items: dict) -> None:
         """One `all` notification: kind "enter" (items: id -> object) or "exit" (items: id -> 0)."""
 
-    def feed_state(self, state: str, detail: str = "") -> None:
-        """"connecting" (at start), "connected" (live), "disconnected" (with the reason; once per loss)."""
+    def feed_state(self, state: str, detail: str = "", quiet_for: float = 0.0) -> None:
+        """"connecting" (at start), "connected" (live), "disconnected" (with the reason; once per loss).
+        `quiet_for`: how long before a loss was noticed the feed had already been of no use (a silent socket
+        is taken for lost only once a keepalive call went unanswered)."""
 
     def session_failed(self, reason: str, refused: bool) -> None:
         """Every session that ended, the retries while disconnected too; `refused`: XO refused the token
@@ -37,7 +39,11 @@ class EventSink(Protocol):
 
 
 class SessionEnded(Exception):
-    """A session ended; the message says why."""
+    """A session ended; the message says why, `quiet_for` how long it had been silent by then."""
+
+    def __init__(self, reason: str, quiet_for: float = 0.0) -> None:
+        super().__init__(reason)
+        self.quiet_for = quiet_for
 
 
 class Reconnector:
@@ -63,11 +69,11 @@ class Reconnector:
         self._set_state("connecting")
         delay = self.backoff[0]
         while True:
-            refused = False
+            refused, quiet_for = False, 0.0
             try:
                 await session()
             except SessionEnded as end:
-                reason = str(end)
+                reason, quiet_for = str(end), end.quiet_for
             except XofsError as err:
                 if self._task_status is not None and isinstance(err, fatal):
                     raise
@@ -75,7 +81,7 @@ class Reconnector:
                 refused = isinstance(err, XoAuthError)
             if self.state == "connected":
                 delay = self.backoff[0]
-            self._set_state("disconnected", reason)
+            self._set_state("disconnected", reason, quiet_for)
             self.sink.session_failed(reason, refused)
             sleep = random.uniform(delay / 2, delay)
             self.log.warning("%s: %s; reconnecting in %.1f s", self.name, reason, sleep)
@@ -104,8 +110,8 @@ class Reconnector:
         async for kind, items in queue:
             self.sink.apply(kind, items)
 
-    def _set_state(self, state: str, detail: str = "") -> None:
+    def _set_state(self, state: str, detail: str = "", quiet_for: float = 0.0) -> None:
         """Tell the sink, only on a change: retries while disconnected stay in the log."""
         if state != self.state:
             self.state = state
-            self.sink.feed_state(state, detail)
+            self.sink.feed_state(state, detail, quiet_for)

@@ -80,7 +80,7 @@ class SseFeed:
                     sub_id = await self._init(events)
                     await self._follow(http, sub_id, events)
             except httpx.ReadTimeout:
-                raise SessionEnded(f"no event nor ping for {self._timeout.read:g} s") from None
+                raise SessionEnded(f"no event nor ping for {self._timeout.read:g} s", self._timeout.read) from None
             except httpx.TransportError as exc:
                 raise xo_unreachable(exc, self.url) from exc
 
