@@ -609,7 +609,8 @@ class XoFS(pyfuse3.Operations):
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if isinstance(node.content, Rendered | TypeSnapshot | Live):
-            opened = RenderedFile(self.render(node.content))
+            # The handle is made before any wait, so that a stat meanwhile covers the version it reads.
+            info = self._add_handle(inode, RenderedFile(self.render(node.content)))
             number = self._attrs_dropping.get(inode)
             if number is not None:
                 if self.invalidator.pending(number):
@@ -618,7 +619,7 @@ class XoFS(pyfuse3.Operations):
                     await self.invalidator.settled()
                 if self._attrs_dropping.get(inode) == number:  # not one queued meanwhile, still on its way
                     del self._attrs_dropping[inode]
-            return self._add_handle(inode, opened)
+            return info
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
         return self._add_handle(inode, await self.exports.open(node.content, path))

@@ -120,7 +120,8 @@ class Syncer:
     async def poll_while_down(self) -> None:
         """Forever: while no event feed is live, `load` every `poll_interval` seconds, counted from the loss or
         from the last read, whichever came later (a feed that comes back within `interval` re-reads
-        everything itself, so a short loss costs no extra read), and at least ten times as long as the last
+        everything itself, so a short loss costs no extra read; a loss found after a silence counts from the
+        silence, and its first read may come at once), and at least ten times as long as the last
         read that succeeded took (a read of 10,000 VMs takes seconds of CPU: polling must not become most of
         the daemon's work), up to `POLL_PAUSE_MAX`. 0: never. A failed read is logged and tried again as long
         after, with no retry of its own (the next poll is that); the mount keeps serving what it has."""
@@ -190,7 +191,7 @@ class Syncer:
                         detail or "no reason given", self.freshness.fallback_ttl)
         down = ("starting", "connecting", "disconnected")
         if not (state in down and self.state in down):  # "disconnected for" counts from the last live feed
-            self.state_since = time.time()
+            self.state_since = time.time() - (quiet_for if state == "disconnected" else 0.0)
         if self.state == "connected":
             self._down_at = time.monotonic() - quiet_for
             self._polled_this_outage = False

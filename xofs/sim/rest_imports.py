@@ -161,13 +161,19 @@ class Importer:
         # XAPI ends the task and XO answers while its objects still show the marks: they go in XO's next
         # event batch, with the task (`import-raw-4MiB.ws-frames.jsonl`: success at 0.425 s, 201 at 0.468 s,
         # marks and task gone at 0.627 s).
-        self.model.attach_disk_file(vdi["id"], path, usage=length)
-        self.model.finish_task(task, with_exit=lambda: self._unmark(vdi["id"], marks))
+        attached = False
+        try:
+            self.model.attach_disk_file(vdi["id"], path, usage=length)
+            attached = True
+        finally:  # a VDI deleted meanwhile: the task fails, and leaves all the same
+            self.model.finish_task(task, status="success" if attached else "failure",
+                                   with_exit=lambda: self._unmark(vdi["id"], marks))
 
     def _unmark(self, vdi_id: str, marks: dict[str, str]) -> None:
+        """Take this import's marks off the VDI (not those of another import into it since)."""
         current = self.model.get(vdi_id)
         if current is not None:
-            kept = {k: v for k, v in current["other_config"].items() if k not in marks}
+            kept = {k: v for k, v in current["other_config"].items() if marks.get(k) != v}
             self.model.update(vdi_id, {"other_config": kept})
 
     def _base_disk(self, vdi: dict[str, Any] | None) -> Any:
