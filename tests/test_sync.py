@@ -62,6 +62,15 @@ def name_of(cache: ObjectCache) -> str | None:
     return None if vm is None else vm["name_label"]
 
 
+async def live_syncer() -> tuple[FakeXo, Syncer, ObjectCache]:
+    """A syncer whose feed is live, XO read once."""
+    xo = FakeXo()
+    syncer, cache = make_syncer(xo)
+    syncer.feed_state("connected")
+    await syncer.load()
+    return xo, syncer, cache
+
+
 @pytest.fixture
 def no_share(monkeypatch):
     """Polls every interval however long a read takes (each full read runs the cyclic collector over the
@@ -72,10 +81,7 @@ def no_share(monkeypatch):
 async def test_while_the_feed_is_down_xo_is_read_again_every_interval_and_never_while_it_is_live(caplog,
                                                                                                  no_share):
     caplog.set_level(logging.INFO, "xofs.sync")
-    xo = FakeXo()
-    syncer, cache = make_syncer(xo)
-    syncer.feed_state("connected")
-    await syncer.load()
+    xo, syncer, cache = await live_syncer()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(syncer.poll_while_down)
         xo.vm_name = "renamed"
@@ -103,10 +109,7 @@ async def test_a_loss_noticed_after_a_silence_counts_from_the_silence(no_share):
     """QA helper 48: a socket that fell silent is taken for lost only when a keepalive call goes unanswered
     (up to 2 x --keepalive later), and the first re-read came a whole interval after that: a change made
     as it fell silent showed 90 s later by default. The silence counts towards the interval now."""
-    xo = FakeXo()
-    syncer, cache = make_syncer(xo)
-    syncer.feed_state("connected")
-    await syncer.load()
+    xo, syncer, cache = await live_syncer()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(syncer.poll_while_down)
         await trio.sleep(2 * INTERVAL)  # live a while: the last full read is older than an interval
