@@ -10,7 +10,7 @@ its generic error handler writes them (`SimError` codes to statuses, `{error, da
 
 With `legacy=True` (`xofs sim --legacy`) the answers that changed with the tsoa rewrite take their
 pre-5.111 form (era L): a text `Unauthorized` 401 (cookie only), the HTML 404 for an unknown object, a bare
-UUID 200 for an import and `OK` 200 for a delete.
+UUID 200 for an import, `OK` 200 for a delete, and the legacy router's PATCH (`Editor.patch_legacy`).
 """
 
 from __future__ import annotations
@@ -357,7 +357,9 @@ class RestApp:
         await self.exporter.export_vdi(req, send, COLLECTIONS[coll], obj_id, fmt)
 
     async def patch(self, req: Request, send: Send, coll: str, obj_id: str) -> None:
-        if coll == "vms":
+        if self.legacy:
+            await self.editor.patch_legacy(req, COLLECTIONS[coll], obj_id)
+        elif coll == "vms":
             await self.editor.patch_vm(req, obj_id)
         else:
             await self.editor.patch_vdi(req, obj_id)

@@ -147,6 +147,25 @@ class Editor:
         if "size" in body:
             self.model.vdi_set(vdi["id"], size=int(body["size"]))
 
+    async def patch_legacy(self, req: Request, type_: str, obj_id: str) -> None:
+        """The legacy router's PATCH (before 5.111; `rest-api.mjs` at e6573e26a9^): `name_description`,
+        `name_label` and `tags`, each set through XAPI, and every other key (`nameLabel` among them) ignored.
+        It answered 204 without waiting for the sets (it awaited the array of their promises, not them), so
+        a value XAPI refuses (a number for a name) fails unseen: nothing changes."""
+        try:
+            body = await read_json_body(req)
+        except RestError as error:
+            if error.status != 422:
+                raise
+            body = {}  # JSON that is no object: no key of it is read
+        obj = self.model.get_typed(obj_id, type_)
+        setter = self.model.vm_set if type_ == "VM" else self.model.vdi_set
+        for key in ("name_description", "name_label", "tags"):
+            value = body.get(key)
+            if isinstance(value, str) if key != "tags" else (
+                    isinstance(value, list) and all(isinstance(tag, str) for tag in value)):
+                setter(obj["id"], **{key: value})
+
     def delete(self, type_: str, obj_id: str) -> None:
         obj = self.model.get_typed(obj_id, type_)
         if type_ in ("VDI", "VDI-snapshot"):
