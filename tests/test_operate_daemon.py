@@ -315,6 +315,32 @@ def test_the_detached_daemon_leaves_its_directory_and_keeps_relative_paths_worki
         daemon.cleanup()
 
 
+def test_a_view_plugin_that_failed_to_load_is_named_on_the_terminal(sim, tmp_path):
+    """A detached `xofs mount` said nothing and exited 0 when a plugin failed to load: its directory was
+    silently missing (QA helper 49). The mount still goes on without it; the terminal now says so."""
+    site = tmp_path / "site"
+    (site / "broken-0.1.dist-info").mkdir(parents=True)
+    (site / "broken_view.py").write_text("raise ImportError('a module it needs is missing')\n")
+    (site / "broken-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
+    (site / "broken-0.1.dist-info" / "entry_points.txt").write_text("[xofs.views]\nbroken = broken_view:View\n")
+    (tmp_path / "mnt").mkdir()
+    daemon = Daemon(tmp_path / "mnt")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "xofs", "mount", sim.url, str(tmp_path / "mnt")],
+                              env={**os.environ, "XOFS_TOKEN": sim.token, "XOFS_STATE_DIR": str(tmp_path / "state"),
+                                   "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        daemon.attach()
+        assert proc.stderr == ("xofs: warning: view plugin broken: broken = broken_view:View failed to load; its "
+                               "directory is left out (the log says why)\n")
+        assert_documented(proc.stderr.strip())
+        assert "vms" in os.listdir(tmp_path / "mnt") and "broken" not in os.listdir(tmp_path / "mnt")
+        assert xofs("umount", str(tmp_path / "mnt")).returncode == 0
+        daemon.wait_gone()
+    finally:
+        daemon.cleanup()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_while_xo_is_slow_to_answer_calls_the_start_off(fresh_sim, tmp_path, signum):
     """The daemon lives in a session of its own, so Ctrl-C reached only the waiting command: it printed a

@@ -53,8 +53,10 @@ class Reporter:
         self.fd = fd
         self.detached = fd is not None
 
-    def ready(self) -> None:
-        self._send("ok")
+    def ready(self, warnings: list[str] | None = None) -> None:
+        """The mount is live; `warnings` go to the terminal of the command that started a detached daemon
+        (a daemon in the foreground has logged them there already)."""
+        self._send("\n".join(["ok", *(warnings or [])]))
         if self.detached:  # the terminal is the parent's: the daemon writes nothing there any more
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
@@ -115,7 +117,10 @@ def detach(serve: Callable[[Reporter], int], prepare: Callable[[], None]) -> int
         finally:
             for signum, handler in before.items():
                 signal.signal(signum, handler)
-        if message == "ok":
+        first, _, warnings = message.partition("\n")
+        if first == "ok":
+            if warnings:
+                print(warnings, file=sys.stderr)
             return 0
         print(message or "xofs: the mount daemon died before the mount was live", file=sys.stderr)
         return 1

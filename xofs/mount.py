@@ -326,6 +326,7 @@ class Parts:
     exports: ExportManager
     imports: ImportManager
     invalidator: Invalidator
+    plugins_failed: list[str]  # the view plugins that failed to load (logged), for the terminal
 
     @asynccontextmanager
     async def running(self, *, load_only: bool = False) -> AsyncIterator[trio.Nursery]:
@@ -402,7 +403,8 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
                             server_key=server_key, max_uploads=options.max_uploads, read_only=options.read_only,
                             notify=lambda sr_id, names: fs_ref[0].import_entries_changed(sr_id, names),
                             shutdown_wait=options.import_wait)
-    tree = Tree(cache, load_views(), imports)
+    plugins_failed: list[str] = []
+    tree = Tree(cache, load_views(failed=plugins_failed), imports)
     fs = XoFS(tree, exports=exports, imports=imports, invalidator=invalidator, freshness=freshness,
               read_only=options.read_only, uid=options.uid, gid=options.gid, umask=options.umask)
     fs_ref.append(fs)
@@ -416,7 +418,8 @@ def assemble(url: str, credentials: str | Credentials, options: MountOptions) ->
     feeds = FeedRunner(options.events, url, credentials, syncer, verify=options.verify,
                        connect_timeout=options.connect_timeout, keepalive=options.keepalive)
     imports.xapi_tasks = feeds.xapi_tasks  # what tells an import under way from what a failed one left
-    return Parts(url, credentials, client, cache, tree, fs, syncer, feeds, exports, imports, invalidator)
+    return Parts(url, credentials, client, cache, tree, fs, syncer, feeds, exports, imports, invalidator,
+                 plugins_failed)
 
 
 class Mount:
@@ -497,7 +500,8 @@ class Mount:
                                  args.mountpoint, len(parts.cache), parts.feeds.kind, credentials.describe())
                         notify_systemd(f"READY=1\nMAINPID={os.getpid()}\n"
                                        f"STATUS=mounted {parts.url} on {args.mountpoint}")
-                        reporter.ready()
+                        reporter.ready([f"xofs: warning: view plugin {plugin} failed to load; its directory is "
+                                        "left out (the log says why)" for plugin in parts.plugins_failed])
                         await pyfuse3.main()
                     stopper.fuse_done()
                 finally:

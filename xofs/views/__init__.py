@@ -231,11 +231,12 @@ class View(Protocol):
     # show (/search/<expression> exists whenever it is looked up, yet is never listed).
 
 
-def load_views(names: list[str] | None = None) -> dict[str, View]:
+def load_views(names: list[str] | None = None, failed: list[str] | None = None) -> dict[str, View]:
     """Instantiate the views registered under `xofs.views` (all, or those named), by directory name.
 
     xofs's own views come first and keep their names; third-party ones follow in the order of their
-    distribution and entry point names (not the order of the files on disk), the first keeping a name."""
+    distribution and entry point names (not the order of the files on disk), the first keeping a name.
+    The entry points that failed to load are logged, and appended to `failed` if given."""
     views: dict[str, View] = {}
     owners: dict[str, str] = {}
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=_load_order):
@@ -250,6 +251,8 @@ def load_views(names: list[str] | None = None) -> dict[str, View]:
             # The cause on the line itself: `xofs status` keeps only the first line of a log record.
             log.error("view plugin %s failed to load; its directory is left out: %s: %s", _describe(ep),
                       type(err).__name__, err, exc_info=True)
+            if failed is not None:
+                failed.append(_describe(ep))
             continue
         if view.name in views:
             log.warning("two view plugins want /%s; keeping %s, ignoring %s", view.name, owners[view.name],
