@@ -201,8 +201,9 @@ class XoFS(pyfuse3.Operations):
         for item in items:
             if isinstance(item, InvalidateInode):
                 number = self.invalidator.inode(item.ino, attr_only=self._open_count.get(item.ino, 0) > 0)
-                if isinstance(getattr(self.tree.inode(item.ino), "node", None), File):
-                    self._attrs_dropping[item.ino] = number
+                node = getattr(self.tree.inode(item.ino), "node", None)
+                if isinstance(node, File) and isinstance(node.content, Rendered | TypeSnapshot | Live):
+                    self._attrs_dropping[item.ino] = number  # what `open` of a rendered file waits for
                 if item.ino in self._told:  # the kernel's attributes of an open file change (see `read`)
                     count, size = self._told[item.ino]
                     self._told[item.ino] = (count + 1, size)

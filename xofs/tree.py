@@ -186,7 +186,7 @@ class Tree:
         self._failed.discard((path, "lookup"))
         problem = None if node is None else node_problem(node)
         if problem is not None:
-            log.warning("view /%s answered a lookup of %s with no node: %s", path[0], "/" + "/".join(path), problem)
+            log.warning("view /%s answered a lookup of %s with no node: %s", path[0], where, problem)
             return None
         return node
 
