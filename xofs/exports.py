@@ -38,6 +38,7 @@ import trio
 from xofs.cache import Change, ObjectCache
 from xofs.client.export import ExportResponse, without_url
 from xofs.client.rest import DISK_TYPES, RestClient
+from xofs.client.upload import IMPORT_MARK
 from xofs.errors import XofsError, XoProtocolError
 from xofs.export_checks import check_for
 from xofs.export_sizes import (
@@ -62,7 +63,6 @@ LIVE_POWER_STATES = frozenset({"Running", "Paused"})  # a VM in these may change
 BUFFERS_IDLE = 60.0  # seconds without a running export after which the receive buffers are unmapped
 
 VM_TYPES = frozenset({"VM", "VM-snapshot"})
-IMPORT_MARK = "xo:import:"  # the `other_config` keys XO sets on a disk while an import fills it
 
 
 class ExportReadError(XofsError):

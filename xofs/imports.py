@@ -45,6 +45,7 @@ import trio
 
 from xofs.cache import Change, ObjectCache
 from xofs.client.rest import GATEWAY_STATUSES, RestClient
+from xofs.client.upload import IMPORT_MARK_LENGTH, IMPORT_MARK_TASK
 from xofs.errors import TasksUnknown, XoError, XofsError
 from xofs.files import Caller, FileAttrs, ImportEntry, OpenFile, OpenInfo
 from xofs.formats.vhd import FOOTER_SIZE, VhdError, check_import_footer
@@ -827,7 +828,7 @@ class ImportManager:
                 i.superseded for d in self._dirs.values() for i in d.values()}
             new = [v for v in vdis if v.get("$SR") == sr_id and v.get("name_label") == label
                    and v["id"] not in before and v["id"] not in ours]
-            marked = [v for v in new if (v.get("other_config") or {}).get("xo:import:length") == str(length)]
+            marked = [v for v in new if (v.get("other_config") or {}).get(IMPORT_MARK_LENGTH) == str(length)]
             if not marked:
                 finished = [v["id"] for v in new]
                 if finished:  # XO read the whole image before the upload was cut, or another client's import
@@ -850,8 +851,8 @@ class ImportManager:
             except XofsError as err:
                 return f"XAPI's tasks cannot be asked: {err.describe()}"
             busy = [task_id for task_id, task in tasks.items() if task.get("status") in ("pending", "success")
-                    and any(task_id == v["other_config"].get("xo:import:task")
-                            or ("xo:import:task" not in v["other_config"]
+                    and any(task_id == v["other_config"].get(IMPORT_MARK_TASK)
+                            or (IMPORT_MARK_TASK not in v["other_config"]
                                 and str(task.get("name_label", "")).startswith(f"{IMPORT_TASK} {label} on SR "))
                             for v in marked)]
             if busy:

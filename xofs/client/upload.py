@@ -38,6 +38,11 @@ from xofs.errors import XofsError, XoProtocolError, XoUnreachable
 BLOCK = 1 << 20  # progress is reported, and cancellation checked, once per block
 DROP_EVERY = 16 << 20  # how often the pages behind the upload are dropped
 DROP_LAG = 32 << 20  # how far behind the upload a page must be to be dropped
+# The `other_config` keys XO sets on a disk while an import fills it (xo-api.md; it removes them when the
+# import ends): the import task's id and the body length.
+IMPORT_MARK = "xo:import:"
+IMPORT_MARK_TASK = IMPORT_MARK + "task"
+IMPORT_MARK_LENGTH = IMPORT_MARK + "length"
 _ANSWER_GRACE = 5.0  # after the sending broke, how long XO's answer (its reason) is still waited for
 
 
