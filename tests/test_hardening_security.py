@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import stat
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,7 @@ from tests.hardening_support import (
     vdi_ids,
     writable_sr,
 )
+from tests.operate_support import assert_documented
 from tests.support import DEFAULT_TOKEN, MountProcess, SimProcess, require_tool, wait_for
 
 pytestmark = pytest.mark.mount
@@ -79,6 +82,33 @@ def as_other(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(["runuser", "-u", OTHER, "--", *cmd], capture_output=True, text=True, timeout=60)
 
 
+def xofs_status_as_other(path: Path) -> tuple[int, str]:
+    """`xofs status PATH` run as the second user, in a forked child of this process: the interpreter and its
+    packages may live where that user cannot go (a clean clone under /root). Its exit status and stderr."""
+    user = pwd.getpwnam(OTHER)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read)
+            sys.stdout = sys.stderr = open(write, "w")  # noqa: SIM115
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            from xofs.cli import main
+            code = main(["status", str(path)])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with open(read) as answer:
+        text = answer.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), text
+
+
 def mount_options(mount: MountProcess) -> set[str]:
     with open("/proc/mounts") as mounts:
         for line in mounts:
@@ -107,6 +137,18 @@ def test_private_by_default(sim, other_user, public_dir, tmp_path):
                     ["stat", str(root / "vms")], ["cp", "/etc/hostname", str(root / "srs" / sr / "import" / "x.raw")]):
             denied = as_other(*cmd)
             assert denied.returncode != 0 and "Permission denied" in denied.stderr, (cmd, denied.stderr)
+        # `xofs status` as the second user says why it cannot look, and tells the mount (FUSE refuses) from a
+        # path it cannot reach (pytest's tmp_path is private to root).
+        code, said = xofs_status_as_other(root)
+        assert code == 1 and said.strip() == (f"xofs status: {root} is another user's mount, made without "
+                                               "--allow-other: only that user can look into it (run xofs status "
+                                               "as them)"), said
+        assert_documented(said.strip())
+        code, said = xofs_status_as_other(tmp_path / "mnt")
+        assert code == 1 and said.strip() == (f"xofs status: {tmp_path / 'mnt'} cannot be reached: a directory "
+                                               "above it lets only its owner in (run xofs status as the mount's "
+                                               "user)"), said
+        assert_documented(said.strip())
     finally:
         mount.stop()
 

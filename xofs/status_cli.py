@@ -55,6 +55,9 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
         raise StatusError(f"{mountpoint} is not an xofs mount (it has no .xofs/status.json)") from None
     except OSError as err:
         if err.errno == errno.EACCES:
+            if not os.access(mountpoint.parent, os.X_OK):
+                raise StatusError(f"{mountpoint} cannot be reached: a directory above it lets only its owner in "
+                                  "(run xofs status as the mount's user)") from None
             raise StatusError(f"{mountpoint} is another user's mount, made without --allow-other: only that user "
                               "can look into it (run xofs status as them)") from None
         if err.errno == errno.ENOTCONN:
