@@ -30,6 +30,7 @@ from tests.operate_support import (
     xofs,
 )
 from tests.support import MountProcess, SimProcess, force_unmount, is_mounted
+from xofs.credentials import redact
 
 OTHER_TOKEN = SECRET_PREFIX + "rotated-0123456789abcdefghijklm"
 
@@ -334,3 +335,15 @@ def test_xo_clis_configuration_writable_by_others_is_refused(sim, tmp_path):
                                               f"their token in it: chmod 600 {config}"], proc.stderr
     assert_documented(lines[0])
     assert not is_mounted(mnt)
+
+
+def test_log_lines_lose_the_secrets_and_keep_their_words():
+    """A short Basic password (helper 45: `ex`) blanked every word it is part of (`<secret>ample.net`); it is
+    now blanked where it stands as a word of its own, and a long secret wherever it appears."""
+    assert redact("signing in to https://ex@example.net as admin", "ex") == (
+        "signing in to https://<secret>@example.net as admin")
+    assert redact("admin:ex@xo.lan", "ex") == "admin:<secret>@xo.lan"
+    assert redact("a-ex_b ex. (ex)", "ex") == "a-<secret>_b <secret>. (<secret>)"
+    assert redact("next expires", "ex") == "next expires"
+    token = "k3J9xQ2mL8vP"
+    assert redact(f"x{token}y and {token}", token) == "x<secret>y and <secret>"

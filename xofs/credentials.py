@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import stat
 from collections.abc import Callable, Mapping
@@ -424,6 +425,18 @@ class Redactor(logging.Filter):
         secrets = [s for s in self.credentials.secrets() if s in message]
         if secrets:
             for secret in secrets:
-                message = message.replace(secret, "<secret>")
+                message = redact(message, secret)
             record.msg, record.args = message, None
         return True
+
+
+SHORT_SECRET = 8  # characters: a secret shorter than this is blanked only where it stands as a word of its own
+
+
+def redact(message: str, secret: str) -> str:
+    """`message` with `secret` blanked out. A short one (a weak Basic password such as `ex`) is blanked only
+    where no letter or digit touches it, so that it does not blank every word it is part of
+    (`<secret>ample.net`); one as a word of its own (`user:ex@host`, `password ex`) still goes."""
+    if len(secret) >= SHORT_SECRET:
+        return message.replace(secret, "<secret>")
+    return re.sub(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])", "<secret>", message)
