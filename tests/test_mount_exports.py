@@ -340,7 +340,8 @@ def test_sniffing_the_start_cancels_the_export(setup):
     assert _export_gets(sim, f"vms/{sim.halted_vm}.xva") == before + 1
     deadline = time.monotonic() + 10
     # (Python's buffered read asks for st_blksize, 1 MiB, of the 70 MB export)
-    while f"{src.name}: closed at offset {MiB}; export" not in mount.log_text():
+    opener = f"pid {os.getpid()} ({Path('/proc/self/comm').read_text().strip()})"  # who to ask what read it
+    while f"{src.name}: closed at offset {MiB} by {opener}; export" not in mount.log_text():
         assert time.monotonic() < deadline, "the export was not cancelled at close"
         time.sleep(0.1)
     assert f"/vms/{sim.halted_vm}.xva measured" not in mount.log_text()

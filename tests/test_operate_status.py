@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.operate_support import assert_documented, status_of, xofs
 from tests.support import is_mounted
@@ -81,6 +82,10 @@ def test_xofs_status_shows_transfers_under_way(fresh_sim, make_mount, tmp_path):
         assert export_t["size"] == vdi["size"] and export_t["size_exact"] and export_t["read"] == 2 << 20
         assert 2 << 20 <= export_t["done"] < vdi["size"] and export_t["rate"] > 0 and export_t["eta"] > 0
         assert (import_t["phase"], import_t["done"], import_t["size"]) == ("writing", 1 << 20, None)
+        opener = f"pid {os.getpid()} ({Path('/proc/self/comm').read_text().strip()})"
+        assert export_t["opener"] == opener  # what started an export in XO: a scanner would show here
+        assert any(line.strip().startswith(f"export  /vdis/{vdi['id']}.raw  streaming") and line.endswith(opener)
+                   for line in lines), lines
 
         everywhere = xofs("status")  # without a mount point: every xofs mount
         assert everywhere.returncode == 0 and f" on {root} " in everywhere.stdout

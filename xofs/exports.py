@@ -268,11 +268,11 @@ class ExportManager:
         _, source = self.size_of(export)
         return {"user.xo.size_exact": b"false" if source == "bound" else b"true"}
 
-    async def open(self, export: Export, path: str) -> ExportFile:
+    async def open(self, export: Export, path: str, caller: Caller | None = None) -> ExportFile:
         if self.cache.get(export.obj_id) is None:
             raise XofsError(f"{path}: XO has no object {export.obj_id} any more", object_id=export.obj_id,
                             errno_=errno.ENOENT)
-        file = ExportFile(self, export, path)
+        file = ExportFile(self, export, path, caller.describe() if caller is not None else "")
         self.open_files.add(file)
         return file
 
@@ -312,7 +312,8 @@ class ExportManager:
             size, basis = self.size_of(file.export)
             out.append({"kind": "export", "path": file.path, "export": file.export.url_path,
                         "phase": phase, "done": received, "read": file.position, "size": size,
-                        "size_exact": basis != "bound", "complete": complete, "elapsed": now - file.opened})
+                        "size_exact": basis != "bound", "complete": complete, "elapsed": now - file.opened,
+                        "opener": file.opener})
         return out
 
     # --- starting exports ---
@@ -397,10 +398,11 @@ def _import_marks_gone(change: Change) -> bool:
 class ExportFile:
     """One open export file (an `OpenFile`). Reads come one at a time from the kernel for one reader."""
 
-    def __init__(self, manager: ExportManager, export: Export, path: str) -> None:
+    def __init__(self, manager: ExportManager, export: Export, path: str, opener: str = "") -> None:
         self.manager = manager
         self.export = export
         self.path = path
+        self.opener = opener  # who opened it (`pid 1234 (cp)`), for the log: what starts exports in XO
         self.info = OpenInfo(direct_io=True, keep_cache=False)
         self.feed: ExportFeed | None = None  # reading from memory
         self.entry: SpoolEntry | None = None  # reading from the spool
@@ -623,8 +625,8 @@ class ExportFile:
         if self.feed is not None:
             feed, self.feed = self.feed, None
             if not feed.done:
-                log.debug("%s: closed at offset %d; export %s cancelled after %d bytes", self.path,
-                          self.position, feed.label, feed.received)
+                log.debug("%s: closed at offset %d by %s; export %s cancelled after %d bytes", self.path,
+                          self.position, self.opener or "its opener", feed.label, feed.received)
             feed.cancel()
         if self.entry is not None:
             entry, self.entry = self.entry, None

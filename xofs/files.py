@@ -49,6 +49,14 @@ class Caller:
     uid: int = 0
     gid: int = 0
 
+    def describe(self) -> str:
+        """`pid 1234 (cp)`, for log lines that name who opened a file; the name is gone with the process."""
+        try:
+            with open(f"/proc/{self.pid}/comm") as comm:
+                return f"pid {self.pid} ({comm.read().strip()})"
+        except OSError:
+            return f"pid {self.pid}"
+
 
 class OpenFile(Protocol):
     """One open file. Operations a file does not support raise XofsError with the right errno."""

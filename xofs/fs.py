@@ -623,7 +623,7 @@ class XoFS(pyfuse3.Operations):
             return info
         if self.exports is None:
             raise XofsError("exports are not available on this mount", errno_=errno.EIO)
-        return self._add_handle(inode, await self.exports.open(node.content, path))
+        return self._add_handle(inode, await self.exports.open(node.content, path, self._caller(ctx)))
 
     @_op
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:

@@ -289,6 +289,8 @@ def _transfer(t: dict[str, Any], bars: bool) -> str:
         words.append(f"{_bytes(t['rate'])}/s")
     if t.get("eta") is not None:
         words.append(f"ETA {_duration(t['eta'])}")
+    if t.get("opener"):
+        words.append(t["opener"])
     return "  ".join(words)
 
 
