@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 import tarfile
 import time
 import tracemalloc
@@ -25,7 +26,8 @@ import xxhash
 
 from tests.support import require_tool
 from xofs.formats import vhd, xva
-from xofs.sim.disks import BLOCK_SIZE, MAX_SPREAD_BLOCKS, DiskContent, FileDisk, GeneratedDisk
+from xofs.formats.disk import BLOCK_SIZE, DiskContent
+from xofs.sim.disks import MAX_SPREAD_BLOCKS, FileDisk, GeneratedDisk
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -509,3 +511,12 @@ def test_compressed_xva_decompresses_to_the_plain_one(tmp_path):
     assert gzip.decompress(gz) == plain
     with pytest.raises(ValueError):
         list(xva.compress_stream([b""], "bogus"))  # type: ignore[arg-type]
+
+
+def test_the_daemon_loads_no_simulator_code():
+    """The formats are the client's as much as the simulator's: the daemon's modules bring in none of
+    `xofs.sim` (the VHD and XVA writers took `DiskContent` from it, so `xofs mount` loaded the simulator)."""
+    probe = ("import sys, xofs.cli, xofs.daemon, xofs.mount, xofs.fs, xofs.exports, xofs.imports, "
+             "xofs.formats.vhd, xofs.formats.xva; print(sorted(m for m in sys.modules if m.startswith('xofs.sim')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

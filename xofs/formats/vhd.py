@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from xofs.sim.disks import BLOCK_SIZE, SECTOR, DiskContent
+from xofs.formats.disk import BLOCK_SIZE, SECTOR, DiskContent
 
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024

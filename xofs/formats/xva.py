@@ -29,7 +29,7 @@ from xml.sax.saxutils import escape
 import xxhash
 import zstandard
 
-from xofs.sim.disks import DiskContent
+from xofs.formats.disk import DiskContent
 
 CHUNK_SIZE = 1024 * 1024
 TAR_BLOCK = 512
