@@ -392,6 +392,9 @@ def test_a_stop_cancels_the_export_reads_under_way_at_once(rsim, make_mount, tmp
         reader.kill()
         reader.wait()
     assert took < 5, f"the reader waited {took:.1f} s for the stop"
+    # The read under way gets EIO, as troubleshooting.md says; the close after it finds the mount gone.
+    said = reader.stderr.read().decode()
+    assert f"cat: {src}: Input/output error" in said, said
     assert mount.proc.wait(timeout=30) == 0
     cancelled = [line for line in mount.log_text().splitlines() if "was cancelled: the mount is stopping" in line]
     assert cancelled and all(line.count("/rest/v0/vdis/") == 1 for line in cancelled), cancelled

@@ -40,7 +40,7 @@ from tests.hardening_support import (
     vdi_ids,
     writable_sr,
 )
-from tests.operate_support import assert_documented
+from tests.operate_support import assert_documented, documented
 from tests.support import DEFAULT_TOKEN, MountProcess, SimProcess, require_tool, wait_for
 
 pytestmark = pytest.mark.mount
@@ -231,6 +231,10 @@ def test_nothing_destructive_reaches_xo(fresh_sim, make_mount, tmp_path):
                  ["mv", str(root / "srs" / sr / "import" / "mine.raw"), str(root / "vms" / "mine.raw")]]
     succeeded = [a for a in attempts if subprocess.run(a, capture_output=True, timeout=60).returncode == 0]
     assert succeeded == [], succeeded
+    # Each refusal's line is one that troubleshooting.md explains.
+    warnings = [line for line in mount.log_text().splitlines() if " WARNING " in line]
+    undocumented = [line for line in warnings if not documented(line)]
+    assert warnings and not undocumented, "\n".join(undocumented)
     assert subprocess.run(["rm", str(root / "srs" / sr / "import" / "mine.raw")]).returncode == 0
     assert changes_sent(stats(fresh_sim)) == {}, "something but a read reached XO"
     assert vdi_ids(fresh_sim) == vdis_before

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.operate_support import documented
 from tests.support import MountProcess, SimProcess, require_tool, set_faults, wait_for
 from tests.test_imports import make_raw, make_vhd, raw_export, sr_ids, vdis
 from xofs.imports import REWRITE_GRACE
@@ -286,6 +287,9 @@ def test_refused_content_fails_the_copy_and_leaves_nothing(fresh_sim, make_mount
     proc = sh("cp", str(huge), str(import_dir(mount, smallest) / "huge.vhd"), check=False)
     assert_refused(proc, "No space left on device", fresh_sim, before, import_dir(mount, smallest), mount)
     assert "does not fit in SR" in mount.log_text()
+    # Each refusal's line is one that troubleshooting.md explains.
+    undocumented = [line for line in mount.log_text().splitlines() if " WARNING " in line and not documented(line)]
+    assert undocumented == [], "\n".join(undocumented)
 
 
 def test_xo_failure_fails_close_with_eio_and_leaves_nothing(fresh_sim, make_mount, tmp_path):
