@@ -446,6 +446,13 @@ def test_an_interrupted_rsync_leaves_no_cut_short_vdi(fresh_sim, make_mount, tmp
     wait_for(lambda: not [v for v in vdis(fresh_sim) if v["name_label"] == "big"], 10,
              "no VDI made of the part rsync had sent")
     assert "rsync's temporary file, was removed instead of renamed" in mount.log_text()
+    # rsync's receiver and generator linger after Ctrl-C, asleep in the import directory (their working
+    # directory): they kept the mount busy, and its unmount waited 15 s for the daemon, then killed it.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(rsync.pid, signal.SIGKILL)
+    wait_for(lambda: subprocess.run(["pgrep", "-g", str(rsync.pid)], capture_output=True).returncode == 1, 10,
+             "rsync's processes to end")
+    assert mount.stop() == 0
 
 
 def test_touch_during_an_upload_does_not_wait_for_it(fresh_sim, make_mount, tmp_path):
