@@ -81,8 +81,9 @@ class ExportService(Protocol):
 
     def xattrs(self, export: Export) -> dict[str, bytes]: ...
 
-    async def open(self, export: Export, path: str) -> OpenFile:
-        """Open for reading; the export itself starts on the first read, never at open."""
+    async def open(self, export: Export, path: str, caller: Caller | None = None) -> OpenFile:
+        """Open for reading; the export itself starts on the first read, never at open. `caller`: who opened
+        it, named in the log and in `xofs status`."""
         ...
 
     def forget_object(self, obj_id: str) -> None:
