@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from tests.hardening_support import all_frame, record, scaled, send_frames, set_faults, writable_sr
+from tests.operate_support import documented
 from tests.support import MountProcess, SimProcess, wait_for
 from xofs.cache import KEPT_TYPES, ObjectCache
 from xofs.client.rest import parse_collection
@@ -133,6 +134,8 @@ def test_a_hostile_vm_listing_leaves_the_mount_up_and_the_real_objects_there(hos
     assert subprocess.run(["ls", "-lR", str(mount.mountpoint)], capture_output=True).returncode == 0
     skipped = listing_warnings(mount.log_text()[log_before:])
     assert len(skipped) == EXPECTED_SKIPPED[kind], "\n".join(skipped)
+    undocumented = [line for line in mount.log_text().splitlines() if " WARNING " in line and not documented(line)]
+    assert undocumented == [], "not in docs/troubleshooting.md:\n" + "\n".join(undocumented)
     shown = {d for d in listed if "." not in d} - set(vms)
     if kind == "hostile_names":
         assert len(shown) == len(HOSTILE_NAMES), "each hostile name is shown, safely"
@@ -200,6 +203,8 @@ def test_hostile_websocket_frames_leave_the_feed_up_and_are_logged_once_each(hos
     for needle, count in expected.items():
         assert len(warnings_about(log, needle)) == count, (needle, warnings_about(log, needle))
     assert len(warnings_about(log, "")) == sum(expected.values()), "one line per bad frame or item, no more"
+    undocumented = [line for line in log.splitlines() if " WARNING " in line and not documented(line)]
+    assert undocumented == [], "not in docs/troubleshooting.md:\n" + "\n".join(undocumented)
     # What was made up is shown safely: the ghost VM lists, its dangling disk references give no links.
     assert os.listdir(mount / "vms" / ghost_vm / "vdis") == []
     assert "ghost／..／vm" in os.listdir(mount / "by-name" / "vms")
