@@ -84,6 +84,7 @@ def test_xofs_status_shows_transfers_under_way(fresh_sim, make_mount, tmp_path):
         assert (import_t["phase"], import_t["done"], import_t["size"]) == ("writing", 1 << 20, None)
         opener = f"pid {os.getpid()} ({Path('/proc/self/comm').read_text().strip()})"
         assert export_t["opener"] == opener  # what started an export in XO: a scanner would show here
+        assert import_t["opener"] == f"pid {writer.pid} ({Path(f'/proc/{writer.pid}/comm').read_text().strip()})"
         assert any(line.strip().startswith(f"export  /vdis/{vdi['id']}.raw  streaming") and line.endswith(opener)
                    for line in lines), lines
 

@@ -148,6 +148,7 @@ class _Import:
     kept_since: float = 0.0  # when the last handle closed on an imported spool
     imported_at: float | None = None  # trio.current_time() when this mount's upload made the VDI
     renamed: bool = False  # renamed since it was made: rsync never renames its temporary file but to its end
+    writer: str = ""  # the process that last opened it for writing (`pid 1234 (cp)`), for `xofs status`
 
     @property
     def description(self) -> str:
@@ -301,10 +302,11 @@ class ImportManager:
                     sending = upload.started is not None
                     out.append({"kind": "import", "path": path, "phase": "uploading" if sending else "waiting",
                                 "done": upload.sent, "size": imp.size, "size_exact": True,
-                                "elapsed": now - upload.started if upload.started is not None else 0.0})
+                                "elapsed": now - upload.started if upload.started is not None else 0.0,
+                                "opener": imp.writer})
                 elif imp.phase is Phase.WRITING and imp.dirty:
                     out.append({"kind": "import", "path": path, "phase": "writing", "done": imp.size,
-                                "size": None, "size_exact": False, "elapsed": None})
+                                "size": None, "size_exact": False, "elapsed": None, "opener": imp.writer})
         return out
 
     def on_changes(self, changes: list[Change]) -> None:
@@ -395,6 +397,7 @@ class ImportManager:
         imp = _Import(entry.sr_id, entry.name, kind, mode & 0o777, time.time_ns())
         imports[entry.name] = imp
         self._known[entry.sr_id].add(entry.name)
+        imp.writer = caller.describe()
         return ImportFile(self, imp, writable=True, caller=caller, path=path)
 
     async def open(self, entry: ImportEntry, flags: int, caller: Caller, path: str) -> OpenFile:
@@ -408,6 +411,7 @@ class ImportManager:
         self._check_writable(path)
         if flags & os.O_TRUNC:
             self._truncate(imp, 0, path)
+        imp.writer = caller.describe()
         return ImportFile(self, imp, writable=True, caller=caller, path=path)
 
     def _check_writable(self, path: str) -> None:
