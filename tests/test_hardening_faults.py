@@ -221,7 +221,7 @@ def test_silent_websocket_is_found_by_the_keepalive(rsim, make_mount):
     assert meta(mount, f"vms/{vm['id']}")["name_label"] == vm["name_label"]  # nothing came through
     wait_for(lambda: "no answer to the keepalive call" in mount.log_text(), 15, "the keepalive to notice")
     detected = time.monotonic() - since
-    assert detected <= 2 * 5 + 1, f"a silent websocket found after {detected:.1f} s with a keepalive of 5 s"
+    assert detected <= 2 * 5 + 3, f"a silent websocket found after {detected:.1f} s with a keepalive of 5 s"
     # Within half the poll interval: the read made at once, not one a poll interval after the loss was found.
     wait_for(lambda: meta(mount, f"vms/{vm['id']}")["name_label"] == "renamed-into-the-silence", 2.5,
              "the change made during the silence, from the re-read made at once")

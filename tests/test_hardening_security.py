@@ -15,7 +15,9 @@ The second user is made with `useradd` when missing (and removed afterwards); co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import os
 import pwd
@@ -42,6 +44,7 @@ from tests.hardening_support import (
 )
 from tests.operate_support import assert_documented, documented
 from tests.support import DEFAULT_TOKEN, MountProcess, SimProcess, require_tool, wait_for
+from xofs import cli
 
 pytestmark = pytest.mark.mount
 
@@ -86,9 +89,12 @@ def xofs_status_as_other(path: Path) -> tuple[int, str]:
     """`xofs status PATH` run as the second user, in a forked child of this process: the interpreter and its
     packages may live where that user cannot go (a clean clone under /root). Its exit status and stderr."""
     user = pwd.getpwnam(OTHER)
+    # Everything the command needs is loaded before the switch: after it, the second user may not read
+    # the project's files (helper 56: a clone under /root failed with ModuleNotFoundError).
+    importlib.import_module(cli.build_parser("status").parse_args(["status", str(path)])._module)
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
+    if pid == 0:  # the child: never returns into pytest, whatever happens
         code = 99
         try:
             os.close(read)
@@ -96,12 +102,13 @@ def xofs_status_as_other(path: Path) -> tuple[int, str]:
             os.setgroups([])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
-            from xofs.cli import main
-            code = main(["status", str(path)])
+            code = cli.main(["status", str(path)])
         except BaseException:
-            traceback.print_exc()
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
         finally:
-            sys.stderr.flush()
+            with contextlib.suppress(BaseException):
+                sys.stderr.flush()
             os._exit(code)
     os.close(write)
     with open(read) as answer:
@@ -148,6 +155,12 @@ def test_private_by_default(sim, other_user, public_dir, tmp_path):
         assert code == 1 and said.strip() == (f"xofs status: {tmp_path / 'mnt'} cannot be reached: a directory "
                                                "above it lets only its owner in (run xofs status as the mount's "
                                                "user)"), said
+        assert_documented(said.strip())
+        private = public_dir / "private"  # reachable, but no mount: it was called another user's mount
+        private.mkdir(mode=0o700)
+        code, said = xofs_status_as_other(private)
+        assert code == 1 and said.strip() == (f"xofs status: {private} is not an xofs mount (its owner lets no "
+                                               "one else in)"), said
         assert_documented(said.strip())
     finally:
         mount.stop()

@@ -437,21 +437,19 @@ def test_an_interrupted_rsync_leaves_no_cut_short_vdi(fresh_sim, make_mount, tmp
         time.sleep(1)
         os.killpg(rsync.pid, signal.SIGINT)  # Ctrl-C: rsync closes its temporary file, then removes it
         assert rsync.wait(timeout=60) != 0
+        # rsync's first process exits at once; its receiver removes the temporary file a moment later.
+        wait_for(lambda: os.listdir(import_dir(mount, sr)) == [], 10, "rsync to remove its temporary file")
+        wait_for(lambda: not [v for v in vdis(fresh_sim) if v["name_label"] == "big"], 10,
+                 "no VDI made of the part rsync had sent")
+        assert "rsync's temporary file, was removed instead of renamed" in mount.log_text()
     finally:
-        if rsync.poll() is None:
+        # rsync's receiver and generator linger after Ctrl-C, asleep in the import directory (their working
+        # directory): they kept the mount busy, and its unmount waited 15 s for the daemon, then killed it.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(rsync.pid, signal.SIGKILL)
-            rsync.wait()
-    # rsync's first process exits at once; its receiver removes the temporary file a moment later.
-    wait_for(lambda: os.listdir(import_dir(mount, sr)) == [], 10, "rsync to remove its temporary file")
-    wait_for(lambda: not [v for v in vdis(fresh_sim) if v["name_label"] == "big"], 10,
-             "no VDI made of the part rsync had sent")
-    assert "rsync's temporary file, was removed instead of renamed" in mount.log_text()
-    # rsync's receiver and generator linger after Ctrl-C, asleep in the import directory (their working
-    # directory): they kept the mount busy, and its unmount waited 15 s for the daemon, then killed it.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(rsync.pid, signal.SIGKILL)
-    wait_for(lambda: subprocess.run(["pgrep", "-g", str(rsync.pid)], capture_output=True).returncode == 1, 10,
-             "rsync's processes to end")
+        rsync.wait()
+        wait_for(lambda: subprocess.run(["pgrep", "-g", str(rsync.pid)], capture_output=True).returncode == 1,
+                 10, "rsync's processes to end")
     assert mount.stop() == 0
 
 

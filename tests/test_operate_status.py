@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from tests.operate_support import assert_documented, status_of, xofs
 from tests.support import is_mounted
 from tests.test_imports import sr_ids
 from tests.test_operate_credentials import run_on_terminal
+from xofs.files import Caller
+from xofs.status_cli import _transfer
 
 
 def test_the_status_file_describes_the_mount(sim, make_mount):
@@ -215,3 +219,27 @@ def test_xofs_status_of_a_path_inside_a_mount_shows_that_mount(sim, make_mount, 
         cut = subprocess.run(f"{sys.executable} -m xofs status {plain} {mount.mountpoint} | true", shell=True,
                              capture_output=True, text=True, timeout=60)
         assert cut.stderr == "", cut.stderr
+
+
+def test_the_opener_is_named_by_its_process_whatever_its_name(sim, make_mount, tmp_path):
+    """FUSE gives the calling thread's id, and the kernel cuts a name to 15 bytes, through a UTF-8 character
+    if need be: that failed every export open of such a program with EIO (helper 56). A thread is named by its
+    process; the name is escaped, in `xofs status` too."""
+    worker: list[str] = []
+    thread = threading.Thread(target=lambda: worker.append(Caller(threading.get_native_id()).describe()),
+                              name="worker-3")
+    thread.start()
+    thread.join()
+    assert worker == [f"pid {os.getpid()} ({Path('/proc/self/comm').read_text().strip()})"]
+    assert Caller(0).describe() == "pid 0"
+    head = tmp_path / "копировщик"  # 20 bytes of UTF-8: its process name is cut inside a character
+    head.symlink_to(shutil.which("head"))
+    mount = make_mount(sim)
+    vm = sim.get_json("/rest/v0/vms?fields=id&filter=power_state:Halted&limit=1")[0]["id"]
+    got = subprocess.run([str(head), "-c", "1024", str(mount / "vms" / f"{vm}.xva")], capture_output=True,
+                         timeout=60)
+    assert got.returncode == 0 and len(got.stdout) == 1024, got.stderr
+    assert "unexpected failure" not in mount.log_text()
+    line = _transfer({"kind": "export", "path": "/vms/x\n.xva", "phase": "streaming", "done": 1, "size": 2,
+                      "opener": "pid 7 (a\nERROR x\x1b[2J)"}, bars=False)
+    assert "\n" not in line and "\x1b" not in line and line.endswith("pid 7 (a\\nERROR x\\x1b[2J)")

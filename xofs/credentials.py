@@ -435,8 +435,11 @@ SHORT_SECRET = 8  # characters: a secret shorter than this is blanked only where
 
 def redact(message: str, secret: str) -> str:
     """`message` with `secret` blanked out. A short one (a weak Basic password such as `ex`) is blanked only
-    where no letter or digit touches it, so that it does not blank every word it is part of
-    (`<secret>ample.net`); one as a word of its own (`user:ex@host`, `password ex`) still goes."""
+    where no letter or digit touches its own letters or digits, so that it does not blank every word it is
+    part of (`<secret>ample.net`); one as a word of its own (`user:ex@host`, `password ex`) still goes, and
+    so does one whose edge is no letter or digit (`-x` in `a-x`)."""
     if len(secret) >= SHORT_SECRET:
         return message.replace(secret, "<secret>")
-    return re.sub(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])", "<secret>", message)
+    before = r"(?<![^\W_])" if secret[0].isalnum() else ""
+    after = r"(?![^\W_])" if secret[-1].isalnum() else ""
+    return re.sub(before + re.escape(secret) + after, "<secret>", message)

@@ -50,12 +50,19 @@ class Caller:
     gid: int = 0
 
     def describe(self) -> str:
-        """`pid 1234 (cp)`, for log lines that name who opened a file; the name is gone with the process."""
+        """`pid 1234 (cp)`, the process that made the request, as it was then: for the log and `xofs status`.
+
+        FUSE gives the calling thread's id: a threaded reader (a Go program, a backup agent's worker) is
+        named by its process, whose id `ps` knows. The name is the kernel's (15 bytes, which may cut a UTF-8
+        character: escaped, never an error); a process already gone is named by its id alone."""
         try:
-            with open(f"/proc/{self.pid}/comm") as comm:
-                return f"pid {self.pid} ({comm.read().strip()})"
-        except OSError:
+            with open(f"/proc/{self.pid}/status", "rb") as status:
+                pid = next(int(line.split()[1]) for line in status if line.startswith(b"Tgid:"))
+            with open(f"/proc/{pid}/comm", "rb") as comm:
+                name = comm.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
+        except (OSError, ValueError, StopIteration):
             return f"pid {self.pid}"
+        return f"pid {pid} ({name})"
 
 
 class OpenFile(Protocol):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xofs.log_lines import one_line
 from xofs.options import positive
 from xofs.proc_mounts import mount_points
 
@@ -58,8 +59,10 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
             if not os.access(mountpoint.parent, os.X_OK):
                 raise StatusError(f"{mountpoint} cannot be reached: a directory above it lets only its owner in "
                                   "(run xofs status as the mount's user)") from None
-            raise StatusError(f"{mountpoint} is another user's mount, made without --allow-other: only that user "
-                              "can look into it (run xofs status as them)") from None
+            if Path(os.path.abspath(mountpoint)) in mount_points("fuse.xofs"):
+                raise StatusError(f"{mountpoint} is another user's mount, made without --allow-other: only that "
+                                  "user can look into it (run xofs status as them)") from None
+            raise StatusError(f"{mountpoint} is not an xofs mount (its owner lets no one else in)") from None
         if err.errno == errno.ENOTCONN:
             raise StatusError(f"the xofs daemon of {mountpoint} is gone: unmount it (fusermount3 -u "
                               f"{mountpoint})") from None
@@ -274,7 +277,7 @@ def render(status: dict[str, Any], *, bars: bool) -> list[str]:
 
 def _transfer(t: dict[str, Any], bars: bool) -> str:
     done, size = t.get("done") or 0, t.get("size")
-    words = [t["kind"], t["path"], t["phase"]]
+    words = [t["kind"], one_line(t["path"]), t["phase"]]
     if size:
         fraction = min(done / size, 1.0)
         approx = "" if t.get("size_exact", True) else "≤"
@@ -290,7 +293,7 @@ def _transfer(t: dict[str, Any], bars: bool) -> str:
     if t.get("eta") is not None:
         words.append(f"ETA {_duration(t['eta'])}")
     if t.get("opener"):
-        words.append(t["opener"])
+        words.append(one_line(t["opener"]))  # a process names itself: no control character reaches the terminal
     return "  ".join(words)
 
 
