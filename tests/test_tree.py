@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+import xofs.tree as tree_module
 from xofs.cache import KEPT_TYPES, ObjectCache
 from xofs.tree import ROOT_INODE, InvalidateEntry, InvalidateInode, Tree
 from xofs.views import Dir, File, Link, load_views
+from xofs.views.search import SearchView
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "real-xo" / "rest"
 if not REAL.exists():
@@ -242,6 +244,33 @@ class SlowNamesView:
             return None
         time.sleep(0.005)
         return {vm["name_label"]: Link(f"../vms/{vm_id}") for vm_id, vm in ctx.of_type("VM", ("name_label",)).items()}
+
+
+def test_a_listing_nothing_used_for_a_while_is_dropped_at_a_change_not_computed_again(monkeypatch):
+    """Each search directory ever listed was computed again at every change it depended on, for the mount's
+    life: a dozen bare-term searches, looked at once each, kept the daemon busy with metric events alone
+    (helper 55). One unused for IDLE_LISTING is dropped instead: the kernel forgets its entries, and the
+    next use computes it afresh. One in use follows the change as before."""
+    cache = ObjectCache()
+    cache.replace_all(real_objects())
+    tree = Tree(cache, load_views())
+    web, db = vm_named(tree, "web-01"), vm_named(tree, "db-01")
+    idle = walk(tree, "search", "web")  # a bare term: it depends on every field of every VM
+    busy = walk(tree, "search", "db")
+    names = set(tree.children(("search", "web")))
+    assert names and set(tree.children(("search", "db")))
+    calls = []
+    real = SearchView.results
+    monkeypatch.setattr(SearchView, "results", lambda self, *a: calls.append(1) or real(self, *a))
+    tree._listings[("search", "web")].used -= tree_module.IDLE_LISTING + 1  # unused since
+    out = tree.on_changes(tree.cache.apply("enter", {db["id"]: {**db, "name_description": "changed"}}))
+    assert calls == [1], "only the listing in use was computed again"
+    assert ("search", "web") not in tree._listings
+    assert {i.name for i in out if isinstance(i, InvalidateEntry) and i.parent == idle.ino} == names
+    assert not [i for i in out if isinstance(i, InvalidateEntry) and i.parent == busy.ino]  # nothing changed
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: {**web, "name_label": "web-zzz"}}))
+    assert calls == [1, 1] and not [i for i in out if isinstance(i, InvalidateEntry) and i.parent == idle.ino]
+    assert "web-zzz" in tree.children(("search", "web")) and calls == [1, 1, 1]  # the next use: afresh
 
 
 def test_a_costly_listing_follows_a_burst_of_changes_at_most_once_per_ten_times_its_cost():

@@ -14,6 +14,11 @@ invalidations it returns to the worker that talks to the kernel (xofs.invalidato
   other view went stale for tens of seconds and the feed's keepalive answer, queued behind the backlog,
   came too late (the feed was taken for lost). Changes to it meanwhile wait in `_deferred` until
   `relist_due`, which the syncer calls when `next_due` comes.
+- A listing nothing has used for IDLE_LISTING seconds is not computed again at a change: it is dropped,
+  and the kernel told to forget every entry it had (so that none shows stale), and the next use computes
+  it afresh. Each search directory ever listed was otherwise computed again at every change it depended on
+  for as long as the mount lived: a dozen bare-term searches, looked at once each, kept the daemon busy
+  with metric events alone until its feed's keepalive went unanswered (helper 55).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ TreeNode = Node | ImportEntry
 SLOW_VIEW = 1.0  # seconds: a view's listing that takes longer is logged (once per directory)
 COSTLY_LISTING = 0.002  # seconds: a listing that took less to compute follows every batch of changes at once
 RELIST_SPACING = 10  # a costlier one at most once per this many times its cost: a tenth of the daemon's time
+IDLE_LISTING = 30.0  # seconds: a listing not used for this long is dropped at a change, not computed again
 FAILED_KEPT = 10_000  # plugin problems remembered as logged
 
 
@@ -93,6 +99,7 @@ class _Listing:
     names: list[str] | None = None  # sorted, made on first use (readdir)
     cost: float = 0.0  # seconds it took to compute
     made: float = 0.0  # time.monotonic() when it was
+    used: float = 0.0  # time.monotonic() when a lookup or readdir last used it (see IDLE_LISTING)
 
 
 # The indexes from an object id to the listings or files that depend on it hold one value for most ids
@@ -194,6 +201,7 @@ class Tree:
         """The entries of the directory at `path`, or None when it is not a directory (any more)."""
         listing = self._listings.get(path)
         if listing is not None:
+            listing.used = time.monotonic()
             return listing.children
         if not path:
             listing = _Listing({name: getattr(view, "node", None) or Dir() for name, view in self.views.items()})
@@ -337,7 +345,7 @@ class Tree:
             if listing is None or path in self._deferred:  # not listed; or put off already, till it is due
                 continue
             due = listing.made + RELIST_SPACING * listing.cost
-            if listing.cost >= COSTLY_LISTING and due > now:
+            if listing.cost >= COSTLY_LISTING and due > now and now - listing.used <= IDLE_LISTING:
                 self._deferred[path] = due
             else:
                 now_due.append(path)
@@ -356,12 +364,18 @@ class Tree:
 
     def _relist(self, paths: list[Path]) -> list[Invalidation]:
         out: list[Invalidation] = []
+        now = time.monotonic()
         for path in sorted(set(paths), key=len):  # parents first: a vanished parent takes its subtree along
             old = self._listings.get(path)
             if old is None:
                 self._deferred.pop(path, None)
                 continue
             self._drop_listing(path)
+            if now - old.used > IDLE_LISTING:  # unused: forgotten, here and in the kernel, till it is used
+                dir_ino = self._by_path.get(path)
+                if dir_ino is not None:
+                    out.extend(InvalidateEntry(dir_ino, name) for name in old.children)
+                continue
             try:
                 new = self.children(path) or {}
             except ViewFailed:  # logged; its entries are gone until the view lists again
@@ -496,6 +510,7 @@ class Tree:
             path = parent
 
     def _store_listing(self, path: Path, listing: _Listing) -> None:
+        listing.used = time.monotonic()
         self._listings[path] = listing
         self._note(path)
         for obj_id in listing.ids:
