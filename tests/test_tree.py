@@ -263,8 +263,11 @@ def test_a_listing_nothing_used_for_a_while_is_dropped_at_a_change_not_computed_
     real = SearchView.results
     monkeypatch.setattr(SearchView, "results", lambda self, *a: calls.append(1) or real(self, *a))
     tree._listings[("search", "web")].used -= tree_module.IDLE_LISTING + 1  # unused since
+    used = tree._listings[("search", "db")].used
     out = tree.on_changes(tree.cache.apply("enter", {db["id"]: {**db, "name_description": "changed"}}))
     assert calls == [1], "only the listing in use was computed again"
+    # Computing it again is no use of it: otherwise a listing that every change recomputes is never idle.
+    assert tree._listings[("search", "db")].used == used
     assert ("search", "web") not in tree._listings
     assert {i.name for i in out if isinstance(i, InvalidateEntry) and i.parent == idle.ino} == names
     assert not [i for i in out if isinstance(i, InvalidateEntry) and i.parent == busy.ino]  # nothing changed

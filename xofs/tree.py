@@ -380,6 +380,8 @@ class Tree:
                 new = self.children(path) or {}
             except ViewFailed:  # logged; its entries are gone until the view lists again
                 new = {}
+            if (kept := self._listings.get(path)) is not None:
+                kept.used = old.used  # computing it again is no use of it
             dir_ino = self._by_path.get(path)
             for name, node in old.children.items():
                 if new.get(name) == node:
