@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from tests.operate_support import (
     SECRET_PREFIX,
@@ -30,7 +32,7 @@ from tests.operate_support import (
     xofs,
 )
 from tests.support import MountProcess, SimProcess, force_unmount, is_mounted
-from xofs.credentials import redact
+from xofs.credentials import Credentials, RotatingClient, redact
 
 OTHER_TOKEN = SECRET_PREFIX + "rotated-0123456789abcdefghijklm"
 
@@ -350,3 +352,41 @@ def test_log_lines_lose_the_secrets_and_keep_their_words():
     assert redact("ab%25", "ab%") == "<secret>25"
     token = "k3J9xQ2mL8vP"
     assert redact(f"x{token}y and {token}", token) == "x<secret>y and <secret>"
+
+
+async def test_a_replaced_tokens_client_is_closed_once_no_request_is_on_it():
+    """Each token rotation kept the old client, and its pooled connections in CLOSE-WAIT, until the unmount
+    (helper 55: 8 sockets per rotation). A request still on it finishes there first."""
+    made: list = []
+
+    class Client:
+        def __init__(self, token: str) -> None:
+            self.token, self.closed, self.gate = token, False, trio.Event()
+            made.append(self)
+
+        async def collection(self, coll: str) -> list[str]:
+            if self.token == "old":
+                await self.gate.wait()
+            assert not self.closed, "a request on a closed client"
+            return [self.token]
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    credentials = Credentials.given("http://xo.test", "old")
+    client = RotatingClient(credentials, Client)
+    answers: list = []
+
+    async def slow() -> None:
+        answers.append(await client.collection("vms"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow)
+        await trio.testing.wait_all_tasks_blocked()
+        credentials._set("new")  # what a refusal and a new token in the file do
+        assert await client.collection("vms") == ["new"]
+        assert not made[0].closed  # the slow request is still on it
+        made[0].gate.set()
+    assert answers == [["old"]] and made[0].closed and not made[1].closed
+    await client.aclose()
+    assert made[1].closed

@@ -299,7 +299,7 @@ class RotatingClient:
     """A `RestClient` (same methods) that takes a new token from `Credentials` when XO refuses the old one.
 
     The current `RestClient` is replaced, not changed: requests under way on the old one finish there, and
-    every client made is closed at the end.
+    it is closed once none is left on it; the current one is closed at the end.
     """
 
     def __init__(self, credentials: Credentials, make_client: Callable[[str], RestClient]) -> None:
@@ -307,7 +307,8 @@ class RotatingClient:
         self._make = make_client
         self._client = make_client(credentials.token)
         self._token = credentials.token
-        self._retired: list[RestClient] = []
+        self._retired: list[RestClient] = []  # clients of replaced tokens, closed once no request is on them
+        self._busy: dict[RestClient, int] = {}  # requests under way, per client
 
     def current(self) -> RestClient:
         """The client of the current token (requests on it are not retried after a refusal)."""
@@ -342,13 +343,13 @@ class RotatingClient:
         """An idempotent request: tried again, once, when a refusal brought a new token."""
         client, token = self._current()
         try:
-            return await request(client)
+            return await self._on(client, request)
         except XoAuthError as err:
             if not await self._new_token_after(err, token):
                 raise self._refused(err) from None
         client, _ = self._current()
         try:
-            return await request(client)
+            return await self._on(client, request)
         except XoAuthError as err:
             raise self._refused(err) from None
 
@@ -356,10 +357,27 @@ class RotatingClient:
         """A request that changes something is never sent twice; a refusal still fetches a new token."""
         client, token = self._current()
         try:
-            return await request(client)
+            return await self._on(client, request)
         except XoAuthError as err:
             await self._new_token_after(err, token)
             raise self._refused(err) from None
+
+    async def _on(self, client: RestClient, request: Callable[[RestClient], Any]) -> Any:
+        """`request` on `client`; then the clients of replaced tokens that no request is on any more are
+        closed (their pooled connections stayed open, in CLOSE-WAIT, until the unmount: helper 55)."""
+        self._busy[client] = self._busy.get(client, 0) + 1
+        try:
+            return await request(client)
+        finally:
+            self._busy[client] -= 1
+            if not self._busy[client]:
+                del self._busy[client]
+            idle = [c for c in self._retired if c not in self._busy]
+            if idle:
+                self._retired = [c for c in self._retired if c in self._busy]
+                with trio.CancelScope(shield=True):  # closing an idle pool takes no time; never left half done
+                    for retired in idle:
+                        await retired.aclose()
 
     def _current(self) -> tuple[RestClient, str]:
         if self.credentials.token != self._token:
