@@ -139,13 +139,13 @@ def troubleshooting_messages() -> list[re.Pattern[str]]:
     return patterns
 
 
-_STRERRORS = {os.strerror(n) for n in range(1, 134)}
+_ERRNO_WORDS = {re.escape(os.strerror(n)) for n in range(1, 134)}  # as troubleshooting_messages writes them
 
 
 def documented(line: str) -> bool:
     """Whether the log line is one docs/troubleshooting.md explains by its own words: a heading that names
     only an errno's text (`Permission denied`) matches many a line, and does not count here."""
-    return any(p.search(line) for p in troubleshooting_messages() if p.pattern.replace("\\", "") not in _STRERRORS)
+    return any(p.search(line) for p in troubleshooting_messages() if p.pattern not in _ERRNO_WORDS)
 
 
 def assert_documented(line: str) -> None:

@@ -46,7 +46,9 @@ class StatusError(Exception):
     """The status of a mount cannot be read; the message says why in one line."""
 
 
-def read_status(mountpoint: Path) -> dict[str, Any]:
+def read_status(mountpoint: Path, mounts: list[Path] | None = None) -> dict[str, Any]:
+    """The status file of the mount at `mountpoint`; `mounts`: the xofs mounts, if read already (to tell
+    another user's mount from a private directory when the kernel refuses)."""
     path = mountpoint / ".xofs" / "status.json"
     try:
         return json.loads(path.read_bytes())
@@ -59,7 +61,7 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
             if not os.access(mountpoint.parent, os.X_OK):
                 raise StatusError(f"{mountpoint} cannot be reached: a directory above it lets only its owner in "
                                   "(run xofs status as the mount's user)") from None
-            if Path(os.path.abspath(mountpoint)) in mount_points("fuse.xofs"):
+            if Path(os.path.abspath(mountpoint)) in (mount_points("fuse.xofs") if mounts is None else mounts):
                 raise StatusError(f"{mountpoint} is another user's mount, made without --allow-other: only that "
                                   "user can look into it (run xofs status as them)") from None
             raise StatusError(f"{mountpoint} is not an xofs mount (its owner lets no one else in)") from None
@@ -105,7 +107,7 @@ class MountReader:
             if self._resolve:  # not in a mount as written: through symbolic links, maybe
                 self._resolve = False
                 self.mountpoint = mount_of(Path(os.path.realpath(self.path)), self.mounts) or self.path
-            self._outcome = read_status(self.mountpoint)
+            self._outcome = read_status(self.mountpoint, self.mounts)
         except StatusError as err:
             self._outcome = err
 
