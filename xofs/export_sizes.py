@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,14 @@ OVA_XML_PER_VBD = 128 * 1024
 SUSPEND_IMAGE_EXTRA = 64 * MiB
 # When XO does not say how big a disk is (an object missing from the cache): the largest VHD there is.
 UNKNOWN_DISK = 2 << 40
+
+# Added to every bound shown: twice the largest read the kernel sends (libfuse's buffer holds 256 pages).
+# A copy through the page cache (sendfile, splice) gets the short answer at the end of a stream zero-filled
+# to the end of its request, and where the kernel kept the size shown (a `stat` overtook that read), it
+# copies the zeros up to that size: past the request's end it then asks for more, and that read fails
+# (EIO). A bound within the request would end such a copy padded, with success (xofs.fs, `XoFS.read`).
+KERNEL_READ_MAX = 256 * mmap.PAGESIZE
+BOUND_MARGIN = 2 * KERNEL_READ_MAX
 
 # zstd: ZSTD_COMPRESSBOUND(n), plus room for the frame header and checksum.
 ZSTD_FRAME = 64

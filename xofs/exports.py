@@ -42,6 +42,7 @@ from xofs.client.upload import IMPORT_MARK
 from xofs.errors import XofsError, XoProtocolError
 from xofs.export_checks import check_for
 from xofs.export_sizes import (
+    BOUND_MARGIN,
     UNKNOWN_DISK,
     compressed_bound,
     compression_of,
@@ -180,7 +181,8 @@ class ExportManager:
         measured = self._measured.get(export.path) if self._measured else None
         if measured is not None:
             return measured, "measured"
-        return self._bound(export, obj if obj is not None else self.cache.get(export.obj_id) or {}), "bound"
+        obj = obj if obj is not None else self.cache.get(export.obj_id) or {}
+        return self._bound(export, obj) + BOUND_MARGIN, "bound"
 
     def _bound(self, export: Export, obj: dict) -> int:
         if export.fmt in ("vhd", "raw"):
@@ -527,7 +529,8 @@ class ExportFile:
         export of another open may have measured it meanwhile): a stream longer than either fails the read
         that reaches it, since rsync or tar would stop there and call the copy complete.
         """
-        too_long = [(shown, basis) for shown, basis in {self._shown_at_open, self.manager.size_of(self.export)}
+        sizes = {self._shown_at_open, self.manager.size_of(self.export)}
+        too_long = [(shown, basis) for shown, basis in sizes
                     if offset + size >= shown and await source.length_beyond(shown) is None]
         length = source.length
         exact = self.export.exact_size
@@ -535,6 +538,14 @@ class ExportFile:
             self.manager.measured(self.export, length, self.generation)
         if too_long:
             self._too_long(*min(too_long))
+        if length is not None and offset + size > length:
+            # The end came before a length measured earlier, shown as exact: the reader may rely on it
+            # (rsync reads up to it; a copy through the page cache would end there, padded with zeros).
+            cut = max((shown for shown, basis in sizes if basis == "measured" and shown > length), default=None)
+            if cut is not None:
+                raise XofsError(f"XO's export ended after {length} bytes, before the length measured by an "
+                                f"earlier read, {cut}: the object changed without an event; the size shown now "
+                                "is the length: read it again")
         if length is not None and exact is not None and length != exact:
             self._check_resized(exact)
             raise XofsError(f"XO's export ended after {length} bytes, but the VDI's size is {exact}")

@@ -126,6 +126,8 @@ class _Handle:
     # descriptor, as on any filesystem; the descriptor reads what it opened). None for import files.
     attrs: pyfuse3.EntryAttributes | None = None
     flushed: bool = False  # closed once (a meta.json's version then no longer holds its size up)
+    # An export file: the size the kernel must go on being told until this handle's close (see `read`).
+    held: int | None = None
 
 
 class XoFS(pyfuse3.Operations):
@@ -158,12 +160,12 @@ class XoFS(pyfuse3.Operations):
         # heap during a `find` (RSS that is never given back).
         self._snapshot_sizes: cachetools.LRUCache[TypeSnapshot, tuple[int, int]] = cachetools.LRUCache(maxsize=64)
         self._size_invalidations: set[int] = set()  # open export files whose size changed, until their close
-        # Open export files: how many times their attributes went to the kernel and the last size told
-        # (see `read`), and sizes shown instead of the length until the file's next read or close.
-        self._told: dict[int, tuple[int, int]] = {}
+        # Export files: the size the kernel was told last, until it forgets the inode: what it holds (an
+        # invalidation leaves the size in place until it asks again), but for a reply that an attribute
+        # change overtook, which it drops (see `read`).
+        self._last_told: dict[int, int] = {}
         # file inode -> the number of its last attribute invalidation queued, until an open saw it done
         self._attrs_dropping: dict[int, int] = {}
-        self._held: dict[int, int] = {}
         self._reading: dict[int, int] = {}  # files with reads out, how many
         self._reads_idle: dict[int, trio.Event] = {}  # set when a file's last read out is answered
         # Render functions that failed (and what for), each logged with its traceback once until it renders again.
@@ -204,9 +206,6 @@ class XoFS(pyfuse3.Operations):
                 node = getattr(self.tree.inode(item.ino), "node", None)
                 if isinstance(node, File) and isinstance(node.content, Rendered | TypeSnapshot | Live):
                     self._attrs_dropping[item.ino] = number  # what `open` of a rendered file waits for
-                if item.ino in self._told:  # the kernel's attributes of an open file change (see `read`)
-                    count, size = self._told[item.ino]
-                    self._told[item.ino] = (count + 1, size)
             else:
                 self.invalidator.entry(item.parent, item.name)
 
@@ -341,9 +340,9 @@ class XoFS(pyfuse3.Operations):
     def attributes(self, inode: Inode, told: bool = True) -> pyfuse3.EntryAttributes:
         """What `stat` shows of `inode`; `told`: the answer goes to the kernel (not kept for a handle).
 
-        Not a pure function: for an open export file, an answer `told` is counted (`_told`, which `read`
-        compares to see whether attributes reached the kernel while a read was out), and a size `_held`
-        is shown instead of the current one. Every path that hands attributes to the kernel must come
+        Not a pure function: for an export file, a size `told` is recorded (`_last_told`, which `read`
+        compares with where the stream ended), and while it is open, a size an open handle `held` is shown
+        where it is larger than the current one. Every path that hands attributes to the kernel must come
         through here with `told=True`, and nothing else may.
         """
         node = inode.node
@@ -365,11 +364,12 @@ class XoFS(pyfuse3.Operations):
             if isinstance(node, File) and inode.ino in self._open_count:
                 # Each open of a rendered file reads the version it opened: the size must cover the
                 # longest of those still open (`wc -c` of an open descriptor takes fstat's size), never less.
+                # An open export file shows what its handles hold (`read`).
                 size = max([size, *(len(h.file.data) for h in self._handles.values()
-                                    if h.ino == inode.ino and isinstance(h.file, RenderedFile) and not h.flushed)])
-                if told:
-                    size = self._held.get(inode.ino, size)
-                    self._told[inode.ino] = (self._told.get(inode.ino, (0, 0))[0] + 1, size)
+                                    if h.ino == inode.ino and isinstance(h.file, RenderedFile) and not h.flushed),
+                            *(h.held for h in self._handles.values() if h.ino == inode.ino and h.held)])
+            if told and isinstance(node, File) and isinstance(node.content, Export):
+                self._last_told[inode.ino] = size
         if not isinstance(node, (ImportEntry, Link)):  # a symlink is lrwxrwxrwx, as Linux shows every one
             mode = (mode & ~0o777) | (((mode >> 6) & 0o7) * 0o111 & ~self.umask)
         entry = pyfuse3.EntryAttributes()
@@ -396,8 +396,6 @@ class XoFS(pyfuse3.Operations):
         inode = self.tree.inode(ino)
         kept = self.attributes(inode, told=False) if inode is not None and isinstance(inode.node, File) else None
         self._handles[fh] = _Handle(ino, file, kept)
-        if kept is not None and ino not in self._told:
-            self._told[ino] = (0, kept.st_size)  # as the kernel took it at the lookup, near enough
         self._open_count[ino] = self._open_count.get(ino, 0) + 1
         info = file.info
         return pyfuse3.FileInfo(fh=fh, direct_io=info.direct_io, keep_cache=info.keep_cache,
@@ -478,6 +476,7 @@ class XoFS(pyfuse3.Operations):
             self.tree.forget(ino, nlookup)
             if self.tree.inode(ino) is None:
                 self._attrs_dropping.pop(ino, None)
+                self._last_told.pop(ino, None)  # the kernel dropped the inode and the size it held
 
     @_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -563,6 +562,8 @@ class XoFS(pyfuse3.Operations):
         if isinstance(node, File) and isinstance(node.content, Export) and self.exports is not None:
             out["user.xo.export"] = f"/rest/v0/{node.content.path}".encode()
             out.update(self.exports.xattrs(node.content))
+            if any(h.held for h in self._handles.values() if h.ino == inode.ino):
+                out["user.xo.size_exact"] = b"false"  # a size held until a reader's close (`read`)
         return out
 
     @_op
@@ -627,20 +628,34 @@ class XoFS(pyfuse3.Operations):
 
     @_op
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        """A read of an open file. Where a read measures an export's length (its end came), the kernel hears
-        of the new size at the file's close (`export_size_known`, `flush`), not before: `sendfile` and
-        `splice` (`shutil.copyfile`, `pv`) read even a direct-I/O file through the page cache, in pages. The
-        short answer at the end is zero-filled to the end of its page, and the kernel then shrinks the file
-        to where the answer ended, so that the copy stops there, unless the file's attributes changed while
-        that read was out: it then copies the zeros up to the size it holds. A `getattr` meanwhile waits for
-        the read's answer (at most GETATTR_WAIT); when attributes were told all the same, that size is kept
-        shown (`_held`) until the file's next read, which comes past the end and fails (EIO), or its close:
-        a `stat` in between would let the copy end there, padded.
+        """A read of an open file.
+
+        `sendfile` and `splice` (`shutil.copyfile`, `pv`) read even a direct-I/O file through the page cache,
+        in pages. The kernel zero-fills a short answer (the end of an export) to the end of the request, and
+        shrinks the file to where the answer ended only if no attribute change of the file reached it since
+        it sent the read. A `stat` answered in between (its own request may have gone out after the read's,
+        before the daemon took the read: the daemon cannot see it) leaves the size it holds, which the copy
+        then takes the zeros up to, and ends there with success if the size it holds is no further than the
+        request's end: silently padded. So where the size the kernel was told last (`_last_told`) is more
+        than a short answer of an export file gave:
+
+        - the kernel is told that size (`held`) until this handle's close: a copy that took the zeros then
+          reads past them, beyond the end of the stream, and fails (EIO), as again when it tries once more;
+          told the length in between (a `stat`), it would end there, padded. The close tells the length
+          (`flush`). Where the kernel was told the length already, nothing is held: a copy made again after
+          such a failure ends right, whatever `stat`s come (a size held larger would make the kernel take
+          the zeros of the last page, had it not yet copied it);
+        - where that size lies within the zeros, the read fails (EIO) instead: such a copy would end there.
+          Bounds lie further than any read reaches (`BOUND_MARGIN`), so this is only for a stream that
+          ended before a measured length.
+
+        A read that fails holds the size too (at least past the read): a later call of the same copy, after
+        a `stat` told a smaller size, would find the end there and succeed with what it took. A `getattr`
+        while a read is out waits for its answer (at most GETATTR_WAIT), so that most short answers do
+        shrink the file and such copies end right.
         """
         handle = self._handles[fh]
         ino = handle.ino
-        self._held.pop(ino, None)
-        told = self._told.get(ino, (0, 0))
         reading = self._reading.get(ino, 0)
         self._reading[ino] = reading + 1
         if not reading:
@@ -648,16 +663,25 @@ class XoFS(pyfuse3.Operations):
         try:
             # A memoryview is fine: pyfuse3 takes any contiguous buffer and copies it into its reply at once.
             data = await handle.file.read(off, size)
+        except Exception:
+            if ino in self._last_told:
+                handle.held = max(handle.held or 0, self._last_told[ino], off + 1)
+            raise
         finally:
             if self._reading[ino] == 1:
                 del self._reading[ino]
                 self._reads_idle.pop(ino).set()  # a getattr waiting runs after this answer (see `getattr`)
             else:
                 self._reading[ino] -= 1
-        if len(data) < size and ino in self._size_invalidations:
-            now = self._told.get(ino, (0, 0))
-            if now[0] != told[0] and now[1] > off + len(data):
-                self._held[ino] = now[1]  # the kernel will not shrink the file: it holds that size
+        end = off + len(data)
+        if len(data) < size and self._last_told.get(ino, 0) > end:
+            told = self._last_told[ino]
+            if told <= off + size:
+                handle.held = max(handle.held or 0, told)
+                raise XofsError(f"the stream ended at {end} bytes, short of the size the kernel may still "
+                                f"hold for the file, {told}: a copy through the page cache would end there, "
+                                "padded with zeros; read it again", errno_=errno.EIO)
+            handle.held = max(handle.held or 0, told)
         return data
 
     @_op
@@ -668,11 +692,11 @@ class XoFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         handle = self._handles[fh]
         await handle.file.flush(Caller())
-        if handle.ino in self._size_invalidations:
+        if handle.ino in self._size_invalidations or handle.held is not None:
             # The size a read measured reaches the kernel before the reader's close returns (`read`), so
             # that its `stat` or `rsync` right after sees it.
             self._size_invalidations.discard(handle.ino)
-            self._held.pop(handle.ino, None)
+            handle.held = None
             self.apply_invalidations([InvalidateInode(handle.ino)])
             await self.invalidator.settled()
         elif isinstance(handle.file, RenderedFile) and not handle.flushed:
@@ -701,11 +725,10 @@ class XoFS(pyfuse3.Operations):
             self._open_count[handle.ino] = left
         else:
             self._open_count.pop(handle.ino, None)
-            self._told.pop(handle.ino, None)
-            self._held.pop(handle.ino, None)
-            if handle.ino in self._size_invalidations:  # no flush came (the reader was killed)
-                self._size_invalidations.discard(handle.ino)
-                self.apply_invalidations([InvalidateInode(handle.ino)])
+        if handle.held is not None or (not left and handle.ino in self._size_invalidations):
+            # No flush came (the reader was killed): what it held, or a size measured meanwhile, goes now.
+            self._size_invalidations.discard(handle.ino)
+            self.apply_invalidations([InvalidateInode(handle.ino)])
         await handle.file.release()
 
     @_op
