@@ -767,6 +767,26 @@ async def test_stream_shorter_than_the_measured_size_fails_loudly(xo, tmp_path):
         assert await read_file(m, export) == want
 
 
+async def test_objects_removed_from_xo_leave_no_change_count_behind(xo, tmp_path):
+    """XO makes and removes objects all the time (backup jobs' snapshots, their disks): the change count
+    each one got stayed for good, so a long mount grew with every object ever removed. A disk removed
+    while its export's stream ends is not measured either."""
+    async with running(xo, tmp_path / "spool") as m:
+        vdi = m.cache.get(xo.small)
+        counts = len(m._generation)
+        for i in range(50):
+            made = f"00000000-0000-4000-8000-{i:012d}"
+            m.on_changes(m.cache.apply("enter", {made: {**vdi, "id": made, "uuid": made, "$VBDs": []}}))
+            m.on_changes(m.cache.apply("exit", {made: 0}))
+        assert len(m._generation) == counts
+
+        export = vdi_export(m, xo.small, "vhd")
+        generation = m._generations(export)
+        m.cache.apply("exit", {xo.small: 0})  # the event comes before the manager hears of it
+        m.measured(export, 12345, generation)
+        assert not m._measured
+
+
 async def test_reading_past_the_end_gives_eof(xo, tmp_path):
     async with running(xo, tmp_path / "spool") as m:
         export = vdi_export(m, xo.small, "vhd")

@@ -146,6 +146,11 @@ class ExportManager:
                     ids.update(self._related(change.type, obj))
         for obj_id in ids:
             self.forget_object(obj_id)
+        for change in changes:
+            if change.new is None and self.cache.get(change.obj_id) is None:
+                # Gone from XO: its count goes too, or a long mount would keep one for every task, message
+                # and snapshot XO ever made and removed. No file of it measures any more (`measured`).
+                self._generation.pop(change.obj_id, None)
 
     def forget_object(self, obj_id: str) -> None:
         self._generation[obj_id] = self._generation.get(obj_id, 0) + 1
@@ -204,6 +209,8 @@ class ExportManager:
     def measured(self, export: Export, length: int, generation: tuple[int, ...]) -> None:
         """A complete export of `export` was `length` bytes: show that from now on (unless XO changed it)."""
         if export.exact_size is not None or generation != self._generations(export):
+            return
+        if self.cache.get(export.obj_id) is None:  # deleted while the stream ended: nothing to show it for
             return
         if self._measured.get(export.path) == length:
             return
