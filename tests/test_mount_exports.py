@@ -7,6 +7,7 @@ deleted VDI) get a simulator and a mount of their own.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -235,6 +237,96 @@ def test_page_cache_copies_of_a_size_that_is_a_bound_are_byte_exact(fresh_sim, m
     finally:
         copied.set()
         stats.join()
+
+
+def test_page_cache_copies_stay_loud_across_a_childs_close_and_another_reader(fresh_sim, make_mount, tmp_path):
+    """QA 57. XO's export slowed down (1 MiB/s) so that a `stat` and a listing every 2 ms overtake the copy's
+    last read nearly every time: the kernel keeps the bound and the copy takes the zeros past the end. Two
+    ways such a copy ended padded with success: (a) the copying process started a subprocess once it had
+    taken zeros (the child's exec closes the descriptor it inherited: a flush, which let the size go), and
+    (b) two copies of one file at once (one `sendfile`, one `splice`): the first one's close let the size
+    go while the other one was taking the same zeroed pages. Each copy is byte-exact or fails with EIO."""
+    import subprocess as sp
+    import threading
+
+    vdi = import_raw(fresh_sim, disk_bytes(MiB + 300 * 1024 + 5, 13), "two-readers")
+    mount = make_mount(fresh_sim)
+    src = mount / "vdis" / f"{vdi}.vhd"
+    _wait_for(src)
+    want = curl(fresh_sim, f"vdis/{vdi}.vhd", tmp_path / "want.vhd").read_bytes()
+    assert len(want) % (1 << 16)
+    set_faults(fresh_sim, export_bytes_per_second=MiB)
+    stop = threading.Event()
+
+    def stat_and_list() -> None:
+        while not stop.wait(0.002):
+            src.stat()
+            os.listdir(src.parent)
+
+    def splice(out: Path, spawn: bool) -> list[bool]:
+        """Copy as `pv` does; once past the end of the stream, start a subprocess (if `spawn`)."""
+        spawned = []
+        read_end, write_end = os.pipe()
+        try:
+            with open(src, "rb") as f, open(out, "wb") as dest:
+                copied = 0
+                while n := os.splice(f.fileno(), write_end, 1 << 16):
+                    dest.write(os.read(read_end, n))
+                    copied += n
+                    if copied > len(want) and not spawned:
+                        spawned.append(True)
+                        if spawn:
+                            sp.run(["true"], check=True)
+                        time.sleep(0.1)  # a few stats
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        return spawned
+
+    def outcome(copy: Callable[[], object], out: Path) -> str:
+        try:
+            copy()
+        except OSError as err:
+            assert err.errno == errno.EIO, err
+            return "EIO"
+        assert out.read_bytes() == want, f"{out.name}: {out.stat().st_size} bytes, want {len(want)}"
+        return "exact"
+
+    stats = threading.Thread(target=stat_and_list)
+    stats.start()
+    try:
+        results = []
+        for round_ in range(2):
+            out = tmp_path / f"child-{round_}"
+            results.append(outcome(functools.partial(splice, out, spawn=True), out))
+            wait_for(lambda: xattr(src, "user.xo.size_exact") == b"true", what="the size to be exact")
+            _make_size_a_bound_again(fresh_sim, vdi)
+            wait_for(lambda: xattr(src, "user.xo.size_exact") == b"false", what="the size to be a bound again")
+            one, two = tmp_path / f"sendfile-{round_}", tmp_path / f"splice-{round_}"
+            both: dict[str, str] = {}
+            first = threading.Thread(target=lambda out=one, into=both: into.update(
+                one=outcome(functools.partial(shutil.copyfile, src, out), out)))
+            first.start()
+            both["two"] = outcome(functools.partial(splice, two, spawn=False), two)
+            first.join()
+            results += [both["one"], both["two"]]
+            # Both closed, nothing held: the size is the length measured (a size held shows as a bound)
+            wait_for(lambda: xattr(src, "user.xo.size_exact") == b"true", what="the size to be exact")
+            _make_size_a_bound_again(fresh_sim, vdi)
+            wait_for(lambda: xattr(src, "user.xo.size_exact") == b"false", what="the size to be a bound again")
+        assert "EIO" in results, results  # the zeros were taken at least once: the case was met
+    finally:
+        stop.set()
+        stats.join()
+        set_faults(fresh_sim, export_bytes_per_second=None)
+
+
+def _make_size_a_bound_again(sim: SimProcess, vdi: str) -> None:
+    """An event about the disk: the length measured is forgotten, the size is a bound again."""
+    status, _, _ = sim.request("PATCH", f"/rest/v0/vdis/{vdi}",
+                               json.dumps({"name_description": str(time.time())}).encode(),
+                               {"Content-Type": "application/json"})
+    assert status == 204
 
 
 def test_tail_of_a_size_that_is_a_bound_fails_then_gives_the_right_bytes(setup, tmp_path):

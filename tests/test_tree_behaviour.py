@@ -248,12 +248,14 @@ async def vhd_served_directly(sim: SimProcess, tmp_path, vdi: str):
             parts.invalidator.stop()
 
 
-async def test_a_measured_size_reaches_the_kernel_after_the_answer_and_before_the_close(fresh_sim, tmp_path,
-                                                                                       monkeypatch):
+async def test_a_measured_size_reaches_the_kernel_at_the_release_after_the_answer(fresh_sim, tmp_path,
+                                                                                  monkeypatch):
     """Direct only: the invalidation worker is slowed down, as on a busy machine. The read that learnt the
     `.vhd`'s exact length answers first (for a page-cache read, the kernel then shrinks the file to the
-    answer's end itself, which an invalidation in between would prevent), and the reader's close returns
-    only once the kernel dropped the bound it showed, or `rsync` run right after a `cat` would see it."""
+    answer's end itself, which an invalidation in between would prevent). The size shown before (a bound)
+    is held until the file's last release, not its flush (a child process closing an inherited descriptor
+    flushes while the copy goes on: QA 57), and the release tells the kernel the length, waiting for the
+    worker: the kernel sends it as the close returns, before `rsync` run right after a `cat` looks."""
     import pyfuse3
 
     from tests.test_exports import disk_bytes, import_raw
@@ -276,9 +278,10 @@ async def test_a_measured_size_reaches_the_kernel_after_the_answer_and_before_th
             assert ino not in carried_out  # not waited for
             assert await parts.fs.read(info.fh, length, 1 << 20) == b""
             await parts.fs.flush(info.fh)
-            assert ino in carried_out  # the close waited
+            assert ino not in carried_out and (await parts.fs.getattr(ino, drv.ctx)).st_size == bound
         finally:
             await parts.fs.release(info.fh)
+        assert ino in carried_out  # the release waited
         assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length < bound
 
 
@@ -314,12 +317,12 @@ async def test_after_an_exports_end_the_size_told_stays_shown_until_the_close(fr
                 await parts.fs.read(info.fh, length + 8192, 1 << 20)
             assert err.value.errno == errno.EIO
             assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound
-            await parts.fs.flush(info.fh)
-            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length  # the close let it go
-            assert await parts.fs.getxattr(ino, b"user.xo.size_exact", drv.ctx) == b"true"
+            await parts.fs.flush(info.fh)  # a child process closing an inherited descriptor: no close yet
+            assert (await parts.fs.getattr(ino, drv.ctx)).st_size == bound
         finally:
             await parts.fs.release(info.fh)
-        assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length
+        assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length  # the release let it go
+        assert await parts.fs.getxattr(ino, b"user.xo.size_exact", drv.ctx) == b"true"
 
 
 async def test_a_stream_ending_within_a_read_short_of_a_size_the_kernel_may_hold_fails(fresh_sim, tmp_path):

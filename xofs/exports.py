@@ -551,8 +551,8 @@ class ExportFile:
             cut = max((shown for shown, basis in sizes if basis == "measured" and shown > length), default=None)
             if cut is not None:
                 raise XofsError(f"XO's export ended after {length} bytes, before the length measured by an "
-                                f"earlier read, {cut}: the object changed without an event; the size shown now "
-                                "is the length: read it again")
+                                f"earlier read, {cut}: the object changed without an event; the size is the "
+                                "length once the file is closed: read it again")
         if length is not None and exact is not None and length != exact:
             self._check_resized(exact)
             raise XofsError(f"XO's export ended after {length} bytes, but the VDI's size is {exact}")
@@ -572,14 +572,16 @@ class ExportFile:
         if shown > length:
             raise XofsError(f"the read starts beyond the end of the export ({length} bytes): the size shown "
                             f"when the file was opened, {self._shown_at_open[0]} ({self._shown_at_open[1]}), "
-                            "was more than its length; the size shown now is the length: read it again")
-        # Shown the length, yet asked past it: the kernel still had a larger size, and a copy through its page
-        # cache (sendfile, splice) holds the zeros of the last page up to here. An empty answer ended such a
-        # copy with success, padded (seen once in CI and once in 12 loaded runs). The kernel is told the size
-        # again (at the close, the file being open), and the read fails.
+                            "was more than its length; the size is the length once the file is closed: read it "
+                            "again")
+        # Shown the length, yet asked past it: a reader that seeks past the end (`dd skip=`), or a copy
+        # through the page cache (sendfile, splice) whose kernel still had a larger size and which took the
+        # zeros of the last read up to here. An empty answer would end the second with success, padded: it
+        # fails, and the kernel is told the length again (at the last close, the file being open).
         self.manager.size_changed(self.export)
-        raise XofsError(f"the read starts at {offset}, beyond the end of the export ({length} bytes): the kernel "
-                        "still had a larger size for the file; it is told the length at the close: read it again")
+        raise XofsError(f"the read starts at {offset}, beyond the end of the export ({length} bytes): a copy "
+                        "through the page cache whose kernel still had a larger size for the file would end "
+                        "padded; the kernel is told the length at the close: read it again")
 
     def _positioned_end(self, first: int, length: int) -> None:
         """The end of the stream, reached by a reader that never read the start (it began at `first`), in a
@@ -591,7 +593,8 @@ class ExportFile:
             raise XofsError(f"a read that began at offset {first}, not at the start, reached the end of the "
                             f"export ({length} bytes) before the size shown when the file was opened, {shown} "
                             f"({self._shown_at_open[1]}): a position taken from that size (tail -c, a seek from "
-                            "the end) was wrong; the size shown now is the length: read it again")
+                            "the end) was wrong, or another reader of the file read its start into the page "
+                            "cache; the size is the length once the file is closed: read it again")
 
     def _too_long(self, shown: int, basis: str) -> NoReturn:
         if basis == "measured":

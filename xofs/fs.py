@@ -126,8 +126,6 @@ class _Handle:
     # descriptor, as on any filesystem; the descriptor reads what it opened). None for import files.
     attrs: pyfuse3.EntryAttributes | None = None
     flushed: bool = False  # closed once (a meta.json's version then no longer holds its size up)
-    # An export file: the size the kernel must go on being told until this handle's close (see `read`).
-    held: int | None = None
 
 
 class XoFS(pyfuse3.Operations):
@@ -164,6 +162,8 @@ class XoFS(pyfuse3.Operations):
         # invalidation leaves the size in place until it asks again), but for a reply that an attribute
         # change overtook, which it drops (see `read`).
         self._last_told: dict[int, int] = {}
+        # Open export files: the size the kernel must go on being told until their last release (`read`).
+        self._held: dict[int, int] = {}
         # file inode -> the number of its last attribute invalidation queued, until an open saw it done
         self._attrs_dropping: dict[int, int] = {}
         self._reading: dict[int, int] = {}  # files with reads out, how many
@@ -341,8 +341,8 @@ class XoFS(pyfuse3.Operations):
         """What `stat` shows of `inode`; `told`: the answer goes to the kernel (not kept for a handle).
 
         Not a pure function: for an export file, a size `told` is recorded (`_last_told`, which `read`
-        compares with where the stream ended), and while it is open, a size an open handle `held` is shown
-        where it is larger than the current one. Every path that hands attributes to the kernel must come
+        compares with where the stream ended), and while it is open, a size `_held` is shown where it is
+        larger than the current one. Every path that hands attributes to the kernel must come
         through here with `told=True`, and nothing else may.
         """
         node = inode.node
@@ -364,10 +364,10 @@ class XoFS(pyfuse3.Operations):
             if isinstance(node, File) and inode.ino in self._open_count:
                 # Each open of a rendered file reads the version it opened: the size must cover the
                 # longest of those still open (`wc -c` of an open descriptor takes fstat's size), never less.
-                # An open export file shows what its handles hold (`read`).
-                size = max([size, *(len(h.file.data) for h in self._handles.values()
-                                    if h.ino == inode.ino and isinstance(h.file, RenderedFile) and not h.flushed),
-                            *(h.held for h in self._handles.values() if h.ino == inode.ino and h.held)])
+                # An open export file shows the size held for it (`read`).
+                size = max([size, self._held.get(inode.ino, 0),
+                            *(len(h.file.data) for h in self._handles.values()
+                              if h.ino == inode.ino and isinstance(h.file, RenderedFile) and not h.flushed)])
             if told and isinstance(node, File) and isinstance(node.content, Export):
                 self._last_told[inode.ino] = size
         if not isinstance(node, (ImportEntry, Link)):  # a symlink is lrwxrwxrwx, as Linux shows every one
@@ -447,7 +447,7 @@ class XoFS(pyfuse3.Operations):
         try:
             return self.attributes(inode)
         except BaseException:
-            self.tree.forget(inode.ino, 1)
+            self._forget(inode.ino, 1)
             raise
 
     @_op
@@ -473,10 +473,13 @@ class XoFS(pyfuse3.Operations):
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
-            self.tree.forget(ino, nlookup)
-            if self.tree.inode(ino) is None:
-                self._attrs_dropping.pop(ino, None)
-                self._last_told.pop(ino, None)  # the kernel dropped the inode and the size it held
+            self._forget(ino, nlookup)
+
+    def _forget(self, ino: int, nlookup: int) -> None:
+        self.tree.forget(ino, nlookup)
+        if self.tree.inode(ino) is None:
+            self._attrs_dropping.pop(ino, None)
+            self._last_told.pop(ino, None)  # the kernel dropped the inode and the size it held
 
     @_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -517,7 +520,7 @@ class XoFS(pyfuse3.Operations):
                 return
         # Thousands of entries per call on a big directory: the methods are looked up once.
         lookup, attributes, reply, forget = (self.tree.lookup_listed, self.attributes, pyfuse3.readdir_reply,
-                                             self.tree.forget)
+                                             self._forget)
         for index in range(max(start_id - 2, 0), len(names)):
             name = names[index]
             inode = lookup(pinode, listing, name)
@@ -562,8 +565,8 @@ class XoFS(pyfuse3.Operations):
         if isinstance(node, File) and isinstance(node.content, Export) and self.exports is not None:
             out["user.xo.export"] = f"/rest/v0/{node.content.path}".encode()
             out.update(self.exports.xattrs(node.content))
-            if any(h.held for h in self._handles.values() if h.ino == inode.ino):
-                out["user.xo.size_exact"] = b"false"  # a size held until a reader's close (`read`)
+            if inode.ino in self._held:
+                out["user.xo.size_exact"] = b"false"  # a size held until the file's last close (`read`)
         return out
 
     @_op
@@ -639,10 +642,12 @@ class XoFS(pyfuse3.Operations):
         request's end: silently padded. So where the size the kernel was told last (`_last_told`) is more
         than a short answer of an export file gave:
 
-        - the kernel is told that size (`held`) until this handle's close: a copy that took the zeros then
-          reads past them, beyond the end of the stream, and fails (EIO), as again when it tries once more;
-          told the length in between (a `stat`), it would end there, padded. The close tells the length
-          (`flush`). Where the kernel was told the length already, nothing is held: a copy made again after
+        - the kernel is told that size (`_held`) until the file's last release: a copy that took the zeros
+          then reads past them, beyond the end of the stream, and fails (EIO), as again when it tries once
+          more; told the length in between (a `stat`), it would end there, padded. Not until a `flush`: a
+          child process closing the descriptor it inherited flushes too, while the copy goes on; and
+          another descriptor of the file may be copying the same zeroed pages. The release tells the
+          length. Where the kernel was told the length already, nothing is held: a copy made again after
           such a failure ends right, whatever `stat`s come (a size held larger would make the kernel take
           the zeros of the last page, had it not yet copied it);
         - where that size lies within the zeros, the read fails (EIO) instead: such a copy would end there.
@@ -665,7 +670,7 @@ class XoFS(pyfuse3.Operations):
             data = await handle.file.read(off, size)
         except Exception:
             if ino in self._last_told:
-                handle.held = max(handle.held or 0, self._last_told[ino], off + 1)
+                self._held[ino] = max(self._held.get(ino, 0), self._last_told[ino], off + 1)
             raise
         finally:
             if self._reading[ino] == 1:
@@ -676,12 +681,11 @@ class XoFS(pyfuse3.Operations):
         end = off + len(data)
         if len(data) < size and self._last_told.get(ino, 0) > end:
             told = self._last_told[ino]
+            self._held[ino] = max(self._held.get(ino, 0), told)
             if told <= off + size:
-                handle.held = max(handle.held or 0, told)
                 raise XofsError(f"the stream ended at {end} bytes, short of the size the kernel may still "
                                 f"hold for the file, {told}: a copy through the page cache would end there, "
                                 "padded with zeros; read it again", errno_=errno.EIO)
-            handle.held = max(handle.held or 0, told)
         return data
 
     @_op
@@ -692,11 +696,10 @@ class XoFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         handle = self._handles[fh]
         await handle.file.flush(Caller())
-        if handle.ino in self._size_invalidations or handle.held is not None:
+        if handle.ino in self._size_invalidations and handle.ino not in self._held:
             # The size a read measured reaches the kernel before the reader's close returns (`read`), so
-            # that its `stat` or `rsync` right after sees it.
+            # that its `stat` or `rsync` right after sees it. A size held goes at the release.
             self._size_invalidations.discard(handle.ino)
-            handle.held = None
             self.apply_invalidations([InvalidateInode(handle.ino)])
             await self.invalidator.settled()
         elif isinstance(handle.file, RenderedFile) and not handle.flushed:
@@ -723,13 +726,17 @@ class XoFS(pyfuse3.Operations):
         left = self._open_count.get(handle.ino, 1) - 1
         if left:
             self._open_count[handle.ino] = left
-        else:
-            self._open_count.pop(handle.ino, None)
-        if handle.held is not None or (not left and handle.ino in self._size_invalidations):
-            # No flush came (the reader was killed): what it held, or a size measured meanwhile, goes now.
+            await handle.file.release()
+            return
+        self._open_count.pop(handle.ino, None)
+        held = self._held.pop(handle.ino, None)
+        await handle.file.release()
+        if held is not None or handle.ino in self._size_invalidations:
+            # The size held (`read`), or one measured while no flush came (the reader was killed), goes now:
+            # the kernel sends the release as the last descriptor's close returns (once no read is out).
             self._size_invalidations.discard(handle.ino)
             self.apply_invalidations([InvalidateInode(handle.ino)])
-        await handle.file.release()
+            await self.invalidator.settled()
 
     @_op
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
