@@ -224,6 +224,7 @@ def test_page_cache_copies_of_a_size_that_is_a_bound_are_byte_exact(fresh_sim, m
             assert len(want) % 4096
             out = tmp_path / f"{copier}.xva.zst"
             for attempt in range(3):
+                logged = mount.log_text().count("read it again")
                 try:
                     copy(copier, out)
                     break
@@ -231,7 +232,7 @@ def test_page_cache_copies_of_a_size_that_is_a_bound_are_byte_exact(fresh_sim, m
                     # Loud, and allowed: the `stat` overtook the last read. The close tells the kernel the
                     # length, and the copy made again ends there.
                     assert err.errno == errno.EIO and attempt < 2, (copier, round_, err)
-                    assert "read it again" in mount.log_text()
+                    assert mount.log_text().count("read it again") > logged  # this copy's read, logged
             assert out.stat().st_size == len(want) and out.read_bytes() == want, (copier, round_)
             assert xattr(src, "user.xo.size_exact") == b"true" and src.stat().st_size == len(want)
     finally:
@@ -295,8 +296,10 @@ def test_page_cache_copies_stay_loud_across_a_childs_close_and_another_reader(fr
     stats = threading.Thread(target=stat_and_list)
     stats.start()
     try:
-        results = []
-        for round_ in range(2):
+        results: list[str] = []
+        for round_ in range(6):  # until the case was met (a loaded machine's kernel may shrink the file in time)
+            if round_ >= 2 and "EIO" in results:
+                break
             out = tmp_path / f"child-{round_}"
             results.append(outcome(functools.partial(splice, out, spawn=True), out))
             wait_for(lambda: xattr(src, "user.xo.size_exact") == b"true", what="the size to be exact")
