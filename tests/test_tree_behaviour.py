@@ -325,7 +325,7 @@ async def test_after_an_exports_end_the_size_told_stays_shown_until_the_close(fr
         assert await parts.fs.getxattr(ino, b"user.xo.size_exact", drv.ctx) == b"true"
 
 
-async def test_a_stream_ending_within_a_read_short_of_a_size_the_kernel_may_hold_fails(fresh_sim, tmp_path):
+async def test_a_stream_ending_within_a_read_short_of_a_size_the_kernel_may_hold_fails(fresh_sim, tmp_path, caplog):
     """Direct only, the daemon's own check behind the export's: where a size the kernel may hold lies within
     the request that the stream's end answers short, a copy through the page cache would take the zeros up
     to that size and end there with success. The read fails instead (EIO), and the close tells the length.
@@ -349,6 +349,9 @@ async def test_a_stream_ending_within_a_read_short_of_a_size_the_kernel_may_hold
             with pytest.raises(pyfuse3.FUSEError) as err:
                 await parts.fs.read(info.fh, last, 1 << 20)
             assert err.value.errno == errno.EIO
+            # one line naming the path and the XO object
+            assert f"/vdis/{vdi}.vhd: the stream ended at {length} bytes" in caplog.text
+            assert f"(XO object {vdi})" in caplog.text
             assert (await parts.fs.getattr(ino, drv.ctx)).st_size == length + 4096  # held until the close
             await parts.fs.flush(info.fh)
         finally:

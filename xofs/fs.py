@@ -685,7 +685,8 @@ class XoFS(pyfuse3.Operations):
             if told <= off + size:
                 raise XofsError(f"the stream ended at {end} bytes, short of the size the kernel may still "
                                 f"hold for the file, {told}: a copy through the page cache would end there, "
-                                "padded with zeros; read it again", errno_=errno.EIO)
+                                "padded with zeros; read it again", errno_=errno.EIO,
+                                object_id=getattr(getattr(self.tree.inode(ino), "node", None), "obj_id", None))
         return data
 
     @_op
