@@ -618,6 +618,29 @@ def test_an_export_ended_early_but_cleanly_makes_cp_fail(fresh_sim, make_mount, 
         assert xattr(src, "user.xo.size_exact") == b"true"
 
 
+def test_a_measured_size_held_after_a_failed_read_is_not_called_exact_until_the_close(fresh_sim, make_mount,
+                                                                                     tmp_path):
+    """A read that fails holds the size the kernel was told until the file's last close (`XoFS.read`): while
+    it is held, `user.xo.size_exact` says false, and the close tells the measured length again."""
+    vdi = import_raw(fresh_sim, disk_bytes(MEDIUM, 12), "held")
+    mount = make_mount(fresh_sim)
+    src = mount.mountpoint / "vdis" / f"{vdi}.vhd"
+    _wait_for(src)
+    assert run("cp", str(src), str(tmp_path / "out")).returncode == 0
+    length = (tmp_path / "out").stat().st_size
+    assert xattr(src, "user.xo.size_exact") == b"true" and src.stat().st_size == length
+    set_faults(fresh_sim, end_export_after_bytes=3 * MiB + 512)
+    with open(src, "rb", buffering=0) as f:
+        with pytest.raises(OSError) as err:
+            while f.read(MiB):
+                pass
+        assert err.value.errno == errno.EIO
+        assert xattr(src, "user.xo.size_exact") == b"false"
+        assert os.fstat(f.fileno()).st_size == length
+    wait_for(lambda: xattr(src, "user.xo.size_exact") == b"true", what="the size to be exact after the close")
+    assert src.stat().st_size == length
+
+
 def test_an_xva_ended_in_the_padding_of_its_last_record_makes_cp_fail(fresh_sim, make_mount, tmp_path):
     """Every tar member whole, the end mark there, only the padding to a whole 10 KiB record cut: QA found
     `cp` exited 0 with a copy one byte short, and the short length learnt as exact (which then failed the

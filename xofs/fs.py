@@ -157,13 +157,14 @@ class XoFS(pyfuse3.Operations):
         # stat and open: orjson takes microseconds, and keeping renderings would scatter them through the
         # heap during a `find` (RSS that is never given back).
         self._snapshot_sizes: cachetools.LRUCache[TypeSnapshot, tuple[int, int]] = cachetools.LRUCache(maxsize=64)
-        self._size_invalidations: set[int] = set()  # open export files whose size changed, until their close
         # Export files: the size the kernel was told last, until it forgets the inode: what it holds (an
         # invalidation leaves the size in place until it asks again), but for a reply that an attribute
         # change overtook, which it drops (see `read`).
         self._last_told: dict[int, int] = {}
-        # Open export files: the size the kernel must go on being told until their last release (`read`).
-        self._held: dict[int, int] = {}
+        # Open export files whose size the kernel must be told again at their close, until then: the size
+        # held for them until their last release (`read`), or None where only their measured length changed,
+        # told at the first flush (`export_size_known`).
+        self._at_close: dict[int, int | None] = {}
         # file inode -> the number of its last attribute invalidation queued, until an open saw it done
         self._attrs_dropping: dict[int, int] = {}
         self._reading: dict[int, int] = {}  # files with reads out, how many
@@ -282,7 +283,7 @@ class XoFS(pyfuse3.Operations):
         now = []
         for ino in self.tree.files_with(export):
             if ino in self._open_count:
-                self._size_invalidations.add(ino)
+                self._at_close.setdefault(ino, None)
             else:
                 now.append(InvalidateInode(ino))
         self.apply_invalidations(now)
@@ -341,9 +342,9 @@ class XoFS(pyfuse3.Operations):
         """What `stat` shows of `inode`; `told`: the answer goes to the kernel (not kept for a handle).
 
         Not a pure function: for an export file, a size `told` is recorded (`_last_told`, which `read`
-        compares with where the stream ended), and while it is open, a size `_held` is shown where it is
-        larger than the current one. Every path that hands attributes to the kernel must come
-        through here with `told=True`, and nothing else may.
+        compares with where the stream ended), and while it is open, a size held (`_at_close`) is shown where
+        it is larger than the current one. Every path that hands attributes to the kernel must come through
+        here with `told=True`, and nothing else may.
         """
         node = inode.node
         mtime = self.started_ns
@@ -365,7 +366,7 @@ class XoFS(pyfuse3.Operations):
                 # Each open of a rendered file reads the version it opened: the size must cover the
                 # longest of those still open (`wc -c` of an open descriptor takes fstat's size), never less.
                 # An open export file shows the size held for it (`read`).
-                size = max([size, self._held.get(inode.ino, 0),
+                size = max([size, self._at_close.get(inode.ino) or 0,
                             *(len(h.file.data) for h in self._handles.values()
                               if h.ino == inode.ino and isinstance(h.file, RenderedFile) and not h.flushed)])
             if told and isinstance(node, File) and isinstance(node.content, Export):
@@ -565,7 +566,7 @@ class XoFS(pyfuse3.Operations):
         if isinstance(node, File) and isinstance(node.content, Export) and self.exports is not None:
             out["user.xo.export"] = f"/rest/v0/{node.content.path}".encode()
             out.update(self.exports.xattrs(node.content))
-            if inode.ino in self._held:
+            if self._at_close.get(inode.ino) is not None:
                 out["user.xo.size_exact"] = b"false"  # a size held until the file's last close (`read`)
         return out
 
@@ -642,7 +643,7 @@ class XoFS(pyfuse3.Operations):
         request's end: silently padded. So where the size the kernel was told last (`_last_told`) is more
         than a short answer of an export file gave:
 
-        - the kernel is told that size (`_held`) until the file's last release: a copy that took the zeros
+        - the kernel is told that size (`_hold`) until the file's last release: a copy that took the zeros
           then reads past them, beyond the end of the stream, and fails (EIO), as again when it tries once
           more; told the length in between (a `stat`), it would end there, padded. Not until a `flush`: a
           child process closing the descriptor it inherited flushes too, while the copy goes on; and
@@ -670,7 +671,7 @@ class XoFS(pyfuse3.Operations):
             data = await handle.file.read(off, size)
         except Exception:
             if ino in self._last_told:
-                self._held[ino] = max(self._held.get(ino, 0), self._last_told[ino], off + 1)
+                self._hold(ino, max(self._last_told[ino], off + 1))
             raise
         finally:
             if self._reading[ino] == 1:
@@ -681,13 +682,17 @@ class XoFS(pyfuse3.Operations):
         end = off + len(data)
         if len(data) < size and self._last_told.get(ino, 0) > end:
             told = self._last_told[ino]
-            self._held[ino] = max(self._held.get(ino, 0), told)
+            self._hold(ino, told)
             if told <= off + size:
                 raise XofsError(f"the stream ended at {end} bytes, short of the size the kernel may still "
                                 f"hold for the file, {told}: a copy through the page cache would end there, "
                                 "padded with zeros; read it again", errno_=errno.EIO,
                                 object_id=getattr(getattr(self.tree.inode(ino), "node", None), "obj_id", None))
         return data
+
+    def _hold(self, ino: int, size: int) -> None:
+        """Show the open export file `ino` at least `size` bytes long until its last release (`read`)."""
+        self._at_close[ino] = max(self._at_close.get(ino) or 0, size)
 
     @_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -697,10 +702,10 @@ class XoFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         handle = self._handles[fh]
         await handle.file.flush(Caller())
-        if handle.ino in self._size_invalidations and handle.ino not in self._held:
+        if handle.ino in self._at_close and self._at_close[handle.ino] is None:
             # The size a read measured reaches the kernel before the reader's close returns (`read`), so
             # that its `stat` or `rsync` right after sees it. A size held goes at the release.
-            self._size_invalidations.discard(handle.ino)
+            del self._at_close[handle.ino]
             self.apply_invalidations([InvalidateInode(handle.ino)])
             await self.invalidator.settled()
         elif isinstance(handle.file, RenderedFile) and not handle.flushed:
@@ -730,12 +735,11 @@ class XoFS(pyfuse3.Operations):
             await handle.file.release()
             return
         self._open_count.pop(handle.ino, None)
-        held = self._held.pop(handle.ino, None)
         await handle.file.release()
-        if held is not None or handle.ino in self._size_invalidations:
+        if handle.ino in self._at_close:
             # The size held (`read`), or one measured while no flush came (the reader was killed), goes now:
             # the kernel sends the release as the last descriptor's close returns (once no read is out).
-            self._size_invalidations.discard(handle.ino)
+            del self._at_close[handle.ino]
             self.apply_invalidations([InvalidateInode(handle.ino)])
             await self.invalidator.settled()
 
