@@ -278,6 +278,11 @@ async def test_changes_in_xo_reach_the_mount_without_waiting_for_a_ttl(fresh_sim
     assert meta(mount, vm_dir)["name_label"] == vm["name_label"]
     assert vm["name_label"] in os.listdir(by_name)
     dir_mtime = os.stat(mount.mountpoint / vm_dir).st_mtime_ns
+    # Directories standing for no object carry the time their names last changed, as on a disk.
+    times = {d: os.stat(mount.mountpoint / d).st_mtime_ns for d in ("by-name/vms", "vms", "vm-snapshots", "vdis")}
+
+    def moved(d: str) -> bool:
+        return os.stat(mount.mountpoint / d).st_mtime_ns > times[d]
 
     # A rename through REST.
     status, _, body = fresh_sim.request("PATCH", f"/rest/v0/vms/{vm['id']}",
@@ -292,6 +297,8 @@ async def test_changes_in_xo_reach_the_mount_without_waiting_for_a_ttl(fresh_sim
     # invalidation worker, a moment after the listings changed, dropped the old).
     wait_for(lambda: os.stat(mount.mountpoint / vm_dir).st_mtime_ns
              == os.stat(mount.mountpoint / vm_dir / "meta.json").st_mtime_ns > dir_mtime, what="the change's time")
+    wait_for(lambda: moved("by-name/vms"), what="/by-name/vms to take the time of the rename")
+    assert not moved("vms")  # its names are the VMs' ids
 
     # A rename and a power change through JSON-RPC.
     await rpc(fresh_sim, "vm.set", {"id": vm["id"], "name_label": "renamed-2"})
@@ -302,12 +309,14 @@ async def test_changes_in_xo_reach_the_mount_without_waiting_for_a_ttl(fresh_sim
     # A creation (a snapshot) and a deletion.
     snap_id = await rpc(fresh_sim, "vm.snapshot", {"id": vm["id"], "name": "snap-x"})
     wait_for(lambda: snap_id in os.listdir(mount.mountpoint / "vm-snapshots"), what="the new snapshot")
+    wait_for(lambda: moved("vm-snapshots"), what="/vm-snapshots to take the time of the snapshot")
     vdi = fresh_sim.get_json("/rest/v0/vdis?fields=id,$VBDs&limit=50")
     spare = next(v for v in vdi if not v["$VBDs"]) if any(not v["$VBDs"] for v in vdi) else vdi[-1]
     assert (mount.mountpoint / "vdis" / spare["id"] / "meta.json").exists()
     status, _, body = fresh_sim.request("DELETE", f"/rest/v0/vdis/{spare['id']}")
     assert status == 204, body
     wait_for(lambda: not (mount.mountpoint / "vdis" / spare["id"]).exists(), what="the deleted VDI to vanish")
+    wait_for(lambda: moved("vdis"), what="/vdis to take the time of the deletion")
     assert f"{spare['id']}.vhd" not in os.listdir(mount.mountpoint / "vdis")
 
 

@@ -131,6 +131,27 @@ def test_a_deleted_object_vanishes_and_its_inodes_go_stale(tree):
     assert tree.lookup(vdis.ino, vdi["id"]) is None
 
 
+def test_a_directory_standing_for_no_object_takes_the_time_its_names_changed(tree):
+    """As on a disk, a directory's time moves when entries come or go, so that a file manager or `find
+    -newer` sees it; /vms and /by-name carried the mount's start whatever came and went. An object's own
+    directory keeps the object's time."""
+    web, db = vm_named(tree, "web-01"), vm_named(tree, "db-01")
+    vms, by_name, vm_dir = walk(tree, "vms"), walk(tree, "by-name", "vms"), walk(tree, "vms", web["id"])
+    for path in (("vms",), ("by-name", "vms"), ("vms", web["id"])):
+        assert tree.children(path)  # listed
+    before = time.time()
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: {**web, "name_description": "other words"}}))
+    assert not tree.names_changed and InvalidateInode(vms.ino) not in out  # no name changed
+    out = tree.on_changes(tree.cache.apply("enter", {web["id"]: {**web, "name_label": "web-02"}}))
+    assert set(tree.names_changed) == {("by-name", "vms")} and tree.names_changed[("by-name", "vms")] >= before
+    assert InvalidateInode(by_name.ino) in out and InvalidateInode(vms.ino) not in out
+    out = tree.on_changes(tree.cache.apply("exit", {db["id"]: 0}))
+    assert ("vms",) in tree.names_changed and InvalidateInode(vms.ino) in out
+    assert ("vms", web["id"]) not in tree.names_changed and vm_dir.node.obj_id == web["id"]
+    tree.forget(by_name.ino, tree.inode(by_name.ino).lookups)  # the kernel forgot it: so is its time
+    assert ("by-name", "vms") not in tree.names_changed
+
+
 def assert_below_complete(tree: Tree) -> None:
     """`Tree._below` reaches every path with an inode or a listing from the root, and holds nothing else."""
     known = {p for p in (*tree._by_path, *tree._listings) if p}

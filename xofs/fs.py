@@ -354,7 +354,8 @@ class XoFS(pyfuse3.Operations):
             if node.kind == "import" and self.imports is not None:
                 mode = 0o040000 | (0o500 if self.read_only else self.imports.dir_mode())
             nlink, size = 2, 0
-            mtime = self._obj_mtime_ns(node.obj_id)
+            mtime = (self._obj_mtime_ns(node.obj_id) if node.obj_id
+                     else self._time_ns(self.tree.names_changed.get(inode.path)))
         elif isinstance(node, Link):
             mode, nlink, size = 0o120777, 1, len(node.target.encode())
         else:

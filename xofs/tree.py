@@ -157,6 +157,10 @@ class Tree:
         # what a vanished directory takes along is found without going through every path known (10,000
         # VMs removed at once on a mount with 10,000 looked up took seconds, the whole mount waiting).
         self._below: dict[Path, set[Path]] = {}
+        # Directories standing for no object (collections, /by-name, searches) whose names xofs saw change
+        # -> when (time.time(), their st_mtime), while they have an inode: as on a disk, a file manager or a
+        # `find -newer` sees entries come and go by the directory's time.
+        self.names_changed: dict[Path, float] = {}
 
     # ---- reading the tree -------------------------------------------------------------------------
 
@@ -319,6 +323,7 @@ class Tree:
         del self.inodes[ino]
         if self._by_path.get(inode.path) == ino:
             del self._by_path[inode.path]
+            self.names_changed.pop(inode.path, None)
             self._drop_listing(inode.path)
             self._unnote(inode.path)
         self._unindex_file(inode)
@@ -375,6 +380,8 @@ class Tree:
                 dir_ino = self._by_path.get(path)
                 if dir_ino is not None:
                     out.extend(InvalidateEntry(dir_ino, name) for name in old.children)
+                    # What it depends on changed: its names may have (not worked out, to save that cost).
+                    out.extend(self._names_changed(path, dir_ino))
                 continue
             try:
                 new = self.children(path) or {}
@@ -383,6 +390,8 @@ class Tree:
             if (kept := self._listings.get(path)) is not None:
                 kept.used = old.used  # computing it again is no use of it
             dir_ino = self._by_path.get(path)
+            if dir_ino is not None and new.keys() != old.children.keys():
+                out.extend(self._names_changed(path, dir_ino))
             for name, node in old.children.items():
                 if new.get(name) == node:
                     continue
@@ -395,6 +404,15 @@ class Tree:
                     out.append(InvalidateEntry(dir_ino, name))
                 self._detach(path + (name,))
         return out
+
+    def _names_changed(self, path: Path, dir_ino: int) -> list[Invalidation]:
+        """The names in the directory at `path` changed: its time, if it stands for no object (an object's
+        directory carries the object's time), and the kernel's copy of it."""
+        node = self.inodes[dir_ino].node
+        if not isinstance(node, Dir) or node.obj_id:
+            return []
+        self.names_changed[path] = time.time()
+        return [InvalidateInode(dir_ino)]
 
     def rename_import(self, parent: int, old: str, new: str) -> None:
         """A file in an import directory was renamed: its inode now stands for the new name (the kernel
