@@ -163,7 +163,7 @@ OPTIONS = [
     Option("fallback_ttl", "kernel cache lifetime while the event feed is down, seconds", non_negative, 1.0,
            "SECONDS"),
     Option("state_dir", "where xofs keeps what must outlive a mount (default $XOFS_STATE_DIR, else "
-           "$XDG_STATE_HOME/xofs)", Path, metavar="DIR"),
+           "$XDG_STATE_HOME/xofs, else ~/.local/state/xofs)", Path, metavar="DIR"),
     Option("spool_dir", "scratch space for exports read out of order and for imports (default: <state "
            "dir>/spool)", Path, metavar="DIR"),
     Option("spool_size", "most disk the export spool may use, e.g. 20G", byte_size, 8 << 30, "SIZE", "8G"),
