@@ -132,6 +132,24 @@ async def test_frames_echo_ids_and_use_xo_key_order(sim):
                                '"id":3,"jsonrpc":"2.0"}')
 
 
+# A number id as it is sent, and as Node 20 writes back what `JSON.parse` made of it (`JSON.stringify`).
+NUMBER_IDS = [("1.0", "1"), ("1e2", "100"), ("-1E+2", "-100"), ("-0.0", "0"), ("2.5e-3", "0.0025"),
+              ("1e-7", "1e-7"), ("1e21", "1e+21"), ("123e-20", "1.23e-18"),
+              ("12345678901234567890", "12345678901234567000")]
+
+
+async def test_number_ids_are_echoed_as_javascript_writes_them(sim):
+    async with open_websocket_url(sim.url.replace("http://", "ws://") + "/api/") as ws:
+        for sent, echoed in NUMBER_IDS:
+            await ws.send_message(f'{{"jsonrpc":"2.0","id":{sent},"method":"system.getServerVersion"}}')
+            with trio.fail_after(5):
+                assert await ws.get_message() == f'{{"id":{echoed},"jsonrpc":"2.0","result":"5.207.2"}}'
+        await ws.send_message('{"jsonrpc":"2.0","id":1.0,"method":"nope.nope"}')
+        with trio.fail_after(5):
+            assert await ws.get_message() == ('{"error":{"code":-32601,"data":"nope.nope","message":'
+                                              '"method not found: nope.nope"},"id":1,"jsonrpc":"2.0"}')
+
+
 # What json-rpc-protocol 0.13.2's `parse` (src/parse.ts; the version xo-server 5.207.2's yarn.lock pins)
 # makes of a frame: the kind of message, or the code and message of the error it throws. json-rpc-peer 0.17.0
 # would answer that error with id null, but hands it to an `error` event instead of sending it (`write`).

@@ -32,6 +32,7 @@ import trio
 from xofs.sim import jsonrpc_protocol as protocol
 from xofs.sim.jsonrpc_errors import serialize_error
 from xofs.sim.model import SimError, SimModel, iter_ndjson
+from xofs.sim.rest_json import js_number
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,19 @@ def dumps(message: dict[str, Any]) -> str:
 
 
 def response(request_id: Any, result: Any) -> str:
-    return dumps({"id": request_id, "jsonrpc": "2.0", "result": result})
+    return f'{{"id":{echo_id(request_id)},"jsonrpc":"2.0","result":{dumps(result)}}}'
 
 
 def error_response(request_id: Any, error: dict[str, Any]) -> str:
-    return dumps({"error": error, "id": request_id, "jsonrpc": "2.0"})
+    return f'{{"error":{dumps(error)},"id":{echo_id(request_id)},"jsonrpc":"2.0"}}'
+
+
+def echo_id(request_id: Any) -> str:
+    """A request's id as XO writes it back: a number is the double JavaScript parsed, printed as JavaScript
+    prints it (`1.0` and `1e2` come back as `1` and `100`)."""
+    if isinstance(request_id, str):
+        return dumps(request_id)
+    return js_number(float(request_id))
 
 
 def rpc_error(code: int, message: str, data: Any = None) -> dict[str, Any]:

@@ -19,19 +19,27 @@ _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan
 
 
 def js_number(value: float) -> str:
-    """A float as `Number.prototype.toString` writes it (`1` not `1.0`, `1e-7`, `1e+21`); NaN is `null`."""
+    """A number as `Number.prototype.toString` writes it (`1` not `1.0`, `1e-7`, `1e+21`, and beyond 2**53
+    the shortest digits padded with zeros); NaN and the infinities are `null`, as in `JSON.stringify`."""
     if math.isnan(value) or math.isinf(value):
         return "null"
-    if value.is_integer() and abs(value) < 1e21:
+    if value.is_integer() and abs(value) < 2**53:
         return str(int(value))
-    text = repr(value)
-    if "e" not in text:
-        return text
-    mantissa, exponent = text.split("e")
-    exp = int(exponent)
-    if -7 < exp < 21:
-        return format(Decimal(text), "f")
-    return f"{mantissa}e{'+' if exp > 0 else '-'}{abs(exp)}"
+    # repr gives the shortest digits that read back as this double, the digits JavaScript picks too.
+    _, digits_tuple, exponent = Decimal(repr(abs(value))).normalize().as_tuple()
+    digits = "".join(map(str, digits_tuple))
+    k = len(digits)
+    n = k + int(exponent)  # the value is 0.<digits> * 10**n
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = f"{digits[:n]}.{digits[n:]}"
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        mantissa = digits if k == 1 else f"{digits[0]}.{digits[1:]}"
+        text = f"{mantissa}e{'+' if n > 0 else '-'}{abs(n - 1)}"
+    return "-" + text if value < 0 else text
 
 
 def pretty(value: Any, indent: str = "") -> str:
