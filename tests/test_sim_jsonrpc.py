@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import trio
-from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
@@ -31,7 +30,7 @@ from tests.test_sim_shapes import SHARED, shape_problems
 from xofs.sim import jsonrpc_protocol as protocol
 from xofs.sim.inventory import build_inventory
 from xofs.sim.model import SimModel
-from xofs.sim.server import load_rest_app, make_app
+from xofs.sim.server import hypercorn_config, load_rest_app, make_app
 
 EVENTS = SHARED / "reference/real-xo/events"
 
@@ -559,9 +558,7 @@ def test_the_token_can_come_from_the_environment_where_ps_does_not_show_it(tmp_p
 
 @asynccontextmanager
 async def in_process_sim(model: SimModel) -> AsyncIterator[str]:
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
+    config = hypercorn_config("127.0.0.1:0")
     async with trio.open_nursery() as nursery:
         await nursery.start(model.run)
         app = make_app(model, load_rest_app(model))

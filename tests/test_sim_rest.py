@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from urllib.parse import quote
 
 import pytest
@@ -45,6 +46,9 @@ def assert_like_recording(ans: Answer, name: str) -> None:
     for header in NOT_DATES:
         assert ans.header(header) == recorded_header(meta, header), header
     assert ans.chunked == meta["chunked"]
+    # Node's `toUTCString()` of the moment, like the recorded `Thu, 26 Nov 2026 17:23:22 GMT`
+    assert re.fullmatch(r"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT", ans.header("Date"))
+    assert abs(parsedate_to_datetime(ans.header("Date")).timestamp() - time.time()) < 60
 
 
 def pretty(value: object) -> bytes:

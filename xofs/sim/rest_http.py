@@ -6,10 +6,9 @@ weak ETag and answers 304 to a matching `If-None-Match`; a GET route also answer
 the routes those answers: `Request` (what the client sent), `send_bytes` (Express's `res.send`),
 `send_json`, `send_empty` and `StreamSender` (a piped stream). Header names keep the case Node writes, and
 the order is the recorded one (`reference/real-xo/*.headers.json`): helmet's headers, the route's own,
-`Content-Type`, `Content-Length`, `ETag`, `Vary`, `Content-Encoding`, then `Connection` and `Keep-Alive`;
-the server adds `date` (hypercorn writes it after the app's headers, in lower case, where Node writes `Date`
-before `Connection`) and h11 adds `Transfer-Encoding: chunked` last when there is no length. Node sends no
-`Server` header: run hypercorn with `include_server_header = False`.
+`Content-Type`, `Content-Length`, `ETag`, `Vary`, `Content-Encoding`, then `Date`, `Connection` and
+`Keep-Alive`; h11 adds `Transfer-Encoding: chunked` last when there is no length. Node sends no `Server`
+header, and this app writes `Date` itself: run hypercorn as `server.hypercorn_config` sets it up.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import base64
 import hashlib
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -231,11 +231,12 @@ def compressor(encoding: str) -> Any:
 
 
 def tail_headers(req: Request) -> Headers:
-    """What Node's http server appends (but `Date`, the server's): Connection and Keep-Alive, unless the
-    client asked to close, when h11 writes `Connection: close` itself."""
+    """What Node's http server appends: Date, then Connection and Keep-Alive, unless the client asked to
+    close, when h11 writes `Connection: close` itself."""
+    date = ("Date", formatdate(usegmt=True))
     if req.wants_close():
-        return []
-    return [("Connection", "keep-alive"), ("Keep-Alive", "timeout=5")]
+        return [date]
+    return [date, ("Connection", "keep-alive"), ("Keep-Alive", "timeout=5")]
 
 
 def raw_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

@@ -153,14 +153,17 @@ def load_rest_app(model: SimModel) -> ASGIApp:
     return make_rest_app(model, Faults())
 
 
-async def serve(model: SimModel, host: str, port: int, churn: float,
-                tls: tuple[Path, Path] | None = None) -> None:
+def hypercorn_config(bind: str, tls: tuple[Path, Path] | None = None) -> Config:
+    """Hypercorn's settings for serving the app at `bind` (`host:port`) as xo-server's Node server serves."""
     config = Config()
-    config.bind = [f"{host}:{port}"]
+    config.bind = [bind]
     if tls is not None:
         config.certfile, config.keyfile = str(tls[0]), str(tls[1])
     config.accesslog = None
     config.include_server_header = False  # xo-server (Express) sends no Server header
+    # Node writes `Date` after the app's headers and before `Connection`: the app writes it there
+    # (`rest_http.tail_headers`). Hypercorn would add `date` at the very end, in lower case.
+    config.include_date_header = False
     # xo-server listens with Node's `https.createServer` (@vates/http-server-plus): HTTP/1.1 only, and no
     # ALPN answer. Hypercorn would offer h2, which curl takes: a client would then meet HTTP/2 here only.
     config.alpn_protocols = []
@@ -170,6 +173,12 @@ async def serve(model: SimModel, host: str, port: int, churn: float,
     # would close each after its 1000th, a failure a long-lived client never meets with a real XO.
     config.keep_alive_max_requests = 2**62
     config.websocket_ping_interval = None
+    return config
+
+
+async def serve(model: SimModel, host: str, port: int, churn: float,
+                tls: tuple[Path, Path] | None = None) -> None:
+    config = hypercorn_config(f"{host}:{port}", tls)
     stop = trio.Event()
 
     async def shutdown_trigger() -> None:
