@@ -298,6 +298,31 @@ def frame_sequence(frames: list[tuple[float, dict]]) -> list[tuple[str, list[str
     return out
 
 
+async def export_frames(sim: SimProcess, vm_name: str) -> list[tuple[float, dict]]:
+    """(seconds since the request, params) of each `all` frame a signed-in socket gets while the VM is
+    exported, and for a second after."""
+    vm = await trio.to_thread.run_sync(find, sim, "vms", vm_name)
+    frames: list[tuple[float, dict]] = []
+    async with open_websocket_url(sim.url.replace("http://", "ws://") + "/api/") as ws:
+        await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "session.signIn",
+                                          "params": {"token": sim.token}}))
+        assert "result" in json.loads(await ws.get_message())
+        start = time.monotonic()
+
+        async def read() -> None:
+            while True:
+                message = json.loads(await ws.get_message())
+                frames.append((time.monotonic() - start, message["params"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            ans = await trio.to_thread.run_sync(lambda: call(sim, "GET", f"/rest/v0/vms/{vm['id']}.xva"))
+            assert ans.status == 200 and ans.complete
+            await trio.sleep(1)  # the disks leave 200 ms after the snapshot, their tasks 200 ms later
+            nursery.cancel_scope.cancel()
+    return frames
+
+
 async def test_export_events_follow_the_recorded_sequence(fresh_sim):
     """`exports/vm-xva.running.web-01.with-ws.ws-frames.jsonl`: the pending `[XO] VM export` task enters
     alone; ~220 ms later the snapshot's objects enter with `Async.VM.snapshot` (no network); at the end the
@@ -306,25 +331,7 @@ async def test_export_events_follow_the_recorded_sequence(fresh_sim):
     recording = [json.loads(line) for line in
                  (REFERENCE / "exports/vm-xva.running.web-01.with-ws.ws-frames.jsonl").read_text().splitlines()]
     real = [(r["t_rel_s"], json.loads(r["raw"])["params"]) for r in recording]
-    vm = await trio.to_thread.run_sync(find, fresh_sim, "vms", "web-01")
-    ours: list[tuple[float, dict]] = []
-    async with open_websocket_url(fresh_sim.url.replace("http://", "ws://") + "/api/") as ws:
-        await ws.send_message(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "session.signIn",
-                                          "params": {"token": fresh_sim.token}}))
-        assert "result" in json.loads(await ws.get_message())
-        start = time.monotonic()
-
-        async def read() -> None:
-            while True:
-                message = json.loads(await ws.get_message())
-                ours.append((time.monotonic() - start, message["params"]))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
-            ans = await trio.to_thread.run_sync(lambda: call(fresh_sim, "GET", f"/rest/v0/vms/{vm['id']}.xva"))
-            assert ans.status == 200 and ans.complete
-            await trio.sleep(1)  # the disks leave 200 ms after the snapshot, their tasks 200 ms later
-            nursery.cancel_scope.cancel()
+    ours = await export_frames(fresh_sim, "web-01")
     assert frame_sequence(ours) == frame_sequence(real) == [
         ("enter", ["task"]),
         ("enter", ["task", "VDI-snapshot", "VBD", "VDI-snapshot", "VBD", "VBD", "VIF", "VM-snapshot", "VDI", "SR",
@@ -344,3 +351,26 @@ async def test_export_events_follow_the_recorded_sequence(fresh_sim):
     assert [o["$VBDs"] for o in gone] == [[], []]
     assert enters[3][0] - enters[2][0] >= 0.15
     assert {o["name_label"] for o in enters[3][1].values() if o["type"] == "task"} == {"Async.VDI.destroy"}
+
+
+async def test_a_short_exports_snapshot_task_leaves_with_the_snapshot(fresh_sim):
+    """The recorded export (1 MiB, streamed in 17 ms) ended before XO's next `event.from`: the exit of the
+    `Async.VM.snapshot` task came in the batch where the VM-snapshot and its devices left, with the export
+    and `Async.VM.destroy` tasks entering finished."""
+    recording = [json.loads(line) for line in
+                 (REFERENCE / "exports/vm-xva.running.web-01.with-ws.ws-frames.jsonl").read_text().splitlines()]
+    real = [(r["t_rel_s"], json.loads(r["raw"])["params"]) for r in recording]
+    knob = json.dumps({"end_export_after_bytes": 1054720}).encode()  # the recorded body's size
+    assert call(fresh_sim, "POST", "/_sim/faults", knob, {"Content-Type": "application/json"}).status == 200
+    ours = await export_frames(fresh_sim, "web-01")
+    for frames in (real, ours):
+        label = {}  # id -> a task's name, any other object's type
+        for _, params in frames:
+            for obj_id, obj in params["items"].items():
+                if obj != 0:
+                    label[obj_id] = obj["name_label"] if obj["type"] == "task" else obj["type"]
+        batches = [(params["type"], [label[i] for i in params["items"]]) for _, params in frames]
+        at = batches.index(("exit", ["Async.VM.snapshot", "VM-snapshot", "VBD", "VBD", "VBD", "VIF"]))
+        kind, entered = batches[at - 1]  # the enter of the same batch
+        assert (kind, sorted(entered)) == ("enter", ["Async.VM.destroy", "VDI-snapshot", "VDI-snapshot", "VM",
+                                                     "[XO] VM export"])

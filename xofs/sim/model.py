@@ -202,6 +202,7 @@ class SimModel:
         self.socket_faults = SocketFaults()  # the websocket fault knobs (silence, raw frames)
         self._downloads: dict[str, Callable[[], Iterable[bytes]]] = {}
         self._timers: list[tuple[float, Callable[[], None]]] = []  # (monotonic deadline, what to do then)
+        self._task_exits: dict[str, list[Callable[[], None]]] = {}  # task id -> what runs when it leaves
         self._dirty: trio.Event | None = None
         self._temp_dir: Path | None = None
         self._store: StateStore | None = None
@@ -447,13 +448,28 @@ class SimModel:
             return
         self.update(task_id, {"allowedOperations": [], "finished": now_s(), "progress": 1, "result": result,
                               "status": status}, persist=False)
+        if with_exit is not None:
+            self._task_exits.setdefault(task_id, []).append(with_exit)
+        self.call_later(TASK_LINGER_S, lambda: self.retire_task(task_id))
 
-        def leave() -> None:
-            if with_exit is not None:
-                with_exit()
-            self.remove(task_id, persist=False)
+    def at_task_exit(self, task_id: str, action: Callable[[], None]) -> None:
+        """Run `action` when this task leaves, so that its changes come in the batch of the task's exit;
+        now if the task has left already."""
+        if task_id in self._objects:
+            self._task_exits.setdefault(task_id, []).append(action)
+        else:
+            action()
 
-        self.call_later(TASK_LINGER_S, leave)
+    def retire_task(self, task_id: str) -> None:
+        """The task leaves now (XO destroyed it), and what waited for its exit runs."""
+        self.remove(task_id, persist=False)
+        for action in self._task_exits.pop(task_id, []):
+            action()
+
+    def task_with_result(self, ref: str) -> str | None:
+        """The XAPI task whose result names this OpaqueRef (where XO reads what an `Async.*` call made)."""
+        result = f"<value>{ref}</value>"
+        return next((t["id"] for t in self.by_type("task") if t["result"] == result), None)
 
     def call_later(self, delay: float, action: Callable[[], None]) -> None:
         """Run `action` about `delay` seconds from now, from the model's `run` loop (XAPI work XO waits for)."""
@@ -600,7 +616,8 @@ class SimModel:
             self._set_suspend_vdi(entry["id"], entry["vdi"], persist=False)
 
     def close(self) -> None:
-        self._fire_timers(math.inf)  # what XO still had to do (a disk to destroy) is done before the journal closes
+        while self._timers:  # what XO still had to do (a disk to destroy) is done before the journal closes
+            self._fire_timers(math.inf)
         if self._store is not None:
             self._store.close()
         if self._temp_dir is not None:  # imported disks of a run without --state-dir
