@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from tests.sim_rest_support import REFERENCE, call, recorded, recorded_header, recorded_names, watch_events
-from tests.support import SimProcess, require_tool
+from tests.support import SimProcess, require_tool, set_faults
 
 MiB = 1 << 20
 
@@ -164,6 +164,43 @@ async def test_an_import_leaves_its_marks_until_after_the_answer(fresh_sim):
     ]
     assert list(watcher.frames[2]["items"][new_id]["other_config"]) == marks  # in the order XO set them
     assert answered <= 4  # the answer came before the marks went
+
+
+async def test_a_failed_import_shows_the_failure_then_the_clean_up(fresh_sim):
+    """`import-raw-xapi-500.ws-frames.jsonl`: XAPI's upload fails, watchers see the task's failure; in XO's
+    next batch the task leaves with the VDI while `Async.VDI.destroy` and the SR enter; the destroy task
+    leaves a batch later."""
+    recording = [json.loads(line) for line in
+                 (REFERENCE / "imports/import-raw-xapi-500.ws-frames.jsonl").read_text().splitlines()]
+    real = import_batches([json.loads(r["raw"])["params"] for r in recording])
+    sr = sr_named(fresh_sim, "nfs-vms")
+    set_faults(fresh_sim, fail_next_import=True)
+    async with watch_events(fresh_sim) as watcher:
+        ans = await trio.to_thread.run_sync(lambda: call(
+            fresh_sim, "POST", f"/rest/v0/srs/{sr['id']}/vdis?name_label=fails&raw=true", pattern(4 * MiB)))
+        assert ans.status == 500
+        await trio.sleep(0.5)  # the destroy task leaves 0.2 s after it came
+    ours = import_batches(watcher.frames)
+    marks = ["xo:import:length", "xo:import:task"]
+    clean_up = [
+        [("enter", "task", "success"), ("enter", "SR", None)],
+        [("exit", "task"), ("exit", "VDI")],
+        [("exit", "task")],
+    ]
+    assert real == [
+        [("enter", "VDI", []), ("enter", "SR", None)],
+        [("enter", "task", "pending"), ("enter", "VDI", ["xo:import:length"])],
+        [("enter", "VDI", marks), ("enter", "task", "failure")],
+        *clean_up,
+    ]
+    # The task's mark and its failure come apart here: the recorded upload took less than XO's event period.
+    assert ours == [
+        [("enter", "VDI", []), ("enter", "SR", None)],
+        [("enter", "task", "pending"), ("enter", "VDI", ["xo:import:length"])],
+        [("enter", "VDI", marks)],
+        [("enter", "task", "failure")],
+        *clean_up,
+    ]
 
 
 def test_dynamic_vhd_import_exports_back_identical(fresh_sim, tmp_path):

@@ -160,7 +160,12 @@ class Importer:
             raise RestError(500, UPLOAD_FAILED) from error
         finally:
             if not ok:
+                # XO learns of the failure at its next `event.from`; then it destroys the task, takes the
+                # marks off, and the POST's caller destroys the VDI: watchers see the failed task, then all
+                # that in the next batch (`import-raw-xapi-500.ws-frames.jsonl`).
                 self.model.finish_task(task, status="failure")
+                self.model.flush_events()
+                self.model.retire_task(task)
                 self._unmark(vdi["id"], marks)
                 path.unlink(missing_ok=True)
         # XAPI ends the task and XO answers while its objects still show the marks: they go in XO's next
