@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -56,6 +57,16 @@ def test_update_merges_removes_and_nulls(model):
     new = model.get(web["id"])
     assert new is not web and web["name_label"] == "web-01"  # copy on write: the old dict never changes
     assert new["name_label"] == "x" and "mainIpAddress" not in new and new["os_version"] is None
+
+
+def test_a_tasks_progress_is_written_as_node_writes_it(model):
+    """JSON-RPC frames and NDJSON lines come from Python's encoder, which writes a float 1.0 as `1.0` where
+    XO (Node) writes `1`: a whole progress is kept as an int."""
+    task = model.start_task("[XO] Exporting content of VDI as raw stream")
+    model.task_progress(task, 0.25)
+    assert json.dumps(model.get(task)["progress"]) == "0.25"
+    model.task_progress(task, 1.0)
+    assert json.dumps(model.get(task)["progress"]) == "1"
 
 
 def test_start_stop_cycle_and_errors(model):

@@ -438,7 +438,9 @@ class SimModel:
         """A pending task's progress (0 to 1) moved on."""
         task = self._objects.get(task_id)
         if task is not None and task["status"] == "pending":
-            self.update(task_id, {"progress": round(min(progress, 1.0), 4)}, persist=False)
+            value = round(min(progress, 1.0), 4)
+            # A whole number is an int: frames are written by Python's encoder (`1.0`), Node writes `1`.
+            self.update(task_id, {"progress": int(value) if value.is_integer() else value}, persist=False)
 
     def finish_task(self, task_id: str, *, status: str = "success", result: str = "",
                     with_exit: Callable[[], None] | None = None) -> None:
