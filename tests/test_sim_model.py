@@ -69,6 +69,19 @@ def test_a_tasks_progress_is_written_as_node_writes_it(model):
     assert json.dumps(model.get(task)["progress"]) == "1"
 
 
+def test_a_snapshots_vifs_keep_their_vms_macs(model):
+    """XAPI copies a VIF's MAC into a snapshot, in the inventory's snapshots as in new ones (QA 59)."""
+    def macs(vm_like: dict) -> list[str]:
+        return [model.get(v)["MAC"] for v in vm_like["VIFs"]]
+
+    snaps = model.by_type("VM-snapshot")
+    assert snaps
+    for snap in snaps:
+        assert macs(snap) == macs(model.get(snap["$snapshot_of"]))
+    web = vm(model, "web-01")
+    assert macs(model.get(model.vm_snapshot(web["id"], "again"))) == macs(web)
+
+
 def test_start_stop_cycle_and_errors(model):
     web = vm(model, "web-01")
     with pytest.raises(SimError) as info:

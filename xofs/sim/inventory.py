@@ -511,7 +511,8 @@ class _Builder:
             vbd = self.add_vbd(f"{key}:cd", snap["id"], None, device="xvdd", position="3", bootable=False,
                                attached=False, cd=True)
             snap["$VBDs"].append(vbd["id"])
-        snap["VIFs"].append(self.add_vif(f"{key}:vif0", snap["id"], attached=False))
+        mac = next((vif["MAC"] for vif in self.by_type.get("VIF", ()) if vif["id"] in vm["VIFs"]), None)
+        snap["VIFs"].append(self.add_vif(f"{key}:vif0", snap["id"], attached=False, mac=mac))
         vm["snapshots"].append(snap["id"])
         self.put(snap)
 
@@ -591,13 +592,15 @@ class _Builder:
         obj.update(c)
         return self.put(obj)
 
-    def add_vif(self, key: str, vm_id: str, *, attached: bool) -> str:
+    def add_vif(self, key: str, vm_id: str, *, attached: bool, mac: str | None = None) -> str:
+        """A VIF of `vm_id` on the network; a snapshot's keeps its VM's MAC (`mac`), as XAPI copies it."""
         c = self.common(key)
         mac_bytes = uuid.UUID(c["id"]).bytes[:4]
+        mac = mac or "2a:1c:" + ":".join(f"{b:02x}" for b in mac_bytes)
         self.put({
             "type": "VIF", "allowedIpv4Addresses": [], "allowedIpv6Addresses": [], "attached": attached,
             "device": "0", "lockingMode": "network_default",
-            "MAC": "2a:1c:" + ":".join(f"{b:02x}" for b in mac_bytes), "MTU": 1500, "other_config": {},
+            "MAC": mac, "MTU": 1500, "other_config": {},
             "txChecksumming": True, "$network": self.network_id, "$VM": vm_id, **c,
         })
         self.vifs.append(c["id"])
