@@ -95,6 +95,9 @@ def shape_problems(objects: dict[str, dict[str, Any]]) -> list[str]:
             problems.append(f"{key} {obj.get('name_label', obj['id'])}: extra {sorted(set(obj) - set(ref))}, "
                             f"missing {sorted(set(ref) - set(obj))}")
             continue
+        if not any(same_order(obj, ref) for ref in refs):  # JSON.stringify writes keys in insertion order
+            problems.append(f"{key} {obj.get('name_label', obj['id'])}: keys in another order than XO's: "
+                            f"{list(obj)}")
         for name, value in obj.items():
             types = {json_type(ref[name]) for ref in refs if name in ref}
             if not types and name in OPTIONAL_KEYS:
@@ -107,7 +110,19 @@ def shape_problems(objects: dict[str, dict[str, Any]]) -> list[str]:
                 missing = ref_keys - set(value) - ALLOWED_MISSING_NESTED.get((*key, name), set())
                 if extra or missing:
                     problems.append(f"{key}.{name}: extra {sorted(extra)}, missing {sorted(missing)}")
+                if not any(same_order(value, ref[name]) for ref in refs if isinstance(ref.get(name), dict)):
+                    problems.append(f"{key}.{name}: keys in another order than XO's: {list(value)}")
+                for inner, inner_value in value.items():
+                    inner_types = {json_type(ref[name][inner]) for ref in refs
+                                   if isinstance(ref.get(name), dict) and inner in ref[name]}
+                    if inner_types and json_type(inner_value) not in inner_types:
+                        problems.append(f"{key}.{name}.{inner}: {json_type(inner_value)}, recorded {inner_types}")
     return problems
+
+
+def same_order(obj: dict[str, Any], ref: dict[str, Any]) -> bool:
+    """Whether the keys both have come in the same order in each."""
+    return [k for k in obj if k in ref] == [k for k in ref if k in obj]
 
 
 def consistency_problems(objects: dict[str, dict[str, Any]]) -> list[str]:
