@@ -3,7 +3,8 @@
 Run through `scripts/bench exports`. Prints one line per figure with its goal (issue 4):
 
 - `cp` of a 4 GiB `.raw` and of its `.vhd` (every block allocated) to /dev/null: at least 0.9x curl's speed;
-  beside it, `cp` from scripts/export_floor.py on the same URL: what a bare pyfuse3 reader gets (the floor);
+  beside it, `cp` from scripts/export_floor.py on the same URL: what a bare pyfuse3 reader gets (the floor),
+  and the CPU the simulator and each daemon spend per GiB (the simulator's one thread is the bottleneck);
   the same for the `.raw` framed as a real XO frames exports (64 KiB chunks; three runs each), and for a
   2 GiB `.raw` over HTTPS (`xofs sim --tls`; three runs each);
 - the daemon's memory while it streams a 20 GiB export: flat, under 100 MB above its size at mount;
@@ -34,7 +35,7 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
-from scripts.benchlib import Sampler, report, rss_mb, timed  # noqa: E402
+from scripts.benchlib import Sampler, cpu_seconds, report, rss_mb, timed  # noqa: E402
 from tests.support import MountProcess, SimProcess  # noqa: E402
 
 GiB = 1 << 30
@@ -91,13 +92,20 @@ def take_turns(rounds: int, curl: list[str], cp: list[str]) -> tuple[list[float]
     return runs["curl"], runs["cp"]
 
 
-def take_turns_of(rounds: int, cmds: dict[str, list[str]]) -> dict[str, list[float]]:
-    """The seconds of `rounds` runs of each command, the order turned by one every round."""
+def take_turns_of(rounds: int, cmds: dict[str, list[str]],
+                  cpu: dict[str, dict[str, list[float]]] | None = None) -> dict[str, list[float]]:
+    """The seconds of `rounds` runs of each command, the order turned by one every round. `cpu`: {name:
+    {label: []}}, where `label` is "<process> <pid>": the CPU seconds that process used in each run of the
+    command `name` are appended to the list."""
     runs: dict[str, list[float]] = {name: [] for name in cmds}
     names = list(cmds)
     for n in range(rounds):
         for name in names[n % len(names):] + names[:n % len(names)]:
+            watched = (cpu or {}).get(name, {})
+            before = {label: cpu_seconds(int(label.rsplit(" ", 1)[1])) for label in watched}
             runs[name].append(timed(cmds[name]))
+            for label, used in watched.items():
+                used.append(cpu_seconds(int(label.rsplit(" ", 1)[1])) - before[label])
     return runs
 
 
@@ -126,8 +134,12 @@ def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str, work: Path) -> N
         length = int(subprocess.run([*curl_cmd(sim, export), "-w", "%{size_download}"], check=True,
                                     capture_output=True, text=True).stdout)
         with ExportFloor(work / f"floor-{fmt}", sim.token, [(f"{sim.url}/rest/v0/{export}", length)]) as floor:
+            assert sim.proc is not None and mount.proc is not None and floor.proc is not None
+            server = f"simulator {sim.proc.pid}"
+            cpu = {"curl": {server: []}, "cp": {server: [], f"daemon {mount.proc.pid}": []},
+                   "floor": {server: [], f"daemon {floor.proc.pid}": []}}
             runs = take_turns_of(ROUNDS, {"curl": curl_cmd(sim, export), "cp": ["cp", str(src), "/dev/null"],
-                                          "floor": ["cp", str(floor.files[0]), "/dev/null"]})
+                                          "floor": ["cp", str(floor.files[0]), "/dev/null"]}, cpu)
         report_turns(src.stat().st_size, runs["curl"], runs["cp"],
                      f"curl of the {fmt} export (4 GiB disk) to /dev/null",
                      f"cp of {src.name[-12:]} from the mount to /dev/null",
@@ -138,6 +150,14 @@ def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str, work: Path) -> N
                f"{', '.join(f'{t:.2f}' for t in runs['floor'])})", "baseline", None)
         report(f"  floor speed / curl speed ({fmt}); cp speed / floor speed", f"{t_curl / t_floor:.2f}x; "
                f"{t_floor / t_cp:.2f}x", "", None)
+        # Where the time goes: the simulator serves each export from one thread, the bottleneck of all three
+        # readers; what it spends per GiB depends on the reader (medians of the runs, CPU seconds per GiB).
+        per_gib = {name: {label.split()[0]: statistics.median(used) / (length / GiB) for label, used in cpus.items()}
+                   for name, cpus in cpu.items()}
+        report(f"  CPU s/GiB ({fmt}): simulator for curl; for cp, daemon; for floor, floor",
+               f"{per_gib['curl']['simulator']:.2f}; {per_gib['cp']['simulator']:.2f}, "
+               f"{per_gib['cp']['daemon']:.2f}; {per_gib['floor']['simulator']:.2f}, "
+               f"{per_gib['floor']['daemon']:.2f}", "", None)
 
 
 class ExportFloor:
