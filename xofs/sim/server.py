@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept this authentication token (repeatable), as well as $XOFS_TOKEN (which, unlike "
                         "an argument, other users cannot read in ps); one is generated if neither is given")
     parser.add_argument("--vms", type=int, default=12, help="number of VMs in the inventory (default 12)")
-    parser.add_argument("--seed", type=int, default=1, help="inventory seed: same seed, same objects and ids (default 1)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="inventory seed: same seed, same objects and ids (default 1)")
     parser.add_argument("--state-dir", type=Path, help="keep changes (imports, renames, deletions, tokens) here")
     parser.add_argument("--churn", type=float, default=0.0, metavar="RATE",
                         help="metric-style updates of running VMs, about RATE events per second")
