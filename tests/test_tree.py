@@ -152,6 +152,33 @@ def test_a_directory_standing_for_no_object_takes_the_time_its_names_changed(tre
     assert ("by-name", "vms") not in tree.names_changed
 
 
+def test_an_idle_directory_takes_the_time_of_every_change_until_it_is_listed_again(tree):
+    """A listing unused for IDLE_LISTING is dropped at a change, and the directory takes that change's time;
+    QA 61: a second change before it was listed again left the time at the first (`touch REF`, a deletion,
+    `find -newer REF` missed it). What it depended on still moves the time until it is listed again."""
+    vdis = walk(tree, "vdis")
+    assert tree.children(("vdis",))
+    first, second, third = list(tree.cache.of_type("VDI"))[:3]
+    tree._listings[("vdis",)].used -= tree_module.IDLE_LISTING + 1
+    out = tree.on_changes(tree.cache.apply("exit", {first: 0}))
+    assert ("vdis",) not in tree._listings and InvalidateInode(vdis.ino) in out
+    stamped = tree.names_changed[("vdis",)]
+    time.sleep(0.01)
+    out = tree.on_changes(tree.cache.apply("exit", {second: 0}))
+    assert tree.names_changed[("vdis",)] > stamped and InvalidateInode(vdis.ino) in out
+    assert ("vdis",) not in tree._listings  # not computed again for that
+    assert second not in tree.children(("vdis",))  # listed again: a listing like any other
+    stamped = tree.names_changed[("vdis",)]
+    time.sleep(0.01)
+    tree.on_changes(tree.cache.apply("exit", {third: 0}))
+    assert tree.names_changed[("vdis",)] > stamped
+    tree._listings[("vdis",)].used -= tree_module.IDLE_LISTING + 1
+    tree.on_changes(tree.cache.apply("exit", {next(iter(tree.cache.of_type("VDI"))): 0}))
+    assert ("vdis",) in tree._dormant
+    tree.forget(vdis.ino, tree.inode(vdis.ino).lookups)  # forgotten: nothing of it is kept
+    assert ("vdis",) not in tree._dormant and ("vdis",) not in tree._dep_types.get("VDI", {})
+
+
 def assert_below_complete(tree: Tree) -> None:
     """`Tree._below` reaches every path with an inode or a listing from the root, and holds nothing else."""
     known = {p for p in (*tree._by_path, *tree._listings) if p}

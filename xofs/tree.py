@@ -18,7 +18,9 @@ invalidations it returns to the worker that talks to the kernel (xofs.invalidato
   and the kernel told to forget every entry it had (so that none shows stale), and the next use computes
   it afresh. Each search directory ever listed was otherwise computed again at every change it depended on
   for as long as the mount lived: a dozen bare-term searches, looked at once each, kept the daemon busy
-  with metric events alone until its feed's keepalive went unanswered (helper 55).
+  with metric events alone until its feed's keepalive went unanswered (helper 55). Meanwhile, for a
+  directory standing for no object, every change of what it depended on moves the directory's time
+  (`names_changed`), its names not worked out.
 """
 
 from __future__ import annotations
@@ -161,6 +163,9 @@ class Tree:
         # -> when (time.time(), their st_mtime), while they have an inode: as on a disk, a file manager or a
         # `find -newer` sees entries come and go by the directory's time.
         self.names_changed: dict[Path, float] = {}
+        # Such directories' idle listings, dropped at a change (IDLE_LISTING), without their entries: what
+        # they depended on still moves the directory's time until they are listed again or forgotten.
+        self._dormant: dict[Path, _Listing] = {}
 
     # ---- reading the tree -------------------------------------------------------------------------
 
@@ -347,6 +352,8 @@ class Tree:
         now_due: list[Path] = []
         for path in affected:
             listing = self._listings.get(path)
+            if listing is None and path in self._dormant:
+                out.extend(self._dormant_changed(path))
             if listing is None or path in self._deferred:  # not listed; or put off already, till it is due
                 continue
             due = listing.made + RELIST_SPACING * listing.cost
@@ -381,7 +388,11 @@ class Tree:
                 if dir_ino is not None:
                     out.extend(InvalidateEntry(dir_ino, name) for name in old.children)
                     # What it depends on changed: its names may have (not worked out, to save that cost).
-                    out.extend(self._names_changed(path, dir_ino))
+                    if changed := self._names_changed(path, dir_ino):
+                        out.extend(changed)
+                        old.children, old.names = {}, None
+                        self._dormant[path] = old
+                        self._index_listing(path, old)
                 continue
             try:
                 new = self.children(path) or {}
@@ -413,6 +424,14 @@ class Tree:
             return []
         self.names_changed[path] = time.time()
         return [InvalidateInode(dir_ino)]
+
+    def _dormant_changed(self, path: Path) -> list[Invalidation]:
+        """Something the dormant listing at `path` depended on changed: the directory's time moves."""
+        dir_ino = self._by_path.get(path)
+        if dir_ino is None:
+            self._drop_listing(path)
+            return []
+        return self._names_changed(path, dir_ino)
 
     def rename_import(self, parent: int, old: str, new: str) -> None:
         """A file in an import directory was renamed: its inode now stands for the new name (the kernel
@@ -531,24 +550,35 @@ class Tree:
 
     def _store_listing(self, path: Path, listing: _Listing) -> None:
         listing.used = time.monotonic()
+        if (dormant := self._dormant.pop(path, None)) is not None:
+            self._unindex_listing(path, dormant)
         self._listings[path] = listing
         self._note(path)
+        self._index_listing(path, listing)
+
+    def _index_listing(self, path: Path, listing: _Listing) -> None:
         for obj_id in listing.ids:
             _index_add(self._dep_ids, obj_id, path)
         for type_, fields in (listing.types or {}).items():
             self._dep_types.setdefault(type_, {})[path] = fields
 
+    def _unindex_listing(self, path: Path, listing: _Listing) -> None:
+        for obj_id in listing.ids:
+            _index_discard(self._dep_ids, obj_id, path)
+        for type_ in listing.types or ():
+            self._dep_types.get(type_, {}).pop(path, None)
+
     def _drop_listing(self, path: Path, *, unnote: bool = True) -> None:
+        """The listing at `path` goes, and a dormant one."""
         self._deferred.pop(path, None)
+        if (dormant := self._dormant.pop(path, None)) is not None:
+            self._unindex_listing(path, dormant)
         listing = self._listings.pop(path, None)
         if listing is None:
             return
         if unnote:
             self._unnote(path)
-        for obj_id in listing.ids:
-            _index_discard(self._dep_ids, obj_id, path)
-        for type_ in listing.types or ():
-            self._dep_types.get(type_, {}).pop(path, None)
+        self._unindex_listing(path, listing)
 
     def _file_index(self, inode: Inode) -> tuple[dict[str, int | set[int]], str] | None:
         node = inode.node
