@@ -93,19 +93,19 @@ def take_turns(rounds: int, curl: list[str], cp: list[str]) -> tuple[list[float]
 
 
 def take_turns_of(rounds: int, cmds: dict[str, list[str]],
-                  cpu: dict[str, dict[str, list[float]]] | None = None) -> dict[str, list[float]]:
+                  cpu: dict[str, dict[tuple[str, int], list[float]]] | None = None) -> dict[str, list[float]]:
     """The seconds of `rounds` runs of each command, the order turned by one every round. `cpu`: {name:
-    {label: []}}, where `label` is "<process> <pid>": the CPU seconds that process used in each run of the
-    command `name` are appended to the list."""
+    {(process, pid): []}}: the CPU seconds that process used in each run of the command `name` are appended
+    to the list."""
     runs: dict[str, list[float]] = {name: [] for name in cmds}
     names = list(cmds)
     for n in range(rounds):
         for name in names[n % len(names):] + names[:n % len(names)]:
             watched = (cpu or {}).get(name, {})
-            before = {label: cpu_seconds(int(label.rsplit(" ", 1)[1])) for label in watched}
+            before = {(process, pid): cpu_seconds(pid) for process, pid in watched}
             runs[name].append(timed(cmds[name]))
-            for label, used in watched.items():
-                used.append(cpu_seconds(int(label.rsplit(" ", 1)[1])) - before[label])
+            for (process, pid), used in watched.items():
+                used.append(cpu_seconds(pid) - before[process, pid])
     return runs
 
 
@@ -135,9 +135,10 @@ def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str, work: Path) -> N
                                     capture_output=True, text=True).stdout)
         with ExportFloor(work / f"floor-{fmt}", sim.token, [(f"{sim.url}/rest/v0/{export}", length)]) as floor:
             assert sim.proc is not None and mount.proc is not None and floor.proc is not None
-            server = f"simulator {sim.proc.pid}"
-            cpu = {"curl": {server: []}, "cp": {server: [], f"daemon {mount.proc.pid}": []},
-                   "floor": {server: [], f"daemon {floor.proc.pid}": []}}
+            server = ("simulator", sim.proc.pid)
+            cpu: dict[str, dict[tuple[str, int], list[float]]] = {
+                "curl": {server: []}, "cp": {server: [], ("daemon", mount.proc.pid): []},
+                "floor": {server: [], ("daemon", floor.proc.pid): []}}
             runs = take_turns_of(ROUNDS, {"curl": curl_cmd(sim, export), "cp": ["cp", str(src), "/dev/null"],
                                           "floor": ["cp", str(floor.files[0]), "/dev/null"]}, cpu)
         report_turns(src.stat().st_size, runs["curl"], runs["cp"],
@@ -152,7 +153,7 @@ def bench_speed(sim: SimProcess, mount: MountProcess, vdi: str, work: Path) -> N
                f"{t_floor / t_cp:.2f}x", "", None)
         # Where the time goes: the simulator serves each export from one thread, the bottleneck of all three
         # readers; what it spends per GiB depends on the reader (medians of the runs, CPU seconds per GiB).
-        per_gib = {name: {label.split()[0]: statistics.median(used) / (length / GiB) for label, used in cpus.items()}
+        per_gib = {name: {process: statistics.median(used) / (length / GiB) for (process, _), used in cpus.items()}
                    for name, cpus in cpu.items()}
         report(f"  CPU s/GiB ({fmt}): simulator for curl; for cp, daemon; for floor, floor",
                f"{per_gib['curl']['simulator']:.2f}; {per_gib['cp']['simulator']:.2f}, "
