@@ -96,34 +96,48 @@ Invalidation = InvalidateEntry | InvalidateInode
 @dataclass(slots=True)
 class _Listing:
     children: dict[str, TreeNode]
-    ids: tuple[str, ...] = ()  # a tuple, not the view context's set: most listings depend on one object
+    ids: str | tuple[str, ...] = ()  # the one object most listings depend on, or a tuple (not a set): `_ids`
     types: dict[str, frozenset[str]] | None = None
     names: list[str] | None = None  # sorted, made on first use (readdir)
-    cost: float = 0.0  # seconds it took to compute
-    made: float = 0.0  # time.monotonic() when it was
+    due: float = 0.0  # a costly one: till when a change puts its computing off (time.monotonic(); see on_changes)
     used: float = 0.0  # time.monotonic() when a lookup or readdir last used it (see IDLE_LISTING)
 
 
-# The indexes from an object id to the listings or files that depend on it hold one value for most ids
-# (one directory per object, one meta.json): a set only when there are several, since some 50,000 sets of
-# one would cost 200 bytes each.
+# The indexes (an object id to the listings or files that depend on it, a path to the paths below it) hold
+# one value for most keys (one directory per object, one meta.json), a short list for a few values and a
+# set only past _FEW: with 10,000 VMs found, some 110,000 keys hold several values, and a set costs 216
+# bytes where a list of two costs 72 (tracemalloc: 35 MB of sets, the daemon above its 300 MB goal).
+# Values are never lists (paths are tuples).
 K = TypeVar("K")
 V = TypeVar("V", bound=Hashable)
+Held = V | list[V] | set[V]
+_FEW = 8
 
 
-def _index_add(index: dict[K, V | set[V]], key: K, value: V) -> None:
+def _index_add(index: dict[K, Held], key: K, value: V) -> None:
     held = index.get(key)
     if held is None:
         index[key] = value
     elif isinstance(held, set):
         held.add(value)
+    elif isinstance(held, list):
+        if value not in held:
+            if len(held) < _FEW:
+                held.append(value)
+            else:
+                index[key] = {*held, value}
     elif held != value:
-        index[key] = {held, value}
+        index[key] = [held, value]
 
 
-def _index_discard(index: dict[K, V | set[V]], key: K, value: V) -> None:
+def _index_discard(index: dict[K, Held], key: K, value: V) -> None:
     held = index.get(key)
-    if isinstance(held, set):
+    if isinstance(held, list):
+        if value in held:
+            held.remove(value)
+            if len(held) == 1:
+                index[key] = held[0]
+    elif isinstance(held, set):
         held.discard(value)
         if not held:
             del index[key]
@@ -131,11 +145,18 @@ def _index_discard(index: dict[K, V | set[V]], key: K, value: V) -> None:
         del index[key]
 
 
-def _indexed(index: dict[K, V | set[V]], key: K) -> Iterable[V]:
-    held = index.get(key)
+def _values(held: Held | None) -> Iterable[V]:
     if held is None:
         return ()
-    return held if isinstance(held, set) else (held,)
+    return held if isinstance(held, (list, set)) else (held,)
+
+
+def _indexed(index: dict[K, Held], key: K) -> Iterable[V]:
+    return _values(index.get(key))
+
+
+def _ids(listing: _Listing) -> tuple[str, ...]:
+    return (listing.ids,) if isinstance(listing.ids, str) else listing.ids
 
 
 class Tree:
@@ -147,18 +168,18 @@ class Tree:
         self.inodes: dict[int, Inode] = {ROOT_INODE: Inode(ROOT_INODE, (), Dir(), lookups=1)}
         self._by_path: dict[Path, int] = {(): ROOT_INODE}
         self._listings: dict[Path, _Listing] = {}
-        self._dep_ids: dict[str, Path | set[Path]] = {}
+        self._dep_ids: dict[str, Held[Path]] = {}
         self._dep_types: dict[str, dict[Path, frozenset[str]]] = {}
         # object id -> inodes of the files rendered from it and of the directories standing for it (whose
         # st_mtime is the object's)
-        self._files_of: dict[str, int | set[int]] = {}
-        self._files_of_type: dict[str, int | set[int]] = {}  # XO type -> inodes of files rendered from all of it
+        self._files_of: dict[str, Held[int]] = {}
+        self._files_of_type: dict[str, Held[int]] = {}  # XO type -> inodes of files rendered from all of it
         self._failed: set[Hashable] = set()  # what was logged once: failed listings, bad entries, slow views
         self._deferred: dict[Path, float] = {}  # costly listings changes touched -> when to compute them again
         # path -> the paths one level below it that have an inode or a listing, or such paths below them:
         # what a vanished directory takes along is found without going through every path known (10,000
         # VMs removed at once on a mount with 10,000 looked up took seconds, the whole mount waiting).
-        self._below: dict[Path, set[Path]] = {}
+        self._below: dict[Path, Held[Path]] = {}
         # Directories standing for no object (collections, /by-name, searches) whose names xofs saw change
         # -> when (time.time(), their st_mtime), while they have an inode: as on a disk, a file manager or a
         # `find -newer` sees entries come and go by the directory's time.
@@ -236,7 +257,8 @@ class Tree:
         """A view's listing, checked: a view that raises or answers no mapping fails the directory with
         `ViewFailed` (its traceback logged once, until it lists again); a third-party view's entries that
         the kernel would refuse are left out with a warning, and its slow listings logged. A buggy view must
-        not take the mount down. The listing keeps what it cost (`_Listing.cost`: see `on_changes`)."""
+        not take the mount down. A costly listing keeps till when to put off computing it again
+        (`_Listing.due`: see `on_changes`)."""
         ctx = ViewContext(self.cache)
         where = "/" + "/".join(path)
         own = is_builtin(view)  # xofs's own views are not checked nor logged slow
@@ -258,8 +280,13 @@ class Tree:
         if entries is None:
             return None
         made = time.monotonic()
+        cost = made - started
+        due = made + RELIST_SPACING * cost if cost >= COSTLY_LISTING else 0.0
+        ids = tuple(ctx.ids)
+        if len(ids) == 1:
+            ids = ids[0]
         if own:  # checking costs 18 ms per 40,000 entries
-            return _Listing(entries, tuple(ctx.ids), ctx.types or None, cost=made - started, made=made)
+            return _Listing(entries, ids, ctx.types or None, due=due)
         checked = {}
         for name, node in entries.items():
             problem = name_problem(name) or node_problem(node)
@@ -267,7 +294,7 @@ class Tree:
                 checked[name] = node
             elif self._first_time((path, repr(name))):
                 log.warning("view /%s lists %r in %s, left out: %s", path[0], name, where, problem)
-        return _Listing(checked, tuple(ctx.ids), ctx.types or None, cost=made - started, made=made)
+        return _Listing(checked, ids, ctx.types or None, due=due)
 
     def _first_time(self, key: Hashable) -> bool:
         """Whether a plugin's problem `key` is new (logged once); the memory of them is bounded."""
@@ -356,9 +383,8 @@ class Tree:
                 out.extend(self._dormant_changed(path))
             if listing is None or path in self._deferred:  # not listed; or put off already, till it is due
                 continue
-            due = listing.made + RELIST_SPACING * listing.cost
-            if listing.cost >= COSTLY_LISTING and due > now and now - listing.used <= IDLE_LISTING:
-                self._deferred[path] = due
+            if listing.due > now and now - listing.used <= IDLE_LISTING:
+                self._deferred[path] = listing.due
             else:
                 now_due.append(path)
         now_due.extend(path for path, due in self._deferred.items() if due <= now)
@@ -518,20 +544,18 @@ class Tree:
             if ino is not None and (inode := self.inodes.get(ino)) is not None:
                 inode.stale = True
             self._drop_listing(p, unnote=False)
-            todo.extend(self._below.pop(p, ()))
+            todo.extend(_values(self._below.pop(p, None)))
         self._unnote(path)
 
     def _note(self, path: Path) -> None:
         """`path` has an inode or a listing now: reachable from its parents in `_below`."""
         while path:
             parent = path[:-1]
-            below = self._below.get(parent)
-            if below is None:
-                self._below[parent] = {path}
-            elif path in below:
-                return
-            else:
-                below.add(path)
+            if (ino := self._by_path.get(parent)) is not None:
+                parent = self.inodes[ino].path  # that tuple, not a copy: 41,000 of them with 10,000 VMs found
+            known = parent in self._below
+            _index_add(self._below, parent, path)
+            if known:
                 return
             path = parent  # the parent was known through nothing else: it must be reachable too
 
@@ -539,13 +563,11 @@ class Tree:
         """`path` lost its inode or listing: out of `_below` once nothing keeps it there, and so on up."""
         while path and path not in self._by_path and path not in self._listings and path not in self._below:
             parent = path[:-1]
-            below = self._below.get(parent)
-            if below is None:
+            if parent not in self._below:
                 return
-            below.discard(path)
-            if below:
+            _index_discard(self._below, parent, path)
+            if parent in self._below:
                 return
-            del self._below[parent]
             path = parent
 
     def _store_listing(self, path: Path, listing: _Listing) -> None:
@@ -557,13 +579,13 @@ class Tree:
         self._index_listing(path, listing)
 
     def _index_listing(self, path: Path, listing: _Listing) -> None:
-        for obj_id in listing.ids:
+        for obj_id in _ids(listing):
             _index_add(self._dep_ids, obj_id, path)
         for type_, fields in (listing.types or {}).items():
             self._dep_types.setdefault(type_, {})[path] = fields
 
     def _unindex_listing(self, path: Path, listing: _Listing) -> None:
-        for obj_id in listing.ids:
+        for obj_id in _ids(listing):
             _index_discard(self._dep_ids, obj_id, path)
         for type_ in listing.types or ():
             self._dep_types.get(type_, {}).pop(path, None)
@@ -580,7 +602,7 @@ class Tree:
             self._unnote(path)
         self._unindex_listing(path, listing)
 
-    def _file_index(self, inode: Inode) -> tuple[dict[str, int | set[int]], str] | None:
+    def _file_index(self, inode: Inode) -> tuple[dict[str, Held[int]], str] | None:
         node = inode.node
         if isinstance(node, Dir):
             return (self._files_of, node.obj_id) if node.obj_id else None
