@@ -191,8 +191,9 @@ class ObjectCache:
                 old = None
             if old != obj:
                 changes.append(Change(obj_id, obj["type"], old, obj))
+        now = time.time()
         for change in changes:
-            self._store(change)
+            self._store(change, now)
         if self.loaded and changes:  # forget the strings only objects now gone had
             self._strings, self._containers = {}, {}
             self.share_values(self._objects.values())
@@ -232,13 +233,15 @@ class ObjectCache:
                         if shared is not None:
                             obj[name] = shared
                 changes.append(Change(obj_id, obj["type"], old, obj))
+        now = time.time()
         for change in changes:
-            self._store(change)
+            self._store(change, now)
         return changes
 
-    def _store(self, change: Change) -> None:
+    def _store(self, change: Change, now: float) -> None:
+        """`now`: time.time(), one float for a whole batch (not 52,000 of them at start)."""
         self.type_version[change.type] += 1
-        self.type_changed_at[change.type] = time.time()
+        self.type_changed_at[change.type] = now
         if change.new is None:
             self._objects.pop(change.obj_id, None)
             self._by_type[change.type].pop(change.obj_id, None)
@@ -246,7 +249,7 @@ class ObjectCache:
         else:
             self._objects[change.obj_id] = change.new
             self._by_type[change.type][change.obj_id] = change.new
-            self.changed_at[change.obj_id] = time.time()
+            self.changed_at[change.obj_id] = now
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self._objects.values())
