@@ -30,3 +30,16 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def give_back_free_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim`), wherever they are in it: after
+    a full read of XO's collections, the parsed answers' memory is free but stays resident, the top of the
+    heap held by what was kept. False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    return bool(malloc_trim(0))

@@ -24,6 +24,7 @@ from xofs.cache import COLLECTIONS, Change, ObjectCache
 from xofs.client.rest import RestClient
 from xofs.errors import xofs_error_in
 from xofs.fs import Freshness
+from xofs.malloc import give_back_free_memory
 from xofs.tree import Invalidation, Tree
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Syncer:
         # find's time with 10,000 VMs): set it aside, after one collection so no garbage is kept with it.
         gc.collect()
         gc.freeze()
+        give_back_free_memory()
         self.loaded_at = time.monotonic()
         log.debug("cache holds %d objects (%d changed) after %.3f s of reconciling",
                   len(self.cache), len(changes), time.monotonic() - started)
