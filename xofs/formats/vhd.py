@@ -251,7 +251,9 @@ def _dynamic_header(entries: int) -> bytes:
 
 
 def dynamic_vhd_stream(disk: DiskContent, *, uuid: bytes, timestamp: int) -> Iterator[bytes]:
-    """A dynamic VHD of `disk`, as XAPI's `/export_raw_vdi/?format=vhd` sends it, a chunk per block.
+    """A dynamic VHD of `disk`, as XAPI's `/export_raw_vdi/?format=vhd` sends it: for each block, its
+    bitmap (after the metadata, for the first), then its data as read, never copied (a simulator joining
+    them spent a fifth more CPU per GiB serving a FUSE daemon than curl), then any padding and the footer.
 
     Every allocated block is written whole (bitmap all ones), whatever it holds, so the length is known up
     front (`dynamic_vhd_length`). `timestamp` is Unix time. Same disk, uuid and timestamp, same bytes.
@@ -267,9 +269,12 @@ def dynamic_vhd_stream(disk: DiskContent, *, uuid: bytes, timestamp: int) -> Ite
     last = len(layout.blocks) - 1
     for i, block in enumerate(layout.blocks):
         data = disk.read(block * BLOCK_SIZE, BLOCK_SIZE)
-        pad = bytes(BLOCK_SIZE - len(data))  # the last block, past the end of the disk
-        # One chunk per block, copied once; the metadata rides with the first, the footer with the last.
-        yield b"".join((head if i == 0 else b"", bitmap, data, pad, footer if i == last else b""))
+        yield head + bitmap if i == 0 else bitmap
+        if data:
+            yield data
+        tail = bytes(BLOCK_SIZE - len(data)) + (footer if i == last else b"")  # padding: the last block only
+        if tail:
+            yield tail
     if last < 0:
         yield head + footer
 
