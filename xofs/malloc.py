@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+from typing import Any
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -20,13 +22,20 @@ MMAP_THRESHOLD = 8 << 20  # allocations below this come from the heap, 1 MiB buf
 TRIM_THRESHOLD = 32 << 20  # free memory at the top of the heap kept for reuse, at most
 
 
+@functools.cache
+def _libc_function(name: str) -> Any:
+    """A function of the C library, None where it has none by that name (not glibc). Looked up once: finding
+    the library runs `ldconfig -p` in a child process."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def tune_malloc() -> bool:
     """Fix glibc's malloc thresholds; False where the C library is not glibc (nothing is changed there)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
@@ -36,10 +45,8 @@ def give_back_free_memory() -> bool:
     """Hand the heap's free pages back to the system (glibc's `malloc_trim`), wherever they are in it: after
     a full read of XO's collections, the parsed answers' memory is free but stays resident, the top of the
     heap held by what was kept. False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        malloc_trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError, TypeError):
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes = (ctypes.c_size_t,)
     return bool(malloc_trim(0))
