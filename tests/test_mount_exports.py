@@ -133,9 +133,10 @@ def test_tools_copy_exactly_what_curl_downloads(setup, tmp_path, fmt):
 
 @pytest.mark.parametrize(("fmt", "chunk"), [("raw", 65536), ("vhd", 65536), ("vhd", 4093)])
 def test_exports_framed_as_a_real_xo_does_copy_exactly(setup, tmp_path, fmt, chunk):
-    """A real xo-server sends an export in HTTP chunks of at most 64 KiB (the simulator's default are
-    1 MiB or more): every one of them goes through the client's small-chunk path, whose chunks straddle
-    its receive buffers (4093 bytes: no chunk boundary meets a buffer's)."""
+    """A real xo-server sends an export in HTTP chunks of at most 64 KiB (the simulator's default are a
+    `.raw`'s 4 MiB and a `.vhd` block's 2 MiB of data): every one of them goes through the client's
+    small-chunk path, whose chunks straddle its receive buffers (4093 bytes: no chunk boundary meets a
+    buffer's)."""
     sim, mount, _ = setup
     src = mount / "vdis" / f"{sim.disk}.{fmt}"
     want = sha256_of(curl(sim, f"vdis/{sim.disk}.{fmt}", tmp_path / "curl.out"))

@@ -136,7 +136,7 @@ def test_export_chunk_bytes_frames_exports_as_small_as_a_real_xo(fresh_sim):
     vdi = find(fresh_sim, "vdis", "spare disk")
     path = f"/rest/v0/vdis/{vdi['id']}.vhd"
     sizes, body = chunk_sizes(fresh_sim, path, 3 * MiB)
-    assert min(sizes) >= MiB  # the simulator's own framing: big chunks
+    assert max(sizes) == 2 * MiB  # the simulator's own framing: each block's data in one chunk
     set_faults(fresh_sim, export_chunk_bytes=65536)
     small_sizes, small_body = chunk_sizes(fresh_sim, path, 3 * MiB)
     assert max(small_sizes) == 65536 and len(small_sizes) >= 48
