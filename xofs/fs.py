@@ -688,8 +688,14 @@ class XoFS(pyfuse3.Operations):
                 raise XofsError(f"the stream ended at {end} bytes, short of the size the kernel may still "
                                 f"hold for the file, {told}: a copy through the page cache would end there, "
                                 "padded with zeros; read it again", errno_=errno.EIO,
-                                object_id=getattr(getattr(self.tree.inode(ino), "node", None), "obj_id", None))
+                                object_id=self._object_id(ino))
         return data
+
+    def _object_id(self, ino: int) -> str | None:
+        """The XO object the file `ino` comes from, for an error's log line (None for an import file)."""
+        inode = self.tree.inode(ino)
+        node = None if inode is None else inode.node
+        return node.obj_id if isinstance(node, (Dir, File, Link)) else None
 
     def _hold(self, ino: int, size: int) -> None:
         """Show the open export file `ino` at least `size` bytes long until its last release (`read`)."""
