@@ -26,6 +26,7 @@ class Answer:
     headers: list[tuple[str, str]]  # in wire order, names as sent
     body: bytes
     complete: bool  # False when the connection dropped before the end of the body
+    reason: str = ""  # the status line's reason phrase
 
     def header(self, name: str) -> str | None:
         values = [v for k, v in self.headers if k.lower() == name.lower()]
@@ -63,14 +64,14 @@ def call(sim: SimProcess, method: str, path: str, body: bytes | None = None,
         headers_list = [(k, v) for k, v in resp.getheaders()]
         complete = True
         if not read_body:
-            return Answer(resp.status, headers_list, b"", False)
+            return Answer(resp.status, headers_list, b"", False, resp.reason)
         if limit is not None:
-            return Answer(resp.status, headers_list, resp.read(limit), False)
+            return Answer(resp.status, headers_list, resp.read(limit), False, resp.reason)
         try:
             data = resp.read()
         except http.client.IncompleteRead as error:
             data, complete = error.partial, False
-        return Answer(resp.status, headers_list, data, complete)
+        return Answer(resp.status, headers_list, data, complete, resp.reason)
     finally:
         conn.close()
 

@@ -402,7 +402,7 @@ class _Protocol:
 async def test_a_large_body_chunk_goes_to_the_socket_as_it_is_and_a_small_one_in_one_piece():
     """The simulator's copy of each 4 MiB chunk into its framing cost `cp` from a mount a fifth of its speed
     (xofs.sim.http_send). The bytes sent are h11's, whichever way."""
-    http_send.send_large_bodies_without_copying()
+    http_send.send_as_node_does()
     assert H11Protocol._send_h11_event is http_send._send_h11_event
     protocol = _Protocol()
     chunk = os.urandom(4 << 20)

@@ -19,6 +19,7 @@ from tests.sim_rest_support import (
     Answer,
     basic,
     call,
+    raw_exchange,
     recorded,
     recorded_header,
     recorded_names,
@@ -42,6 +43,7 @@ def assert_like_recording(ans: Answer, name: str) -> None:
     on the content or the moment."""
     meta, _ = recorded(name)
     assert ans.status == meta["status"], ans.body[:300]
+    assert ans.reason == meta["reason"]  # Node's phrase: `HTTP/1.1 404 Not Found`
     assert ans.names() == recorded_names(meta)
     for header in NOT_DATES:
         assert ans.header(header) == recorded_header(meta, header), header
@@ -49,6 +51,16 @@ def assert_like_recording(ans: Answer, name: str) -> None:
     # Node's `toUTCString()` of the moment, like the recorded `Thu, 26 Nov 2026 17:23:22 GMT`
     assert re.fullmatch(r"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT", ans.header("Date"))
     assert abs(parsedate_to_datetime(ans.header("Date")).timestamp() - time.time()) < 60
+
+
+def test_every_status_line_has_node_s_reason_phrase(sim):
+    """Hypercorn wrote none (`HTTP/1.1 401 `); xo-server's Node writes its own phrase for each code. The
+    recordings' codes are checked in `assert_like_recording`; these are codes they lack."""
+    raw = raw_exchange(sim, b"GET /rest/v0/vms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), raw[:60]
+    vm = call(sim, "GET", "/rest/v0/vms").json()[0]
+    ova = call(sim, "GET", f"{vm}.ova", read_body=False)
+    assert (ova.status, ova.reason) == (501, "Not Implemented")
 
 
 def pretty(value: object) -> bytes:

@@ -1,6 +1,10 @@
-"""Large response bodies go to the socket as they are, not copied into one bytes object first.
+"""How the simulator's HTTP/1.1 responses leave: status lines as Node writes them, large bodies uncopied.
 
-Hypercorn sends each body chunk through `h11.Connection.send`, which joins the chunk's framing (`400000\r\n`
+Status lines: hypercorn hands h11 no reason phrase, so every status line read `HTTP/1.1 200 ` where Node
+(xo-server's Express) writes `HTTP/1.1 200 OK`, Node's own phrase for each code (`http.STATUS_CODES`; the
+recordings of a real xo-server show those of 200, 201, 204, 304, 404, 422 and 500).
+
+Bodies: hypercorn sends each body chunk through `h11.Connection.send`, which joins the chunk's framing (`400000\r\n`
 ... `\r\n`) and its bytes with `b"".join`: a copy of every 4 MiB an export sends, in the simulator's only
 thread. That copy cost the simulator more when a FUSE daemon read the export than when curl did (the two
 CPUs then share their caches with the daemon's own copies): serving `cp` from a mount, 0.51 s of CPU per GiB
@@ -22,11 +26,37 @@ from hypercorn.protocol.h11 import H11Protocol
 
 PASS_THROUGH = 64 << 10  # bytes: bodies this large are sent without the copy
 
+# Node's http.STATUS_CODES (lib/_http_server.js), as Express writes them after the code.
+NODE_REASONS: dict[int, bytes] = {code: phrase.encode() for code, phrase in {
+    100: "Continue", 101: "Switching Protocols", 102: "Processing", 103: "Early Hints",
+    200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information", 204: "No Content",
+    205: "Reset Content", 206: "Partial Content", 207: "Multi-Status", 208: "Already Reported", 226: "IM Used",
+    300: "Multiple Choices", 301: "Moved Permanently", 302: "Found", 303: "See Other", 304: "Not Modified",
+    305: "Use Proxy", 307: "Temporary Redirect", 308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 406: "Not Acceptable", 407: "Proxy Authentication Required",
+    408: "Request Timeout", 409: "Conflict", 410: "Gone", 411: "Length Required", 412: "Precondition Failed",
+    413: "Payload Too Large", 414: "URI Too Long", 415: "Unsupported Media Type", 416: "Range Not Satisfiable",
+    417: "Expectation Failed", 418: "I'm a Teapot", 421: "Misdirected Request", 422: "Unprocessable Entity",
+    423: "Locked", 424: "Failed Dependency", 425: "Too Early", 426: "Upgrade Required",
+    428: "Precondition Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    451: "Unavailable For Legal Reasons",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 505: "HTTP Version Not Supported", 506: "Variant Also Negotiates",
+    507: "Insufficient Storage", 508: "Loop Detected", 509: "Bandwidth Limit Exceeded", 510: "Not Extended",
+    511: "Network Authentication Required",
+}.items()}
+
 _joining_send = H11Protocol._send_h11_event
 
 
 async def _send_h11_event(self: Any, event: Any) -> None:
-    """`H11Protocol._send_h11_event`, for a large `h11.Data` on a plain HTTP/1.1 connection without the copy."""
+    """`H11Protocol._send_h11_event`, with Node's reason phrase in a status line that has none, and a large
+    `h11.Data` on a plain HTTP/1.1 connection sent without the copy."""
+    kind = type(event)
+    if (kind is h11.Response or kind is h11.InformationalResponse) and not event.reason:
+        event = kind(status_code=event.status_code, headers=event.headers.raw_items(),
+                     http_version=event.http_version, reason=NODE_REASONS.get(event.status_code, b""))
     connection = self.connection
     if type(event) is not h11.Data or len(event.data) < PASS_THROUGH or not isinstance(connection, h11.Connection):
         await _joining_send(self, event)
@@ -42,6 +72,6 @@ async def _send_h11_event(self: Any, event: Any) -> None:
             await self.send(RawData(data=piece))
 
 
-def send_large_bodies_without_copying() -> None:
+def send_as_node_does() -> None:
     """Install the above into hypercorn (idempotent); the simulator calls it before it serves."""
     H11Protocol._send_h11_event = _send_h11_event

@@ -31,7 +31,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from xofs.malloc import tune_malloc
 from xofs.sim.faults import Faults
-from xofs.sim.http_send import send_large_bodies_without_copying
+from xofs.sim.http_send import send_as_node_does
 from xofs.sim.jsonrpc import load_methods_info
 from xofs.sim.jsonrpc import serve as serve_jsonrpc
 from xofs.sim.model import SimModel, new_token
@@ -181,7 +181,7 @@ def hypercorn_config(bind: str, tls: tuple[Path, Path] | None = None) -> Config:
 async def serve(model: SimModel, host: str, port: int, churn: float,
                 tls: tuple[Path, Path] | None = None) -> None:
     config = hypercorn_config(f"{host}:{port}", tls)
-    send_large_bodies_without_copying()
+    send_as_node_does()
     stop = trio.Event()
 
     async def shutdown_trigger() -> None:
