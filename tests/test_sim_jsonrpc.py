@@ -28,6 +28,7 @@ from tests.sim_rest_support import call
 from tests.support import DEFAULT_TOKEN, SimProcess
 from tests.test_sim_shapes import SHARED, shape_problems
 from xofs.sim import jsonrpc_protocol as protocol
+from xofs.sim.http_send import send_as_node_does
 from xofs.sim.inventory import build_inventory
 from xofs.sim.model import SimModel
 from xofs.sim.server import hypercorn_config, load_rest_app, make_app
@@ -559,6 +560,7 @@ def test_the_token_can_come_from_the_environment_where_ps_does_not_show_it(tmp_p
 @asynccontextmanager
 async def in_process_sim(model: SimModel) -> AsyncIterator[str]:
     config = hypercorn_config("127.0.0.1:0")
+    send_as_node_does()  # as `xofs sim` serves
     async with trio.open_nursery() as nursery:
         await nursery.start(model.run)
         app = make_app(model, load_rest_app(model))
@@ -578,6 +580,7 @@ async def test_an_expired_token_closes_the_socket_on_its_next_message():
             with trio.fail_after(3):
                 await peer.closed.wait()
             assert 1 not in peer.raw  # closed without an answer
+            assert peer.ws.closed.code == 1005  # and without a status code, as xo-server closes it
             assert await other.call("system.getServerVersion") == "5.207.2"
 
 

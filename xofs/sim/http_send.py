@@ -1,8 +1,12 @@
-"""How the simulator's HTTP/1.1 responses leave: status lines as Node writes them, large bodies uncopied.
+"""How the simulator's HTTP/1.1 connections send as Node does: status lines, websocket closes, large bodies.
 
 Status lines: hypercorn hands h11 no reason phrase, so every status line read `HTTP/1.1 200 ` where Node
 (xo-server's Express) writes `HTTP/1.1 200 OK`, Node's own phrase for each code (`http.STATUS_CODES`; the
 recordings of a real xo-server show those of 200, 201, 204, 304, 404, 422 and 500).
+
+Websocket closes: xo-server closes a socket whose token expired without a status code (a client sees
+1005, "no status received"). An ASGI close always has a code, and wsproto turns 1005 into 1000 unless it
+is given its own `CloseReason.NO_STATUS_RCVD`: a close asked with 1005 goes out with no code here.
 
 Bodies: hypercorn sends each body chunk through `h11.Connection.send`, which joins the chunk's framing (`400000\r\n`
 ... `\r\n`) and its bytes with `b"".join`: a copy of every 4 MiB an export sends, in the simulator's only
@@ -23,6 +27,7 @@ from typing import Any
 import h11
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
+from wsproto.frame_protocol import CloseReason, FrameProtocol
 
 PASS_THROUGH = 64 << 10  # bytes: bodies this large are sent without the copy
 
@@ -48,6 +53,7 @@ NODE_REASONS: dict[int, bytes] = {code: phrase.encode() for code, phrase in {
 }.items()}
 
 _joining_send = H11Protocol._send_h11_event
+_coded_close = FrameProtocol.close
 
 
 async def _send_h11_event(self: Any, event: Any) -> None:
@@ -72,6 +78,14 @@ async def _send_h11_event(self: Any, event: Any) -> None:
             await self.send(RawData(data=piece))
 
 
+def _close(self: FrameProtocol, code: int | None = None, reason: str | None = None) -> bytearray:
+    """`FrameProtocol.close`, with no status code in the frame when asked for 1005."""
+    if code == CloseReason.NO_STATUS_RCVD and not reason:
+        code = CloseReason.NO_STATUS_RCVD  # the enum itself: wsproto then writes an empty close frame
+    return _coded_close(self, code, reason)
+
+
 def send_as_node_does() -> None:
-    """Install the above into hypercorn (idempotent); the simulator calls it before it serves."""
+    """Install the above into hypercorn and wsproto (idempotent); the simulator calls it before it serves."""
     H11Protocol._send_h11_event = _send_h11_event
+    FrameProtocol.close = _close  # type: ignore[method-assign]

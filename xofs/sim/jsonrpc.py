@@ -438,7 +438,8 @@ async def serve(model: SimModel, methods_info: dict[str, dict[str, Any]], receiv
         if not closed:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 try:
-                    await send({"type": "websocket.close", "code": 1000})
+                    # xo-server closes a socket whose token expired with no status code (1005 at the client)
+                    await send({"type": "websocket.close", "code": 1005 if conn.expired else 1000})
                 except Exception:  # noqa: BLE001 - the peer may already be gone
                     pass
 
