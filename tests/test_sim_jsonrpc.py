@@ -7,14 +7,18 @@ Expected frames come from `xo-api.md` §4 and the recordings in `reference/real-
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -614,3 +618,51 @@ def test_sigint_and_sighup_stop_cleanly(tmp_path, signum):
     proc.proc.send_signal(signum)
     assert proc.proc.wait(10) == 0
     proc.stop()
+
+
+class _RawSocket:
+    """A websocket client of a few lines that offers permessage-deflate and shows each frame's first byte."""
+
+    def __init__(self, sim: SimProcess) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", sim.port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /api/ HTTP/1.1\r\nHost: xo\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n").encode())
+        self.stream = self.sock.makefile("rb")
+        assert self.stream.readline().startswith(b"HTTP/1.1 101 ")
+        headers = []
+        while (line := self.stream.readline()) not in (b"\r\n", b""):
+            headers.append(line.decode().lower())
+        assert any(h.startswith("sec-websocket-extensions: permessage-deflate") for h in headers), headers
+
+    def call(self, request_id: int, method: str, params: dict[str, Any]) -> tuple[int, bytes]:
+        """The first byte of the answer's frame (FIN, RSV1, opcode) and its payload, as sent."""
+        payload = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}).encode()
+        mask = os.urandom(4)
+        size = (bytes([0x80 | len(payload)]) if len(payload) < 126
+                else bytes([0x80 | 126]) + struct.pack("!H", len(payload)))
+        self.sock.sendall(bytes([0x81]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        first, second = self.stream.read(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self.stream.read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self.stream.read(8))[0]
+        return first, self.stream.read(length)
+
+
+def test_only_messages_of_512_kib_or_more_are_compressed_as_xo_configures_its_sockets(tmp_path):
+    """xo-server's config.toml: `perMessageDeflate = {threshold = 524288}`; wsproto alone compressed all."""
+    sim = SimProcess(args=["--seed", "4", "--vms", "300"], log_path=tmp_path / "sim.log").start()
+    try:
+        ws = _RawSocket(sim)
+        first, payload = ws.call(1, "session.signIn", {"token": sim.token})
+        assert first == 0x81 and json.loads(payload)["id"] == 1  # FIN, text, RSV1 clear: as it is
+        first, payload = ws.call(2, "xo.getAllObjects", {})
+        assert first == 0xC1, hex(first)  # FIN, RSV1 (compressed), text
+        text = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+        assert len(text) >= 512 * 1024 and json.loads(text)["id"] == 2
+        ws.sock.close()
+    finally:
+        sim.stop()

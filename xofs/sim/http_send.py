@@ -4,6 +4,10 @@ Status lines: hypercorn hands h11 no reason phrase, so every status line read `H
 (xo-server's Express) writes `HTTP/1.1 200 OK`, Node's own phrase for each code (`http.STATUS_CODES`; the
 recordings of a real xo-server show those of 200, 201, 204, 304, 404, 422 and 500).
 
+Websocket compression: xo-server's `ws` compresses only messages of 512 KiB or more (`perMessageDeflate =
+{threshold = 524288}` in its config.toml); wsproto compresses every one. Smaller messages go out as they
+are here (RSV1 clear): the messages a client reads are the same, the frames on the wire are XO's.
+
 Websocket closes: xo-server closes a socket whose token expired without a status code (a client sees
 1005, "no status received"). An ASGI close always has a code, and wsproto turns 1005 into 1000 unless it
 is given its own `CloseReason.NO_STATUS_RCVD`: a close asked with 1005 goes out with no code here.
@@ -27,9 +31,11 @@ from typing import Any
 import h11
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
-from wsproto.frame_protocol import CloseReason, FrameProtocol
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
 PASS_THROUGH = 64 << 10  # bytes: bodies this large are sent without the copy
+DEFLATE_THRESHOLD = 512 << 10  # bytes: a server's websocket message this large or more is compressed (XO's)
 
 # Node's http.STATUS_CODES (lib/_http_server.js), as Express writes them after the code.
 NODE_REASONS: dict[int, bytes] = {code: phrase.encode() for code, phrase in {
@@ -54,6 +60,7 @@ NODE_REASONS: dict[int, bytes] = {code: phrase.encode() for code, phrase in {
 
 _joining_send = H11Protocol._send_h11_event
 _coded_close = FrameProtocol.close
+_deflating = PerMessageDeflate.frame_outbound
 
 
 async def _send_h11_event(self: Any, event: Any) -> None:
@@ -85,7 +92,16 @@ def _close(self: FrameProtocol, code: int | None = None, reason: str | None = No
     return _coded_close(self, code, reason)
 
 
+def _frame_outbound(self: PerMessageDeflate, proto: Any, opcode: Opcode, rsv: Any, data: bytes,
+                    fin: bool) -> tuple[Any, bytes]:
+    """`PerMessageDeflate.frame_outbound`, leaving a server's whole message under the threshold as it is."""
+    if not proto.client and fin and opcode in (Opcode.TEXT, Opcode.BINARY) and len(data) < DEFLATE_THRESHOLD:
+        return rsv, data
+    return _deflating(self, proto, opcode, rsv, data, fin)
+
+
 def send_as_node_does() -> None:
     """Install the above into hypercorn and wsproto (idempotent); the simulator calls it before it serves."""
     H11Protocol._send_h11_event = _send_h11_event
     FrameProtocol.close = _close  # type: ignore[method-assign]
+    PerMessageDeflate.frame_outbound = _frame_outbound  # type: ignore[method-assign]
