@@ -183,8 +183,7 @@ def test_head_runs_the_export_and_sends_headers_only(sim):
     ans = call(sim, "HEAD", f"/rest/v0/vdis/{vdi['id']}.vhd")
     meta, _ = recorded("exports/vdi-vhd.HEAD")
     assert ans.status == 200 and ans.body == b""
-    # h11 frames a HEAD answer as it would the GET, so Transfer-Encoding comes on top of the recorded names.
-    assert [n for n in ans.names() if n != "Transfer-Encoding"] == recorded_names(meta)
+    assert ans.names() == recorded_names(meta)  # no framing header, as Node answers a HEAD
     vm = find(sim, "vms", "test-01")
     head = call(sim, "HEAD", f"/rest/v0/vms/{vm['id']}.xva")
     assert head.status == 200 and head.body == b""

@@ -4,6 +4,10 @@ Status lines: hypercorn hands h11 no reason phrase, so every status line read `H
 (xo-server's Express) writes `HTTP/1.1 200 OK`, Node's own phrase for each code (`http.STATUS_CODES`; the
 recordings of a real xo-server show those of 200, 201, 204, 304, 404, 422 and 500).
 
+HEAD: h11 frames the answer to a HEAD as it would the GET's and adds `Transfer-Encoding: chunked` where the
+GET's would be chunked; Node sends no framing header there (the recorded HEAD of a `.vhd` export). That
+line is taken out of the header block h11 writes (the body it would frame is never sent after a HEAD).
+
 Websocket compression: xo-server's `ws` compresses only messages of 512 KiB or more (`perMessageDeflate =
 {threshold = 524288}` in its config.toml); wsproto compresses every one. Smaller messages go out as they
 are here (RSV1 clear): the messages a client reads are the same, the frames on the wire are XO's.
@@ -58,20 +62,26 @@ NODE_REASONS: dict[int, bytes] = {code: phrase.encode() for code, phrase in {
     511: "Network Authentication Required",
 }.items()}
 
+_HEAD_FRAMING = b"Transfer-Encoding: chunked\r\n\r\n"  # how h11 ends the headers it framed for a HEAD
+
 _joining_send = H11Protocol._send_h11_event
 _coded_close = FrameProtocol.close
 _deflating = PerMessageDeflate.frame_outbound
 
 
 async def _send_h11_event(self: Any, event: Any) -> None:
-    """`H11Protocol._send_h11_event`, with Node's reason phrase in a status line that has none, and a large
-    `h11.Data` on a plain HTTP/1.1 connection sent without the copy."""
+    """`H11Protocol._send_h11_event`, with Node's reason phrase in a status line that has none, no framing
+    header on the answer to a HEAD, and a large `h11.Data` on a plain HTTP/1.1 connection sent uncopied."""
     kind = type(event)
     if (kind is h11.Response or kind is h11.InformationalResponse) and not event.reason:
         event = kind(status_code=event.status_code, headers=event.headers.raw_items(),
                      http_version=event.http_version, reason=NODE_REASONS.get(event.status_code, b""))
     connection = self.connection
-    if type(event) is not h11.Data or len(event.data) < PASS_THROUGH or not isinstance(connection, h11.Connection):
+    if not isinstance(connection, h11.Connection):
+        await _joining_send(self, event)
+        return
+    head = kind is h11.Response and getattr(connection, "_request_method", None) == b"HEAD"
+    if not head and (kind is not h11.Data or len(event.data) < PASS_THROUGH):
         await _joining_send(self, event)
         return
     try:
@@ -80,6 +90,11 @@ async def _send_h11_event(self: Any, event: Any) -> None:
         if connection.their_state != h11.ERROR:
             raise
         return
+    if head:
+        block = b"".join(pieces or ())
+        if block.endswith(_HEAD_FRAMING):
+            block = block[: -len(_HEAD_FRAMING)] + b"\r\n"
+        pieces = [block]
     for piece in pieces or ():
         if piece:
             await self.send(RawData(data=piece))
