@@ -61,6 +61,25 @@ def test_every_status_line_has_node_s_reason_phrase(sim):
     vm = call(sim, "GET", "/rest/v0/vms").json()[0]
     ova = call(sim, "GET", f"{vm}.ova", read_body=False)
     assert (ova.status, ova.reason) == (501, "Not Implemented")
+    knob = call(sim, "POST", "/_sim/faults", json.dumps({"http_5xx_next": 1, "http_5xx_status": 599}).encode(),
+                {"Content-Type": "application/json"})
+    assert knob.status == 200, knob.body
+    odd = call(sim, "GET", "/rest/v0/pools")
+    assert (odd.status, odd.reason) == (599, "unknown")  # Node's word for a code it has no phrase for
+
+
+def test_the_framing_header_comes_last_and_a_head_has_none_with_connection_close_too(sim):
+    """Node writes `Connection` before `Transfer-Encoding` (as in the recordings), and no framing header on
+    the answer to a HEAD; h11 put `Transfer-Encoding` before the `Connection: close` it adds."""
+    request = ("{method} /rest/v0/vms?ndjson=true HTTP/1.1\r\nHost: xo\r\nConnection: close\r\n"
+               f"Cookie: authenticationToken={sim.token}\r\n\r\n")
+    got = raw_exchange(sim, request.format(method="GET").encode())
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[-2:] == [b"Connection: close", b"Transfer-Encoding: chunked"], lines
+    assert body.endswith(b"\r\n0\r\n\r\n")
+    got = raw_exchange(sim, request.format(method="HEAD").encode())
+    assert got.endswith(b"\r\nConnection: close\r\n\r\n") and b"Transfer-Encoding" not in got, got
 
 
 def pretty(value: object) -> bytes:

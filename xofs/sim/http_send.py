@@ -1,16 +1,19 @@
 """How the simulator's HTTP/1.1 connections send as Node does: status lines, websocket closes, large bodies.
 
 Status lines: hypercorn hands h11 no reason phrase, so every status line read `HTTP/1.1 200 ` where Node
-(xo-server's Express) writes `HTTP/1.1 200 OK`, Node's own phrase for each code (`http.STATUS_CODES`; the
-recordings of a real xo-server show those of 200, 201, 204, 304, 404, 422 and 500).
+(xo-server's Express) writes `HTTP/1.1 200 OK`, Node's own phrase for each code (`http.STATUS_CODES`, and
+`unknown` for a code it has none for; the recordings of a real xo-server show those of 200, 201, 204, 304,
+404, 422 and 500).
 
-HEAD: h11 frames the answer to a HEAD as it would the GET's and adds `Transfer-Encoding: chunked` where the
-GET's would be chunked; Node sends no framing header there (the recorded HEAD of a `.vhd` export). That
-line is taken out of the header block h11 writes (the body it would frame is never sent after a HEAD).
+Framing header: h11 adds `Transfer-Encoding: chunked` before the `Connection: close` it adds, where Node
+writes it last; and it frames the answer to a HEAD as it would the GET's, where Node sends no framing
+header (the recorded HEAD of a `.vhd` export). The line is moved to the end of the header block h11
+writes, or taken out for a HEAD (whose body h11 would frame is never sent).
 
-Websocket compression: xo-server's `ws` compresses only messages of 512 KiB or more (`perMessageDeflate =
-{threshold = 524288}` in its config.toml); wsproto compresses every one. Smaller messages go out as they
-are here (RSV1 clear): the messages a client reads are the same, the frames on the wire are XO's.
+Websocket compression: xo-server's `ws` (^8.2.3) has `perMessageDeflate = {threshold = 524288}` (its
+config.toml), and ws applies a threshold only on a connection without server context takeover (a client
+that offered `server_no_context_takeover`): there, messages under 512 KiB go out as they are (RSV1 clear).
+wsproto compressed every message; it still does on other connections, as ws does.
 
 Websocket closes: xo-server closes a socket whose token expired without a status code (a client sees
 1005, "no status received"). An ASGI close always has a code, and wsproto turns 1005 into 1000 unless it
@@ -39,7 +42,7 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
 PASS_THROUGH = 64 << 10  # bytes: bodies this large are sent without the copy
-DEFLATE_THRESHOLD = 512 << 10  # bytes: a server's websocket message this large or more is compressed (XO's)
+DEFLATE_THRESHOLD = 512 << 10  # bytes: XO's threshold (applied without server context takeover only)
 
 # Node's http.STATUS_CODES (lib/_http_server.js), as Express writes them after the code.
 NODE_REASONS: dict[int, bytes] = {code: phrase.encode() for code, phrase in {
@@ -62,7 +65,7 @@ NODE_REASONS: dict[int, bytes] = {code: phrase.encode() for code, phrase in {
     511: "Network Authentication Required",
 }.items()}
 
-_HEAD_FRAMING = b"Transfer-Encoding: chunked\r\n\r\n"  # how h11 ends the headers it framed for a HEAD
+_FRAMING = b"Transfer-Encoding: chunked\r\n"  # the header line h11 adds to a chunked answer
 
 _joining_send = H11Protocol._send_h11_event
 _coded_close = FrameProtocol.close
@@ -70,18 +73,18 @@ _deflating = PerMessageDeflate.frame_outbound
 
 
 async def _send_h11_event(self: Any, event: Any) -> None:
-    """`H11Protocol._send_h11_event`, with Node's reason phrase in a status line that has none, no framing
-    header on the answer to a HEAD, and a large `h11.Data` on a plain HTTP/1.1 connection sent uncopied."""
+    """`H11Protocol._send_h11_event`, with Node's reason phrase in a status line that has none, the framing
+    header last (none on the answer to a HEAD), and a large `h11.Data` on a plain HTTP/1.1 connection sent
+    uncopied."""
     kind = type(event)
     if (kind is h11.Response or kind is h11.InformationalResponse) and not event.reason:
         event = kind(status_code=event.status_code, headers=event.headers.raw_items(),
-                     http_version=event.http_version, reason=NODE_REASONS.get(event.status_code, b""))
+                     http_version=event.http_version, reason=NODE_REASONS.get(event.status_code, b"unknown"))
     connection = self.connection
     if not isinstance(connection, h11.Connection):
         await _joining_send(self, event)
         return
-    head = kind is h11.Response and getattr(connection, "_request_method", None) == b"HEAD"
-    if not head and (kind is not h11.Data or len(event.data) < PASS_THROUGH):
+    if kind is not h11.Response and (kind is not h11.Data or len(event.data) < PASS_THROUGH):
         await _joining_send(self, event)
         return
     try:
@@ -90,10 +93,13 @@ async def _send_h11_event(self: Any, event: Any) -> None:
         if connection.their_state != h11.ERROR:
             raise
         return
-    if head:
+    if kind is h11.Response:
         block = b"".join(pieces or ())
-        if block.endswith(_HEAD_FRAMING):
-            block = block[: -len(_HEAD_FRAMING)] + b"\r\n"
+        at = block.find(b"\r\n" + _FRAMING)
+        if at >= 0:
+            block = block[: at + 2] + block[at + 2 + len(_FRAMING):]
+            if getattr(connection, "_request_method", None) != b"HEAD":
+                block = block[:-2] + _FRAMING + b"\r\n"
         pieces = [block]
     for piece in pieces or ():
         if piece:
@@ -109,8 +115,10 @@ def _close(self: FrameProtocol, code: int | None = None, reason: str | None = No
 
 def _frame_outbound(self: PerMessageDeflate, proto: Any, opcode: Opcode, rsv: Any, data: bytes,
                     fin: bool) -> tuple[Any, bytes]:
-    """`PerMessageDeflate.frame_outbound`, leaving a server's whole message under the threshold as it is."""
-    if not proto.client and fin and opcode in (Opcode.TEXT, Opcode.BINARY) and len(data) < DEFLATE_THRESHOLD:
+    """`PerMessageDeflate.frame_outbound`, leaving a server's whole message under the threshold as it is on a
+    connection without server context takeover."""
+    if (not proto.client and self.server_no_context_takeover and fin and opcode in (Opcode.TEXT, Opcode.BINARY)
+            and len(data) < DEFLATE_THRESHOLD):
         return rsv, data
     return _deflating(self, proto, opcode, rsv, data, fin)
 
