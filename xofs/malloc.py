@@ -1,4 +1,4 @@
-"""glibc's malloc thresholds, fixed for processes that stream gigabytes through 1 MiB buffers.
+"""glibc's malloc, tuned for processes that stream gigabytes through 1 MiB buffers, and trimmed.
 
 By default glibc serves an allocation of 128 KiB or more with its own mmap, and raises that threshold only
 as such blocks are freed; a freed block at the top of the heap is given back once 128 KiB are free there.
@@ -7,6 +7,9 @@ a munmap (or a heap trim and the faults again) per MiB. `tune_malloc` fixes both
 buffers are recycled in the heap. Measured: about a quarter less CPU for the daemon while `cp` reads an
 export; for the simulator sending a raw export, its page faults and page clearing were some 15% of its
 samples (perf). Both `xofs mount` and `xofs sim` call it at start.
+
+With the heap kept that way, the memory a full read of XO's collections frees (the parsed answers, among
+what the cache keeps) stays resident: `give_back_free_memory` hands those pages back after each one.
 """
 
 from __future__ import annotations
