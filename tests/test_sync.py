@@ -6,11 +6,13 @@ Through a real mount: `tests/test_hardening_faults.py` (a feed kept down by sile
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import pytest
 import trio
 
+from tests.hardening_support import DaemonProbe
 from xofs.cache import COLLECTIONS, ObjectCache
 from xofs.errors import XoError
 from xofs.fs import Freshness
@@ -304,11 +306,6 @@ async def test_a_listing_put_off_later_but_due_sooner_is_not_kept_waiting():
         nursery.cancel_scope.cancel()
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
-
-
 async def test_a_full_read_hands_the_heap_s_free_pages_back_to_the_system():
     """The parsed answers of a full read are freed among what the cache keeps: their pages stayed resident
     (15-20 MB with 10,000 VMs) until `malloc_trim`."""
@@ -316,6 +313,7 @@ async def test_a_full_read_hands_the_heap_s_free_pages_back_to_the_system():
     blocks = [bytes(4000) + bytes([n % 256]) for n in range(20_000)]  # 80 MB from glibc's heap, not pymalloc
     kept = blocks[::50]  # what stays keeps the heap from shrinking at its top
     del blocks
-    before = _rss_mb()
+    me = DaemonProbe(os.getpid())
+    before = me.rss()
     await syncer.load()
-    assert before - _rss_mb() > 40, (before, _rss_mb(), len(kept))
+    assert before - me.rss() > 40 << 20, (before, me.rss(), len(kept))
